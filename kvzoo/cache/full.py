@@ -1,0 +1,46 @@
+"""The uncompressed cache, expressed as a policy that never evicts: slot index = token position."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvzoo.cache.base import CompressionMethod
+from kvzoo.cache.slots import LayerSlots
+
+if TYPE_CHECKING:
+    from kvzoo.attention import PrefillChunk
+
+
+@dataclass
+class FullCache(CompressionMethod):
+    """No compression: every token keeps its own slot (capacity = prompt + new tokens)."""
+
+    def sequence_budgets(self, prompt_lens: list[int], max_new_tokens: int) -> list[int]:
+        return [n + max_new_tokens for n in prompt_lens]
+
+    def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
+        # Only real tokens are written (padding never occupies a slot); prefill is eager, so
+        # data-dependent indexing is fine here.
+        b_idx, t_idx = (chunk.q_pos >= 0).nonzero(as_tuple=True)
+        p = chunk.q_pos[b_idx, t_idx]
+        slots.k[b_idx, :, p] = chunk.k[b_idx, :, t_idx].to(slots.k.dtype)
+        slots.v[b_idx, :, p] = chunk.v[b_idx, :, t_idx].to(slots.v.dtype)
+        slots.logw[b_idx, :, p] = 0.0
+        slots.pos[b_idx, :, p] = p[:, None]
+
+    def decode_step(
+        self,
+        layer_idx: int,
+        slots: LayerSlots,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        pos_new: torch.Tensor,
+        probs: torch.Tensor,
+    ) -> None:
+        b, hkv = k_new.shape[:2]
+        index = pos_new[:, None].expand(b, hkv)
+        zeros = torch.zeros(b, hkv, device=k_new.device)
+        slots.write(index, k_new, v_new, zeros, zeros, index)

@@ -1,0 +1,131 @@
+"""What every model family shares: the forward over decoder blocks, loading, generation and chat.
+
+A family file only defines its blocks (attention projections, MLP, norms) with module names equal to the
+checkpoint keys, and says where its embedding, blocks, final norm and head live.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+from torch import nn
+
+from kvzoo.attention import ForwardContext
+from kvzoo.cache.slots import KVCache
+from kvzoo.config import ModelConfig
+from kvzoo.layers import rotary_cos_sin
+
+if TYPE_CHECKING:
+    from kvzoo.tokenizer import Tokenizer
+
+M = TypeVar("M", bound="CausalLM")
+
+
+class CausalLM(nn.Module):
+    """Base class of Llama2, Mistral and Falcon."""
+
+    family: str = ""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer: Tokenizer | None = None
+
+    # --- what a family provides -------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def blocks(self) -> Iterator[nn.Module]:
+        raise NotImplementedError
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def output_weight(self) -> torch.Tensor:
+        """The LM head's weight [V, hidden] (the embedding when tied)."""
+        raise NotImplementedError
+
+    def tied_head_keys(self) -> tuple[str, ...]:
+        """Checkpoint keys that may be present but are ignored because the head is tied."""
+        return ("lm_head.weight",) if self.config.tie_word_embeddings else ()
+
+    # --- forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        decode: bool = False,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with last_only) for input_ids [B, T].
+
+        positions: [B, T] int64, -1 marks (left) padding; default 0..T-1. With a cache, prompt chunks are
+        attended exactly and handed to the cache's method; `decode=True` runs one static-shaped decode step.
+        """
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        x = self.embed(input_ids)
+        cfg = self.config
+        cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_linear_factor, x.dtype)
+        ctx = ForwardContext(
+            positions=positions,
+            cos=cos,
+            sin=sin,
+            cache=cache,
+            decode=decode,
+            window=cfg.sliding_window,
+            has_padding=False if decode else bool((positions < 0).any()),
+        )
+        for block in self.blocks():
+            x = block(x, ctx)
+        if cache is not None and not decode:
+            cache.tokens_seen += input_ids.shape[1]
+        if last_only:
+            x = x[:, -1:]
+        return torch.nn.functional.linear(self.final_norm(x), self.output_weight())
+
+    # --- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls: type[M],
+        path_or_hub_id: str | Path,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str = "cpu",
+    ) -> M:
+        """Load a Hugging Face layout checkpoint (a local directory or a hub id) into this family."""
+        from kvzoo.loading import load_pretrained
+
+        return load_pretrained(path_or_hub_id, dtype=dtype, device=device, family_class=cls)
+
+    # --- generation -------------------------------------------------------------------------------
+    def generate(self, prompt: str | list[str], max_new_tokens: int = 128, **kwargs: Any) -> Any:
+        """Generate text; see `kvzoo.generate.generate_text` for every option."""
+        from kvzoo.generate import generate_text
+
+        return generate_text(self, prompt, max_new_tokens=max_new_tokens, **kwargs)
+
+    def generate_ids(self, prompt_ids: list[list[int]], max_new_tokens: int = 128, **kwargs: Any) -> Any:
+        """Generate from token ids (no tokenizer needed); see `kvzoo.generate.generate_ids`."""
+        from kvzoo.generate import generate_ids
+
+        return generate_ids(self, prompt_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, **kwargs: Any) -> Any:
+        """Render `messages` with the checkpoint's chat template and generate the assistant's reply."""
+        from kvzoo.generate import chat
+
+        return chat(self, messages, max_new_tokens=max_new_tokens, **kwargs)
+
+    def require_tokenizer(self) -> "Tokenizer":
+        if self.tokenizer is None:
+            from kvzoo.errors import KvzooError
+
+            raise KvzooError(
+                "this model has no tokenizer (the checkpoint has neither tokenizer.json nor tokenizer.model); "
+                "use generate_ids() with token ids instead"
+            )
+        return self.tokenizer
