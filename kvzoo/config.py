@@ -169,7 +169,8 @@ def _rope_settings(r: _FieldReader) -> tuple[float, float]:
     theta = params.get("rope_theta", r.raw.get("rope_theta", 10000.0))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
         raise ConfigError(f"{r.source}: field 'rope_theta' must be a positive number, got {theta!r}")
-    merged = {**scaling, **params}
+    # A 4.x file says `rope_scaling`; a 5.x file folds the same into `rope_parameters`.
+    merged = scaling or params
     rope_type = merged.get("rope_type", merged.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
