@@ -2,6 +2,13 @@
 
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.full import FullCache
+from kvzoo.cache.h2o import H2O
+from kvzoo.cache.pyramidkv import PyramidKV
 from kvzoo.cache.slots import KVCache, LayerSlots
+from kvzoo.cache.snapkv import SnapKV
+from kvzoo.cache.streaming_llm import StreamingLLM
+from kvzoo.cache.tova import TOVA
 
-__all__ = ["CompressionMethod", "FullCache", "KVCache", "LayerSlots"]
+__all__ = [
+    "CompressionMethod", "FullCache", "H2O", "KVCache", "LayerSlots", "PyramidKV", "SnapKV", "StreamingLLM", "TOVA",
+]

@@ -16,25 +16,30 @@ if TYPE_CHECKING:
 class CompressionMethod:
     """A method decides how many slots each layer gets and what goes into them.
 
-    Hooks (all optional but `compress_prefill` / `decode_step`):
-    - `sequence_budgets`: slots per KV head for each sequence, from its prompt length;
-    - `make_cache`: allocates the per-layer slot stores (capacity fixed before the first decode step);
+    Hooks:
+    - `prefill_budgets`: slots per KV head kept after prefill, per layer and sequence;
+    - `decode_headroom`: extra slots for generated tokens (0 for methods that compress while decoding,
+      so their memory stays constant);
     - `compress_prefill`: after a layer's exact attention over a prompt chunk, fill/evict/merge slots;
-    - `decode_step`: after a decode step's attention, place the new token (tensor ops only: this runs
-      inside the compiled decode step, so no `.item()`, no branching on tensor values, no data-dependent shapes).
+    - `decode_step`: after a decode step's attention, place the new token. Tensor ops only: this runs inside
+      the compiled decode step, so no `.item()`, no branching on tensor values, no data-dependent shapes;
+    - `end_prefill`: once the whole prompt is in (for methods that allocate from every layer's statistics).
     """
+
+    # False for methods whose allocation needs the whole prompt at once (ZigZagKV).
+    supports_chunked_prefill: bool = True
 
     @property
     def attention_alpha(self) -> float:
         """Scale of the `log w` attention bias of merged slots (0 for methods that never merge)."""
         return 0.0
 
-    def sequence_budgets(self, prompt_lens: list[int], max_new_tokens: int) -> list[int]:
+    def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
+        """[L][B] slots per KV head kept once the prompt is in."""
         raise NotImplementedError
 
-    def layer_capacities(self, cfg: "ModelConfig", budgets: list[int], max_new_tokens: int) -> list[int]:
-        """Capacity C of every layer's slot store; default: the largest sequence budget, for every layer."""
-        return [max(budgets)] * cfg.num_layers
+    def decode_headroom(self, max_new_tokens: int) -> int:
+        return 0
 
     def make_cache(
         self,
@@ -44,12 +49,18 @@ class CompressionMethod:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> KVCache:
-        budgets = self.sequence_budgets(prompt_lens, max_new_tokens)
-        budget = torch.tensor(budgets, dtype=torch.int64)
-        layers = [
-            LayerSlots.empty(len(prompt_lens), cfg.num_kv_heads, capacity, cfg.head_dim, budget, dtype, device)
-            for capacity in self.layer_capacities(cfg, budgets, max_new_tokens)
-        ]
+        """Allocate every layer's slot store; capacities are fixed here, before the first decode step."""
+        headroom = self.decode_headroom(max_new_tokens)
+        layers = []
+        for budgets in self.prefill_budgets(cfg, prompt_lens):
+            prefill_budget = torch.tensor(budgets, dtype=torch.int64)
+            slots = LayerSlots.empty(
+                len(prompt_lens), cfg.num_kv_heads, max(budgets) + headroom, cfg.head_dim,
+                prefill_budget + headroom, dtype, device,
+            )
+            slots.state["prefill_budget"] = prefill_budget.to(device)
+            slots.state["prompt_len"] = torch.tensor(prompt_lens, dtype=torch.int64, device=device)
+            layers.append(slots)
         return KVCache(layers=layers, method=self)
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
@@ -68,4 +79,4 @@ class CompressionMethod:
         raise NotImplementedError
 
     def end_prefill(self, cache: KVCache) -> None:
-        """Called once after the whole prompt has been fed (for methods that allocate from all layers)."""
+        """Called once after the whole prompt has been fed."""

@@ -12,14 +12,18 @@ from kvzoo.cache.slots import LayerSlots
 
 if TYPE_CHECKING:
     from kvzoo.attention import PrefillChunk
+    from kvzoo.config import ModelConfig
 
 
 @dataclass
 class FullCache(CompressionMethod):
     """No compression: every token keeps its own slot (capacity = prompt + new tokens)."""
 
-    def sequence_budgets(self, prompt_lens: list[int], max_new_tokens: int) -> list[int]:
-        return [n + max_new_tokens for n in prompt_lens]
+    def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
+        return [list(prompt_lens)] * cfg.num_layers
+
+    def decode_headroom(self, max_new_tokens: int) -> int:
+        return max_new_tokens
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         # Only real tokens are written (padding never occupies a slot); prefill is eager, so

@@ -86,6 +86,18 @@ class LayerSlots:
         self.score.scatter_(2, idx, score[..., None].to(self.score.dtype))
         self.pos.scatter_(2, idx, pos[..., None].to(self.pos.dtype))
 
+    def read(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The contents (k, v, logw, score, pos) of one slot per (batch, head); index [B, Hkv]."""
+        idx = index[..., None]
+        d = self.k.shape[-1]
+        return (
+            self.k.gather(2, idx[..., None].expand(*idx.shape, d))[:, :, 0],
+            self.v.gather(2, idx[..., None].expand(*idx.shape, d))[:, :, 0],
+            self.logw.gather(2, idx)[..., 0],
+            self.score.gather(2, idx)[..., 0],
+            self.pos.gather(2, idx)[..., 0],
+        )
+
     def replace_all(self, k: torch.Tensor, v: torch.Tensor, logw: torch.Tensor, score: torch.Tensor,
                     pos: torch.Tensor) -> None:
         """Overwrite the first n slots with the given [B, Hkv, n(, D)] contents and empty the rest."""

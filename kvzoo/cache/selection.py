@@ -1,0 +1,104 @@
+"""Slot bookkeeping shared by the methods: keep the top candidates at prefill, and pick a slot at decode.
+
+Decode helpers are tensor-only (no host syncs, static shapes): they run inside the compiled decode step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvzoo.cache.slots import NEG_INF, LayerSlots
+
+if TYPE_CHECKING:
+    from kvzoo.attention import PrefillChunk
+
+
+def keep_top(
+    slots: LayerSlots,
+    chunk: "PrefillChunk",
+    rank: torch.Tensor,
+    keep: torch.Tensor,
+    stored_score: torch.Tensor | None = None,
+) -> None:
+    """Keep, per (sequence, head), the `keep[b]` highest-`rank` candidates of [slots in use ; chunk tokens].
+
+    rank: [B, Hkv, S] (use +inf to force a candidate in); keep: [B] slots to fill; stored_score: [B, Hkv, S]
+    statistic saved with each kept slot (default: the candidates' current score). Empty candidates (padding,
+    empty slots) are never kept. Every later slot is emptied.
+    """
+    valid = torch.isfinite(chunk.key_logw)
+    rank = rank.masked_fill(~valid, NEG_INF)
+    n = min(slots.capacity, rank.shape[-1])
+    top = rank.topk(n, dim=-1)  # sorted by rank
+    idx = top.indices  # [B, Hkv, n]
+    slot_no = torch.arange(n, device=idx.device)
+    kept = (slot_no[None, None, :] < keep[:, None, None]) & valid.gather(-1, idx)
+    gather_d = idx[..., None].expand(*idx.shape, chunk.keys.shape[-1])
+    score = chunk.key_score if stored_score is None else stored_score
+    slots.replace_all(
+        chunk.keys.gather(2, gather_d),
+        chunk.values.gather(2, gather_d),
+        torch.where(kept, chunk.key_logw.gather(-1, idx), NEG_INF),
+        torch.where(kept, score.gather(-1, idx), 0.0),
+        torch.where(kept, chunk.key_pos.gather(-1, idx), -1),
+    )
+
+
+def recent_mask(chunk: "PrefillChunk", recent: torch.Tensor | int) -> torch.Tensor:
+    """[B, Hkv, S] candidates among the `recent` most recent tokens of their sequence (by position)."""
+    last = chunk.q_pos.max(dim=1).values  # [B]: position of the newest token
+    recent_t = torch.as_tensor(recent, device=last.device)
+    if recent_t.dim() == 1:
+        recent_t = recent_t[:, None, None]
+    return (chunk.key_pos >= 0) & (chunk.key_pos > last[:, None, None] - recent_t)
+
+
+def slot_index(slots: LayerSlots) -> torch.Tensor:
+    """[C] slot numbers, for masks."""
+    return torch.arange(slots.capacity, device=slots.logw.device)
+
+
+def free_slot(slots: LayerSlots) -> tuple[torch.Tensor, torch.Tensor]:
+    """(has_free [B, Hkv], first free slot within the sequence's budget [B, Hkv])."""
+    usable = ~slots.filled & (slot_index(slots)[None, None, :] < slots.budget[:, None, None])
+    return usable.any(-1), usable.to(torch.int8).argmax(-1)
+
+
+def argmin_where(values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Index of the smallest value among allowed entries, along the last axis."""
+    return values.masked_fill(~allowed, float("inf")).argmin(-1)
+
+
+def kv_probs(probs: torch.Tensor, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode probabilities [B, Hq, C + 1] -> (per-slot [B, Hkv, C], new token's own [B, Hkv]), group mean."""
+    b, hq, c1 = probs.shape
+    per_kv = probs.reshape(b, num_kv_heads, hq // num_kv_heads, c1).mean(2)
+    return per_kv[..., :-1], per_kv[..., -1]
+
+
+def place_or_evict(
+    slots: LayerSlots,
+    evict: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    pos_new: torch.Tensor,
+    score_new: torch.Tensor,
+) -> None:
+    """Write the new token into the first free slot within budget, or else over slot `evict` [B, Hkv]."""
+    has_free, free = free_slot(slots)
+    target = torch.where(has_free, free, evict)
+    b, hkv = target.shape
+    slots.write(target, k_new, v_new, torch.zeros(b, hkv, device=target.device),
+                score_new, pos_new[:, None].expand(b, hkv))
+
+
+def append_decode_step(
+    slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor, pos_new: torch.Tensor
+) -> None:
+    """Decode step of prefill-only methods: append; once the decode cap is reached, the new token replaces
+    the oldest generated token (a sliding window over generated tokens; the compressed prompt stays)."""
+    generated = slots.pos >= slots.state["prompt_len"][:, None, None]
+    oldest_generated = argmin_where(slots.pos.float(), generated & slots.filled)
+    place_or_evict(slots, oldest_generated, k_new, v_new, pos_new, torch.zeros_like(k_new[..., 0]))

@@ -1,0 +1,59 @@
+"""StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention Sinks", arXiv 2309.17453)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvzoo.cache.base import CompressionMethod
+from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, require_at_least
+from kvzoo.cache.selection import argmin_where, keep_top, place_or_evict
+from kvzoo.cache.slots import LayerSlots
+from kvzoo.errors import KvzooError
+
+if TYPE_CHECKING:
+    from kvzoo.attention import PrefillChunk
+    from kvzoo.config import ModelConfig
+
+
+@dataclass
+class StreamingLLM(CompressionMethod):
+    """Keep `sinks` initial tokens and the most recent `budget - sinks` tokens; evict the oldest non-sink
+    token at every decode step. Content never depends on attention.
+
+    Keys keep their original positions (post-RoPE), the "simplified" mode of kvpress / KVCache-Factory;
+    the paper's pos-shift mode (re-rotating keys to cache positions) is not implemented.
+    Defaults: `sinks=4` (`start_size`), budget 4 + 512 (`recent_size=512`) as in the official code.
+    """
+
+    budget: Budget = 516
+    sinks: int = 4
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget, "StreamingLLM")
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise KvzooError(f"StreamingLLM: sinks must be an integer >= 0, got {self.sinks!r}")
+        if isinstance(self.budget, int) and self.budget <= self.sinks:
+            raise KvzooError(f"StreamingLLM: budget={self.budget} must exceed sinks={self.sinks} (room for a window)")
+
+    def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
+        budgets = []
+        for n in prompt_lens:
+            b = budget_tokens(self.budget, n)
+            require_at_least("StreamingLLM", b, self.sinks + 1, "sinks + a window of 1", n)
+            budgets.append(b)
+        return [budgets] * cfg.num_layers
+
+    def _rank(self, pos: torch.Tensor) -> torch.Tensor:
+        """Sinks first, then newer before older."""
+        return torch.where(pos < self.sinks, float("inf"), pos.float())
+
+    def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
+        keep_top(slots, chunk, self._rank(chunk.key_pos), slots.budget)
+
+    def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
+                    pos_new: torch.Tensor, probs: torch.Tensor) -> None:
+        oldest = argmin_where(slots.pos.float(), slots.filled & (slots.pos >= self.sinks))
+        place_or_evict(slots, oldest, k_new, v_new, pos_new, torch.zeros_like(k_new[..., 0]))
