@@ -55,7 +55,7 @@ def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ct
     cache = ctx.cache
     if cache is not None and ctx.decode:
         return _decode(layer_idx, q, k, v, ctx, cache)
-    used = 0 if cache is None else min(cache.layers[layer_idx].capacity, cache.tokens_seen)
+    used = 0 if cache is None else cache.method.slots_in_use(cache.layers[layer_idx].capacity, cache.tokens_seen)
     t = q.shape[2]
     # The plain causal kernel suffices for a fresh, unpadded prompt that fits in any sliding window.
     needs_mask = used > 0 or ctx.has_padding or (ctx.window is not None and ctx.window < t)

@@ -8,7 +8,8 @@ from kvzoo.cache.slots import KVCache, LayerSlots
 from kvzoo.cache.snapkv import SnapKV
 from kvzoo.cache.streaming_llm import StreamingLLM
 from kvzoo.cache.tova import TOVA
+from kvzoo.cache.zsmerge import ZSMerge
 
 __all__ = [
-    "CompressionMethod", "FullCache", "H2O", "KVCache", "LayerSlots", "PyramidKV", "SnapKV", "StreamingLLM", "TOVA",
+    "CompressionMethod", "FullCache", "H2O", "KVCache", "LayerSlots", "PyramidKV", "SnapKV", "StreamingLLM", "TOVA", "ZSMerge",
 ]

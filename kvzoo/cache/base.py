@@ -34,6 +34,11 @@ class CompressionMethod:
         """Scale of the `log w` attention bias of merged slots (0 for methods that never merge)."""
         return 0.0
 
+    def slots_in_use(self, capacity: int, tokens_seen: int) -> int:
+        """How many leading slots a later prompt chunk must attend to (and may compress) after `tokens_seen`
+        prompt positions: all of them once anything is in (slots may be filled anywhere)."""
+        return capacity if tokens_seen > 0 else 0
+
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
         """[L][B] slots per KV head kept once the prompt is in."""
         raise NotImplementedError

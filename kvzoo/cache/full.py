@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 class FullCache(CompressionMethod):
     """No compression: every token keeps its own slot (capacity = prompt + new tokens)."""
 
+    def slots_in_use(self, capacity: int, tokens_seen: int) -> int:
+        return min(capacity, tokens_seen)  # slot index = position < tokens seen
+
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
         return [list(prompt_lens)] * cfg.num_layers
 

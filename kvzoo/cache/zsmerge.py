@@ -1,0 +1,313 @@
+"""ZSMerge (Liu, Wang, Liu, Tang, "ZSMerge: Zero-Shot KV Cache Compression for Memory-Efficient Long-Context
+LLMs", arXiv 2503.10714; v1 "ZeroMerge"). Specification: METHODS.md section 1.
+
+Per (layer, sequence, KV head) the B slots are split into three regions, at fixed slot numbers:
+
+    [ residual R: B_r slots | context C: B - B_p - B_r slots | proximity ring P: B_p slots ]
+
+- P holds the B_p most recent tokens exactly; the token at position p sits in slot ring_start + p mod B_p,
+  so the slot a new token takes always holds the oldest proximity token (no pointer state).
+- C holds older tokens with the highest decayed contribution score s <- decay * s + attention.
+- R slots are running count-weighted means of every token pushed out of C; a slot standing for w tokens
+  gets the attention bias alpha * log w (Eq. 8), exact for identical keys when alpha = 1.
+
+Ambiguities (METHODS.md 1.6) resolved as recommended:
+- A2 prefill scoring: default = observation window of the last `window_size` queries with decay and
+  max-pool (latest code); `window_size=None` = decayed sum over every prompt query, no pooling (paper Eq. 5).
+- A3: the ring holds exactly B_p tokens (paper), not B_p - 1 (code).
+- A4: the token leaving the ring competes with C: the lowest-scored of C ∪ {leaving} is merged (paper).
+- A5: a residual slot's score is the max of its members' (`score_update="max"`; "sum" available).
+- A6: GQA scores are the mean over a KV head's query heads.
+- A8/A9: residual slots exist from the start, empty (log w = -inf); the first merges into an empty residual
+  slot are exact copies, so nothing is lost until more than B tokens have been seen; padding never enters.
+- A10: alpha = 1 by default (Theorem 1 and losslessness hold only then).
+Defaults: budget 0.2 of the prompt (code), B_p = 0.5 B (paper's recommendation), B_r = 0.02 (B - B_p)
+(paper; at least 1), decay 0.98, window 8, max-pool 5, dot-product slot choice (Eq. 6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvzoo.cache.base import CompressionMethod
+from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
+from kvzoo.cache.scoring import accumulated_scores, window_scores
+from kvzoo.cache.selection import argmin_where, kv_probs, recent_mask, slot_index
+from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
+from kvzoo.errors import KvzooError
+
+if TYPE_CHECKING:
+    from kvzoo.attention import PrefillChunk
+    from kvzoo.config import ModelConfig
+
+MIN_PROXIMITY = 2  # as the reference code: max(2, tail)
+MIN_RESIDUAL = 1
+
+
+@dataclass(frozen=True)
+class ZSMergeLayout:
+    """Per-sequence region sizes (slots per KV head)."""
+
+    budget: int
+    proximity: int
+    residual: int
+
+    @property
+    def context(self) -> int:
+        return self.budget - self.proximity - self.residual
+
+
+@dataclass
+class ZSMerge(CompressionMethod):
+    """Zero-shot KV merging with head-level granularity and compensated (alpha * log w) attention."""
+
+    budget: Budget = 0.2
+    proximity: Budget = 0.5  # B_p: fraction of the budget (float) or slots (int); at least 2
+    residual: Budget = 0.02  # B_r: fraction of B - B_p (float) or slots (int); at least 1
+    alpha: float = 1.0
+    decay: float = 0.98
+    window_size: int | None = 8
+    kernel_size: int = 5
+    pooling: str = "max"
+    metric: str = "dot"  # residual slot choice: "dot" (Eq. 6) or "l2"
+    score_update: str = "max"
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget, "ZSMerge")
+        for name in ("proximity", "residual"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (
+                isinstance(value, float) and value >= 1
+            ):
+                raise KvzooError(f"ZSMerge: {name} must be a fraction in [0, 1) or a slot count >= 0, got {value!r}")
+        if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise KvzooError(f"ZSMerge: alpha must be in [0, 1], got {self.alpha!r}")
+        if not isinstance(self.decay, (int, float)) or not 0 < self.decay <= 1:
+            raise KvzooError(f"ZSMerge: decay must be in (0, 1], got {self.decay!r}")
+        if self.window_size is not None and (not isinstance(self.window_size, int) or self.window_size < 1):
+            raise KvzooError(f"ZSMerge: window_size must be None or an integer >= 1, got {self.window_size!r}")
+        if self.pooling not in ("max", "avg"):
+            raise KvzooError(f"ZSMerge: pooling must be 'max' or 'avg', got {self.pooling!r}")
+        if self.metric not in ("dot", "l2"):
+            raise KvzooError(f"ZSMerge: metric must be 'dot' or 'l2', got {self.metric!r}")
+        if self.score_update not in ("max", "sum"):
+            raise KvzooError(f"ZSMerge: score_update must be 'max' or 'sum', got {self.score_update!r}")
+
+    @property
+    def attention_alpha(self) -> float:
+        return float(self.alpha)
+
+    def layout(self, prompt_len: int) -> ZSMergeLayout:
+        b = budget_tokens(self.budget, prompt_len)
+        proximity = max(MIN_PROXIMITY, part_tokens(self.proximity, b))
+        residual = max(MIN_RESIDUAL, part_tokens(self.residual, b - proximity))
+        layout = ZSMergeLayout(b, proximity, residual)
+        if layout.context < 1:
+            raise KvzooError(
+                f"ZSMerge: the budget resolves to {b} slots per KV head for a {prompt_len}-token prompt, "
+                f"which leaves no context slot after proximity ({proximity}) and residual ({residual}) slots; "
+                f"it needs at least {proximity + residual + 1}"
+            )
+        return layout
+
+    def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
+        return [[self.layout(n).budget for n in prompt_lens]] * cfg.num_layers
+
+    def make_cache(self, cfg: "ModelConfig", prompt_lens: list[int], max_new_tokens: int,
+                   dtype: torch.dtype, device: torch.device | str) -> KVCache:
+        cache = super().make_cache(cfg, prompt_lens, max_new_tokens, dtype, device)
+        layouts = [self.layout(n) for n in prompt_lens]
+        residual = torch.tensor([lay.residual for lay in layouts], device=device)
+        proximity = torch.tensor([lay.proximity for lay in layouts], device=device)
+        for slots in cache.layers:
+            slots.state["residual"] = residual  # [B] slots 0 .. residual-1 are R
+            slots.state["proximity"] = proximity  # [B] ring = budget - proximity .. budget-1
+        return cache
+
+    # --- prefill --------------------------------------------------------------------------------------
+    def _scores(self, chunk: "PrefillChunk") -> torch.Tensor:
+        """Contribution scores of every candidate [B, Hkv, S]: older slots' scores decayed over the chunk,
+        plus the chunk's (windowed) decayed attention."""
+        if self.window_size is None:
+            fresh = accumulated_scores(chunk, decay=self.decay)
+        else:
+            fresh = window_scores(chunk, self.window_size, self.decay, self.kernel_size, self.pooling)
+        return chunk.key_score * self.decay ** chunk.q.shape[2] + fresh
+
+    def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
+        b, hkv, s = chunk.key_logw.shape
+        dev = chunk.keys.device
+        residual, proximity = slots.state["residual"][:, None, None], slots.state["proximity"][:, None, None]
+        ring_start = slots.budget[:, None, None] - proximity
+        cand = torch.arange(s, device=dev)[None, None, :]
+        used = s - chunk.k.shape[2]  # candidates before the chunk are slots 0 .. used-1
+        is_residual = (cand < used) & (cand < residual)
+        valid = torch.isfinite(chunk.key_logw)
+        exact = valid & ~is_residual
+        in_ring = exact & recent_mask(chunk, slots.state["proximity"])
+        score = self._scores(chunk)
+
+        # Context: the top-scored exact tokens outside the ring, into slots residual .. ring_start-1.
+        ctx_rank = score.masked_fill(~(exact & ~in_ring), NEG_INF)
+        n_ctx = min(s, slots.capacity)
+        top = ctx_rank.topk(n_ctx, dim=-1)
+        rank = torch.arange(n_ctx, device=dev)[None, None, :]
+        ctx_kept = (rank < ring_start - residual) & torch.isfinite(top.values)
+        in_ctx = torch.zeros_like(valid).scatter(-1, top.indices, ctx_kept)
+        leftover = exact & ~in_ring & ~in_ctx
+
+        # Target slot of every candidate; `dummy` (one past the end) swallows everything not kept verbatim.
+        dummy = slots.capacity
+        target = torch.full((b, hkv, s), dummy, device=dev)
+        target = target.scatter(-1, top.indices, torch.where(ctx_kept, residual + rank, dummy))
+        target = torch.where(in_ring, ring_start + chunk.key_pos % proximity, target)
+        target = torch.where(is_residual & valid, cand, target)
+        group = self._residual_groups(chunk, leftover, is_residual & valid, residual)
+
+        k_new, v_new, logw_new, score_new, pos_new = self._scatter_slots(chunk, score, target, dummy)
+        self._merge_groups(chunk, score, leftover, group, k_new, v_new, logw_new, score_new, pos_new)
+        slots.replace_all(k_new[:, :, :dummy], v_new[:, :, :dummy], logw_new[..., :dummy],
+                          score_new[..., :dummy], pos_new[..., :dummy])
+
+    def _scatter_slots(self, chunk: "PrefillChunk", score: torch.Tensor, target: torch.Tensor, dummy: int):  # noqa: ANN202
+        """Fresh [B, Hkv, C+1(, D)] slot tensors with every verbatim candidate written at its target."""
+        b, hkv, s, d = chunk.keys.shape
+        shape = (b, hkv, dummy + 1)
+        tgt_d = target[..., None].expand(b, hkv, s, d)
+        k = torch.zeros(*shape, d, dtype=chunk.keys.dtype, device=chunk.keys.device).scatter(2, tgt_d, chunk.keys)
+        v = torch.zeros(*shape, d, dtype=chunk.values.dtype, device=chunk.keys.device).scatter(2, tgt_d, chunk.values)
+        logw = torch.full(shape, NEG_INF, device=chunk.keys.device).scatter(-1, target, chunk.key_logw)
+        sc = torch.zeros(shape, device=chunk.keys.device).scatter(-1, target, score)
+        pos = torch.full(shape, -1, dtype=torch.int64, device=chunk.keys.device).scatter(-1, target, chunk.key_pos)
+        logw[..., dummy] = NEG_INF
+        return k, v, logw, sc, pos
+
+    def _residual_groups(self, chunk: "PrefillChunk", leftover: torch.Tensor, residual_cand: torch.Tensor,
+                         residual: torch.Tensor) -> torch.Tensor:
+        """Residual slot [B, Hkv, S] each leftover token merges into.
+
+        Empty residual slots (the usual first prefill): leftovers, in position order, are cut into `residual`
+        contiguous groups of near-equal size (the reference code's "group-based merging by spatial
+        arrangement"). Residual slots already holding tokens (later prompt chunks): each leftover goes to the
+        most similar residual key (Eq. 6)."""
+        order = chunk.key_pos.masked_fill(~leftover, torch.iinfo(torch.int64).max).argsort(dim=-1)
+        n = leftover.sum(-1, keepdim=True)  # [B, Hkv, 1]
+        rho = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
+                                                .expand_as(order).contiguous())
+        m, r = torch.div(n, residual, rounding_mode="floor"), n % residual
+        big = r * (m + 1)  # leftovers in the first r groups of size m + 1
+        contiguous = torch.where(rho < big, rho // (m + 1).clamp(min=1), r + (rho - big) // m.clamp(min=1))
+        contiguous = contiguous.clamp(min=0)
+        n_residual = int(residual.max())
+        if not bool(residual_cand.any()):
+            return contiguous
+        # Residual candidates are the first n_residual candidates: compare against those only.
+        similar = self._most_similar(chunk.keys, chunk.keys[:, :, :n_residual], residual_cand[..., :n_residual])
+        return torch.where(residual_cand.any(-1, keepdim=True), similar, contiguous)
+
+    def _most_similar(self, queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """For each query key [B, Hkv, N, D], the index of the closest allowed key (by `metric`)."""
+        qf, kf = queries.float(), keys.float()
+        if self.metric == "dot":
+            sim = qf @ kf.transpose(-1, -2)
+        else:
+            sim = -torch.cdist(qf, kf)
+        return sim.masked_fill(~allowed[..., None, :], NEG_INF).argmax(-1)
+
+    def _merge_groups(self, chunk: "PrefillChunk", score: torch.Tensor, leftover: torch.Tensor,
+                      group: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logw: torch.Tensor,
+                      sc: torch.Tensor, pos: torch.Tensor) -> None:
+        """Count-weighted merge of leftover tokens into their residual slots, in place on the fresh tensors."""
+        b, hkv, s, d = chunk.keys.shape
+        dummy = k.shape[2] - 1
+        tgt = torch.where(leftover, group, dummy)
+        w_old = logw.exp()  # 0 for empty slots
+        sum_k = (k.float() * w_old[..., None]).scatter_add(2, tgt[..., None].expand(b, hkv, s, d), chunk.keys.float())
+        sum_v = (v.float() * w_old[..., None]).scatter_add(2, tgt[..., None].expand(b, hkv, s, d), chunk.values.float())
+        w = w_old.scatter_add(-1, tgt, leftover.float())
+        merged = (w > 0) & (w != w_old)
+        safe_w = w.clamp(min=1e-30)[..., None]
+        k.copy_(torch.where(merged[..., None], (sum_k / safe_w).to(k.dtype), k))
+        v.copy_(torch.where(merged[..., None], (sum_v / safe_w).to(v.dtype), v))
+        logw.copy_(torch.where(merged, w.log(), logw))
+        member_score = score.masked_fill(~leftover, NEG_INF)
+        if self.score_update == "max":
+            best = torch.full_like(sc, NEG_INF).scatter_reduce(-1, tgt, member_score, "amax")
+            old = torch.where(w_old > 0, sc, NEG_INF)
+            sc.copy_(torch.where(merged, torch.maximum(best, old), sc))
+        else:
+            sc.copy_(torch.where(merged, sc.scatter_add(-1, tgt, score * leftover), sc))
+        newest = pos.scatter_reduce(-1, tgt, chunk.key_pos.masked_fill(~leftover, -1), "amax")
+        pos.copy_(torch.where(merged, newest, pos))
+
+    # --- decode ---------------------------------------------------------------------------------------
+    def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
+                    pos_new: torch.Tensor, probs: torch.Tensor) -> None:
+        """Static-shaped ZSMerge step (METHODS.md 1.2 decode, with A3/A4 paper semantics):
+        decay scores, put the new token in the ring slot of the oldest proximity token, move that token
+        into a free context slot, or else merge the lowest-scored of context ∪ {it} into the residual slot
+        with the most similar key."""
+        b, hkv = k_new.shape[:2]
+        slot_p, new_p = kv_probs(probs, hkv)
+        filled = slots.filled
+        slots.score.copy_(torch.where(filled, self.decay * slots.score + slot_p, 0.0))
+
+        proximity = slots.state["proximity"]
+        ring_start = slots.budget - proximity
+        ring_slot = (ring_start + pos_new % proximity)[:, None].expand(b, hkv)
+        leaving = slots.read(ring_slot)  # the oldest proximity token (may be an empty slot)
+        zeros = torch.zeros(b, hkv, device=k_new.device)
+        slots.write(ring_slot, k_new, v_new, zeros, new_p, pos_new[:, None].expand(b, hkv))
+        leaving_valid = torch.isfinite(leaving[2])
+
+        idx = slot_index(slots)[None, None, :]
+        residual = slots.state["residual"][:, None, None]
+        context = (idx >= residual) & (idx < ring_start[:, None, None])
+        filled = slots.filled
+        free = context & ~filled
+        has_free, first_free = free.any(-1), free.to(torch.int8).argmax(-1)
+        weakest = argmin_where(slots.score, context & filled)
+        weakest_tok = slots.read(weakest)
+        leaving_is_weakest = leaving[3] <= weakest_tok[3]
+
+        # Merge (cache full): the lowest-scored of context ∪ {leaving} goes into a residual slot.
+        do_merge = leaving_valid & ~has_free
+        merge_src = tuple(_where(leaving_is_weakest, a, c) for a, c in zip(leaving, weakest_tok))
+        self._merge_into_residual(slots, merge_src, do_merge, idx < residual)
+
+        # Place the leaving token: a free context slot, or the slot of the weakest token just merged.
+        do_place = leaving_valid & (has_free | ~leaving_is_weakest)
+        place_at = torch.where(has_free, first_free, weakest)
+        current = slots.read(place_at)
+        slots.write(place_at, *(_where(do_place, new, old) for new, old in zip(leaving, current)))
+
+    def _merge_into_residual(self, slots: LayerSlots, src: tuple[torch.Tensor, ...], do_merge: torch.Tensor,
+                             is_residual: torch.Tensor) -> None:
+        k_s, v_s, logw_s, score_s, pos_s = src
+        filled = slots.filled
+        empty_residual = is_residual & ~filled
+        has_empty, first_empty = empty_residual.any(-1), empty_residual.to(torch.int8).argmax(-1)
+        similar = self._most_similar(k_s[:, :, None], slots.k, is_residual & filled)[..., 0]
+        r = torch.where(has_empty, first_empty, similar)
+        k_r, v_r, logw_r, score_r, pos_r = slots.read(r)
+        w_r = torch.where(torch.isfinite(logw_r), logw_r, NEG_INF).exp()
+        w_s = logw_s.exp()
+        w = w_r + w_s
+        frac_r, frac_s = (w_r / w)[..., None], (w_s / w)[..., None]
+        k = (frac_r * k_r.float() + frac_s * k_s.float()).to(k_r.dtype)
+        v = (frac_r * v_r.float() + frac_s * v_s.float()).to(v_r.dtype)
+        if self.score_update == "max":
+            score = torch.where(torch.isfinite(logw_r), torch.maximum(score_r, score_s), score_s)
+        else:
+            score = score_r + score_s
+        merged = (k, v, w.log(), score, torch.maximum(pos_r, pos_s))
+        slots.write(r, *(_where(do_merge, new, old) for new, old in zip(merged, (k_r, v_r, logw_r, score_r, pos_r))))
+
+
+def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.where with a [B, Hkv] mask broadcast over any trailing dims of a and b."""
+    return torch.where(mask.reshape(mask.shape + (1,) * (a.dim() - mask.dim())), a, b)
+
