@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvzoo.cache.slots import KVCache
+from kvzoo.cache.slots import KVCache, LayerSlots
 from kvzoo_kernels.attention import causal_attention, decode_attention, prefill_attention
 
 
@@ -74,21 +74,39 @@ def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ct
 def _prefill_chunk(
     layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, used: int
 ) -> PrefillChunk:
+    cache = ctx.cache
+    slots = cache.layers[layer_idx] if cache is not None and used > 0 else None
+    alpha = cache.method.attention_alpha if cache is not None else 0.0
+    return make_prefill_chunk(q, k, v, ctx.positions, slots, used, alpha, ctx.window)
+
+
+def make_prefill_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    slots: LayerSlots | None,
+    used: int,
+    alpha: float,
+    window: int | None,
+) -> PrefillChunk:
+    """The candidates a chunk's queries attend to: the first `used` slots, then the chunk's own tokens."""
     b, hkv, t, _ = k.shape
-    chunk_pos = ctx.positions[:, None, :].expand(b, hkv, t)
+    chunk_pos = positions[:, None, :].expand(b, hkv, t)
     chunk_logw = torch.where(chunk_pos >= 0, 0.0, float("-inf"))
-    alpha = 0.0
-    if ctx.cache is not None and used > 0:
-        slots = ctx.cache.layers[layer_idx]
-        alpha = ctx.cache.method.attention_alpha
-        keys = torch.cat([slots.k[:, :, :used], k], dim=2)
-        values = torch.cat([slots.v[:, :, :used], v], dim=2)
-        key_pos = torch.cat([slots.pos[:, :, :used], chunk_pos], dim=2)
-        key_logw = torch.cat([slots.logw[:, :, :used], chunk_logw], dim=2)
-        key_score = torch.cat([slots.score[:, :, :used], torch.zeros_like(chunk_logw)], dim=2)
-    else:
-        keys, values, key_pos, key_logw, key_score = k, v, chunk_pos, chunk_logw, torch.zeros_like(chunk_logw)
-    return PrefillChunk(q, k, v, ctx.positions, keys, values, key_pos, key_logw, key_score, ctx.window, alpha)
+    chunk_score = torch.zeros_like(chunk_logw)
+    if slots is None or used == 0:
+        return PrefillChunk(q, k, v, positions, k, v, chunk_pos, chunk_logw, chunk_score, window, alpha)
+    return PrefillChunk(
+        q, k, v, positions,
+        keys=torch.cat([slots.k[:, :, :used], k], dim=2),
+        values=torch.cat([slots.v[:, :, :used], v], dim=2),
+        key_pos=torch.cat([slots.pos[:, :, :used], chunk_pos], dim=2),
+        key_logw=torch.cat([slots.logw[:, :, :used], chunk_logw], dim=2),
+        key_score=torch.cat([slots.score[:, :, :used], chunk_score], dim=2),
+        window=window,
+        alpha=alpha,
+    )
 
 
 def _decode(

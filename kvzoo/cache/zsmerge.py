@@ -165,7 +165,7 @@ class ZSMerge(CompressionMethod):
         target = target.scatter(-1, top.indices, torch.where(ctx_kept, residual + rank, dummy))
         target = torch.where(in_ring, ring_start + chunk.key_pos % proximity, target)
         target = torch.where(is_residual & valid, cand, target)
-        group = self._residual_groups(chunk, leftover, is_residual & valid, residual)
+        group = self._residual_groups(chunk, leftover, is_residual, residual)
 
         k_new, v_new, logw_new, score_new, pos_new = self._scatter_slots(chunk, score, target, dummy)
         self._merge_groups(chunk, score, leftover, group, k_new, v_new, logw_new, score_new, pos_new)
@@ -185,28 +185,33 @@ class ZSMerge(CompressionMethod):
         logw[..., dummy] = NEG_INF
         return k, v, logw, sc, pos
 
-    def _residual_groups(self, chunk: "PrefillChunk", leftover: torch.Tensor, residual_cand: torch.Tensor,
+    def _residual_groups(self, chunk: "PrefillChunk", leftover: torch.Tensor, residual_slot: torch.Tensor,
                          residual: torch.Tensor) -> torch.Tensor:
         """Residual slot [B, Hkv, S] each leftover token merges into.
 
         Empty residual slots (the usual first prefill): leftovers, in position order, are cut into `residual`
         contiguous groups of near-equal size (the reference code's "group-based merging by spatial
-        arrangement"). Residual slots already holding tokens (later prompt chunks): each leftover goes to the
-        most similar residual key (Eq. 6)."""
+        arrangement"). Residual slots already holding tokens (later prompt chunks): the first leftovers take
+        the remaining empty residual slots, one each, as in decode; the rest go to the most similar residual
+        key (Eq. 6). `residual_slot` marks the candidates that are residual slots."""
         order = chunk.key_pos.masked_fill(~leftover, torch.iinfo(torch.int64).max).argsort(dim=-1)
         n = leftover.sum(-1, keepdim=True)  # [B, Hkv, 1]
-        rho = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device)
-                                                .expand_as(order).contiguous())
+        ranks = torch.arange(order.shape[-1], device=order.device).expand_as(order).contiguous()
+        rho = torch.empty_like(order).scatter_(-1, order, ranks)  # rank of each leftover by position
         m, r = torch.div(n, residual, rounding_mode="floor"), n % residual
         big = r * (m + 1)  # leftovers in the first r groups of size m + 1
         contiguous = torch.where(rho < big, rho // (m + 1).clamp(min=1), r + (rho - big) // m.clamp(min=1))
         contiguous = contiguous.clamp(min=0)
-        n_residual = int(residual.max())
-        if not bool(residual_cand.any()):
+        held = residual_slot & torch.isfinite(chunk.key_logw)
+        if not bool(held.any()):
             return contiguous
-        # Residual candidates are the first n_residual candidates: compare against those only.
-        similar = self._most_similar(chunk.keys, chunk.keys[:, :, :n_residual], residual_cand[..., :n_residual])
-        return torch.where(residual_cand.any(-1, keepdim=True), similar, contiguous)
+        n_residual = int(residual.max())  # residual slots are the first candidates
+        similar = self._most_similar(chunk.keys, chunk.keys[:, :, :n_residual], held[..., :n_residual])
+        empty = residual_slot & ~held
+        nth_empty = (~empty).to(torch.int8).argsort(dim=-1, stable=True)  # empty residual slots first
+        into_empty = nth_empty.gather(-1, rho.clamp(max=order.shape[-1] - 1))
+        partial = torch.where(rho < empty.sum(-1, keepdim=True), into_empty, similar)
+        return torch.where(held.any(-1, keepdim=True), partial, contiguous)
 
     def _most_similar(self, queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """For each query key [B, Hkv, N, D], the index of the closest allowed key (by `metric`)."""
