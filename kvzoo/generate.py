@@ -142,6 +142,11 @@ def stream_ids(
 ) -> Iterator[list[int | None]]:
     """Yields, per step, each sequence's new token (None once it has finished). Fills `out` as it goes."""
     _check_request(model, prompt_ids, max_new_tokens, prefill_chunk)
+    if prefill_chunk is not None and not compression.supports_chunked_prefill:
+        raise KvzooError(
+            f"{type(compression).__name__} allocates its budgets from every layer's statistics over the whole "
+            "prompt, so it cannot compress chunk by chunk: leave prefill_chunk unset"
+        )
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     lens = [len(p) for p in prompt_ids]
