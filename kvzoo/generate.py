@@ -7,6 +7,7 @@ cache), so a prompt gives the same tokens alone or in a batch.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -72,6 +73,14 @@ class GenerationOutput:
     finish_reasons: list[str]  # "eos" | "length" (text-level "stop" is set by generate_text)
     cache: KVCache
     prompt_lens: list[int] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0  # sampling and decode steps after the first token
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Generated tokens per second of decoding, over the whole batch (the first token comes from prefill)."""
+        steps = max((len(t) for t in self.token_ids), default=0) - 1
+        return len(self.token_ids) * steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
 
 
 def left_pad(prompt_ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,9 +168,13 @@ def stream_ids(
     if max_new_tokens == 0:
         return
     chunk = prefill_chunk or ids.shape[1]
+    started = time.perf_counter()
     for start in range(0, ids.shape[1], chunk):
         logits = model(ids[:, start:start + chunk], positions[:, start:start + chunk], cache=cache, last_only=True)
     compression.end_prefill(cache)
+    if out is not None:
+        out.prefill_seconds = time.perf_counter() - started
+        started = time.perf_counter()
     generator = sampling.generator(device)
     step = make_decode_step(model, compile)
     eos = torch.tensor(eos_token_ids or [-1], device=device)
@@ -181,6 +194,8 @@ def stream_ids(
                 if out is not None:
                     out.token_ids[b].append(t)
         done |= is_eos
+        if out is not None:
+            out.decode_seconds = time.perf_counter() - started
         yield emitted
         if bool(done.all()) or i == max_new_tokens - 1:
             return
