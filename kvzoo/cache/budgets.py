@@ -1,6 +1,13 @@
-"""Budgets: turning a user's `budget` into slots, and the per-layer allocation rules (uniform, pyramid)."""
+"""Budgets: turning a user's `budget` into slots, and the per-layer allocation rules (uniform, pyramid,
+ZigZagKV's layer uncertainty)."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from fractions import Fraction
+
+import torch
 
 from kvzoo.errors import KvzooError
 
@@ -61,3 +68,70 @@ def pyramid_budgets(avg_capacity: int, window: int, prompt_len: int, num_layers:
         low = 2 * c - high
     steps = [high - layer * (high - low) / (num_layers - 1) for layer in range(num_layers)]
     return [int(round(s)) + window for s in steps]
+
+
+def min_budget_attention(attn: torch.Tensor, tau: float) -> torch.Tensor:
+    """ZigZagKV's MBA: the fewest keys whose attention mass reaches `tau` of the total, per row.
+
+    attn: [..., S] non-negative attention (e.g. an observation window's column sums for one query head).
+    Returns [...] int64 in [1, S]: the smallest k such that the k largest entries sum to >= tau * total.
+    Uniform attention gives ceil(tau * S), one-hot gives 1. Sums are taken in float64 with a 1e-9
+    relative slack, so that a mass of exactly tau * total is not missed by rounding.
+    """
+    if not 0 < tau <= 1:
+        raise ValueError(f"tau must be in (0, 1], got {tau!r}")
+    mass = attn.double().sort(dim=-1, descending=True).values.cumsum(dim=-1)  # [..., S]
+    total = mass[..., -1:]
+    short = mass < tau * total - 1e-9 * total  # prefixes still below the target
+    return (short.sum(dim=-1) + 1).clamp(max=attn.shape[-1])
+
+
+def zigzag_budgets(lmba: Sequence[float], avg_budget: int, bound: int, low: int, high: int) -> list[int]:
+    """ZigZagKV's layer budgets (Eq. 6 as reconstructed in METHODS.md 3.1, clamped and rounded, 3.2 step 3).
+
+    lmba: LMBA_l of every layer (>= 0); avg_budget: B_avg (slots per KV head on average, low <= B_avg <= high);
+    bound: B_bound (0 <= bound <= B_avg); low / high: the smallest / largest budget a layer may get (the
+    observation window / the prompt length). With u_l = LMBA_l / sum_k LMBA_k and f = max(bound, low):
+
+        B_l = f + (B_avg - f) * L * u_l,     so  sum_l B_l = L * B_avg  and  B_l >= f.
+
+    (f = B_bound as in the paper whenever the window fits under the bound; otherwise the floor is raised to
+    the window so no layer needs raising afterwards.) Layers above `high` are clamped to it and the surplus
+    is shared by the others with the same formula over the remaining layers and the remaining total,
+    repeated until nothing exceeds `high`. Exact rational arithmetic, then largest-remainder rounding
+    (ties to the lower layer index): the result sums to exactly L * B_avg, every entry lies in
+    [max(bound, low), high], equal LMBAs give B_avg everywhere, and a layer with a larger LMBA never gets
+    a smaller budget than one with a smaller LMBA.
+    """
+    n = len(lmba)
+    if n == 0:
+        raise ValueError("zigzag_budgets needs at least one layer")
+    if not low <= avg_budget <= high:
+        raise ValueError(f"need low <= avg_budget <= high, got {low}, {avg_budget}, {high}")
+    if not 0 <= bound <= avg_budget:
+        raise ValueError(f"need 0 <= bound <= avg_budget, got bound={bound}, avg_budget={avg_budget}")
+    if any(not math.isfinite(x) or x < 0 for x in lmba):
+        raise ValueError(f"LMBA values must be finite and >= 0, got {list(lmba)}")
+    weight = [Fraction(x) for x in lmba]
+    floor_ = max(bound, low)
+    total = n * avg_budget
+    free = list(range(n))
+    value: dict[int, Fraction] = {}
+    while True:
+        remaining = total - high * (n - len(free))
+        mean = Fraction(remaining, len(free))
+        mass = sum(weight[i] for i in free)
+        for i in free:
+            share = weight[i] / mass if mass > 0 else Fraction(1, len(free))
+            value[i] = floor_ + (mean - floor_) * len(free) * share
+        over = [i for i in free if value[i] > high]
+        if not over:
+            break
+        for i in over:
+            value[i] = Fraction(high)
+        free = [i for i in free if i not in over]
+    budgets = [math.floor(value[i]) for i in range(n)]
+    by_remainder = sorted(range(n), key=lambda i: (-(value[i] - budgets[i]), i))
+    for i in by_remainder[: total - sum(budgets)]:
+        budgets[i] += 1
+    return budgets

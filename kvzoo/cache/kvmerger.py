@@ -1,0 +1,355 @@
+"""KVMerger (Wang, Jin, Yu, Zhang, "Model Tells You Where to Merge: Adaptive KV Cache Merging for LLMs on
+Long-Context Tasks", arXiv 2407.08454). Specification: METHODS.md section 2 (no official code exists).
+
+At the end of each layer's prefill, per (sequence, KV head):
+1. aggregated attention A_t = column sums of the prompt's causal attention over all its queries
+   (`scoring.accumulated_scores`; GQA: mean over the group's query heads);
+2. protected tokens, kept verbatim: the most recent `recent_ratio` of the prompt and the `heavy_ratio` of
+   the prompt with the largest A_t among the older tokens (`protected_tokens`);
+3. merging sets (Algorithm 1): runs of consecutive unprotected tokens whose adjacent post-RoPE keys have
+   cosine similarity >= epsilon (`merging_sets`); protected tokens and dissimilar neighbours are singletons;
+4. each set becomes one slot (`merge_sets`): pivot p = argmax A_t in the set, Gaussian weights
+   g_t = exp(-|k_p - k_t|^2 / (2 sigma^2)) normalised over the set (the pivot's is the largest),
+   k* = sum w_t k_t, v* = |S| sum w_t v_t; the slot sits at the pivot's position with log w = log |S|.
+Decode appends generated tokens (prefill-only method, METHODS.md 2.2 step 4), as SnapKV.
+
+Ambiguities (METHODS.md 2.2, 2.6) and how they are resolved here:
+- Exact budget (2.2 step 5). With `budget` set, epsilon is chosen per (layer, sequence, head) as bisection
+  would find it, without iterating: to end with exactly B entries, m = B - #protected sets are needed among
+  the unprotected tokens, i.e. m - #runs of the links between adjacent unprotected tokens must be cut; the
+  least similar links are cut (ties: the earlier link first). This is Algorithm 1 with epsilon just above
+  the (m - #runs)-th smallest similarity, so no remainder is left to fix (`budget_merging_sets`). It gives
+  exactly min(B, prompt length) entries, provided #protected + #runs <= B, which `protected_tokens`
+  guarantees: the recent window is at most B - 1 tokens and heavy hitters are added in score order only
+  while protected + runs still fits (adding one raises that count by 0, 1 or 2, so the prefix is well
+  defined). `threshold` is then unused: it is the epsilon of `budget=None`, the paper's own mode, where
+  the data decides the size (#protected + #sets) and each layer's store is shrunk to fit at the end of
+  prefill; `threshold > 1` there merges nothing and reproduces the full cache.
+- recent_ratio / heavy_ratio (reported as 0.17 / 0.12 at a 50% budget) are fractions of the sequence's own
+  prompt length, not of the budget; heavy hitters are chosen among the tokens outside the recent window.
+- sigma: the paper's adaptive formula is circular; fixed sigma = 5 (the value its grid search picks).
+  sigma = inf gives plain averaging.
+- value_scale="set_size" (the paper's |S| scaling of merged values) is the default; "none" keeps the
+  weighted mean. `alpha` is the log|S| attention bias (0 in the paper; alpha=1 with value_scale="none" is
+  the ZSMerge-style compensated alternative of METHODS.md 2.6, exact for identical keys and values).
+- Pivot ties go to the earliest token; a merged slot's score is the sum of its members' A_t.
+- Granularity: sets, pivots and epsilon per KV head; every head keeps B entries (budget mode).
+- skip_layers (default {0, 1, L-1}; negative indices count from the end) are not compressed at all: they
+  keep the whole prompt, so their capacity is the prompt length. The other layers' budgets are not lowered
+  to compensate, so the cache is larger than `budget` implies: with L layers, s skipped and budget ratio r,
+  (s + (L - s) r) / L of the full cache, e.g. Llama-2-7B (L=32, s=3) at r=0.5: 54.7% instead of 50%.
+  A model with at most 3 layers is not compressed with the default.
+- Chunked prefill (not in the paper) is supported: A_t accumulates over chunks (H2O-style), the recent window
+  is relative to the chunk's newest token, and already merged slots re-enter merging as members standing for
+  n = exp(log w) tokens (key weight proportional to n g_t; with value_scale="set_size" their values are
+  divided by n before re-merging). A single-chunk prompt is exactly the algorithm above.
+- A_t uses the whole prompt's attention (O(T^2) compute in blocks, never an O(T^2) buffer); the cheaper
+  observation-window proxy of METHODS.md 2.6 is not offered.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from kvzoo.cache.base import CompressionMethod
+from kvzoo.cache.budgets import Budget, budget_tokens, check_budget
+from kvzoo.cache.scoring import accumulated_scores
+from kvzoo.cache.selection import append_decode_step, keep_top, recent_mask
+from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
+from kvzoo.cache.zigzag import shrink_slots
+from kvzoo.errors import KvzooError
+
+if TYPE_CHECKING:
+    from kvzoo.attention import PrefillChunk
+    from kvzoo.config import ModelConfig
+
+VALUE_SCALES = ("set_size", "none")
+
+
+# --- merging sets (Algorithm 1) ----------------------------------------------------------------------
+# Tokens are along the last axis (keys: the one before), in position order; any leading batch axes.
+
+
+def adjacent_cosine(keys: torch.Tensor) -> torch.Tensor:
+    """[..., T, D] -> [..., T-1] fp32: cosine similarity of each key with the next one."""
+    k = keys.float()
+    return F.cosine_similarity(k[..., 1:, :], k[..., :-1, :], dim=-1)
+
+
+def _mergeable_links(protected: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(free [..., T]: valid unprotected tokens, link [..., T-1]: both neighbours free)."""
+    free = ~protected if valid is None else valid & ~protected
+    return free, free[..., 1:] & free[..., :-1]
+
+
+def set_ids(boundary: torch.Tensor) -> torch.Tensor:
+    """[..., T-1] bool (a new set starts at token t+1) -> [..., T] int64 set numbers 0, 1, ... in order."""
+    return F.pad(boundary.long(), (1, 0)).cumsum(dim=-1)
+
+
+def merging_sets(
+    keys: torch.Tensor, protected: torch.Tensor, threshold: float, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Algorithm 1 with a fixed epsilon: set numbers [..., T] for keys [..., T, D], protected [..., T] bool.
+
+    Adjacent tokens share a set iff both are unprotected (and valid) and their keys' cosine similarity is
+    >= threshold. The paper scans from the last token backwards, extending the current set while the rule
+    holds; since the rule only looks at adjacent pairs, that gives the same sets as this one-pass cumsum.
+    Sets are runs of consecutive tokens; protected and invalid tokens are singletons.
+    """
+    _, link = _mergeable_links(protected, valid)
+    return set_ids(~link | (adjacent_cosine(keys) < threshold))
+
+
+def budget_merging_sets(
+    keys: torch.Tensor, protected: torch.Tensor, budget: torch.Tensor | int, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sets for exactly min(budget, #valid) entries (protected singletons included), per row.
+
+    Cuts the least similar links between adjacent unprotected tokens (ties: the earlier link) until
+    #protected + #sets = budget; i.e. Algorithm 1 with the epsilon a bisection on the budget converges to.
+    If budget < #protected + #runs of unprotected tokens, every run becomes one set (the fewest possible).
+    budget: int or [...] tensor.
+    """
+    free, link = _mergeable_links(protected, valid)
+    kept = protected if valid is None else protected & valid
+    runs = (free & ~F.pad(free[..., :-1], (1, 0))).sum(-1)
+    budget = torch.as_tensor(budget, device=keys.device).expand(runs.shape)
+    cuts = (budget - kept.sum(-1) - runs).clamp(min=0).minimum(link.sum(-1))
+    similarity = adjacent_cosine(keys).masked_fill(~link, float("inf"))
+    cut = link & (_ranks(similarity) < cuts[..., None])
+    return set_ids(~link | cut)
+
+
+def _ranks(x: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """Rank of each entry along the last axis (0 = first in sort order; ties: earlier index first)."""
+    order = x.argsort(dim=-1, descending=descending, stable=True)
+    index = torch.arange(x.shape[-1], device=x.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, index)
+
+
+def protected_tokens(
+    score: torch.Tensor,
+    recent: torch.Tensor,
+    heavy: torch.Tensor | int,
+    budget: torch.Tensor | int | None = None,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[..., T] bool: the recent tokens plus up to `heavy` older tokens with the largest score.
+
+    recent: [..., T] bool (the recent window); heavy, budget: int or [...]. With a budget, heavy hitters are
+    only taken (in score order, ties: earlier first) while #protected + #runs of unprotected tokens <= budget,
+    the fewest entries merging can reach, so `budget_merging_sets` can hit the budget exactly (needs
+    #recent < budget whenever there are older tokens). Protecting one more token adds 2 to that count if
+    both its neighbours are still unprotected, 1 if one is, 0 if neither (a run of one disappears).
+    """
+    valid = torch.ones_like(recent) if valid is None else valid
+    recent = recent & valid
+    older = valid & ~recent
+    rank = _ranks(score.float().masked_fill(~older, NEG_INF), descending=True)  # older tokens first
+    n_older = older.sum(-1)
+    heavy = torch.as_tensor(heavy, device=score.device).expand(n_older.shape).minimum(n_older)
+    if budget is not None:
+        before_left = ~older[..., :-1] | (rank[..., :-1] < rank[..., 1:])  # left neighbour protected first
+        before_right = ~older[..., 1:] | (rank[..., 1:] < rank[..., :-1])
+        added = 2 - F.pad(before_left, (1, 0), value=True).long() - F.pad(before_right, (0, 1), value=True).long()
+        by_rank = torch.zeros_like(rank).scatter_(-1, rank, torch.where(older, added, 0))
+        reach = (recent.sum(-1) + (n_older > 0).long())[..., None] + by_rank.cumsum(-1)  # [..., h-1]: h taken
+        budget = torch.as_tensor(budget, device=score.device).expand(n_older.shape)
+        count = torch.arange(1, rank.shape[-1] + 1, device=rank.device)
+        heavy = ((reach <= budget[..., None]) & (count <= heavy[..., None])).sum(-1)
+    return recent | (older & (rank < heavy[..., None]))
+
+
+# --- Gaussian-kernel merging ---------------------------------------------------------------------------
+
+
+def set_pivots(score: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
+    """[..., T]: index of the pivot (largest score in the set; ties: earliest) of each token's set."""
+    t = score.shape[-1]
+    score = score.float()
+    best = torch.full_like(score, NEG_INF).scatter_reduce(-1, sets, score, "amax")
+    index = torch.arange(t, device=score.device).expand_as(sets)
+    is_best = score >= best.gather(-1, sets)
+    first = torch.full_like(sets, t).scatter_reduce(-1, sets, torch.where(is_best, index, t), "amin")
+    return first.gather(-1, sets)
+
+
+def gaussian_merge_weights(
+    keys: torch.Tensor, sets: torch.Tensor, pivots: torch.Tensor, sigma: float,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[..., T] weight of each token within its set: g_t = exp(-|k_p - k_t|^2 / (2 sigma^2)) (p: the set's
+    pivot, so g_p = 1 is the largest), times the token count n_t of an already merged member, normalised
+    to sum to 1 over the set. sigma = inf: uniform; sigma -> 0: all weight on the pivot (and keys equal
+    to it)."""
+    k = keys.float()
+    d2 = (k - k.gather(-2, pivots[..., None].expand_as(k))).square().sum(-1)
+    g = torch.where(d2 == 0, 1.0, torch.exp(-d2 / (2.0 * sigma * sigma)))  # d2 = 0 stays 1 as sigma -> 0
+    if counts is not None:
+        g = g * counts
+    return g / torch.zeros_like(g).scatter_add(-1, sets, g).gather(-1, sets)
+
+
+def merge_sets(
+    keys: torch.Tensor, values: torch.Tensor, sets: torch.Tensor, weights: torch.Tensor,
+    counts: torch.Tensor | None = None, value_scale: str = "set_size",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merged (k*, v*) [..., T, D] fp32 in set order (rows past the last set are 0).
+
+    k* = sum_t w_t k_t; v* = sum_t w_t v_t, times |S| = sum_t n_t for value_scale="set_size" (members that
+    already stand for n_t tokens enter with v_t / n_t, undoing their own scaling)."""
+    counts = torch.ones_like(weights) if counts is None else counts
+    v = values.float()
+    if value_scale == "set_size":
+        v = v / counts[..., None]
+    k = keys.float()
+    k_star = torch.zeros_like(k).scatter_add(-2, sets[..., None].expand_as(k), weights[..., None] * k)
+    v_star = torch.zeros_like(v).scatter_add(-2, sets[..., None].expand_as(v), weights[..., None] * v)
+    if value_scale == "set_size":
+        v_star = v_star * torch.zeros_like(counts).scatter_add(-1, sets, counts)[..., None]
+    return k_star, v_star
+
+
+# --- the method ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class KVMerger(CompressionMethod):
+    """Merge runs of similar adjacent keys into Gaussian-weighted pivots at prefill; see the module doc."""
+
+    budget: Budget | None = 0.5  # slots per KV head (ratio of the prompt or tokens); None: fixed epsilon
+    threshold: float = 0.75  # epsilon: cosine similarity of adjacent keys that merges (budget=None only)
+    sigma: float = 5.0
+    recent_ratio: float = 0.17  # of the prompt, kept verbatim
+    heavy_ratio: float = 0.12  # of the prompt, kept verbatim (largest aggregated attention)
+    skip_layers: tuple[int, ...] = (0, 1, -1)
+    value_scale: str = "set_size"
+    alpha: float = 0.0  # log|S| attention bias of merged slots (not in the paper)
+    decode_cap: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget is not None:
+            check_budget(self.budget, "KVMerger")
+        if not _is_number(self.threshold) or math.isnan(self.threshold):
+            raise KvzooError(f"KVMerger: threshold (epsilon) must be a number, got {self.threshold!r}")
+        if not _is_number(self.sigma) or not self.sigma > 0:
+            raise KvzooError(f"KVMerger: sigma must be a number > 0 (inf allowed), got {self.sigma!r}")
+        for name in ("recent_ratio", "heavy_ratio"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 <= value <= 1:
+                raise KvzooError(f"KVMerger: {name} must be in [0, 1], got {value!r}")
+        if not isinstance(self.skip_layers, (tuple, list, set, frozenset)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in self.skip_layers
+        ):
+            raise KvzooError(f"KVMerger: skip_layers must be a tuple of layer indices, got {self.skip_layers!r}")
+        self.skip_layers = tuple(self.skip_layers)
+        if self.value_scale not in VALUE_SCALES:
+            raise KvzooError(f"KVMerger: value_scale must be one of {VALUE_SCALES}, got {self.value_scale!r}")
+        if not _is_number(self.alpha) or not math.isfinite(self.alpha):
+            raise KvzooError(f"KVMerger: alpha must be a finite number, got {self.alpha!r}")
+        cap = self.decode_cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise KvzooError(f"KVMerger: decode_cap must be None or an integer >= 1, got {cap!r}")
+
+    @property
+    def attention_alpha(self) -> float:
+        return float(self.alpha)
+
+    def skipped(self, num_layers: int) -> set[int]:
+        """The layers left uncompressed, as indices in [0, num_layers)."""
+        bad = [i for i in self.skip_layers if not -num_layers <= i < num_layers]
+        if bad:
+            raise KvzooError(
+                f"KVMerger: skip_layers {bad} out of range for a model with {num_layers} layers "
+                f"(use indices in [{-num_layers}, {num_layers}))"
+            )
+        return {i % num_layers for i in self.skip_layers}
+
+    def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
+        skipped = self.skipped(cfg.num_layers)
+        budget = self.budget
+        return [
+            [n if layer in skipped or budget is None else min(budget_tokens(budget, n), n) for n in prompt_lens]
+            for layer in range(cfg.num_layers)
+        ]
+
+    def make_cache(self, cfg: "ModelConfig", prompt_lens: list[int], max_new_tokens: int, dtype: torch.dtype,
+                   device: torch.device | str) -> KVCache:
+        cache = super().make_cache(cfg, prompt_lens, max_new_tokens, dtype, device)
+        skipped = self.skipped(cfg.num_layers)
+        for layer_idx, slots in enumerate(cache.layers):  # compress_prefill does not know L
+            slots.state["merges"] = torch.tensor(layer_idx not in skipped, device=device)
+        return cache
+
+    def decode_headroom(self, max_new_tokens: int) -> int:
+        return max_new_tokens if self.decode_cap is None else min(max_new_tokens, self.decode_cap)
+
+    def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
+        budget = slots.state["prefill_budget"]  # [B]
+        prompt_len = slots.state["prompt_len"]
+        if not bool(slots.state["merges"]) or (self.budget is not None and bool((budget >= prompt_len).all())):
+            # Nothing to merge, ever: keep every candidate in position order.
+            keep_top(slots, chunk, -chunk.key_pos.float(), budget)
+            return
+        score = chunk.key_score + accumulated_scores(chunk)  # [B, Hkv, S]
+        recent = (prompt_len * self.recent_ratio).long()
+        if self.budget is not None:
+            recent = recent.minimum(budget - 1)
+        heavy = (prompt_len * self.heavy_ratio).long()[:, None]
+        # Candidates in position order, empty ones (padding, unused slots) last.
+        order = torch.where(torch.isfinite(chunk.key_logw), chunk.key_pos, torch.iinfo(torch.int64).max).argsort(-1)
+        keys, values = (x.gather(2, order[..., None].expand_as(x)) for x in (chunk.keys, chunk.values))
+        pos, logw, score, recent_m = (x.gather(-1, order) for x in (chunk.key_pos, chunk.key_logw, score,
+                                                                    recent_mask(chunk, recent)))
+        valid = torch.isfinite(logw)
+        if self.budget is None:
+            protected = protected_tokens(score, recent_m, heavy, valid=valid)
+            sets = merging_sets(keys, protected, self.threshold, valid)
+        else:
+            protected = protected_tokens(score, recent_m, heavy, budget[:, None], valid)
+            sets = budget_merging_sets(keys, protected, budget[:, None], valid)
+        counts = torch.where(valid, logw.exp().round(), 1.0)
+        pivots = set_pivots(score, sets)
+        weights = gaussian_merge_weights(keys, sets, pivots, self.sigma, counts)
+        k_star, v_star = merge_sets(keys, values, sets, weights, counts, self.value_scale)
+        self._store(slots, sets, valid, k_star, v_star, counts, score, pos.gather(-1, pivots))
+
+    @staticmethod
+    def _store(slots: LayerSlots, sets: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               counts: torch.Tensor, score: torch.Tensor, pivot_pos: torch.Tensor) -> None:
+        """Write the sets (in order) to the first slots; sets of empty candidates stay empty."""
+        def per_set(x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+            return torch.zeros_like(x).scatter_reduce(-1, sets, x, reduce, include_self=False)
+
+        filled = per_set(valid.long(), "amax").bool()
+        n = min(slots.capacity, sets.shape[-1])  # sets of valid candidates <= budget <= capacity
+        filled = filled[..., :n]
+        slots.replace_all(
+            torch.where(filled[..., None], k[..., :n, :], 0.0).to(slots.k.dtype),
+            torch.where(filled[..., None], v[..., :n, :], 0.0).to(slots.v.dtype),
+            torch.where(filled, per_set(counts)[..., :n].log(), NEG_INF),
+            torch.where(filled, per_set(score)[..., :n], 0.0),
+            torch.where(filled, per_set(pivot_pos, "amax")[..., :n], -1),
+        )
+
+    def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
+                    pos_new: torch.Tensor, probs: torch.Tensor) -> None:
+        append_decode_step(slots, k_new, v_new, pos_new)
+
+    def end_prefill(self, cache: KVCache) -> None:
+        if self.budget is not None:
+            return  # every layer already holds exactly its budget
+        # Fixed epsilon: the data decided each head's size; shrink every store to its largest head.
+        for layer_idx, slots in enumerate(cache.layers):
+            keep = slots.filled.sum(-1).max(-1).values  # [B]
+            cache.layers[layer_idx] = shrink_slots(slots, -slots.pos.float(), keep)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

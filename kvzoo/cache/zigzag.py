@@ -1,0 +1,140 @@
+"""ZigZagKV (Zhong et al., "ZigZagKV: Dynamic KV Cache Compression for Long-context Modeling based on Layer
+Uncertainty", arXiv 2412.09036, COLING 2025). Specification: METHODS.md section 3.
+
+SnapKV selection (observation window + top tokens by pooled window attention), with per-layer budgets from
+each layer's *uncertainty*: a layer whose attention is diffuse needs more tokens to keep most of its
+attention mass, so it gets more of the total.
+
+- MBA_{l,h}: the fewest keys holding `tau` of query head h's observation-window attention mass
+  (`budgets.min_budget_attention`); LMBA_l: its mean over the layer's query heads.
+- B_l = B_bound + (B_avg - B_bound) * L * LMBA_l / sum_k LMBA_k (`budgets.zigzag_budgets`), so the layers
+  share exactly L * B_avg slots per KV head and none gets fewer than B_bound = bound_ratio * B_avg.
+
+The allocation needs every layer's LMBA, so compression waits for the end of prefill: `make_cache` gives
+every layer room for the whole prompt (plus decode headroom), `compress_prefill` keeps the whole prompt and
+records the layer's window scores and LMBA, and `end_prefill` allocates, selects, and reallocates each
+layer's tensors down to its own capacity (max over the batch of B_l, plus headroom), so `cache.nbytes()` is
+the compressed size. Deferring is exact: selection changes no prefill activation (METHODS.md 3.2). The cost
+is peak memory: the full prompt's cache exists until the end of prefill. For the same reason
+`supports_chunked_prefill = False` (generation with `prefill_chunk` is refused); a prompt fed in several
+chunks anyway raises in `compress_prefill`.
+
+Ambiguities (METHODS.md 3.6) resolved as recommended:
+- LMBA is computed online, per input and per sequence of the batch, from the same observation window used
+  for selection (window attention summed over its queries, per query head, unpooled); allocation is deferred
+  to the end of prefill.
+- B_bound = floor(bound_ratio * B_avg) (kvpress port's second version: 0.2). A layer's budget is clamped to
+  [window, prompt length]; when the window exceeds B_bound the formula's floor is raised to the window, and
+  the surplus of layers clamped at the prompt length is redistributed with the same formula over the other
+  layers, until none is clamped. Integers by largest remainder: sum_l B_l = L * B_avg exactly.
+- LMBO is analysis only and plays no part in the allocation.
+- B_avg = budget (ratio of each sequence's own prompt, or tokens), at least the window; B_avg >= prompt
+  length keeps the whole prompt. Budgets are per sequence of the batch; every KV head of a layer keeps the
+  same number of tokens (selection itself is per KV head, GQA scores = mean over the group).
+Defaults: budget 0.2 (the paper's "~20% of the full KV"), tau 0.9, bound_ratio 0.2 (kvpress port);
+window 8, max-pool 7 (KVCache-Factory LongBench runs, as PyramidKV). Decode appends like SnapKV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvzoo.cache.budgets import Budget, min_budget_attention, zigzag_budgets
+from kvzoo.cache.scoring import window_scores
+from kvzoo.cache.selection import keep_top, recent_mask
+from kvzoo.cache.slots import KVCache, LayerSlots
+from kvzoo.cache.snapkv import WindowSelection
+from kvzoo.errors import KvzooError
+from kvzoo_kernels.attention import attention_probs
+
+if TYPE_CHECKING:
+    from kvzoo.attention import PrefillChunk
+    from kvzoo.config import ModelConfig
+
+
+@dataclass
+class ZigZagKV(WindowSelection):
+    """Observation-window selection with layer budgets from layer uncertainty (LMBA); see the module doc."""
+
+    budget: Budget = 0.2  # B_avg: average slots per KV head over the layers
+    window_size: int = 8
+    kernel_size: int = 7
+    pooling: str = "max"
+    tau: float = 0.9  # attention mass MBA must retain
+    bound_ratio: float = 0.2  # B_bound = bound_ratio * B_avg
+
+    supports_chunked_prefill = False  # allocation needs every layer's LMBA over the whole prompt
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 < self.tau <= 1:
+            raise KvzooError(f"ZigZagKV: tau must be in (0, 1], got {self.tau!r}")
+        ratio = self.bound_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            raise KvzooError(f"ZigZagKV: bound_ratio must be in [0, 1], got {ratio!r}")
+
+    def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
+        for n in prompt_lens:
+            self.sequence_budget(n)  # checks the budget covers the window, before any work is done
+        return [list(prompt_lens)] * cfg.num_layers  # the whole prompt, until end_prefill
+
+    def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
+        if chunk.keys.shape[2] != chunk.k.shape[2]:  # a later chunk: the candidates include slots
+            raise KvzooError(
+                "ZigZagKV allocates from every layer's attention over the whole prompt, so it cannot "
+                "compress a prompt fed in chunks; generate without prefill_chunk"
+            )
+        scores = window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling)
+        keep_top(slots, chunk, scores, slots.state["prefill_budget"], stored_score=scores)  # keeps every token
+        slots.state["lmba"] = self._lmba(chunk)
+
+    def _lmba(self, chunk: "PrefillChunk") -> torch.Tensor:
+        """[B] fp32: mean over query heads of MBA(tau) of the observation window's summed attention."""
+        w = min(self.window_size, chunk.q.shape[2])
+        q_pos = chunk.q_pos[:, -w:]
+        probs = attention_probs(chunk.q[:, :, -w:], chunk.keys, q_pos, chunk.key_pos, chunk.key_bias, chunk.window)
+        per_head = torch.einsum("bhts,bt->bhs", probs, (q_pos >= 0).float())  # [B, Hq, S]
+        return min_budget_attention(per_head, self.tau).float().mean(dim=1)
+
+    def layer_budgets(self, lmba: list[float], prompt_len: int) -> list[int]:
+        """Per-layer budgets of one sequence from its layers' LMBA."""
+        avg = self.sequence_budget(prompt_len)
+        return zigzag_budgets(lmba, avg, int(self.bound_ratio * avg), min(self.window_size, prompt_len), prompt_len)
+
+    def end_prefill(self, cache: KVCache) -> None:
+        lmba = torch.stack([layer.state.pop("lmba") for layer in cache.layers]).T.tolist()  # [B][L]
+        prompt_lens = cache.layers[0].state["prompt_len"].tolist()
+        per_sequence = [self.layer_budgets(x, n) for x, n in zip(lmba, prompt_lens)]
+        for layer_idx, slots in enumerate(cache.layers):
+            keep = torch.tensor([b[layer_idx] for b in per_sequence], device=slots.pos.device)
+            rank = slots.score.masked_fill(recent_mask(slot_candidates(slots), self.window_size), float("inf"))
+            cache.layers[layer_idx] = shrink_slots(slots, rank, keep)
+
+
+def slot_candidates(slots: LayerSlots) -> "PrefillChunk":
+    """A layer's own slots seen as selection candidates (for `keep_top` / `recent_mask` after prefill): no
+    queries; the newest position is the prompt's last one."""
+    from kvzoo.attention import PrefillChunk  # runtime import: kvzoo.attention imports the cache package
+
+    no_tokens = slots.k[:, :, :0]
+    last_pos = (slots.state["prompt_len"] - 1)[:, None]  # [B, 1]
+    return PrefillChunk(q=no_tokens, k=no_tokens, v=no_tokens, q_pos=last_pos, keys=slots.k, values=slots.v,
+                        key_pos=slots.pos, key_logw=slots.logw, key_score=slots.score, window=None, alpha=0.0)
+
+
+def shrink_slots(slots: LayerSlots, rank: torch.Tensor, keep: torch.Tensor) -> LayerSlots:
+    """A new, smaller store holding, per (sequence, head), the `keep[b]` highest-`rank` filled slots of
+    `slots`, with capacity max(keep) + the decode headroom the old store had; `budget` and
+    `state["prefill_budget"]` are updated, the rest of `state` is carried over. The old tensors are
+    released once the caller drops `slots`."""
+    headroom = slots.budget - slots.state["prefill_budget"]  # [B]
+    keep = keep.to(device=slots.pos.device, dtype=torch.int64)
+    b, hkv, _, d = slots.k.shape
+    capacity = int(keep.max()) + int(headroom.max())
+    new = LayerSlots.empty(b, hkv, capacity, d, keep + headroom, slots.k.dtype, slots.k.device)
+    new.state = {**slots.state, "prefill_budget": keep}
+    keep_top(new, slot_candidates(slots), rank, keep)
+    return new
