@@ -3,12 +3,14 @@
 from kvzoo.cache import (
     H2O,
     TOVA,
+    KVMerger,
     CompressionMethod,
     FullCache,
     KVCache,
     PyramidKV,
     SnapKV,
     StreamingLLM,
+    ZigZagKV,
     ZSMerge,
 )
 from kvzoo.generate import generate_ids, generate_text
@@ -16,7 +18,7 @@ from kvzoo.loading import load
 from kvzoo.models import Falcon, Llama2, Mistral
 
 __all__ = [
-    "H2O", "TOVA", "CompressionMethod", "Falcon", "FullCache", "KVCache", "Llama2", "Mistral", "PyramidKV",
-    "SnapKV", "StreamingLLM", "ZSMerge", "generate_ids", "generate_text", "load",
+    "H2O", "TOVA", "CompressionMethod", "Falcon", "FullCache", "KVCache", "KVMerger", "Llama2", "Mistral", "PyramidKV",
+    "SnapKV", "StreamingLLM", "ZigZagKV", "ZSMerge", "generate_ids", "generate_text", "load",
 ]
 __version__ = "0.1.0"

@@ -6,7 +6,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvzoo.cache.selection import append_decode_step
 from kvzoo.cache.slots import KVCache, LayerSlots
+from kvzoo.errors import KvzooError
 
 if TYPE_CHECKING:
     from kvzoo.attention import PrefillChunk
@@ -84,4 +86,25 @@ class CompressionMethod:
         raise NotImplementedError
 
     def end_prefill(self, cache: KVCache) -> None:
-        """Called once after the whole prompt has been fed."""
+        """Called once after the whole prompt has been fed. A method may replace entries of `cache.layers`
+        here (e.g. with smaller stores); nothing may hold on to a layer's store across this call."""
+
+
+class PrefillOnlyMethod(CompressionMethod):
+    """A method that compresses only the prompt: generated tokens are appended, up to `decode_cap` of them
+    (None: all); past the cap each new token replaces the oldest generated one, the compressed prompt stays.
+    Subclasses are dataclasses with a `decode_cap: int | None = None` field."""
+
+    decode_cap: int | None
+
+    def check_decode_cap(self) -> None:
+        cap = self.decode_cap
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise KvzooError(f"{type(self).__name__}: decode_cap must be None or an integer >= 1, got {cap!r}")
+
+    def decode_headroom(self, max_new_tokens: int) -> int:
+        return max_new_tokens if self.decode_cap is None else min(max_new_tokens, self.decode_cap)
+
+    def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
+                    pos_new: torch.Tensor, probs: torch.Tensor) -> None:
+        append_decode_step(slots, k_new, v_new, pos_new)

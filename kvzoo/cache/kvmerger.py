@@ -56,12 +56,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from kvzoo.cache.base import CompressionMethod
+from kvzoo.cache.base import PrefillOnlyMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget
 from kvzoo.cache.scoring import accumulated_scores
-from kvzoo.cache.selection import append_decode_step, keep_top, recent_mask
+from kvzoo.cache.selection import keep_top, recent_mask, shrink_slots
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
-from kvzoo.cache.zigzag import shrink_slots
 from kvzoo.errors import KvzooError
 
 if TYPE_CHECKING:
@@ -220,7 +219,7 @@ def merge_sets(
 
 
 @dataclass
-class KVMerger(CompressionMethod):
+class KVMerger(PrefillOnlyMethod):
     """Merge runs of similar adjacent keys into Gaussian-weighted pivots at prefill; see the module doc."""
 
     budget: Budget | None = 0.5  # slots per KV head (ratio of the prompt or tokens); None: fixed epsilon
@@ -253,9 +252,7 @@ class KVMerger(CompressionMethod):
             raise KvzooError(f"KVMerger: value_scale must be one of {VALUE_SCALES}, got {self.value_scale!r}")
         if not _is_number(self.alpha) or not math.isfinite(self.alpha):
             raise KvzooError(f"KVMerger: alpha must be a finite number, got {self.alpha!r}")
-        cap = self.decode_cap
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-            raise KvzooError(f"KVMerger: decode_cap must be None or an integer >= 1, got {cap!r}")
+        self.check_decode_cap()
 
     @property
     def attention_alpha(self) -> float:
@@ -286,9 +283,6 @@ class KVMerger(CompressionMethod):
         for layer_idx, slots in enumerate(cache.layers):  # compress_prefill does not know L
             slots.state["merges"] = torch.tensor(layer_idx not in skipped, device=device)
         return cache
-
-    def decode_headroom(self, max_new_tokens: int) -> int:
-        return max_new_tokens if self.decode_cap is None else min(max_new_tokens, self.decode_cap)
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         budget = slots.state["prefill_budget"]  # [B]
@@ -337,10 +331,6 @@ class KVMerger(CompressionMethod):
             torch.where(filled, per_set(score)[..., :n], 0.0),
             torch.where(filled, per_set(pivot_pos, "amax")[..., :n], -1),
         )
-
-    def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
-                    pos_new: torch.Tensor, probs: torch.Tensor) -> None:
-        append_decode_step(slots, k_new, v_new, pos_new)
 
     def end_prefill(self, cache: KVCache) -> None:
         if self.budget is not None:

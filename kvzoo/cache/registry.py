@@ -7,10 +7,12 @@ import dataclasses
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.full import FullCache
 from kvzoo.cache.h2o import H2O
+from kvzoo.cache.kvmerger import KVMerger
 from kvzoo.cache.pyramidkv import PyramidKV
 from kvzoo.cache.snapkv import SnapKV
 from kvzoo.cache.streaming_llm import StreamingLLM
 from kvzoo.cache.tova import TOVA
+from kvzoo.cache.zigzag import ZigZagKV
 from kvzoo.cache.zsmerge import ZSMerge
 from kvzoo.errors import KvzooError
 
@@ -22,6 +24,8 @@ METHODS: dict[str, type[CompressionMethod]] = {
     "pyramidkv": PyramidKV,
     "tova": TOVA,
     "zsmerge": ZSMerge,
+    "kvmerger": KVMerger,
+    "zigzag": ZigZagKV,
 }
 
 

@@ -102,3 +102,29 @@ def append_decode_step(
     generated = slots.pos >= slots.state["prompt_len"][:, None, None]
     oldest_generated = argmin_where(slots.pos.float(), generated & slots.filled)
     place_or_evict(slots, oldest_generated, k_new, v_new, pos_new, torch.zeros_like(k_new[..., 0]))
+
+
+def slot_candidates(slots: LayerSlots) -> "PrefillChunk":
+    """A layer's own slots seen as selection candidates (for `keep_top` / `recent_mask` after prefill): no
+    queries; the newest position is the prompt's last one."""
+    from kvzoo.attention import PrefillChunk  # runtime import: kvzoo.attention imports the cache package
+
+    no_tokens = slots.k[:, :, :0]
+    last_pos = (slots.state["prompt_len"] - 1)[:, None]  # [B, 1]
+    return PrefillChunk(q=no_tokens, k=no_tokens, v=no_tokens, q_pos=last_pos, keys=slots.k, values=slots.v,
+                        key_pos=slots.pos, key_logw=slots.logw, key_score=slots.score, window=None, alpha=0.0)
+
+
+def shrink_slots(slots: LayerSlots, rank: torch.Tensor, keep: torch.Tensor) -> LayerSlots:
+    """A new, smaller store holding, per (sequence, head), the `keep[b]` highest-`rank` filled slots of
+    `slots`, with capacity max(keep) + the decode headroom the old store had; `budget` and
+    `state["prefill_budget"]` are updated, the rest of `state` is carried over. The old tensors are
+    released once the caller drops `slots`."""
+    headroom = slots.budget - slots.state["prefill_budget"]  # [B]
+    keep = keep.to(device=slots.pos.device, dtype=torch.int64)
+    b, hkv, _, d = slots.k.shape
+    capacity = int(keep.max()) + int(headroom.max())
+    new = LayerSlots.empty(b, hkv, capacity, d, keep + headroom, slots.k.dtype, slots.k.device)
+    new.state = {**slots.state, "prefill_budget": keep}
+    keep_top(new, slot_candidates(slots), rank, keep)
+    return new

@@ -6,12 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-
-from kvzoo.cache.base import CompressionMethod
+from kvzoo.cache.base import PrefillOnlyMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, require_at_least
 from kvzoo.cache.scoring import window_scores
-from kvzoo.cache.selection import append_decode_step, keep_top, recent_mask
+from kvzoo.cache.selection import keep_top, recent_mask
 from kvzoo.cache.slots import LayerSlots
 from kvzoo.errors import KvzooError
 
@@ -21,7 +19,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class WindowSelection(CompressionMethod):
+class WindowSelection(PrefillOnlyMethod):
     """Prefill-only selection by observation-window attention: the last `window_size` queries score every
     earlier token (pooled with `kernel_size`), the window itself is always kept, and the top tokens fill the
     rest of the layer's budget. Decode appends up to `decode_cap` generated tokens (None: all of them)."""
@@ -41,8 +39,7 @@ class WindowSelection(CompressionMethod):
                 raise KvzooError(f"{name}: {field_name} must be an integer >= 1, got {value!r}")
         if self.pooling not in ("avg", "max"):
             raise KvzooError(f"{name}: pooling must be 'avg' or 'max', got {self.pooling!r}")
-        if self.decode_cap is not None and (not isinstance(self.decode_cap, int) or self.decode_cap < 1):
-            raise KvzooError(f"{name}: decode_cap must be None or an integer >= 1, got {self.decode_cap!r}")
+        self.check_decode_cap()
 
     def sequence_budget(self, prompt_len: int) -> int:
         """Slots kept from a prompt (never more than the prompt)."""
@@ -53,17 +50,10 @@ class WindowSelection(CompressionMethod):
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
         return [[self.sequence_budget(n) for n in prompt_lens]] * cfg.num_layers
 
-    def decode_headroom(self, max_new_tokens: int) -> int:
-        return max_new_tokens if self.decode_cap is None else min(max_new_tokens, self.decode_cap)
-
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         scores = window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling)
         rank = scores.masked_fill(recent_mask(chunk, self.window_size), float("inf"))
         keep_top(slots, chunk, rank, slots.state["prefill_budget"], stored_score=scores)
-
-    def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
-                    pos_new: torch.Tensor, probs: torch.Tensor) -> None:
-        append_decode_step(slots, k_new, v_new, pos_new)
 
 
 @dataclass

@@ -44,7 +44,7 @@ import torch
 
 from kvzoo.cache.budgets import Budget, min_budget_attention, zigzag_budgets
 from kvzoo.cache.scoring import window_scores
-from kvzoo.cache.selection import keep_top, recent_mask
+from kvzoo.cache.selection import keep_top, recent_mask, shrink_slots, slot_candidates
 from kvzoo.cache.slots import KVCache, LayerSlots
 from kvzoo.cache.snapkv import WindowSelection
 from kvzoo.errors import KvzooError
@@ -112,29 +112,3 @@ class ZigZagKV(WindowSelection):
             keep = torch.tensor([b[layer_idx] for b in per_sequence], device=slots.pos.device)
             rank = slots.score.masked_fill(recent_mask(slot_candidates(slots), self.window_size), float("inf"))
             cache.layers[layer_idx] = shrink_slots(slots, rank, keep)
-
-
-def slot_candidates(slots: LayerSlots) -> "PrefillChunk":
-    """A layer's own slots seen as selection candidates (for `keep_top` / `recent_mask` after prefill): no
-    queries; the newest position is the prompt's last one."""
-    from kvzoo.attention import PrefillChunk  # runtime import: kvzoo.attention imports the cache package
-
-    no_tokens = slots.k[:, :, :0]
-    last_pos = (slots.state["prompt_len"] - 1)[:, None]  # [B, 1]
-    return PrefillChunk(q=no_tokens, k=no_tokens, v=no_tokens, q_pos=last_pos, keys=slots.k, values=slots.v,
-                        key_pos=slots.pos, key_logw=slots.logw, key_score=slots.score, window=None, alpha=0.0)
-
-
-def shrink_slots(slots: LayerSlots, rank: torch.Tensor, keep: torch.Tensor) -> LayerSlots:
-    """A new, smaller store holding, per (sequence, head), the `keep[b]` highest-`rank` filled slots of
-    `slots`, with capacity max(keep) + the decode headroom the old store had; `budget` and
-    `state["prefill_budget"]` are updated, the rest of `state` is carried over. The old tensors are
-    released once the caller drops `slots`."""
-    headroom = slots.budget - slots.state["prefill_budget"]  # [B]
-    keep = keep.to(device=slots.pos.device, dtype=torch.int64)
-    b, hkv, _, d = slots.k.shape
-    capacity = int(keep.max()) + int(headroom.max())
-    new = LayerSlots.empty(b, hkv, capacity, d, keep + headroom, slots.k.dtype, slots.k.device)
-    new.state = {**slots.state, "prefill_budget": keep}
-    keep_top(new, slot_candidates(slots), rank, keep)
-    return new
