@@ -53,6 +53,8 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    if not args.prompt.strip():
+        raise KvzooError("empty prompt: give some text")
     model = _load_model(args.model, args.dtype)
     tok = model.require_tokenizer()
     use_chat = args.chat if args.chat is not None else tok.chat_template is not None
