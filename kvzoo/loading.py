@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Files fetched from the hub for a model: config, weights, tokenizer.
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "additional_chat_templates/*.jinja"]
 
 
 def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:

@@ -299,3 +299,41 @@ def test_nbytes_is_what_the_tensors_hold_and_a_fifteenth_of_full(tmp_path):
     out = model.generate_ids(prompt, max_new_tokens=4, compression=ZSMerge(budget=0.05), eos_token_ids=[])
     assert out.cache.nbytes() == z.nbytes()
     assert (out.cache.filled_slots() == 102).all()
+
+
+# --- through the real models ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_name", ["llama-gqa", "mistral-window", "falcon-7b-style"])
+def test_budget_covering_everything_equals_full_cache(tiny_checkpoint, model_name):
+    """1.4 invariant 7: with B >= prompt + generated, every step's logits equal FullCache's (<= 1e-5 fp32:
+    the same math in a different slot order) and the greedy tokens are identical, on a left-padded batch.
+    B is exactly the longest prompt + generated tokens, so that sequence's cache fills on the last step
+    (its reserved residual slot then receives an exact copy, which changes nothing)."""
+    from tests.method_helpers import drive_model
+
+    model = kvzoo.load(tiny_checkpoint(model_name)[1])
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (13, 6, 9)]
+    steps = 8
+    full = drive_model(model, prompts, kvzoo.FullCache(), steps)
+    got = drive_model(model, prompts, ZSMerge(budget=13 + steps), steps)
+    for step, (a, b) in enumerate(zip(got.logits, full.logits)):
+        assert (a - b).abs().max() <= 1e-5, f"step {step}"
+    assert got.tokens == full.tokens
+
+
+@pytest.mark.parametrize("model_name", ["llama-gqa", "falcon-40b-style"])
+def test_compressed_batch_equals_each_prompt_alone(tiny_checkpoint, model_name):
+    """Per-sequence budgets: a ratio budget resolves per prompt, padding never takes a slot, so a batch
+    gives each prompt the tokens it gets alone — also with chunked prefill."""
+    model = kvzoo.load(tiny_checkpoint(model_name)[1])
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (40, 25, 33)]
+    for chunk in (None, 8):
+        method = ZSMerge(budget=0.4)
+        alone = [model.generate_ids(p, max_new_tokens=10, eos_token_ids=[], compression=method,
+                                    prefill_chunk=chunk).token_ids[0] for p in prompts]
+        batch = model.generate_ids(prompts, max_new_tokens=10, eos_token_ids=[], compression=method,
+                                   prefill_chunk=chunk)
+        assert batch.token_ids == alone, f"prefill_chunk={chunk}"
+        assert batch.cache.layers[0].budget.tolist() == [16, 10, 13]
