@@ -636,8 +636,21 @@ def smollm2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_reference(smollm2):
     """transformers' own model and tokenizer, loaded straight from the GGUF file."""
+    import functools
+
     _, path, _ = smollm2
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # Speed only, no change to what transformers computes: it parses the whole file with gguf.GGUFReader twice
+    # (config, then tensors; ~5 s each for the 49k-token vocabulary) and rebuilds the same read-only tensor-name
+    # table once per submodule (~400 times). Both are pure functions of their arguments, so memoize them while
+    # the reference loads.
+    mp = pytest.MonkeyPatch()
+    mp.setattr(gguf, "GGUFReader", functools.lru_cache(maxsize=2)(gguf.GGUFReader))
+    mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=8)(gguf.get_tensor_name_map))
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  dtype=torch.float32)
+    finally:
+        mp.undo()
     tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model.eval(), tok
 
