@@ -540,7 +540,8 @@ def test_batch_equals_alone_without_ties(case, method_name, budget):
 
 
 @pytest.mark.parametrize("method_name", list(METHODS))
-@settings(max_examples=20, deadline=None)
+# PyramidKV's pyramid rarely leaves every layer room for all chunks but the last: most draws are filtered.
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(st.integers(6, 30), st.integers(2, 29), st.integers(0, 2**16), st.integers(1, 4), st.sampled_from([1, 3, 5, 7]),
        st.integers(0, 10), st.integers(0, 4))
 @example(n=6, chunk=2, seed=0, window_size=1, kernel=3, extra=1, steps=0)

@@ -58,6 +58,8 @@ def pyramid_budgets(avg_capacity: int, window: int, prompt_len: int, num_layers:
     the prompt's selectable length (then min = 2c - max). The mean over layers stays avg_capacity
     (up to integer rounding).
     """
+    if avg_capacity >= prompt_len:
+        return [prompt_len] * num_layers
     c = avg_capacity - window
     if c <= 0 or num_layers == 1:
         return [avg_capacity] * num_layers

@@ -24,34 +24,62 @@ def group_mean(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return x.reshape(b, num_kv_heads, hq // num_kv_heads, *x.shape[2:]).mean(dim=2)
 
 
-def pool_scores(scores: torch.Tensor, kernel: int | None, mode: str) -> torch.Tensor:
-    """1-D pooling along the key axis (stride 1, same padding) so neighbours of important tokens survive."""
+def pool_by_position(
+    scores: torch.Tensor, key_pos: torch.Tensor, poolable: torch.Tensor, kernel: int | None, mode: str
+) -> torch.Tensor:
+    """1-D pooling (stride 1, same padding) over each sequence's own tokens in position order, so that
+    neighbours of important tokens survive.
+
+    Candidates are not in position order (cache slots come first, in any order; batches are left-padded), so
+    scores are scattered by position into a [B, H, P] buffer, pooled there over the `poolable` tokens only
+    (padding, empty slots and the observation window neither contribute nor receive), and gathered back.
+    scores, key_pos, poolable: [B, H, S]. Non-poolable candidates keep their own score.
+    """
     if not kernel or kernel <= 1:
         return scores
-    shape = scores.shape
-    flat = scores.reshape(-1, 1, shape[-1])
-    if mode == "max":
-        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
-    elif mode == "avg":
-        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
-    else:
+    if mode not in ("max", "avg"):
         raise ValueError(f"pooling must be 'max' or 'avg', got {mode!r}")
-    return pooled[..., : shape[-1]].reshape(shape)
+    b, h, _ = scores.shape
+    n_pos = int(key_pos.max().clamp(min=0)) + 1
+    slot = torch.where(poolable, key_pos, n_pos)  # non-poolable candidates land in a dummy column
+    shape = (b * h, 1, n_pos + 1)
+    pad = kernel // 2
+    if mode == "max":
+        buf = torch.full((b, h, n_pos + 1), float("-inf"), device=scores.device).scatter(-1, slot, scores)
+        buf[..., n_pos] = float("-inf")
+        pooled = F.max_pool1d(buf.reshape(shape), kernel, stride=1, padding=pad)
+    else:
+        buf = torch.zeros(b, h, n_pos + 1, device=scores.device).scatter(-1, slot, scores)
+        count = torch.zeros_like(buf).scatter(-1, slot, torch.ones_like(scores))
+        buf[..., n_pos], count[..., n_pos] = 0.0, 0.0
+        sums = F.avg_pool1d(buf.reshape(shape), kernel, stride=1, padding=pad, count_include_pad=True)
+        counts = F.avg_pool1d(count.reshape(shape), kernel, stride=1, padding=pad, count_include_pad=True)
+        pooled = sums / counts.clamp(min=1e-9)
+    pooled = pooled[..., : n_pos + 1].reshape(b, h, n_pos + 1)
+    return torch.where(poolable, pooled.gather(-1, slot.clamp(max=n_pos)), scores)
 
 
 def window_scores(
     chunk: "PrefillChunk", window: int, decay: float = 1.0, kernel: int | None = None, pooling: str = "max"
 ) -> torch.Tensor:
     """Attention of the chunk's last `window` queries to every candidate key, summed with weights
-    decay^(age) (age 0 = the last query), pooled, reduced per KV head. Returns [B, Hkv, S] fp32.
+    decay^(age) (age 0 = the last query), pooled over the tokens before the window in position order
+    (SnapKV pools the first T - w keys only), reduced per KV head. Returns [B, Hkv, S] fp32.
     Padding queries contribute nothing."""
     w = min(window, chunk.q.shape[2])
     q_pos = chunk.q_pos[:, -w:]
     probs = attention_probs(chunk.q[:, :, -w:], chunk.keys, q_pos, chunk.key_pos, chunk.key_bias, chunk.window)
     ages = torch.arange(w - 1, -1, -1, device=probs.device, dtype=torch.float32)
     weights = (decay**ages)[None] * (q_pos >= 0)  # [B, w]
-    scores = torch.einsum("bhts,bt->bhs", probs, weights)
-    return group_mean(pool_scores(scores, kernel, pooling), chunk.keys.shape[1])
+    scores = torch.einsum("bhts,bt->bhs", probs, weights)  # [B, Hq, S]
+    hkv = chunk.keys.shape[1]
+    if kernel and kernel > 1:
+        groups = scores.shape[1] // hkv
+        last = chunk.q_pos.max(dim=1).values[:, None, None]
+        poolable = torch.isfinite(chunk.key_logw) & (chunk.key_pos <= last - w)
+        scores = pool_by_position(scores, chunk.key_pos.repeat_interleave(groups, dim=1),
+                                  poolable.repeat_interleave(groups, dim=1), kernel, pooling)
+    return group_mean(scores, hkv)
 
 
 def accumulated_scores(chunk: "PrefillChunk", decay: float = 1.0, normalise: bool = False) -> torch.Tensor:
@@ -72,6 +100,9 @@ def accumulated_scores(chunk: "PrefillChunk", decay: float = 1.0, normalise: boo
         # last_pos - pos_j + 1, at most the count of valid queries.
         last_pos = chunk.q_pos.max(dim=1).values[:, None, None]  # [B, 1, 1]
         n_valid = valid.sum(1)[:, None, None]
-        seen_by = torch.minimum((last_pos - chunk.key_pos + 1).float(), n_valid).clamp(min=1)
+        seen_by = torch.minimum((last_pos - chunk.key_pos + 1).float(), n_valid)
+        if chunk.window is not None:  # under a sliding window at most `window` queries see a key
+            seen_by = seen_by.clamp(max=chunk.window)
+        seen_by = seen_by.clamp(min=1)
         scores = scores / seen_by
     return scores

@@ -31,8 +31,7 @@ def keep_top(
     valid = torch.isfinite(chunk.key_logw)
     rank = rank.masked_fill(~valid, NEG_INF)
     n = min(slots.capacity, rank.shape[-1])
-    top = rank.topk(n, dim=-1)  # sorted by rank
-    idx = top.indices  # [B, Hkv, n]
+    idx = rank_order(rank, chunk.key_pos)[..., :n]  # [B, Hkv, n]
     slot_no = torch.arange(n, device=idx.device)
     kept = (slot_no[None, None, :] < keep[:, None, None]) & valid.gather(-1, idx)
     gather_d = idx[..., None].expand(*idx.shape, chunk.keys.shape[-1])
@@ -44,6 +43,15 @@ def keep_top(
         torch.where(kept, score.gather(-1, idx), 0.0),
         torch.where(kept, chunk.key_pos.gather(-1, idx), -1),
     )
+
+
+def rank_order(rank: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
+    """Candidate indices [B, Hkv, S] by descending rank; equal ranks (common with max-pooling, or zero
+    scores outside a sliding window) go to the newer position, so the choice never depends on where a
+    candidate sits (left padding, slot order)."""
+    by_pos = key_pos.argsort(dim=-1, descending=True, stable=True)
+    by_rank = rank.gather(-1, by_pos).argsort(dim=-1, descending=True, stable=True)
+    return by_pos.gather(-1, by_rank)
 
 
 def recent_mask(chunk: "PrefillChunk", recent: torch.Tensor | int) -> torch.Tensor:

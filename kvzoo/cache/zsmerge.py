@@ -35,7 +35,7 @@ import torch
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
 from kvzoo.cache.scoring import accumulated_scores, window_scores
-from kvzoo.cache.selection import argmin_where, kv_probs, recent_mask, slot_index
+from kvzoo.cache.selection import argmin_where, kv_probs, rank_order, recent_mask, slot_index
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
 from kvzoo.errors import KvzooError
 
@@ -153,16 +153,16 @@ class ZSMerge(CompressionMethod):
         # Context: the top-scored exact tokens outside the ring, into slots residual .. ring_start-1.
         ctx_rank = score.masked_fill(~(exact & ~in_ring), NEG_INF)
         n_ctx = min(s, slots.capacity)
-        top = ctx_rank.topk(n_ctx, dim=-1)
+        top = rank_order(ctx_rank, chunk.key_pos)[..., :n_ctx]
         rank = torch.arange(n_ctx, device=dev)[None, None, :]
-        ctx_kept = (rank < ring_start - residual) & torch.isfinite(top.values)
-        in_ctx = torch.zeros_like(valid).scatter(-1, top.indices, ctx_kept)
+        ctx_kept = (rank < ring_start - residual) & torch.isfinite(ctx_rank.gather(-1, top))
+        in_ctx = torch.zeros_like(valid).scatter(-1, top, ctx_kept)
         leftover = exact & ~in_ring & ~in_ctx
 
         # Target slot of every candidate; `dummy` (one past the end) swallows everything not kept verbatim.
         dummy = slots.capacity
         target = torch.full((b, hkv, s), dummy, device=dev)
-        target = target.scatter(-1, top.indices, torch.where(ctx_kept, residual + rank, dummy))
+        target = target.scatter(-1, top, torch.where(ctx_kept, residual + rank, dummy))
         target = torch.where(in_ring, ring_start + chunk.key_pos % proximity, target)
         target = torch.where(is_residual & valid, cand, target)
         group = self._residual_groups(chunk, leftover, is_residual, residual)
