@@ -45,13 +45,13 @@ def build_document(target_tokens: int, count_tokens, n_facts: int, seed: int = 0
     return text
 
 
-def _answer_batch(model, prompts: list[str], compression, max_new_tokens: int) -> tuple[list[str], GenerationOutput]:  # noqa: ANN001
+def _answer(model, prompt: str, compression, max_new_tokens: int) -> tuple[str, GenerationOutput]:  # noqa: ANN001
     from kvzoo.generate import generate_ids
 
     tok = model.require_tokenizer()
-    ids = [tok.encode(p, add_special_tokens=False) for p in prompts]
-    out = generate_ids(model, ids, max_new_tokens=max_new_tokens, compression=compression)
-    return [tok.decode(t).strip() for t in out.token_ids], out
+    out = generate_ids(model, tok.encode(prompt, add_special_tokens=False), max_new_tokens=max_new_tokens,
+                       compression=compression)
+    return tok.decode(out.token_ids[0]).strip(), out
 
 
 def run_demo(model: str | None = None, dtype: str | None = None, compression: str = "zsmerge:budget=0.05",
@@ -66,29 +66,24 @@ def run_demo(model: str | None = None, dtype: str | None = None, compression: st
     tok = m.require_tokenizer()
     questions = max(1, min(questions, len(FACTS)))
     doc = build_document(doc_tokens, lambda t: len(tok.encode(t, add_special_tokens=False)), questions)
-    prompts = []
-    for subject, _ in FACTS[:questions]:
-        user = f"{doc}\n\nAccording to the text above, what is {subject}? Answer with the value only."
-        prompts.append(tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True))
-    n_tokens = len(tok.encode(prompts[0], add_special_tokens=False))
     methods = [("full cache", kvzoo.FullCache()), (compression, parse_compression(compression))]
-    results = []
-    for name, method in methods:
-        log(f"[{name}] prefilling {questions} prompts of ~{n_tokens} tokens and answering ...")
-        t0 = time.perf_counter()
-        answers, out = _answer_batch(m, prompts, method, max_new_tokens)
-        results.append((name, answers, out, time.perf_counter() - t0))
-
-    print(f"\nDocument: {n_tokens} tokens with {questions} planted facts; model {m.config.family}, "
-          f"{sum(p.numel() for p in m.parameters()) / 1e6:.0f}M parameters\n")
+    print(f"A {len(tok.encode(doc, add_special_tokens=False))}-token document with {questions} planted facts; "
+          f"{type(m).__name__} with {sum(p.numel() for p in m.parameters()) / 1e6:.0f}M parameters.\n", flush=True)
+    totals = {name: [0, 0.0, 0.0, 0] for name, _ in methods}  # correct, prefill s, decode tok/s, cache bytes
     for q, (subject, value) in enumerate(FACTS[:questions]):
-        print(f"Q{q + 1}: what is {subject}?   (planted: {value})")
-        for name, answers, _, _ in results:
-            mark = "✓" if value.lower() in answers[q].lower() else "✗"
-            print(f"   {mark} {name:<24} {answers[q]!r}")
-    print()
-    print(f"{'':<26}{'KV cache':>12}{'correct':>9}{'prefill s':>11}{'decode tok/s':>14}")
-    for name, answers, out, _ in results:
-        correct = sum(v.lower() in a.lower() for (_, v), a in zip(FACTS, answers))
-        print(f"{name:<26}{out.cache.nbytes() / 2**20:>9.2f} MiB{correct:>6}/{questions}"
-              f"{out.prefill_seconds:>11.1f}{out.decode_tokens_per_second:>14.1f}")
+        user = f"{doc}\n\nAccording to the text above, what is {subject}? Answer with the value only."
+        prompt = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
+        print(f"Q{q + 1}: what is {subject}?   (planted: {value})", flush=True)
+        for name, method in methods:
+            answer, out = _answer(m, prompt, method, max_new_tokens)
+            correct = value.lower() in answer.lower()
+            stats = totals[name]
+            stats[0] += correct
+            stats[1] += out.prefill_seconds
+            stats[2] += out.decode_tokens_per_second
+            stats[3] = max(stats[3], out.cache.nbytes())
+            print(f"   {'✓' if correct else '✗'} {name:<24} {answer!r}", flush=True)
+    print(f"\n{'':<26}{'KV cache':>12}{'correct':>9}{'prefill s':>11}{'decode tok/s':>14}")
+    for name, (correct, prefill, tps, nbytes) in totals.items():
+        print(f"{name:<26}{nbytes / 2**20:>8.2f} MiB{correct:>6}/{questions}{prefill / questions:>11.1f}"
+              f"{tps / questions:>14.1f}")
