@@ -672,9 +672,13 @@ def test_smollm2_logits_match_transformers_gguf(smollm2, smollm2_reference):
     ref_model, ref_tok = smollm2_reference
     ours = transformers.LlamaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     prompts = ["The capital of France is", "def fibonacci(n):\n    return", "1, 2, 3, 4, 5, 6,"]
-    for prompt in prompts:
-        ids = torch.tensor([ref_tok(prompt)["input_ids"]])
-        torch.testing.assert_close(logits(ours, ids), logits(ref_model, ids), atol=1e-4, rtol=0)
+    # One right-padded batch: under causal attention the padding after a prompt cannot change its logits.
+    rows = [ref_tok(p)["input_ids"] for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    got, want = logits(ours, ids), logits(ref_model, ids)
+    for b, r in enumerate(rows):
+        torch.testing.assert_close(got[b, : len(r)], want[b, : len(r)], atol=1e-4, rtol=0)
 
 
 def test_smollm2_tokenizer_matches_transformers_gguf(smollm2, smollm2_reference):
