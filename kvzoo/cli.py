@@ -120,8 +120,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     convert = convert_gguf if args.format == "gguf" else convert_meta
     t0 = time.perf_counter()
-    out = convert(args.source, args.out_dir, force=args.force)
-    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    out = convert(args.source, args.out_dir, force=args.force, progress=not args.quiet)
+    if not args.quiet:
+        print(f"converted in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(out)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -160,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", type=Path)
     p.add_argument("out_dir", type=Path)
     p.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="answer questions about a long document, full cache vs compressed")

@@ -513,9 +513,9 @@ def test_convert_tools(tmp_path, tiny_gguf, capsys):
     assert tool.main([str(tiny_gguf), str(tmp_path / "o"), "--quiet"]) == 0
     assert (tmp_path / "o" / "config.json").is_file()
     capsys.readouterr()
-    assert tool.main([str(tiny_gguf), str(tmp_path / "o")]) == 1
+    assert tool.main([str(tiny_gguf), str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "already exists" in err
+    assert err.startswith("kvzoo: error: ") and "already exists" in err
     assert tool.main([str(tiny_gguf), str(tmp_path / "o"), "--force", "--quiet"]) == 0
 
     source = build_hf_model("llama-gqa", seed=5)
@@ -523,7 +523,7 @@ def test_convert_tools(tmp_path, tiny_gguf, capsys):
     meta_tool = _load_tool("convert_meta")
     assert meta_tool.main([str(ckpt), str(tmp_path / "m"), "--quiet"]) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
-    assert meta_tool.main([str(tmp_path / "missing"), str(tmp_path / "m2")]) == 1
+    assert meta_tool.main([str(tmp_path / "missing"), str(tmp_path / "m2")]) == 2
     assert "checkpoint directory not found" in capsys.readouterr().err
 
 
