@@ -99,8 +99,12 @@ def cmd_info(args: argparse.Namespace) -> None:
     dtype = next(model.parameters()).dtype
     n_params = sum(p.numel() for p in model.parameters())
     print(f"family: {cfg.family} ({type(model).__name__})")
+    falcon_only = {"falcon_layout", "parallel_attn", "num_ln_in_parallel_attn", "bias"}
+    hidden = {"family"} | ({"attention_bias", "mlp_bias", "sliding_window"} if cfg.family == "falcon" else falcon_only)
+    if cfg.family == "llama":
+        hidden.add("sliding_window")
     for key, value in cfg.to_dict().items():
-        if value not in ("", None) or key == "sliding_window":
+        if key not in hidden:
             print(f"  {key}: {value}")
     print(f"parameters: {n_params:,} ({n_params * dtype.itemsize / 2**20:.1f} MiB in {str(dtype).replace('torch.', '')})")
     per_token = cfg.kv_bytes_per_token(dtype.itemsize)
