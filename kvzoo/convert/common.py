@@ -276,3 +276,51 @@ class ProgressBar:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def llama_family_config(
+    *,
+    mistral: bool,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    norm_eps: float,
+    rope_theta: float,
+    context: int,
+    vocab_size: int,
+    tied: bool,
+    sliding_window: int | None = None,
+    attention_bias: bool = False,
+    mlp_bias: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    """config.json of a LlamaForCausalLM / MistralForCausalLM checkpoint, as transformers writes it."""
+    config: dict[str, Any] = {
+        "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
+        "model_type": "mistral" if mistral else "llama",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": norm_eps,
+        "rope_theta": rope_theta,
+        "max_position_embeddings": context,
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": tied,
+        "initializer_range": 0.02,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        **extra,
+    }
+    if mistral:
+        config["sliding_window"] = sliding_window
+    else:
+        config["attention_bias"] = attention_bias
+        config["mlp_bias"] = mlp_bias
+    return config

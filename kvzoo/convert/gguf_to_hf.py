@@ -34,6 +34,7 @@ from kvzoo.convert.common import (
     ShardedSafetensorsWriter,
     check_out_dir,
     interleaved_to_half,
+    llama_family_config,
     staged_output_dir,
     write_json,
 )
@@ -421,32 +422,24 @@ def _llama_plan(meta: _Metadata, tensors: dict[str, Any]) -> _Plan:
         expected["output.weight"] = (vocab_size, hidden)
     _check_shapes(path, tensors, expected)
 
-    config: dict[str, Any] = {
-        "architectures": ["MistralForCausalLM" if is_mistral else "LlamaForCausalLM"],
-        "model_type": "mistral" if is_mistral else "llama",
-        "hidden_size": hidden,
-        "intermediate_size": intermediate,
-        "num_hidden_layers": n_layers,
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": meta.float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
-        "rope_theta": meta.float(f"{arch}.rope.freq_base", 10000.0),
-        "rope_scaling": _rope_scaling(meta, arch),
-        "max_position_embeddings": meta.int(f"{arch}.context_length", 4096),
-        "vocab_size": vocab_size,
-        "tie_word_embeddings": tied,
-        "initializer_range": 0.02,
-        "attention_dropout": 0.0,
-        "use_cache": True,
-    }
-    if is_mistral:
-        config["sliding_window"] = meta.int(f"{arch}.attention.sliding_window", None)
-    else:
-        config["attention_bias"] = bool(attn_bias)
-        config["mlp_bias"] = bool(mlp_bias)
-    plan.config = config
+    plan.config = llama_family_config(
+        mistral=is_mistral,
+        hidden=hidden,
+        intermediate=intermediate,
+        layers=n_layers,
+        heads=n_heads,
+        kv_heads=n_kv,
+        head_dim=head_dim,
+        norm_eps=meta.float(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=meta.float(f"{arch}.rope.freq_base", 10000.0),
+        context=meta.int(f"{arch}.context_length", 4096),
+        vocab_size=vocab_size,
+        tied=tied,
+        sliding_window=meta.int(f"{arch}.attention.sliding_window", None) if is_mistral else None,
+        attention_bias=bool(attn_bias),
+        mlp_bias=bool(mlp_bias),
+        rope_scaling=_rope_scaling(meta, arch),
+    )
     return plan
 
 

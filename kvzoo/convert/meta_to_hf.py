@@ -26,6 +26,7 @@ from kvzoo.convert.common import (
     check_out_dir,
     dtype_name,
     interleaved_to_half,
+    llama_family_config,
     staged_output_dir,
     write_json,
 )
@@ -202,33 +203,24 @@ def convert_meta(ckpt_dir: str | Path, out_dir: str | Path, force: bool = False,
     }
 
     is_mistral = "sliding_window" in params
-    config: dict[str, Any] = {
-        "architectures": ["MistralForCausalLM" if is_mistral else "LlamaForCausalLM"],
-        "model_type": "mistral" if is_mistral else "llama",
-        "hidden_size": dim,
-        "intermediate_size": intermediate,
-        "num_hidden_layers": n_layers,
-        "num_attention_heads": n_heads,
-        "num_key_value_heads": n_kv,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": float(params.get("norm_eps", 1e-5)),
-        "rope_theta": float(params.get("rope_theta", 10000.0)),
-        "max_position_embeddings": int(params.get("max_seq_len") or (32768 if is_mistral else 4096)),
-        "vocab_size": vocab_size,
-        "tie_word_embeddings": tied,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "initializer_range": 0.02,
-        "attention_dropout": 0.0,
-        "use_cache": True,
-        "torch_dtype": dtype_name(dtype),
-    }
-    if is_mistral:
-        config["sliding_window"] = params["sliding_window"]
-    else:
-        config["attention_bias"] = False
-        config["mlp_bias"] = False
+    config = llama_family_config(
+        mistral=is_mistral,
+        hidden=dim,
+        intermediate=intermediate,
+        layers=n_layers,
+        heads=n_heads,
+        kv_heads=n_kv,
+        head_dim=head_dim,
+        norm_eps=float(params.get("norm_eps", 1e-5)),
+        rope_theta=float(params.get("rope_theta", 10000.0)),
+        context=int(params.get("max_seq_len") or (32768 if is_mistral else 4096)),
+        vocab_size=vocab_size,
+        tied=tied,
+        sliding_window=params.get("sliding_window"),
+        bos_token_id=1,
+        eos_token_id=2,
+        torch_dtype=dtype_name(dtype),
+    )
 
     tokenizer_model = _find_tokenizer(ckpt_dir)
     n_tensors = 2 + (0 if tied else 1) + n_layers * len(_LAYER_KEYS)
