@@ -63,3 +63,26 @@ def test_every_command_has_help(command, capsys):
         build_parser().parse_args([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: kvzoo " + command in capsys.readouterr().out
+
+
+def test_demo_runs_end_to_end_on_a_short_document(default_model_dir, capsys):
+    """The `make demo` code path, shrunk: a ~300-token document, one question, both methods side by side."""
+    from kvzoo.demo import FACTS, run_demo
+
+    run_demo(compression="zsmerge:budget=0.2", questions=1, doc_tokens=300, max_new_tokens=4)
+    out = capsys.readouterr().out
+    assert f"(planted: {FACTS[0][1]})" in out
+    assert "full cache" in out and "zsmerge:budget=0.2" in out
+    assert "MiB" in out and "decode tok/s" in out
+
+
+def test_demo_document_plants_every_fact_within_the_token_target(default_model_dir):
+    import kvzoo
+    from kvzoo.demo import FACTS, build_document
+
+    tok = kvzoo.load(default_model_dir).require_tokenizer()
+    count = lambda t: len(tok.encode(t, add_special_tokens=False))  # noqa: E731
+    doc = build_document(2000, count, 3)
+    assert 1800 <= count(doc) <= 2000
+    for subject, value in FACTS[:3]:
+        assert doc.count(f"{subject} is {value}.") == 1
