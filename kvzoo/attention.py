@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvzoo.cache.slots import KVCache, LayerSlots
+from kvzoo.cache.slots import KVCache, LayerSlots, attention_bias
 from kvzoo_kernels.attention import causal_attention, decode_attention, prefill_attention
 
 
@@ -33,8 +33,7 @@ class PrefillChunk:
 
     @property
     def key_bias(self) -> torch.Tensor:
-        # Selecting -inf explicitly: with alpha = 0, 0 * -inf would be NaN.
-        return torch.where(torch.isfinite(self.key_logw), self.alpha * self.key_logw, float("-inf"))
+        return attention_bias(self.key_logw, self.alpha)
 
 
 @dataclass

@@ -172,32 +172,34 @@ def stream_ids(
     for start in range(0, ids.shape[1], chunk):
         logits = model(ids[:, start:start + chunk], positions[:, start:start + chunk], cache=cache, last_only=True)
     compression.end_prefill(cache)
+    logits = logits[:, -1]  # [B, V]: the last prompt position predicts the first new token
     if out is not None:
         out.prefill_seconds = time.perf_counter() - started
         started = time.perf_counter()
     generator = sampling.generator(device)
     step = make_decode_step(model, compile)
     eos = torch.tensor(eos_token_ids or [-1], device=device)
-    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
+    done = [False] * len(prompt_ids)  # host-side: finished sequences
     next_pos = torch.tensor(lens, device=device)[:, None]
     for i in range(max_new_tokens):
-        token = sample_next(logits[:, -1] if logits.dim() == 3 else logits, sampling, generator)
-        is_eos = torch.isin(token, eos)
+        token = sample_next(logits, sampling, generator)
+        # One host transfer per step: the tokens and which of them are eos.
+        tokens, is_eos = torch.stack([token, torch.isin(token, eos).long()]).tolist()
         emitted: list[int | None] = []
-        for b, (t, d, e) in enumerate(zip(token.tolist(), done.tolist(), is_eos.tolist())):
-            if d or e:
+        for b, (t, e) in enumerate(zip(tokens, is_eos)):
+            if done[b] or e:
                 emitted.append(None)
-                if out is not None and e and not d:
+                if out is not None and e and not done[b]:
                     out.finish_reasons[b] = "eos"
+                done[b] = True
             else:
                 emitted.append(t)
                 if out is not None:
                     out.token_ids[b].append(t)
-        done |= is_eos
         if out is not None:
             out.decode_seconds = time.perf_counter() - started
         yield emitted
-        if bool(done.all()) or i == max_new_tokens - 1:
+        if all(done) or i == max_new_tokens - 1:
             return
         logits = step(token[:, None], next_pos, cache)
         next_pos = next_pos + 1

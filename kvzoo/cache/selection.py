@@ -74,6 +74,12 @@ def free_slot(slots: LayerSlots) -> tuple[torch.Tensor, torch.Tensor]:
     return usable.any(-1), usable.to(torch.int8).argmax(-1)
 
 
+def where_rows(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.where with a per-(batch, head) mask [B, Hkv] broadcast over any trailing dims of a and b
+    (for choosing between whole slot contents: keys [B, Hkv, D], counts [B, Hkv], ...)."""
+    return torch.where(mask.reshape(mask.shape + (1,) * (a.dim() - mask.dim())), a, b)
+
+
 def argmin_where(values: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Index of the smallest value among allowed entries, along the last axis."""
     return values.masked_fill(~allowed, float("inf")).argmin(-1)

@@ -14,6 +14,15 @@ import torch
 NEG_INF = float("-inf")
 
 
+def attention_bias(logw: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Additive attention bias of slots or candidates: alpha * logw where filled, -inf where empty.
+
+    Empties are selected explicitly: with alpha = 0, 0 * -inf would be NaN.
+    """
+    filled = torch.isfinite(logw)
+    return torch.where(filled, alpha * torch.where(filled, logw, 0.0), NEG_INF)
+
+
 @dataclass
 class LayerSlots:
     k: torch.Tensor  # [B, Hkv, C, D] post-RoPE keys (a merged slot: the count-weighted mean of its members)
@@ -62,12 +71,8 @@ class LayerSlots:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def slot_bias(self, alpha: float) -> torch.Tensor:
-        """[B, Hkv, C] additive attention bias: alpha * logw for filled slots, -inf for empty ones.
-
-        Empties are masked explicitly: with alpha = 0, 0 * -inf would be NaN.
-        """
-        filled = self.filled
-        return torch.where(filled, alpha * torch.where(filled, self.logw, 0.0), NEG_INF)
+        """[B, Hkv, C] additive attention bias of the slots (see `attention_bias`)."""
+        return attention_bias(self.logw, alpha)
 
     def write(
         self,

@@ -10,7 +10,7 @@ import torch
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget
 from kvzoo.cache.scoring import window_scores
-from kvzoo.cache.selection import argmin_where, free_slot, keep_top
+from kvzoo.cache.selection import argmin_where, free_slot, keep_top, where_rows
 from kvzoo.cache.slots import LayerSlots
 
 if TYPE_CHECKING:
@@ -54,9 +54,4 @@ class TOVA(CompressionMethod):
         drop_new = ~has_free & (new_p < lowest_score)
         new = (k_new, v_new, torch.zeros_like(new_p), new_p, pos_new[:, None].expand(b, hkv))
         old = slots.read(target)
-        slots.write(target, *(torch.where(_trailing(drop_new, n), o, n) for n, o in zip(new, old)))
-
-
-def _trailing(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """mask [B, Hkv] viewed to broadcast against `like` [B, Hkv, ...]."""
-    return mask.reshape(mask.shape + (1,) * (like.dim() - mask.dim()))
+        slots.write(target, *(where_rows(drop_new, o, n) for n, o in zip(new, old)))

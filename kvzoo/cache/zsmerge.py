@@ -35,7 +35,7 @@ import torch
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
 from kvzoo.cache.scoring import accumulated_scores, window_scores
-from kvzoo.cache.selection import argmin_where, kv_probs, rank_order, recent_mask, slot_index
+from kvzoo.cache.selection import argmin_where, kv_probs, rank_order, recent_mask, slot_index, where_rows
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
 from kvzoo.errors import KvzooError
 
@@ -280,14 +280,14 @@ class ZSMerge(CompressionMethod):
 
         # Merge (cache full): the lowest-scored of context ∪ {leaving} goes into a residual slot.
         do_merge = leaving_valid & ~has_free
-        merge_src = tuple(_where(leaving_is_weakest, a, c) for a, c in zip(leaving, weakest_tok))
+        merge_src = tuple(where_rows(leaving_is_weakest, a, c) for a, c in zip(leaving, weakest_tok))
         self._merge_into_residual(slots, merge_src, do_merge, idx < residual)
 
         # Place the leaving token: a free context slot, or the slot of the weakest token just merged.
         do_place = leaving_valid & (has_free | ~leaving_is_weakest)
         place_at = torch.where(has_free, first_free, weakest)
         current = slots.read(place_at)
-        slots.write(place_at, *(_where(do_place, new, old) for new, old in zip(leaving, current)))
+        slots.write(place_at, *(where_rows(do_place, new, old) for new, old in zip(leaving, current)))
 
     def _merge_into_residual(self, slots: LayerSlots, src: tuple[torch.Tensor, ...], do_merge: torch.Tensor,
                              is_residual: torch.Tensor) -> None:
@@ -309,10 +309,5 @@ class ZSMerge(CompressionMethod):
         else:
             score = score_r + score_s
         merged = (k, v, w.log(), score, torch.maximum(pos_r, pos_s))
-        slots.write(r, *(_where(do_merge, new, old) for new, old in zip(merged, (k_r, v_r, logw_r, score_r, pos_r))))
-
-
-def _where(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """torch.where with a [B, Hkv] mask broadcast over any trailing dims of a and b."""
-    return torch.where(mask.reshape(mask.shape + (1,) * (a.dim() - mask.dim())), a, b)
+        slots.write(r, *(where_rows(do_merge, new, old) for new, old in zip(merged, (k_r, v_r, logw_r, score_r, pos_r))))
 
