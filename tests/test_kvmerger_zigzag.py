@@ -373,7 +373,7 @@ def test_fixed_epsilon_above_one_keeps_the_full_cache_contents(run):
 @pytest.mark.parametrize("name", MODELS)
 def test_kvmerger_sizes_are_exact_and_memory_shrinks(run, name):
     lens = (41, 26)
-    for method in (KVMerger(), KVMerger(budget=0.3, skip_layers=(-1,), value_scale="none", alpha=1.0)):
+    for method in (KVMerger(), KVMerger.paper(budget=0.3, skip_layers=(-1,))):
         out = run(name, 1, lens, method)
         cache, skipped = out.cache, method.skipped(NUM_LAYERS)
         filled = cache.filled_slots()  # [L, B, Hkv]: the compressed prompt + NEW - 1 appended tokens
