@@ -120,6 +120,13 @@ class CausalLM(nn.Module):
 
         return chat(self, messages, max_new_tokens=max_new_tokens, **kwargs)
 
+    def score(self, context: str | list[int], continuation: str | list[int], **kwargs: Any) -> torch.Tensor:
+        """Per-token log-probabilities of `continuation` given `context` compressed by `compression=`;
+        see `kvzoo.likelihood.score`."""
+        from kvzoo.likelihood import score
+
+        return score(self, context, continuation, **kwargs)
+
     def require_tokenizer(self) -> "Tokenizer":
         if self.tokenizer is None:
             from kvzoo.errors import KvzooError

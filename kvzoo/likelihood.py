@@ -1,0 +1,112 @@
+"""Scoring a continuation under a compressed context: per-token log-probabilities, teacher-forced through
+decode steps (so decode-time methods keep compressing while the continuation is fed, exactly as they would
+while generating it).
+
+With FullCache the result equals the log-softmax of one plain forward over context + continuation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvzoo.cache.base import CompressionMethod
+from kvzoo.cache.full import FullCache
+from kvzoo.cache.slots import KVCache
+from kvzoo.errors import KvzooError
+from kvzoo.generate import DecodeStep, _check_request, _pad_id, left_pad, make_decode_step
+
+if TYPE_CHECKING:
+    from kvzoo.models.base import CausalLM
+
+TokensOrText = str | list[int]
+
+
+def prefill_cache(
+    model: "CausalLM", prompt_ids: list[list[int]], compression: CompressionMethod, headroom: int,
+    prefill_chunk: int | None = None,
+) -> tuple[KVCache, torch.Tensor]:
+    """Feed left-padded prompts into a fresh cache of `compression` with room for `headroom` decode steps.
+    Returns (cache, next-token logits [B, V] of each prompt's last position)."""
+    _check_request(model, prompt_ids, headroom, prefill_chunk)
+    param = next(model.parameters())
+    ids, positions = left_pad(prompt_ids, _pad_id(model), param.device)
+    cache = compression.make_cache(model.config, [len(p) for p in prompt_ids], headroom, param.dtype, param.device)
+    chunk = prefill_chunk or ids.shape[1]
+    for start in range(0, ids.shape[1], chunk):
+        logits = model(ids[:, start:start + chunk], positions[:, start:start + chunk], cache=cache, last_only=True)
+    compression.end_prefill(cache)
+    return cache, logits[:, -1]
+
+
+def teacher_force(
+    step: DecodeStep, cache: KVCache, logits: torch.Tensor, tokens: torch.Tensor, start_pos: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed tokens [B, N] as N decode steps after `logits` [B, V] (the prediction for tokens[:, 0]).
+
+    start_pos: [B] position of tokens[:, 0]. Returns (log-probabilities [B, N] fp32 of each fed token,
+    logits [B, V] after the last one: the prediction for what follows)."""
+    n = tokens.shape[1]
+    logprobs = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
+    for i in range(n):
+        logprobs[:, i] = logits.float().log_softmax(-1).gather(-1, tokens[:, i:i + 1])[:, 0]
+        logits = step(tokens[:, i:i + 1], (start_pos + i)[:, None], cache)
+    return logprobs, logits
+
+
+@torch.inference_mode()
+def score_ids(
+    model: "CausalLM",
+    contexts: list[list[int]],
+    continuations: list[list[int]],
+    compression: CompressionMethod | None = None,
+    prefill_chunk: int | None = None,
+    compile: bool = False,
+) -> list[torch.Tensor]:
+    """Log-probabilities (fp32, one per continuation token) of each continuation given its context,
+    compressed by `compression`. Batched: contexts are left-padded, shorter continuations are padded at the
+    end (their padding steps are not scored)."""
+    if len(contexts) != len(continuations):
+        raise KvzooError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+    if not all(continuations):
+        raise KvzooError("every continuation needs at least one token")
+    n = max(len(c) for c in continuations)
+    compression = compression or FullCache()
+    # n - 1 decode steps: the first continuation token is predicted by the prefill.
+    cache, logits = prefill_cache(model, contexts, compression, n - 1, prefill_chunk)
+    device = logits.device
+    tokens = torch.tensor([c + [c[-1]] * (n - len(c)) for c in continuations], device=device)
+    start = torch.tensor([len(c) for c in contexts], device=device)
+    step = make_decode_step(model, compile)
+    # The last token is only scored, never fed: feed n - 1 tokens, score the n-th from the final logits.
+    logprobs, logits = teacher_force(step, cache, logits, tokens[:, :-1], start)
+    last = logits.float().log_softmax(-1).gather(-1, tokens[:, -1:])
+    logprobs = torch.cat([logprobs, last], dim=1)
+    return [logprobs[b, : len(c)].cpu() for b, c in enumerate(continuations)]
+
+
+def score(
+    model: "CausalLM",
+    context: TokensOrText,
+    continuation: TokensOrText,
+    compression: CompressionMethod | None = None,
+    prefill_chunk: int | None = None,
+    compile: bool = False,
+) -> torch.Tensor:
+    """Log-probabilities [N] of `continuation` (text or ids) given `context` (text or ids) compressed by
+    `compression`. Text is tokenized separately: the context with the tokenizer's special tokens, the
+    continuation without them."""
+    context_ids = _as_ids(model, context, add_special_tokens=True, what="context")
+    continuation_ids = _as_ids(model, continuation, add_special_tokens=False, what="continuation")
+    return score_ids(model, [context_ids], [continuation_ids], compression, prefill_chunk, compile)[0]
+
+
+def _as_ids(model: "CausalLM", x: TokensOrText, add_special_tokens: bool, what: str) -> list[int]:
+    if isinstance(x, str):
+        if not x:
+            raise KvzooError(f"empty {what}: give some text or token ids")
+        return model.require_tokenizer().encode(x, add_special_tokens=add_special_tokens)
+    if not isinstance(x, (list, tuple)) or not x or not all(isinstance(t, int) for t in x):
+        raise KvzooError(f"{what} must be a non-empty string or list of token ids, got {type(x).__name__}")
+    return list(x)
