@@ -1,4 +1,4 @@
-"""The `kvzoo` command: generate, chat, info, convert, demo."""
+"""The `kvzoo` command: generate, chat, info, convert, demo, eval, bench."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ def _load_model(model: str | None, dtype: str | None):  # noqa: ANN202 - returns
 
     path = model if model is not None else ensure_default_model(progress=True)
     return kvzoo.load(path, dtype=dtype)
+
+
+def load_model_for_args(args: argparse.Namespace):  # noqa: ANN201 - returns a CausalLM
+    """The model named by a command's --model / --dtype options (the default model when none)."""
+    return _load_model(args.model, args.dtype)
 
 
 def _compression(spec: str | None):  # noqa: ANN202 - CompressionMethod | None
@@ -174,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", default="zsmerge:budget=0.05", metavar="SPEC")
     p.add_argument("--questions", type=int, default=4, help="how many planted facts to ask about")
     p.set_defaults(func=cmd_demo)
+
+    from kvzoo.eval.bench import add_bench_parser
+    from kvzoo.eval.command import add_eval_parser
+
+    add_eval_parser(sub, _add_model_args)
+    add_bench_parser(sub, _add_model_args)
     return parser
 
 

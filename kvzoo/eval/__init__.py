@@ -1,0 +1,1 @@
+"""Measurement: quality under compression (`kvzoo eval`) and speed / memory (`kvzoo bench`)."""

@@ -1,0 +1,291 @@
+"""`kvzoo eval`: run methods x budgets over the tasks, each instance also with the full cache.
+
+Instances of a task are batched (left padding keeps every sequence's own positions); one exact prefill
+feeds the caches of several methods at once (`fanout`), grouped so their cache tensors stay under a
+memory cap; then each method's cache is decoded on its own (teacher-forced, or greedy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvzoo.cache.base import CompressionMethod
+from kvzoo.cache.full import FullCache
+from kvzoo.cache.registry import parse_compression
+from kvzoo.cache.slots import KVCache
+from kvzoo.convert.common import ProgressBar
+from kvzoo.errors import KvzooError
+from kvzoo.eval import tasks as T
+from kvzoo.eval.fanout import fanout_prefill
+from kvzoo.eval.metrics import first_number, leading_match
+from kvzoo.generate import make_decode_step
+from kvzoo.likelihood import teacher_force
+
+if TYPE_CHECKING:
+    from kvzoo.models.base import CausalLM
+
+DEFAULT_METHODS = ("full", "streamingllm", "h2o", "tova", "snapkv", "pyramidkv", "zsmerge", "kvmerger", "zigzag")
+DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.5)
+ANSWER_TOKENS = 10  # greedy tokens read for a needle answer (" 48213." is at most 7 tokens)
+
+
+@dataclass
+class EvalConfig:
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # names or spec strings
+    budgets: list[float] = field(default_factory=lambda: list(DEFAULT_BUDGETS))
+    tasks: list[str] = field(default_factory=lambda: list(T.TASKS))
+    n: int = 8  # nll / agreement instances
+    seed: int = 0
+    context_len: int = 3072
+    continuation_len: int = 256
+    agreement_tokens: int = 64
+    needle_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    needle_depths: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    needle_repeats: int = 2  # instances per (kind, length, depth): 2 kinds x 2 x 6 x 2 = 48 by default
+    batch_size: int = 4
+    memory_cap_gib: float = 3.0  # cache tensors held at once during a fan-out prefill
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in T.TASKS]
+        if unknown:
+            raise KvzooError(f"unknown task {unknown[0]!r}; choose from {', '.join(T.TASKS)}")
+        for b in self.budgets:
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1:
+                raise KvzooError(f"budget {b!r} is out of range: give ratios of the prompt in (0, 1)")
+        for name in ("n", "context_len", "continuation_len", "agreement_tokens", "needle_repeats", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise KvzooError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MethodCase:
+    """One column of the results: a method at a budget (the full cache has none)."""
+
+    label: str  # e.g. "zsmerge" or "zsmerge:window_size=none"
+    budget: float | None
+    method: CompressionMethod
+
+
+def method_cases(specs: list[str], budgets: list[float]) -> list[MethodCase]:
+    """The full cache once, then every other spec at every budget (its `budget` field replaced)."""
+    cases = [MethodCase("full", None, FullCache())]
+    for spec in specs:
+        method = parse_compression(spec)
+        if isinstance(method, FullCache):
+            continue
+        if not any(f.name == "budget" for f in dataclasses.fields(method)):  # type: ignore[arg-type]
+            raise KvzooError(f"method {spec!r} has no budget to vary")
+        for b in budgets:
+            cases.append(MethodCase(spec, b, dataclasses.replace(method, budget=b)))  # type: ignore[type-var]
+    return cases
+
+
+def groups_under_cap(model: "CausalLM", cases: list[MethodCase], lens: list[int], headroom: int,
+                     cap_bytes: float) -> Iterator[list[MethodCase]]:
+    """Consecutive groups of cases whose caches together fit under cap_bytes (at least one per group)."""
+    param = next(model.parameters())
+    group: list[MethodCase] = []
+    used = 0
+    for case in cases:
+        size = case.method.make_cache(model.config, lens, headroom, param.dtype, "meta").nbytes()
+        if group and used + size > cap_bytes:
+            yield group
+            group, used = [], 0
+        group.append(case)
+        used += size
+    if group:
+        yield group
+
+
+def kept_fraction(cache: KVCache, prompt_lens: list[int]) -> float:
+    """Mean over layers and sequences of (filled slots per KV head) / prompt length, right after prefill."""
+    filled = cache.filled_slots().float().mean(-1)  # [L, B]
+    return float((filled / torch.tensor(prompt_lens, dtype=torch.float32)).mean())
+
+
+def greedy(model: "CausalLM", cache: KVCache, logits: torch.Tensor, start_pos: torch.Tensor, n: int) -> torch.Tensor:
+    """n greedy tokens [B, n] after `logits` (the first one is argmax(logits)); start_pos [B]."""
+    step = make_decode_step(model, compile=False)
+    tokens = [logits.argmax(-1)]
+    for i in range(n - 1):
+        logits = step(tokens[-1][:, None], (start_pos + i)[:, None], cache)
+        tokens.append(logits.argmax(-1))
+    return torch.stack(tokens, dim=1)
+
+
+@dataclass
+class Record:
+    """One instance of one task under one case."""
+
+    task: str
+    label: str
+    budget: float | None
+    instance: int
+    values: dict[str, float]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Runner:
+    """Runs the tasks; `records` grows as cells finish (so an interrupted run keeps what finished)."""
+
+    def __init__(self, model: "CausalLM", config: EvalConfig, corpus: list[int], progress: bool = True) -> None:
+        self.model, self.config, self.corpus, self.progress = model, config, corpus, progress
+        self.cases = method_cases(config.methods, config.budgets)
+        self.records: list[Record] = []
+
+    # --- shared machinery ---------------------------------------------------------------------------
+    def _batches(self, items: list[Any]) -> Iterator[tuple[int, list[Any]]]:
+        size = self.config.batch_size
+        for start in range(0, len(items), size):
+            yield start, items[start:start + size]
+
+    def _prefilled(self, prompts: list[list[int]], headroom: int) -> Iterator[tuple[MethodCase, KVCache, torch.Tensor]]:
+        """(case, cache, next-token logits) for every case, fanning one prefill out to groups of cases."""
+        lens = [len(p) for p in prompts]
+        cap = self.config.memory_cap_gib * 2**30
+        for group in groups_under_cap(self.model, self.cases, lens, headroom, cap):
+            caches, logits = fanout_prefill(self.model, prompts, [c.method for c in group], headroom)
+            for case, cache in zip(group, caches):
+                yield case, cache, logits
+
+    def _add(self, task: str, case: MethodCase, first: int, values: dict[str, list[float]], **info: Any) -> None:
+        for i in range(len(next(iter(values.values())))):
+            self.records.append(Record(task, case.label, case.budget, first + i,
+                                       {k: v[i] for k, v in values.items()}, dict(info)))
+
+    def run(self) -> list[Record]:
+        cfg = self.config
+        jobs: list[tuple[str, Callable[[ProgressBar], None], int]] = []
+        text = None
+        if "nll" in cfg.tasks or "agreement" in cfg.tasks:
+            text = T.text_instances(self.corpus, cfg.n, cfg.context_len, cfg.continuation_len, cfg.seed)
+        if "nll" in cfg.tasks:
+            jobs.append(("nll", lambda bar: self._nll(text, bar), math.ceil(cfg.n / cfg.batch_size)))
+        if "agreement" in cfg.tasks:
+            jobs.append(("agreement", lambda bar: self._agreement(text, bar), math.ceil(cfg.n / cfg.batch_size)))
+        if "needle" in cfg.tasks:
+            needles = self._needles()
+            jobs.append(("needle", lambda bar: self._needle(needles, bar), 2 * len(self._needle_batches(needles))))
+        for name, job, steps in jobs:
+            bar = ProgressBar(steps * len(self.cases), f"eval {name}", enabled=self.progress)
+            try:
+                job(bar)
+            finally:
+                bar.close()
+        return self.records
+
+    # --- nll ----------------------------------------------------------------------------------------
+    def _nll(self, instances: list[T.TextInstance], bar: ProgressBar) -> None:
+        for first, batch in self._batches(instances):
+            cont = torch.tensor([x.continuation for x in batch])
+            start = torch.tensor([len(x.context) for x in batch])
+            step = make_decode_step(self.model, compile=False)
+            for case, cache, logits in self._prefilled([x.context for x in batch], cont.shape[1] - 1):
+                kept = kept_fraction(cache, [len(x.context) for x in batch])
+                with torch.inference_mode():
+                    logp, last = teacher_force(step, cache, logits, cont[:, :-1], start)
+                    logp = torch.cat([logp, last.float().log_softmax(-1).gather(-1, cont[:, -1:])], dim=1)
+                self._add("nll", case, first, {"nll": (-logp.mean(1)).tolist()}, kept=kept)
+                bar.update(note=case.label)
+
+    # --- agreement ------------------------------------------------------------------------------------
+    def _agreement(self, instances: list[T.TextInstance], bar: ProgressBar) -> None:
+        n = self.config.agreement_tokens
+        for first, batch in self._batches(instances):
+            start = torch.tensor([len(x.context) for x in batch])
+            reference: torch.Tensor | None = None
+            for case, cache, logits in self._prefilled([x.context for x in batch], n):
+                with torch.inference_mode():
+                    tokens = greedy(self.model, cache, logits, start, n)
+                if reference is None:  # the full cache is always the first case
+                    reference = tokens
+                same = (tokens == reference).float().mean(1)
+                self._add("agreement", case, first, {"agreement": same.tolist()})
+                bar.update(note=case.label)
+
+    # --- needle ------------------------------------------------------------------------------------------
+    def _needles(self) -> list[T.NeedleInstance]:
+        cfg = self.config
+        tok = self.model.require_tokenizer()
+        out = []
+        for r in range(cfg.needle_repeats):
+            out += T.needle_instances(tok, self.corpus, cfg.needle_lengths, cfg.needle_depths, T.NEEDLE_KINDS,
+                                      seed=cfg.seed * 1000 + r)
+        return out
+
+    def _needle_batches(self, needles: list[T.NeedleInstance]) -> list[list[int]]:
+        """Indices batched by (length, question length): questions are fed in lockstep when query-agnostic."""
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, x in enumerate(needles):
+            by_shape.setdefault((x.length, len(x.question)), []).append(i)
+        size = self.config.batch_size
+        return [ids[s:s + size] for ids in by_shape.values() for s in range(0, len(ids), size)]
+
+    def _needle(self, needles: list[T.NeedleInstance], bar: ProgressBar) -> None:
+        for index in self._needle_batches(needles):
+            batch = [needles[i] for i in index]
+            for layout in ("aware", "agnostic"):
+                prompts = [x.prompt if layout == "aware" else x.haystack for x in batch]
+                question = torch.tensor([x.question for x in batch])
+                headroom = ANSWER_TOKENS + (0 if layout == "aware" else question.shape[1])
+                for case, cache, logits in self._prefilled(prompts, headroom):
+                    start = torch.tensor([len(p) for p in prompts])
+                    with torch.inference_mode():
+                        if layout == "agnostic":
+                            step = make_decode_step(self.model, compile=False)
+                            _, logits = teacher_force(step, cache, logits, question, start)
+                            start = start + question.shape[1]
+                        answers = greedy(self.model, cache, logits, start, ANSWER_TOKENS)
+                    texts = [self.model.require_tokenizer().decode(a.tolist()) for a in answers]
+                    for i, x, text in zip(index, batch, texts):
+                        got = first_number(text)
+                        self.records.append(Record(
+                            f"needle-{layout}", case.label, case.budget, i,
+                            {"exact": float(got[:T.CODE_DIGITS] == x.answer), "partial": leading_match(got, x.answer)},
+                            {"kind": x.kind, "length": x.length, "depth": x.depth, "answer": x.answer,
+                             "output": text},
+                        ))
+                    bar.update(note=f"{layout} {case.label}")
+
+
+
+def run_longbench(runner: Runner, examples: dict[str, list[Any]], max_prompt: int) -> list[Record]:
+    """Greedy answers of every case for LongBench examples, scored with each task's metric."""
+    from kvzoo.eval import longbench
+    from kvzoo.generate import default_eos_ids
+
+    model = runner.model
+    tok = model.require_tokenizer()
+    eos = set(default_eos_ids(model))
+    total = sum(math.ceil(len(x) / runner.config.batch_size) for x in examples.values()) * len(runner.cases)
+    bar = ProgressBar(total, "eval longbench", enabled=runner.progress)
+    try:
+        for task, items in examples.items():
+            new_tokens = longbench.TASKS[task][1]
+            for first, batch in runner._batches(items):
+                prompts = [longbench.truncate_middle(tok.encode(x.prompt), max_prompt - new_tokens) for x in batch]
+                start = torch.tensor([len(p) for p in prompts])
+                for case, cache, logits in runner._prefilled(prompts, new_tokens):
+                    with torch.inference_mode():
+                        answers = greedy(model, cache, logits, start, new_tokens).tolist()
+                    texts = [tok.decode(_until_eos(a, eos)) for a in answers]
+                    scores = [longbench.score_prediction(x, t) for x, t in zip(batch, texts)]
+                    runner._add(f"longbench-{task}", case, first, {"score": scores})
+                    bar.update(note=f"{task} {case.label}")
+    finally:
+        bar.close()
+    return runner.records
+
+
+def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:i]
+    return tokens

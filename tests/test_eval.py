@@ -1,0 +1,215 @@
+"""kvzoo eval: metrics on hand-computed cases, instance builders, the fan-out prefill, result files and errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kvzoo
+from kvzoo.default_model import ensure_default_model
+from kvzoo.errors import KvzooError
+from kvzoo.eval import longbench, metrics, tasks
+from kvzoo.eval.fanout import fanout_prefill
+from kvzoo.eval.runner import EvalConfig, Runner, method_cases
+from kvzoo.eval.texts import builtin_corpus, read_source
+from kvzoo.likelihood import prefill_cache
+
+
+# --- metrics: hand-computed --------------------------------------------------------------------------------
+def test_leading_match_counts_characters_before_the_first_wrong_one():
+    assert metrics.leading_match("48213", "48213") == 1.0
+    assert metrics.leading_match("48299", "48213") == pytest.approx(0.6)
+    assert metrics.leading_match("", "48213") == 0.0
+    assert metrics.leading_match("9", "48213") == 0.0
+    assert metrics.first_number(" is 48213. Remember") == "48213"
+    assert metrics.first_number("no digits") == ""
+
+
+def test_token_f1_on_a_worked_case():
+    # normalised: pred "cat sat on mat" (4 words), gold "cat is on mat" (4): common cat, on, mat = 3
+    # precision 3/4, recall 3/4 -> F1 0.75
+    assert metrics.token_f1("The cat sat on the mat!", "a cat is on the mat") == pytest.approx(0.75)
+    assert metrics.token_f1("dog", "cat") == 0.0
+
+
+def test_rouge_l_on_a_worked_case():
+    # LCS of "a b c d e" and "a c e f" is "a c e" (3): P = 3/5, R = 3/4 -> F = 2 * 0.6 * 0.75 / 1.35
+    assert metrics.rouge_l("a b c d e", "a c e f") == pytest.approx(2 * 0.6 * 0.75 / 1.35)
+    assert metrics.rouge_l("x", "y") == 0.0
+
+
+def test_classification_and_edit_similarity():
+    classes = ["Location", "Person", "Number"]
+    assert metrics.classification_score("Type: Person", "Person", classes) == 1.0
+    assert metrics.classification_score("Person or Number", "Person", classes) == 0.5
+    assert metrics.classification_score("Location", "Person", classes) == 0.0
+    # "kitten" -> "sitting": Levenshtein distance 3, longer length 7
+    assert metrics.edit_similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7)
+    assert metrics.edit_similarity("# comment\nx = 1", "x = 1") == 1.0
+
+
+# --- instances -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model():
+    return kvzoo.load(ensure_default_model(progress=False))
+
+
+@pytest.fixture(scope="module")
+def corpus(model):
+    return model.require_tokenizer().encode(builtin_corpus()[:60000], add_special_tokens=False)
+
+
+def test_builtin_corpus_is_long_prose():
+    text = builtin_corpus()
+    assert len(text) > 200_000 and "    " not in text[:10_000]  # code blocks dropped
+
+
+def test_text_instances_are_seeded_windows_of_the_corpus():
+    corpus = list(range(1000))
+    a = tasks.text_instances(corpus, 4, 100, 20, seed=3)
+    assert a == tasks.text_instances(corpus, 4, 100, 20, seed=3)
+    assert a != tasks.text_instances(corpus, 4, 100, 20, seed=4)
+    for x in a:
+        assert x.context == corpus[x.offset:x.offset + 100] and x.continuation == corpus[x.offset + 100:x.offset + 120]
+    assert len({x.offset for x in a}) == 4 and all(x.offset % 120 == 0 for x in a)  # disjoint windows
+
+
+@pytest.mark.parametrize("kind", tasks.NEEDLE_KINDS)
+def test_needles_have_the_stated_length_and_depth(model, corpus, kind):
+    tok = model.require_tokenizer()
+    depths = [0.0, 0.25, 0.5, 1.0]
+    made = tasks.needle_instances(tok, corpus, [300, 700], depths, (kind,), seed=1)
+    assert made == tasks.needle_instances(tok, corpus, [300, 700], depths, (kind,), seed=1)
+    for x in made:
+        assert len(x.prompt) == x.length
+        end = "is the passkey." if kind == "passkey" else f"door is {x.answer}."
+        # The needle's extent, found from the decoded text: the fewest tokens from needle_start that hold it.
+        m = next(m for m in range(1, 40) if end in tok.decode(x.haystack[x.needle_start:x.needle_start + m]))
+        assert x.answer in tok.decode(x.haystack[x.needle_start:x.needle_start + m])
+        asked = tok.decode(x.question)
+        if kind == "passkey":
+            # depth = the fraction of the filler (the haystack without the needle) before the needle
+            assert x.needle_start == round(x.depth * (len(x.haystack) - m))
+            assert "passkey" in asked
+        else:
+            others = len(x.haystack) - m - (len(x.haystack) - 4 * m)  # up to 3 other needles of similar size
+            assert abs(x.needle_start - x.depth * len(x.haystack)) <= others + m + 1
+            door = tok.decode(x.haystack[x.needle_start:x.needle_start + m]).split(" door")[0].split()[-1]
+            assert f"the {door} door" in asked  # the question asks for the needle at `depth`
+
+
+def test_needle_codes_differ_between_seeds(model, corpus):
+    tok = model.require_tokenizer()
+    a = tasks.needle_instances(tok, corpus, [300], [0.5], ("passkey",), seed=1)[0]
+    b = tasks.needle_instances(tok, corpus, [300], [0.5], ("passkey",), seed=2)[0]
+    assert a.answer != b.answer and len(a.answer) == tasks.CODE_DIGITS
+
+
+# --- the fan-out prefill is exact --------------------------------------------------------------------------------
+def test_fanout_caches_equal_separate_prefills(tiny_checkpoint):
+    model = kvzoo.load(tiny_checkpoint("llama-gqa")[1])
+    prompts = [list(range(3, 103)), list(range(20, 100))]
+    cases = method_cases(["streamingllm", "h2o", "tova", "snapkv", "pyramidkv", "zsmerge", "kvmerger", "zigzag"],
+                         [0.5])
+    caches, logits = fanout_prefill(model, prompts, [c.method for c in cases], headroom=3)
+    for case, cache in zip(cases, caches):
+        alone, alone_logits = prefill_cache(model, prompts, case.method, headroom=3)
+        torch.testing.assert_close(logits, alone_logits)
+        for a, b in zip(alone.layers, cache.layers):
+            for x, y in zip(a.tensors(), b.tensors()):
+                assert torch.equal(x, y), case.label
+
+
+# --- the runner and its files --------------------------------------------------------------------------------
+def test_eval_command_writes_results_with_provenance(model, tmp_path, monkeypatch):
+    from kvzoo.cli import main
+
+    source = tmp_path / "text.txt"
+    source.write_text(builtin_corpus()[:20000])
+    out = tmp_path / "out"
+    argv = ["eval", "--methods", "streamingllm", "--budgets", "0.25", "--n", "2", "--context-len", "96",
+            "--continuation-len", "8", "--agreement-tokens", "6", "--needle-lengths", "160", "--needle-depths",
+            "0.5", "--needle-repeats", "1", "--source", str(source), "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["schema"] == 1 and result["kind"] == "eval"
+    assert {"commit", "command", "versions", "cpu", "threads", "dtype"} <= set(result["provenance"])
+    cells = {(r["task"], r["method"], r["budget"]) for r in result["summary"]}
+    for task in ("nll", "agreement", "needle-aware", "needle-agnostic"):
+        assert (task, "full", None) in cells and (task, "streamingllm", 0.25) in cells
+    full_agreement = next(r for r in result["summary"] if r["task"] == "agreement" and r["method"] == "full")
+    assert full_agreement["agreement"] == 1.0
+    nll = {r["method"]: r for r in result["summary"] if r["task"] == "nll"}
+    assert nll["streamingllm"]["nll_vs_full"] == pytest.approx(nll["streamingllm"]["nll"] - nll["full"]["nll"])
+    assert 0.2 < nll["streamingllm"]["kept"] < 0.3
+    assert "| streamingllm |" in (out / "results.md").read_text()
+
+
+def test_nll_of_the_full_cache_matches_score(model, corpus):
+    config = EvalConfig(methods=[], budgets=[0.5], tasks=["nll"], n=1, context_len=64, continuation_len=6)
+    record = Runner(model, config, corpus, progress=False).run()[0]
+    x = tasks.text_instances(corpus, 1, 64, 6, seed=0)[0]
+    expected = -model.score(x.context, x.continuation).mean()
+    assert record.values["nll"] == pytest.approx(float(expected), abs=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(tasks=["perplexity"]), "unknown task 'perplexity'"),
+    (dict(budgets=[1.5]), "budget 1.5 is out of range"),
+    (dict(n=0), "n must be an integer >= 1"),
+])
+def test_bad_eval_config_is_named(kwargs, message):
+    with pytest.raises(KvzooError, match=message):
+        EvalConfig(**kwargs)
+
+
+def test_bad_sources_are_named(tmp_path):
+    with pytest.raises(KvzooError, match="no such file or directory"):
+        read_source(tmp_path / "missing.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(KvzooError, match="the text is empty"):
+        read_source(empty)
+    with pytest.raises(KvzooError, match="no .txt or .md file"):
+        read_source(_empty_dir(tmp_path))
+    with pytest.raises(KvzooError, match="unknown compression method 'nosuch'"):
+        method_cases(["nosuch"], [0.1])
+
+
+def _empty_dir(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    return d
+
+
+# --- LongBench format ---------------------------------------------------------------------------------------
+def test_longbench_reader_and_scoring(tmp_path):
+    rows = [
+        {"input": "Who wrote it?", "context": "A long text.", "answers": ["Jane Austen"], "all_classes": None},
+        {"input": "When?", "context": "Another text.", "answers": ["1813", "in 1813"], "all_classes": None},
+    ]
+    (tmp_path / "narrativeqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "trec.jsonl").write_text(json.dumps(
+        {"input": "q", "context": "c", "answers": ["Person"], "all_classes": ["Person", "Location"]}) + "\n")
+    data = longbench.read_tasks(tmp_path)
+    assert sorted(data) == ["narrativeqa", "trec"] and len(data["narrativeqa"]) == 2
+    first = data["narrativeqa"][0]
+    assert first.prompt.startswith("A long text.") and first.prompt.endswith("Question: Who wrote it?\nAnswer:")
+    assert longbench.score_prediction(first, "jane austen wrote it") == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert longbench.score_prediction(data["narrativeqa"][1], "In 1813.") == 1.0  # best of the answers
+    assert longbench.score_prediction(data["trec"][0], "Location") == 0.0
+    assert longbench.truncate_middle(list(range(10)), 4) == [0, 1, 8, 9]
+
+
+def test_longbench_bad_files_are_named(tmp_path):
+    with pytest.raises(KvzooError, match="no such directory"):
+        longbench.read_tasks(tmp_path / "nope")
+    with pytest.raises(KvzooError, match="no LongBench file"):
+        longbench.read_tasks(tmp_path)
+    (tmp_path / "qasper.jsonl").write_text('{"input": "q"}\n')
+    with pytest.raises(KvzooError, match=r"qasper.jsonl:1: not a LongBench record"):
+        longbench.read_tasks(tmp_path)
+    with pytest.raises(KvzooError, match="'vcsum' is not supported"):
+        longbench.read_tasks(tmp_path, only=["vcsum"])
