@@ -220,9 +220,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 class ProgressBar:
     """A small progress bar on stderr.
 
-    On a terminal it redraws one line (at most ten times a second); otherwise it prints a single summary line
-    when closed, so logs are not flooded.
+    On a terminal it redraws one line (at most ten times a second); otherwise (a log file) it prints a line
+    at most every `log_every` seconds and one when closed, so logs show progress without being flooded.
     """
+
+    log_every = 30.0
 
     def __init__(self, total: int, desc: str, enabled: bool = True, stream: TextIO | None = None,
                  width: int = 30) -> None:
@@ -257,6 +259,10 @@ class ProgressBar:
         self.count = min(self.count + n, self.total) if self.total else self.count + n
         if self.enabled and self._tty and (time.monotonic() - self._last_draw >= 0.1 or self.count >= self.total):
             self._draw(note)
+        elif self.enabled and not self._tty and time.monotonic() - self._last_draw >= self.log_every:
+            self.stream.write(self._line(note)[:160] + "\n")
+            self.stream.flush()
+            self._last_draw = time.monotonic()
 
     def close(self) -> None:
         if self._closed:

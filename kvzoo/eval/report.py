@@ -119,6 +119,7 @@ _TABLES = [
     ("needle-aware", "partial", "{:.2f}", "Needle partial score (leading characters right), query-aware (full: {full})"),
     ("needle-agnostic", "partial", "{:.2f}", "Needle partial score, query-agnostic (full: {full})"),
     ("agreement", "agreement", "{:.0%}", "Greedy tokens identical to the full cache's"),
+    ("attn_error", "error", "{:.3f}", "Relative attention-output error, mean over layers (lower is better)"),
 ]
 
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 DEFAULT_METHODS = ("full", "streamingllm", "h2o", "tova", "snapkv", "pyramidkv", "zsmerge", "kvmerger", "zigzag")
 DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.5)
+PROBE_TOKENS = 64  # attn_error: tokens after the context whose attention is compared
 ANSWER_TOKENS = 10  # greedy tokens read for a needle answer (" 48213." is at most 7 tokens)
 
 
@@ -164,12 +165,14 @@ class Runner:
         cfg = self.config
         jobs: list[tuple[str, Callable[[ProgressBar], None], int]] = []
         text = None
-        if "nll" in cfg.tasks or "agreement" in cfg.tasks:
+        if any(t in cfg.tasks for t in ("nll", "agreement", "attn_error")):
             text = T.text_instances(self.corpus, cfg.n, cfg.context_len, cfg.continuation_len, cfg.seed)
         if "nll" in cfg.tasks:
             jobs.append(("nll", lambda bar: self._nll(text, bar), math.ceil(cfg.n / cfg.batch_size)))
         if "agreement" in cfg.tasks:
             jobs.append(("agreement", lambda bar: self._agreement(text, bar), math.ceil(cfg.n / cfg.batch_size)))
+        if "attn_error" in cfg.tasks:
+            jobs.append(("attn_error", lambda bar: self._attn_error(text, bar), math.ceil(cfg.n / cfg.batch_size)))
         if "needle" in cfg.tasks:
             needles = self._needles()
             jobs.append(("needle", lambda bar: self._needle(needles, bar), 2 * len(self._needle_batches(needles))))
@@ -209,6 +212,24 @@ class Runner:
                 same = (tokens == reference).float().mean(1)
                 self._add("agreement", case, first, {"agreement": same.tolist()})
                 bar.update(note=case.label)
+
+    # --- attention-output error per layer ----------------------------------------------------------------
+    def _attn_error(self, instances: list[T.TextInstance], bar: ProgressBar) -> None:
+        from kvzoo.eval.attn_error import attention_errors
+
+        probe = min(PROBE_TOKENS, self.config.continuation_len)
+        cap = self.config.memory_cap_gib * 2**30
+        for first, batch in self._batches(instances):
+            contexts = [x.context for x in batch]
+            for group in groups_under_cap(self.model, self.cases, [len(c) for c in contexts], 0, cap):
+                errors = attention_errors(self.model, contexts, [x.continuation[:probe] for x in batch],
+                                          [c.method for c in group])
+                for case, err in zip(group, errors):  # err: [L, B]
+                    for i in range(err.shape[1]):
+                        self.records.append(Record("attn_error", case.label, case.budget, first + i,
+                                                   {"error": float(err[:, i].mean())},
+                                                   {"per_layer": err[:, i].tolist()}))
+                    bar.update(note=case.label)
 
     # --- needle ------------------------------------------------------------------------------------------
     def _needles(self) -> list[T.NeedleInstance]:

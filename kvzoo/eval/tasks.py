@@ -15,7 +15,7 @@ from kvzoo.errors import KvzooError
 if TYPE_CHECKING:
     from kvzoo.tokenizer import Tokenizer
 
-TASKS = ("nll", "needle", "agreement")
+TASKS = ("nll", "needle", "agreement", "attn_error")
 NEEDLE_KINDS = ("passkey", "multikey")
 CODE_DIGITS = 5
 _LABELS = ("red", "blue", "green", "yellow", "silver", "golden", "black", "white", "orange", "purple")
