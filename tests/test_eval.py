@@ -131,7 +131,7 @@ def test_eval_command_writes_results_with_provenance(model, tmp_path, monkeypatc
     out = tmp_path / "out"
     argv = ["eval", "--methods", "streamingllm", "--budgets", "0.25", "--n", "2", "--context-len", "96",
             "--continuation-len", "8", "--agreement-tokens", "6", "--needle-lengths", "160", "--needle-depths",
-            "0.5", "--needle-repeats", "1", "--source", str(source), "--out", str(out), "--quiet"]
+            "0.5", "--needle-repeats", "1", "--source", str(source), "--out", str(out), "--quiet", "--plot"]
     assert main(argv) == 0
     result = json.loads((out / "results.json").read_text())
     assert result["schema"] == 1 and result["kind"] == "eval"
@@ -145,6 +145,7 @@ def test_eval_command_writes_results_with_provenance(model, tmp_path, monkeypatc
     assert nll["streamingllm"]["nll_vs_full"] == pytest.approx(nll["streamingllm"]["nll"] - nll["full"]["nll"])
     assert 0.2 < nll["streamingllm"]["kept"] < 0.3
     assert "| streamingllm |" in (out / "results.md").read_text()
+    assert (out / "nll-nll_vs_full.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_nll_of_the_full_cache_matches_score(model, corpus):
