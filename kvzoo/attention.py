@@ -10,30 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvzoo.cache.slots import KVCache, LayerSlots, attention_bias
+from kvzoo.cache.chunk import PrefillChunk, make_prefill_chunk
+from kvzoo.cache.slots import KVCache
 from kvzoo_kernels.attention import causal_attention, decode_attention, prefill_attention
-
-
-@dataclass
-class PrefillChunk:
-    """What a compression method sees after one layer's exact attention over a prompt chunk."""
-
-    q: torch.Tensor  # [B, Hq, T, D] post-RoPE queries of the chunk
-    k: torch.Tensor  # [B, Hkv, T, D] post-RoPE keys of the chunk
-    v: torch.Tensor  # [B, Hkv, T, D]
-    q_pos: torch.Tensor  # [B, T] positions of the chunk's tokens, -1 at padding
-    # Candidates = [slots already in use ; chunk tokens], the keys this chunk's queries attended to.
-    keys: torch.Tensor  # [B, Hkv, S, D]
-    values: torch.Tensor  # [B, Hkv, S, D]
-    key_pos: torch.Tensor  # [B, Hkv, S]
-    key_logw: torch.Tensor  # [B, Hkv, S] (-inf: empty slot or padding)
-    key_score: torch.Tensor  # [B, Hkv, S] the slots' scores so far (0 for chunk tokens)
-    window: int | None  # sliding window of the model (Mistral), else None
-    alpha: float  # logw bias scale used for this attention
-
-    @property
-    def key_bias(self) -> torch.Tensor:
-        return attention_bias(self.key_logw, self.alpha)
 
 
 @dataclass
@@ -77,35 +56,6 @@ def _prefill_chunk(
     slots = cache.layers[layer_idx] if cache is not None and used > 0 else None
     alpha = cache.method.attention_alpha if cache is not None else 0.0
     return make_prefill_chunk(q, k, v, ctx.positions, slots, used, alpha, ctx.window)
-
-
-def make_prefill_chunk(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    positions: torch.Tensor,
-    slots: LayerSlots | None,
-    used: int,
-    alpha: float,
-    window: int | None,
-) -> PrefillChunk:
-    """The candidates a chunk's queries attend to: the first `used` slots, then the chunk's own tokens."""
-    b, hkv, t, _ = k.shape
-    chunk_pos = positions[:, None, :].expand(b, hkv, t)
-    chunk_logw = torch.where(chunk_pos >= 0, 0.0, float("-inf"))
-    chunk_score = torch.zeros_like(chunk_logw)
-    if slots is None or used == 0:
-        return PrefillChunk(q, k, v, positions, k, v, chunk_pos, chunk_logw, chunk_score, window, alpha)
-    return PrefillChunk(
-        q, k, v, positions,
-        keys=torch.cat([slots.k[:, :, :used], k], dim=2),
-        values=torch.cat([slots.v[:, :, :used], v], dim=2),
-        key_pos=torch.cat([slots.pos[:, :, :used], chunk_pos], dim=2),
-        key_logw=torch.cat([slots.logw[:, :, :used], chunk_logw], dim=2),
-        key_score=torch.cat([slots.score[:, :, :used], chunk_score], dim=2),
-        window=window,
-        alpha=alpha,
-    )
 
 
 def _decode(

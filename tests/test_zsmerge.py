@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvzoo
-from kvzoo.attention import make_prefill_chunk
+from kvzoo.cache.chunk import make_prefill_chunk
 from kvzoo.cache.slots import LayerSlots
 from kvzoo.cache.zsmerge import ZSMerge
 from kvzoo.errors import KvzooError

@@ -11,7 +11,7 @@ from kvzoo.cache.slots import KVCache, LayerSlots
 from kvzoo.errors import KvzooError
 
 if TYPE_CHECKING:
-    from kvzoo.attention import PrefillChunk
+    from kvzoo.cache.chunk import PrefillChunk
     from kvzoo.config import ModelConfig
 
 

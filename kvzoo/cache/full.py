@@ -11,7 +11,7 @@ from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.slots import LayerSlots
 
 if TYPE_CHECKING:
-    from kvzoo.attention import PrefillChunk
+    from kvzoo.cache.chunk import PrefillChunk
     from kvzoo.config import ModelConfig
 
 

@@ -15,7 +15,7 @@ from kvzoo.cache.slots import LayerSlots
 from kvzoo.errors import KvzooError
 
 if TYPE_CHECKING:
-    from kvzoo.attention import PrefillChunk
+    from kvzoo.cache.chunk import PrefillChunk
     from kvzoo.config import ModelConfig
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from kvzoo_kernels.attention import attention_probs, weighted_column_sums
 
 if TYPE_CHECKING:
-    from kvzoo.attention import PrefillChunk
+    from kvzoo.cache.chunk import PrefillChunk
 
 
 def group_mean(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from kvzoo.cache.slots import NEG_INF, LayerSlots
 
 if TYPE_CHECKING:
-    from kvzoo.attention import PrefillChunk
+    from kvzoo.cache.chunk import PrefillChunk
 
 
 def keep_top(
@@ -121,7 +121,7 @@ def append_decode_step(
 def slot_candidates(slots: LayerSlots) -> "PrefillChunk":
     """A layer's own slots seen as selection candidates (for `keep_top` / `recent_mask` after prefill): no
     queries; the newest position is the prompt's last one."""
-    from kvzoo.attention import PrefillChunk  # runtime import: kvzoo.attention imports the cache package
+    from kvzoo.cache.chunk import PrefillChunk
 
     no_tokens = slots.k[:, :, :0]
     last_pos = (slots.state["prompt_len"] - 1)[:, None]  # [B, 1]

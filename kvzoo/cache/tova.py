@@ -14,7 +14,7 @@ from kvzoo.cache.selection import argmin_where, free_slot, keep_top, where_rows
 from kvzoo.cache.slots import LayerSlots
 
 if TYPE_CHECKING:
-    from kvzoo.attention import PrefillChunk
+    from kvzoo.cache.chunk import PrefillChunk
     from kvzoo.config import ModelConfig
 
 

@@ -51,7 +51,7 @@ from kvzoo.errors import KvzooError
 from kvzoo_kernels.attention import attention_probs
 
 if TYPE_CHECKING:
-    from kvzoo.attention import PrefillChunk
+    from kvzoo.cache.chunk import PrefillChunk
     from kvzoo.config import ModelConfig
 
 

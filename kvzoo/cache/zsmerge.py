@@ -40,7 +40,7 @@ from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
 from kvzoo.errors import KvzooError
 
 if TYPE_CHECKING:
-    from kvzoo.attention import PrefillChunk
+    from kvzoo.cache.chunk import PrefillChunk
     from kvzoo.config import ModelConfig
 
 MIN_PROXIMITY = 2  # as the reference code: max(2, tail)

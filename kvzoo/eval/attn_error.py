@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvzoo.attention import make_prefill_chunk
+from kvzoo.cache.chunk import make_prefill_chunk
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.slots import KVCache, LayerSlots
 from kvzoo.generate import left_pad
 from kvzoo_kernels.attention import prefill_attention
 
 if TYPE_CHECKING:
-    from kvzoo.attention import PrefillChunk
+    from kvzoo.cache.chunk import PrefillChunk
     from kvzoo.models.base import CausalLM
 
 

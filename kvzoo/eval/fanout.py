@@ -17,7 +17,7 @@ from kvzoo.cache.slots import KVCache, LayerSlots
 from kvzoo.generate import _check_request, _pad_id, left_pad
 
 if TYPE_CHECKING:
-    from kvzoo.attention import PrefillChunk
+    from kvzoo.cache.chunk import PrefillChunk
     from kvzoo.models.base import CausalLM
 
 
