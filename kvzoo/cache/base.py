@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvzoo.cache.selection import append_decode_step
+from kvzoo.cache.selection import append_decode_step, keep_top
 from kvzoo.cache.slots import KVCache, LayerSlots
 from kvzoo.errors import KvzooError
 
@@ -88,6 +88,31 @@ class CompressionMethod:
     def end_prefill(self, cache: KVCache) -> None:
         """Called once after the whole prompt has been fed. A method may replace entries of `cache.layers`
         here (e.g. with smaller stores); nothing may hold on to a layer's store across this call."""
+
+
+class ScoredSelection(CompressionMethod):
+    """A method whose prefill is one job, scoring (as kvpress' scorer presses): `prefill_scores` returns each
+    candidate's importance [B, Hkv, S] and `protected` the candidates always kept (a recent window, sinks);
+    this base keeps the protected ones and then the highest-scored, up to `prefill_keep` slots, storing each
+    kept slot's score for decode."""
+
+    def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
+        """[B, Hkv, S] importance of every candidate of [slots in use ; chunk tokens] (higher is kept)."""
+        raise NotImplementedError
+
+    def protected(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor | None:
+        """[B, Hkv, S] bool: candidates kept whatever their score (None: none)."""
+        return None
+
+    def prefill_keep(self, slots: LayerSlots) -> torch.Tensor:
+        """[B] slots to fill after prefill."""
+        return slots.budget
+
+    def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
+        scores = self.prefill_scores(slots, chunk)
+        forced = self.protected(slots, chunk)
+        rank = scores if forced is None else scores.masked_fill(forced, float("inf"))
+        keep_top(slots, chunk, rank, self.prefill_keep(slots), stored_score=scores)
 
 
 class PrefillOnlyMethod(CompressionMethod):

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvzoo.cache.base import CompressionMethod
+from kvzoo.cache.base import ScoredSelection
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget
 from kvzoo.cache.scoring import accumulated_scores
-from kvzoo.cache.selection import argmin_where, keep_top, kv_probs, place_or_evict, recent_mask
+from kvzoo.cache.selection import argmin_where, kv_probs, place_or_evict, recent_mask
 from kvzoo.cache.slots import LayerSlots
 from kvzoo.errors import KvzooError
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class H2O(CompressionMethod):
+class H2O(ScoredSelection):
     """Keep heavy hitters (largest accumulated attention) plus the most recent tokens; evict one token per
     decode step, so memory stays constant.
 
@@ -46,10 +46,11 @@ class H2O(CompressionMethod):
     def _recent(self, slots: LayerSlots) -> torch.Tensor:
         return (slots.budget.float() * self.recent_ratio).long()  # [B]
 
-    def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
-        score = chunk.key_score + accumulated_scores(chunk, normalise=self.normalise)
-        rank = score.masked_fill(recent_mask(chunk, self._recent(slots)), float("inf"))
-        keep_top(slots, chunk, rank, slots.budget, stored_score=score)
+    def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
+        return chunk.key_score + accumulated_scores(chunk, normalise=self.normalise)
+
+    def protected(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
+        return recent_mask(chunk, self._recent(slots))
 
     def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
                     pos_new: torch.Tensor, probs: torch.Tensor) -> None:

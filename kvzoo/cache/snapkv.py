@@ -6,10 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kvzoo.cache.base import PrefillOnlyMethod
+import torch
+
+from kvzoo.cache.base import PrefillOnlyMethod, ScoredSelection
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, require_at_least
 from kvzoo.cache.scoring import window_scores
-from kvzoo.cache.selection import keep_top, recent_mask
+from kvzoo.cache.selection import recent_mask
 from kvzoo.cache.slots import LayerSlots
 from kvzoo.errors import KvzooError
 
@@ -19,7 +21,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class WindowSelection(PrefillOnlyMethod):
+class WindowSelection(ScoredSelection, PrefillOnlyMethod):
     """Prefill-only selection by observation-window attention: the last `window_size` queries score every
     earlier token (pooled with `kernel_size`), the window itself is always kept, and the top tokens fill the
     rest of the layer's budget. Decode appends up to `decode_cap` generated tokens (None: all of them)."""
@@ -50,10 +52,14 @@ class WindowSelection(PrefillOnlyMethod):
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
         return [[self.sequence_budget(n) for n in prompt_lens]] * cfg.num_layers
 
-    def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
-        scores = window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling)
-        rank = scores.masked_fill(recent_mask(chunk, self.window_size), float("inf"))
-        keep_top(slots, chunk, rank, slots.state["prefill_budget"], stored_score=scores)
+    def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
+        return window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling)
+
+    def protected(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
+        return recent_mask(chunk, self.window_size)
+
+    def prefill_keep(self, slots: LayerSlots) -> torch.Tensor:
+        return slots.state["prefill_budget"]
 
 
 @dataclass

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvzoo.cache.base import CompressionMethod
+from kvzoo.cache.base import ScoredSelection
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, require_at_least
-from kvzoo.cache.selection import argmin_where, keep_top, place_or_evict
+from kvzoo.cache.selection import argmin_where, place_or_evict
 from kvzoo.cache.slots import LayerSlots
 from kvzoo.errors import KvzooError
 
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class StreamingLLM(CompressionMethod):
+class StreamingLLM(ScoredSelection):
     """Keep `sinks` initial tokens and the most recent `budget - sinks` tokens; evict the oldest non-sink
     token at every decode step. Content never depends on attention.
 
@@ -46,12 +46,11 @@ class StreamingLLM(CompressionMethod):
             budgets.append(b)
         return [budgets] * cfg.num_layers
 
-    def _rank(self, pos: torch.Tensor) -> torch.Tensor:
-        """Sinks first, then newer before older."""
-        return torch.where(pos < self.sinks, float("inf"), pos.float())
+    def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
+        return chunk.key_pos.float()  # newer before older
 
-    def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
-        keep_top(slots, chunk, self._rank(chunk.key_pos), slots.budget)
+    def protected(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
+        return (chunk.key_pos >= 0) & (chunk.key_pos < self.sinks)
 
     def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
                     pos_new: torch.Tensor, probs: torch.Tensor) -> None:

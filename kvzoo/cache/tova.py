@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvzoo.cache.base import CompressionMethod
+from kvzoo.cache.base import ScoredSelection
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget
 from kvzoo.cache.scoring import window_scores
-from kvzoo.cache.selection import argmin_where, free_slot, keep_top, where_rows
+from kvzoo.cache.selection import argmin_where, free_slot, where_rows
 from kvzoo.cache.slots import LayerSlots
 
 if TYPE_CHECKING:
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class TOVA(CompressionMethod):
+class TOVA(ScoredSelection):
     """Token Omission Via Attention: keep the tokens the *current* query attends to most, averaged over all
     heads of the layer, so every head of a layer keeps the same token set. When full, the lowest-scored of
     [cache ; new token] is dropped (possibly the new token itself) — one eviction per decode step."""
@@ -32,12 +32,13 @@ class TOVA(CompressionMethod):
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
         return [[budget_tokens(self.budget, n) for n in prompt_lens]] * cfg.num_layers
 
-    def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
+    def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         # The last query's attention, averaged over all heads of the layer, shared by every KV head.
-        score = window_scores(chunk, window=1).mean(dim=1, keepdim=True).expand_as(chunk.key_logw)
+        return window_scores(chunk, window=1).mean(dim=1, keepdim=True).expand_as(chunk.key_logw)
+
+    def protected(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         # The newest token is kept unconditionally (it is the query that produced the scores).
-        newest = chunk.key_pos == chunk.q_pos.max(dim=1).values[:, None, None]
-        keep_top(slots, chunk, score.masked_fill(newest, float("inf")), slots.budget, stored_score=score)
+        return chunk.key_pos == chunk.q_pos.max(dim=1).values[:, None, None]
 
     def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
                     pos_new: torch.Tensor, probs: torch.Tensor) -> None:
