@@ -102,7 +102,7 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int, device: torch.device) -> 
 
 
 def _check_request(model: "CausalLM", prompt_ids: list[list[int]], max_new_tokens: int,
-                   prefill_chunk: int | None, compression: CompressionMethod) -> None:
+                   prefill_chunk: int | None, compression: CompressionMethod | None = None) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise KvzooError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
@@ -116,7 +116,8 @@ def _check_request(model: "CausalLM", prompt_ids: list[list[int]], max_new_token
         bad = [t for t in p if not 0 <= t < model.config.vocab_size]
         if bad:
             raise KvzooError(f"prompt {i} has token ids outside [0, {model.config.vocab_size}): {bad[:5]}")
-    _check_context(model, prompt_ids, max_new_tokens, prefill_chunk is not None or not isinstance(compression, FullCache))
+    bounded = prefill_chunk is not None or not isinstance(as_method(compression), FullCache)
+    _check_context(model, prompt_ids, max_new_tokens, bounded)
 
 
 def _check_context(model: "CausalLM", prompt_ids: list[list[int]], max_new_tokens: int, bounded: bool) -> None:
