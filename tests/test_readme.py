@@ -3,11 +3,13 @@
 - ```python blocks run in order in one namespace (a session, as a reader would paste them); when a ```text
   block follows one, the printed output must match it, `...` standing for any text (whitespace runs compare
   equal, so wrapped output still matches).
-- `kvzoo ...` lines of ```bash blocks run through `kvzoo.cli.main` on the default model. Lines with
-  `<placeholders>` are templates (the README says so) and are the only ones skipped. To keep the test short,
-  `--max-new-tokens` is lowered on generate/chat lines and the demo gets a short document and one question;
-  `chat` reads one message from standard input. A ```text block after a one-line ```bash block is its
-  expected output.
+- `kvzoo ...` lines of ```bash blocks run through `kvzoo.cli.main` on the default model, in a temporary
+  directory. Lines with `<placeholders>` are templates (the README says so) and are the only ones skipped.
+  To keep the test short, the work is shrunk (SHORTER): `--max-new-tokens` is lowered on generate/chat
+  lines, the demo gets a short document and one question, eval one tiny instance of one task, bench one
+  32-token context and no `--compile` (compiling the decode step alone takes minutes on a CPU;
+  tests/test_compile.py covers it). `chat` reads one message from standard input. A ```text block after a
+  one-line ```bash block is its expected output.
 """
 
 from __future__ import annotations
@@ -25,8 +27,15 @@ from kvzoo.cli import main
 README = Path(__file__).resolve().parent.parent / "README.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.S | re.M)
 PLACEHOLDER = re.compile(r"<[^<>\s]+>")
-SHORTER = {"generate": ["--max-new-tokens", "12"], "chat": ["--max-new-tokens", "12"],
-           "demo": ["--questions", "1", "--doc-tokens", "300"]}
+SHORTER = {
+    "generate": ["--max-new-tokens", "12"],
+    "chat": ["--max-new-tokens", "12"],
+    "demo": ["--questions", "1", "--doc-tokens", "300"],
+    "eval": ["--n", "1", "--tasks", "nll", "--context-len", "48", "--continuation-len", "4", "--budgets", "0.5",
+             "--methods", "h2o", "--batch-size", "1"],
+    "bench": ["--contexts", "32", "--steps", "16", "--warmup", "1", "--methods", "h2o:budget=0.5"],
+}
+DROPPED = {"bench": {"--compile"}}
 
 
 def blocks() -> list[tuple[str, str]]:
@@ -79,10 +88,11 @@ def test_python_blocks_run_and_print_what_the_readme_shows(capsys):
 
 
 @pytest.mark.parametrize("line, expected", cli_lines(), ids=[" ".join(line.split()[:3]) for line, _ in cli_lines()])
-def test_cli_lines_run_and_print_what_the_readme_shows(line, expected, monkeypatch, capsys):
+def test_cli_lines_run_and_print_what_the_readme_shows(line, expected, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)  # --out directories and the like
     argv = shlex.split(line, comments=True)
     argv = argv[3:] if argv[:3] == ["python", "-m", "kvzoo"] else argv[1:]
-    argv += SHORTER.get(argv[0], [])
+    argv = [a for a in argv if a not in DROPPED.get(argv[0], ())] + SHORTER.get(argv[0], [])
     if argv[0] == "chat":
         monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))
     code = 0
