@@ -56,7 +56,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_prompt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", nargs="?", default=None,
                    help="the prompt text, or - to read it from standard input (or give --file)")
-    p.add_argument("--file", default=None, metavar="PATH", help="read the prompt from this file, UTF-8 (default: the prompt argument)")
+    p.add_argument("--file", default=None, metavar="PATH",
+                   help="read the prompt from this file, UTF-8 (default: the prompt argument)")
 
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:

@@ -199,7 +199,8 @@ def test_a_path_that_does_not_exist_says_so_in_one_line_without_the_hub(tmp_path
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("went to the hub"))
     with pytest.raises(CheckpointError) as err:
         kvzoo.load(text)
-    assert str(err.value) == f"{text}: no such checkpoint directory (does not exist, and it is not a hub id 'owner/name')"
+    expected = f"{text}: no such checkpoint directory (does not exist, and it is not a hub id 'owner/name')"
+    assert str(err.value) == expected
 
 
 def test_a_plausible_hub_id_goes_to_the_hub(tmp_path, monkeypatch):
