@@ -11,3 +11,8 @@ class CheckpointError(KvzooError):
 
 class ConfigError(KvzooError):
     """A config.json (or an argument standing for one) is missing a field or has an invalid value."""
+
+
+class KvzooWarning(UserWarning):
+    """Input kvzoo accepts but that may not do what was meant (a prompt past the model's context, top_p
+    under greedy decoding, ...). The CLI prints these as `kvzoo: warning: ...`."""

@@ -17,13 +17,17 @@ import torch
 
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.full import FullCache
+from kvzoo.cache.registry import as_method
 from kvzoo.cache.slots import KVCache
-from kvzoo.errors import KvzooError
+from kvzoo.errors import KvzooError, KvzooWarning
 
 if TYPE_CHECKING:
     from kvzoo.models.base import CausalLM
 
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor]
+Compression = CompressionMethod | type[CompressionMethod] | str | None  # see kvzoo.cache.registry.as_method
+
+DEFAULT_MAX_NEW_TOKENS = 256  # generate, generate_ids, chat and the CLI
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,9 @@ class Sampling:
             raise KvzooError(f"top_k must be an integer >= 1 or None, got {self.top_k!r}")
         if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
             raise KvzooError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        if self.temperature == 0 and (self.top_k is not None or self.top_p is not None):
+            warnings.warn("top_k / top_p have no effect with temperature 0 (greedy decoding); "
+                          "give a temperature > 0 to sample", KvzooWarning, stacklevel=4)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
@@ -95,7 +102,7 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int, device: torch.device) -> 
 
 
 def _check_request(model: "CausalLM", prompt_ids: list[list[int]], max_new_tokens: int,
-                   prefill_chunk: int | None) -> None:
+                   prefill_chunk: int | None, compression: CompressionMethod | None = None) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise KvzooError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
@@ -106,12 +113,33 @@ def _check_request(model: "CausalLM", prompt_ids: list[list[int]], max_new_token
     for i, p in enumerate(prompt_ids):
         if len(p) == 0:
             raise KvzooError(f"prompt {i} is empty: give at least one token")
-        if len(p) > context:
-            raise KvzooError(f"prompt {i} has {len(p)} tokens, more than the model's context of {context}")
         bad = [t for t in p if not 0 <= t < model.config.vocab_size]
         if bad:
             raise KvzooError(f"prompt {i} has token ids outside [0, {model.config.vocab_size}): {bad[:5]}")
-    _warn_if_context_exceeded(model, max(len(p) for p in prompt_ids), max_new_tokens)
+    bounded = prefill_chunk is not None or not isinstance(as_method(compression), FullCache)
+    _check_context(model, prompt_ids, max_new_tokens, bounded)
+
+
+def _check_context(model: "CausalLM", prompt_ids: list[list[int]], max_new_tokens: int, bounded: bool) -> None:
+    """The long-prompt rule: a prompt longer than the model's context is refused with the full cache fed at
+    once, and fed anyway, with a warning, when compression or chunked prefill is on (memory stays bounded;
+    positions past the context were not seen in training, so quality may drop). Prompt + max_new_tokens
+    past the context only warns."""
+    context = model.config.max_position_embeddings
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    n = len(prompt_ids[longest])
+    if n > context and not bounded:
+        raise KvzooError(
+            f"prompt {longest} has {n} tokens, more than the model's context of {context}; shorten it, or give "
+            "compression=... or prefill_chunk=N (CLI: --compression / --prefill-chunk) to feed it anyway"
+        )
+    if n > context:
+        warnings.warn(f"prompt {longest} has {n} tokens, more than the model's context of {context}: fed anyway "
+                      "(compression or chunked prefill is on); positions past the context were not seen in "
+                      "training, so quality may drop", KvzooWarning, stacklevel=4)
+    elif n + max_new_tokens > context:
+        warnings.warn(f"prompt ({n} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+                      f"({context}); positions past it were not seen in training", KvzooWarning, stacklevel=4)
 
 
 def default_eos_ids(model: "CausalLM") -> list[int]:
@@ -150,7 +178,7 @@ def stream_ids(
     out: GenerationOutput | None = None,
 ) -> Iterator[list[int | None]]:
     """Yields, per step, each sequence's new token (None once it has finished). Fills `out` as it goes."""
-    _check_request(model, prompt_ids, max_new_tokens, prefill_chunk)
+    _check_request(model, prompt_ids, max_new_tokens, prefill_chunk, compression)
     if prefill_chunk is not None and not compression.supports_chunked_prefill:
         raise KvzooError(
             f"{type(compression).__name__} allocates its budgets from every layer's statistics over the whole "
@@ -208,17 +236,18 @@ def stream_ids(
 def generate_ids(
     model: "CausalLM",
     prompt_ids: list[list[int]] | list[int],
-    max_new_tokens: int = 128,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
     eos_token_ids: list[int] | None = None,
-    compression: CompressionMethod | None = None,
+    compression: Compression = None,
     prefill_chunk: int | None = None,
     compile: bool = False,
 ) -> GenerationOutput:
-    """Generate from token ids. A flat list of ints is one prompt. Returns ids, finish reasons and the cache."""
+    """Generate from token ids. A flat list of ints is one prompt. Returns ids, finish reasons and the cache.
+    `compression`: a method, a method class or a spec string such as 'zsmerge:budget=0.1' (None: full cache)."""
     if prompt_ids and isinstance(prompt_ids[0], int):
         prompt_ids = [prompt_ids]  # type: ignore[list-item]
     out = GenerationOutput([], [], cache=None)  # type: ignore[arg-type]
@@ -228,7 +257,7 @@ def generate_ids(
         max_new_tokens,
         Sampling(temperature, top_k, top_p, seed),
         default_eos_ids(model) if eos_token_ids is None else eos_token_ids,
-        compression or FullCache(),
+        as_method(compression),
         prefill_chunk,
         compile,
         out,
@@ -254,7 +283,7 @@ def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 def generate_text(
     model: "CausalLM",
     prompt: str | list[str],
-    max_new_tokens: int = 128,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -262,19 +291,21 @@ def generate_text(
     stop: str | list[str] | None = None,
     eos_token_ids: list[int] | None = None,
     stream: bool = False,
-    compression: CompressionMethod | None = None,
+    compression: Compression = None,
     prefill_chunk: int | None = None,
     compile: bool = False,
     return_cache: bool = False,
-    add_special_tokens: bool = True,
+    chat: bool | None = None,
+    add_special_tokens: bool | None = None,
 ) -> Any:
     """Generate text for a prompt (-> str) or a batch of prompts (-> list[str]).
 
     - temperature 0 is greedy; `seed` makes sampling reproducible;
     - `stop`: strings that end a sequence (the text is cut before them); eos ids come from the checkpoint;
     - `stream=True` (one prompt): returns an iterator of text pieces as they are decoded;
-    - `compression`: a method such as `ZSMerge(budget=0.05)` (default: FullCache);
-      `prefill_chunk=N` feeds the prompt N tokens at a time;
+    - `compression`: a method such as `ZSMerge(budget=0.05)` or a spec string such as 'zsmerge:budget=0.05'
+      (default: FullCache); `prefill_chunk=N` feeds the prompt N tokens at a time;
+    - `chat`: the chat-template rule (`render_prompts`), the same as the CLI's `--chat/--no-chat`;
     - `return_cache=True`: returns `(texts, cache)`; use `generate_ids` for token ids.
     """
     tok = model.require_tokenizer()
@@ -285,11 +316,12 @@ def generate_text(
     if any(p == "" for p in prompts):
         raise KvzooError("empty prompt: give some text")
     stops = _normalise_stop(stop)
-    ids = [tok.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
+    texts, special = render_prompts(tok, prompts, chat, add_special_tokens)
+    ids = [tok.encode(p, add_special_tokens=special) for p in texts]
     args = (
         model, ids, max_new_tokens, Sampling(temperature, top_k, top_p, seed),
         default_eos_ids(model) if eos_token_ids is None else eos_token_ids,
-        compression or FullCache(), prefill_chunk, compile,
+        as_method(compression), prefill_chunk, compile,
     )
     if stream:
         if not single:
@@ -346,21 +378,34 @@ def _stop_prefix_tail(text: str, stops: list[str]) -> int:
     return 0
 
 
-def chat(model: "CausalLM", messages: list[dict[str, str]], max_new_tokens: int = 256, **kwargs: Any) -> Any:
-    """Reply to a conversation rendered with the checkpoint's chat template."""
+def render_prompts(tok: Any, prompts: list[str], chat: bool | None,
+                   add_special_tokens: bool | None) -> tuple[list[str], bool]:
+    """The chat-template rule, shared by `generate` and the CLI: (texts to encode, add_special_tokens).
+
+    - chat=None (default): each prompt is wrapped as one user message in the checkpoint's chat template
+      when the checkpoint has one, unless `add_special_tokens=False` is given (the text is then taken as
+      already rendered, e.g. the output of `tok.apply_chat_template`);
+    - chat=True: always wrapped (an error when the checkpoint has no chat template);
+    - chat=False: the raw text (a plain continuation).
+    Wrapped text is encoded without adding special tokens (the template writes them); raw text with them
+    unless `add_special_tokens=False`.
+    """
+    if chat is None:
+        chat = tok.chat_template is not None and add_special_tokens is not False
+    if not chat:
+        return prompts, add_special_tokens is not False
+    if tok.chat_template is None:
+        raise KvzooError("chat=True, but this checkpoint has no chat template; use chat=False for plain text")
+    return [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+            for p in prompts], bool(add_special_tokens)
+
+
+def chat(model: "CausalLM", messages: list[dict[str, str]], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+         **kwargs: Any) -> Any:
+    """Reply to a conversation rendered with the checkpoint's chat template (generate's options apply)."""
     tok = model.require_tokenizer()
     if not messages or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
         raise KvzooError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     text = tok.apply_chat_template(messages, add_generation_prompt=True)
     # The template already contains the special tokens (as Hugging Face renders it).
-    return generate_text(model, text, max_new_tokens=max_new_tokens, add_special_tokens=False, **kwargs)
-
-
-def _warn_if_context_exceeded(model: "CausalLM", prompt_len: int, max_new_tokens: int) -> None:
-    context = model.config.max_position_embeddings
-    if prompt_len + max_new_tokens > context:
-        warnings.warn(
-            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
-            f"({context}); positions past it were not seen in training",
-            stacklevel=3,
-        )
+    return generate_text(model, text, max_new_tokens=max_new_tokens, chat=False, add_special_tokens=False, **kwargs)

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.base import CompressionMethod
-from kvzoo.cache.full import FullCache
+from kvzoo.cache.registry import as_method
 from kvzoo.cache.slots import KVCache
 from kvzoo.errors import KvzooError
-from kvzoo.generate import DecodeStep, _check_request, _pad_id, left_pad, make_decode_step
+from kvzoo.generate import Compression, DecodeStep, _check_request, _pad_id, left_pad, make_decode_step
 
 if TYPE_CHECKING:
     from kvzoo.models.base import CausalLM
@@ -29,7 +29,7 @@ def prefill_cache(
 ) -> tuple[KVCache, torch.Tensor]:
     """Feed left-padded prompts into a fresh cache of `compression` with room for `headroom` decode steps.
     Returns (cache, next-token logits [B, V] of each prompt's last position)."""
-    _check_request(model, prompt_ids, headroom, prefill_chunk)
+    _check_request(model, prompt_ids, headroom, prefill_chunk, compression)
     param = next(model.parameters())
     ids, positions = left_pad(prompt_ids, _pad_id(model), param.device)
     cache = compression.make_cache(model.config, [len(p) for p in prompt_ids], headroom, param.dtype, param.device)
@@ -60,7 +60,7 @@ def score_ids(
     model: "CausalLM",
     contexts: list[list[int]],
     continuations: list[list[int]],
-    compression: CompressionMethod | None = None,
+    compression: Compression = None,
     prefill_chunk: int | None = None,
     compile: bool = False,
 ) -> list[torch.Tensor]:
@@ -72,7 +72,7 @@ def score_ids(
     if not all(continuations):
         raise KvzooError("every continuation needs at least one token")
     n = max(len(c) for c in continuations)
-    compression = compression or FullCache()
+    compression = as_method(compression)  # a method, a class or a spec string
     # n - 1 decode steps: the first continuation token is predicted by the prefill.
     cache, logits = prefill_cache(model, contexts, compression, n - 1, prefill_chunk)
     device = logits.device
@@ -90,7 +90,7 @@ def score(
     model: "CausalLM",
     context: TokensOrText,
     continuation: TokensOrText,
-    compression: CompressionMethod | None = None,
+    compression: Compression = None,
     prefill_chunk: int | None = None,
     compile: bool = False,
 ) -> torch.Tensor:

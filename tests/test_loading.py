@@ -181,18 +181,52 @@ def test_falcon_legacy_config_names(tiny_checkpoint, tmp_path):
 
 
 def test_missing_directory_is_named(tmp_path):
-    with pytest.raises(CheckpointError, match=r"does-not-exist: not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match=r"does-not-exist: no such checkpoint directory \(does not exist"):
         kvzoo.load(tmp_path / "does-not-exist")
 
 
-def test_hub_id_offline_names_the_id(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match=r"could not fetch 'someone/some-model' from the Hugging Face hub"):
+@pytest.mark.parametrize("text", [
+    "weights/smollm2-135m",  # its first component `weights/` exists here: a mistyped path, not an owner
+    "./weights/smollm2", "~/no-such-kvzoo-dir", "/no/such/dir", "a/b/c", "no-slash", "spaces in/name", "org/..",
+])
+def test_a_path_that_does_not_exist_says_so_in_one_line_without_the_hub(tmp_path, monkeypatch, text):
+    """The path rule (loading.hub_id_or_none): nothing that looks like a path goes to the hub, offline or not."""
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("went to the hub"))
+    with pytest.raises(CheckpointError) as err:
+        kvzoo.load(text)
+    expected = f"{text}: no such checkpoint directory (does not exist, and it is not a hub id 'owner/name')"
+    assert str(err.value) == expected
+
+
+def test_a_plausible_hub_id_goes_to_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    asked = []
+    monkeypatch.chdir(tmp_path)  # no `someone/` directory here
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda hub_id, **k: asked.append(hub_id) or "/nope")
+    with pytest.raises(ConfigError, match="/nope: config.json not found"):  # what the fake download returned
         kvzoo.load("someone/some-model")
+    assert asked == ["someone/some-model"]
+
+
+def test_hub_id_offline_names_the_id_in_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match=r"someone/some-model: not a local directory, and fetching it from the "
+                                              r"Hugging Face hub failed") as err:
+        kvzoo.load("someone/some-model")
+    assert "\n" not in str(err.value)
 
 
 def test_dtype_argument(llama_dir):
     model = kvzoo.load(llama_dir, dtype="bfloat16")
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    with pytest.raises(ConfigError, match=r"dtype 'int8' is not a torch floating-point dtype"):
+    for alias, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("FP32", torch.float32),
+                         ("float32", torch.float32), ("torch.float16", torch.float16)):
+        assert next(kvzoo.load(llama_dir, dtype=alias).parameters()).dtype == dtype
+    with pytest.raises(ConfigError, match=r"dtype 'int8' is not a floating-point dtype; use one of float32, fp32"):
         kvzoo.load(llama_dir, dtype="int8")

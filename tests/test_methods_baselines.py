@@ -609,25 +609,19 @@ def test_invalid_budget_is_rejected(method_name, bad, message):
     assert message in text and text.startswith(method_name) and repr(bad) in text, text
 
 
-def test_budget_smaller_than_fixed_parts_is_rejected(models):
-    """StreamingLLM needs room beyond its sinks; SnapKV/PyramidKV need room for the observation window. A ratio
-    is checked against each prompt once lengths are known (make_cache, generate)."""
-    with pytest.raises(KvzooError, match=r"StreamingLLM: budget=4 must exceed sinks=4"):
-        StreamingLLM(budget=4, sinks=4)
-    with pytest.raises(KvzooError, match=r"StreamingLLM: budget=2 must exceed sinks=4"):
-        StreamingLLM(budget=2)
+def test_budget_below_the_fixed_parts(models):
+    """StreamingLLM needs room beyond its sinks; SnapKV/PyramidKV need room for the observation window. A
+    budget that resolves below that is raised to it (the budget rule), and prefill-only methods keep at most
+    the prompt."""
     cfg = FakeConfig(num_layers=2, num_kv_heads=1, head_dim=4)
-    with pytest.raises(KvzooError, match=r"StreamingLLM: the budget resolves to 2 slots .* 20-token prompt.*sinks"):
-        StreamingLLM(budget=0.1).make_cache(cfg, [20], 4, torch.float32, "cpu")
+    cache = StreamingLLM(budget=0.1).make_cache(cfg, [20], 4, torch.float32, "cpu")
+    assert cache.budgets().tolist() == [[5], [5]]  # 2 slots raised to sinks + 1
+    assert StreamingLLM(budget=2).make_cache(cfg, [3], 4, torch.float32, "cpu").budgets().tolist() == [[5], [5]]
     for cls in (SnapKV, PyramidKV):
-        name = cls.__name__
-        with pytest.raises(KvzooError, match=rf"{name}: the budget resolves to 6 slots .* 30-token .*window_size = 8"):
-            cls(budget=0.2, window_size=8).make_cache(cfg, [40, 30], 4, torch.float32, "cpu")
-        with pytest.raises(KvzooError, match=rf"{name}: the budget resolves to 5 slots .*window_size = 8"):
-            cls(budget=5, window_size=8).make_cache(cfg, [20], 4, torch.float32, "cpu")
-        model = models("llama-gqa")
-        with pytest.raises(KvzooError, match=rf"{name}: the budget resolves to 4 slots"):
-            model.generate_ids(prompt(20, 0), max_new_tokens=2, compression=cls(budget=0.2, window_size=8))
+        cache = cls(budget=6, window_size=8).make_cache(cfg, [40, 3], 0, torch.float32, "cpu")
+        assert cache.budgets().tolist() == [[8, 3]] * 2
+    cache = SnapKV(budget=0.2, window_size=8).make_cache(cfg, [40, 30, 5], 0, torch.float32, "cpu")
+    assert cache.budgets().tolist() == [[8, 8, 5]] * 2  # 8 = 0.2 * 40; 6 raised to the window; 5: the prompt
 
 
 # --- 4. memory --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import kvzoo
 from kvzoo.cache.chunk import make_prefill_chunk
 from kvzoo.cache.slots import LayerSlots
-from kvzoo.cache.zsmerge import ZSMerge
+from kvzoo.cache.zsmerge import ZSMerge, ZSMergeLayout
 from kvzoo.errors import KvzooError
 from kvzoo_kernels.attention import decode_attention
 
@@ -274,11 +274,13 @@ def test_invalid_hyperparameters(kwargs, message):
         ZSMerge(**kwargs)
 
 
-def test_budget_smaller_than_fixed_parts_names_the_sizes():
-    with pytest.raises(KvzooError, match=r"resolves to 3 slots .* 100-token prompt.*at least 4"):
-        ZSMerge(budget=3, proximity=2, residual=1).layout(100)
-    with pytest.raises(KvzooError, match=r"resolves to 2 slots per KV head for a 40-token prompt"):
-        ZSMerge(budget=0.05).layout(40)
+def test_budget_smaller_than_fixed_parts():
+    """A budget without room for a context slot is raised to the smallest layout with one (the budget rule)."""
+    assert ZSMerge(budget=3, proximity=2, residual=1).layout(100) == ZSMergeLayout(4, 2, 1)
+    assert ZSMerge(budget=0.05).layout(40) == ZSMergeLayout(4, 2, 1)  # 2 slots raised to 4
+    assert ZSMerge(budget=0.05).layout(1) == ZSMergeLayout(4, 2, 1)
+    assert ZSMerge(budget=0.05).layout(200) == ZSMergeLayout(10, 5, 1)
+    assert ZSMerge(budget=0.2, proximity=0.9).layout(10) == ZSMergeLayout(11, 9, 1)  # 10 slots: 9 + 1 + 0
 
 
 def test_nbytes_is_what_the_tensors_hold_and_a_fifteenth_of_full(tmp_path):

@@ -9,11 +9,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a source checkout without installing
 
-from kvzoo.cli import main as kvzoo_main  # noqa: E402
+from kvzoo.cli import convert_parser, run  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    return kvzoo_main(["convert", "gguf", *(sys.argv[1:] if argv is None else argv)])
+    return run(convert_parser("gguf", prog="tools/convert_gguf.py").parse_args(argv))
 
 
 if __name__ == "__main__":

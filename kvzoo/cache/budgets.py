@@ -38,17 +38,25 @@ def budget_tokens(budget: Budget, prompt_len: int) -> int:
     return budget
 
 
+def resolve_budget(budget: Budget, prompt_len: int, minimum: int = 1, cap_at_prompt: bool = False) -> int:
+    """Slots per KV head for one sequence: THE budget rule, the same for every method.
+
+    1. a ratio budget is taken of the sequence's own prompt length (at least 1 slot); an integer is used as is;
+    2. the result is raised to the method's `minimum` layout (the fixed parts it cannot work without: the
+       observation window, sinks + 1, ZSMerge's proximity + residual + 1 context slot, ...);
+    3. prefill-only methods (`cap_at_prompt=True`) never keep more than the prompt: a budget covering the
+       whole prompt keeps all of it. Methods that compress while decoding keep this constant size even for a
+       shorter prompt: the cache fills up during decoding and eviction starts once prompt + generated tokens
+       exceed it.
+    So no valid budget fails on any prompt length; `KVCache.budgets()` shows the slots each sequence got.
+    """
+    slots = max(budget_tokens(budget, prompt_len), minimum)
+    return min(slots, prompt_len) if cap_at_prompt else slots
+
+
 def part_tokens(part: Budget, whole: int) -> int:
     """A sub-budget (e.g. ZSMerge's proximity part): a float is a fraction of `whole`, an int is absolute."""
     return int(part * whole) if isinstance(part, float) else part
-
-
-def require_at_least(method: str, budget: int, fixed: int, what: str, prompt_len: int) -> None:
-    if budget < fixed:
-        raise KvzooError(
-            f"{method}: the budget resolves to {budget} slots per KV head for a {prompt_len}-token prompt, "
-            f"smaller than its fixed part ({what} = {fixed}); raise the budget"
-        )
 
 
 def pyramid_budgets(avg_capacity: int, window: int, prompt_len: int, num_layers: int, beta: float) -> list[int]:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class FullCache(CompressionMethod):
-    """No compression: every token keeps its own slot (capacity = prompt + new tokens)."""
+    """No compression: every token keeps its own slot (capacity = prompt + new tokens); no budget."""
 
     def slots_in_use(self, capacity: int, tokens_seen: int) -> int:
         return min(capacity, tokens_seen)  # slot index = position < tokens seen

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.base import ScoredSelection
-from kvzoo.cache.budgets import Budget, budget_tokens, check_budget
+from kvzoo.cache.budgets import Budget, check_budget, resolve_budget
 from kvzoo.cache.scoring import accumulated_scores
 from kvzoo.cache.selection import argmin_where, kv_probs, place_or_evict, recent_mask
 from kvzoo.cache.slots import LayerSlots
@@ -29,6 +29,8 @@ class H2O(ScoredSelection):
     `recent_ratio` of the budget is the recent window (paper: 20% budget = 10% heavy + 10% recent).
     `normalise=True` divides prompt scores by the number of queries that saw each token (kvpress'
     observed attention); the default is the original sum.
+    Budget rule (`budgets.resolve_budget`): at least 1 slot; a constant-size layout even for a shorter
+    prompt, filled while decoding, then one eviction per step.
     """
 
     budget: Budget = 0.2
@@ -41,7 +43,7 @@ class H2O(ScoredSelection):
             raise KvzooError(f"H2O: recent_ratio must be in [0, 1], got {self.recent_ratio!r}")
 
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
-        return [[budget_tokens(self.budget, n) for n in prompt_lens]] * cfg.num_layers
+        return [[resolve_budget(self.budget, n) for n in prompt_lens]] * cfg.num_layers
 
     def _recent(self, slots: LayerSlots) -> torch.Tensor:
         return (slots.budget.float() * self.recent_ratio).long()  # [B]

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 
 from kvzoo.cache.base import PrefillOnlyMethod
-from kvzoo.cache.budgets import Budget, budget_tokens, check_budget
+from kvzoo.cache.budgets import Budget, check_budget, resolve_budget
 from kvzoo.cache.scoring import accumulated_scores
 from kvzoo.cache.selection import keep_top, recent_mask, shrink_slots
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
@@ -226,7 +226,9 @@ def merge_sets(
 
 @dataclass
 class KVMerger(PrefillOnlyMethod):
-    """Merge runs of similar adjacent keys into Gaussian-weighted pivots at prefill; see the module doc."""
+    """Merge runs of similar adjacent keys into Gaussian-weighted pivots at prefill; see the module doc.
+    Budget rule (`budgets.resolve_budget`): at least 1 slot, at most the prompt (a prompt no longer than the
+    budget is kept whole); skipped layers keep the whole prompt."""
 
     budget: Budget | None = 0.5  # slots per KV head (ratio of the prompt or tokens); None: fixed epsilon
     threshold: float = 0.75  # epsilon: cosine similarity of adjacent keys that merges (budget=None only)
@@ -283,7 +285,7 @@ class KVMerger(PrefillOnlyMethod):
         skipped = self.skipped(cfg.num_layers)
         budget = self.budget
         return [
-            [n if layer in skipped or budget is None else min(budget_tokens(budget, n), n) for n in prompt_lens]
+            [n if layer in skipped or budget is None else resolve_budget(budget, n, cap_at_prompt=True) for n in prompt_lens]
             for layer in range(cfg.num_layers)
         ]
 

@@ -18,7 +18,9 @@ if TYPE_CHECKING:
 class PyramidKV(WindowSelection):
     """SnapKV selection with per-layer budgets decreasing arithmetically from layer 0 (METHODS.md 4.4):
     the average over layers is the budget; `beta` sets how steep the pyramid is.
-    Defaults from the KVCache-Factory LongBench runs: window 8, max-pool 7, beta 20."""
+    Defaults from the KVCache-Factory LongBench runs: window 8, max-pool 7, beta 20.
+    Budget rule: the average is at least `window_size` slots and at most the prompt (a prompt no longer
+    than it is kept whole in every layer)."""
 
     window_size: int = 8
     kernel_size: int = 7

@@ -27,10 +27,45 @@ METHODS: dict[str, type[CompressionMethod]] = {
     "kvmerger": KVMerger,
     "zigzag": ZigZagKV,
 }
+# Other accepted names (compared after `normalise_name`); the class names themselves are always accepted.
+ALIASES: dict[str, str] = {
+    "none": "full",
+    "streaming": "streamingllm",
+    "snap": "snapkv",
+    "pyramid": "pyramidkv",
+    "zeromerge": "zsmerge",
+}
+
+
+def normalise_name(name: str) -> str:
+    """Case-insensitive, `-` and `_` ignored: 'ZigZag-KV', 'zigzag_kv' and 'zigzagkv' are the same name."""
+    return name.strip().lower().replace("-", "").replace("_", "")
 
 
 def register(name: str, cls: type[CompressionMethod]) -> None:
-    METHODS[name] = cls
+    METHODS[normalise_name(name)] = cls
+
+
+def method_class(name: str) -> type[CompressionMethod]:
+    """The method called `name`: a key of METHODS, an alias or a class name, in any case, `-`/`_` ignored."""
+    key = normalise_name(name)
+    key = ALIASES.get(key, key)
+    if key in METHODS:
+        return METHODS[key]
+    for cls in METHODS.values():
+        if normalise_name(cls.__name__) == key:
+            return cls
+    raise KvzooError(f"unknown compression method {name.strip()!r}; accepted names: {accepted_names()}")
+
+
+def accepted_names() -> str:
+    """'full (FullCache, fullcache, none), ...': every method with its other accepted names."""
+    parts = []
+    for key, cls in METHODS.items():
+        others = [cls.__name__] if normalise_name(cls.__name__) != key else []
+        others += [alias for alias, target in ALIASES.items() if target == key]
+        parts.append(f"{key} ({', '.join(others)})" if others else key)
+    return ", ".join(parts) + " (case-insensitive; - and _ ignored)"
 
 
 def _value(text: str) -> object:
@@ -51,11 +86,12 @@ def _value(text: str) -> object:
 
 
 def parse_compression(spec: str) -> CompressionMethod:
-    """`zsmerge:budget=0.05,alpha=1` -> ZSMerge(budget=0.05, alpha=1). A bare name takes every default."""
+    """`zsmerge:budget=0.05,alpha=1` -> ZSMerge(budget=0.05, alpha=1). A bare name takes every default.
+    Names: see `method_class`; values: ints, floats, none, true/false, `(a;b)` tuples, else strings."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise KvzooError(f"a compression spec is a non-empty string like 'zsmerge:budget=0.1', got {spec!r}")
     name, _, args = spec.partition(":")
-    cls = METHODS.get(name.strip().lower())
-    if cls is None:
-        raise KvzooError(f"unknown compression method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    cls = method_class(name)
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     kwargs: dict[str, object] = {}
     for item in filter(None, (a.strip() for a in args.split(","))):
@@ -69,3 +105,20 @@ def parse_compression(spec: str) -> CompressionMethod:
             )
         kwargs[key.strip()] = _value(value)
     return cls(**kwargs)
+
+
+def as_method(compression: "CompressionMethod | type[CompressionMethod] | str | None") -> CompressionMethod:
+    """What every API taking `compression=` accepts: a method instance, a method class (its defaults), a spec
+    string ('zsmerge:budget=0.1', 'ZigZagKV') or None (the full cache)."""
+    if compression is None:
+        return FullCache()
+    if isinstance(compression, CompressionMethod):
+        return compression
+    if isinstance(compression, type) and issubclass(compression, CompressionMethod):
+        return compression()
+    if isinstance(compression, str):
+        return parse_compression(compression)
+    raise KvzooError(
+        "compression must be a method such as ZSMerge(budget=0.1), a spec string such as 'zsmerge:budget=0.1', "
+        f"or None (the full cache); got {compression!r}"
+    )

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.base import PrefillOnlyMethod, ScoredSelection
-from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, require_at_least
+from kvzoo.cache.budgets import Budget, check_budget, resolve_budget
 from kvzoo.cache.scoring import window_scores
 from kvzoo.cache.selection import recent_mask
 from kvzoo.cache.slots import LayerSlots
@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 class WindowSelection(ScoredSelection, PrefillOnlyMethod):
     """Prefill-only selection by observation-window attention: the last `window_size` queries score every
     earlier token (pooled with `kernel_size`), the window itself is always kept, and the top tokens fill the
-    rest of the layer's budget. Decode appends up to `decode_cap` generated tokens (None: all of them)."""
+    rest of the layer's budget. Decode appends up to `decode_cap` generated tokens (None: all of them).
+    Budget rule (`budgets.resolve_budget`): at least `window_size` slots, at most the prompt (a prompt no
+    longer than the budget is kept whole)."""
 
     budget: Budget = 0.2
     window_size: int = 32
@@ -44,10 +46,8 @@ class WindowSelection(ScoredSelection, PrefillOnlyMethod):
         self.check_decode_cap()
 
     def sequence_budget(self, prompt_len: int) -> int:
-        """Slots kept from a prompt (never more than the prompt)."""
-        b = budget_tokens(self.budget, prompt_len)
-        require_at_least(type(self).__name__, b, min(self.window_size, prompt_len), "window_size", prompt_len)
-        return min(b, prompt_len)
+        """Slots kept from a prompt (on average over the layers): the budget rule with the window as minimum."""
+        return resolve_budget(self.budget, prompt_len, minimum=self.window_size, cap_at_prompt=True)
 
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
         return [[self.sequence_budget(n) for n in prompt_lens]] * cfg.num_layers
@@ -64,4 +64,5 @@ class WindowSelection(ScoredSelection, PrefillOnlyMethod):
 
 @dataclass
 class SnapKV(WindowSelection):
-    """SnapKV: uniform per-layer budget. Defaults from the official `init_snapkv`: window 32, avg-pool 5."""
+    """SnapKV: uniform per-layer budget. Defaults from the official `init_snapkv`: window 32, avg-pool 5.
+    Budget rule: at least `window_size` slots, at most the prompt (shorter prompts are kept whole)."""

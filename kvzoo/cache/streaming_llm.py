@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.base import ScoredSelection
-from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, require_at_least
+from kvzoo.cache.budgets import Budget, check_budget, resolve_budget
 from kvzoo.cache.selection import argmin_where, place_or_evict
 from kvzoo.cache.slots import LayerSlots
 from kvzoo.errors import KvzooError
@@ -26,6 +26,8 @@ class StreamingLLM(ScoredSelection):
     Keys keep their original positions (post-RoPE), the "simplified" mode of kvpress / KVCache-Factory;
     the paper's pos-shift mode (re-rotating keys to cache positions) is not implemented.
     Defaults: `sinks=4` (`start_size`), budget 4 + 512 (`recent_size=512`) as in the official code.
+    Budget rule (`budgets.resolve_budget`): at least sinks + 1 slots (a window of one); a constant-size layout
+    even for a shorter prompt, filled while decoding.
     """
 
     budget: Budget = 516
@@ -35,16 +37,9 @@ class StreamingLLM(ScoredSelection):
         check_budget(self.budget, "StreamingLLM")
         if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
             raise KvzooError(f"StreamingLLM: sinks must be an integer >= 0, got {self.sinks!r}")
-        if isinstance(self.budget, int) and self.budget <= self.sinks:
-            raise KvzooError(f"StreamingLLM: budget={self.budget} must exceed sinks={self.sinks} (room for a window)")
 
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
-        budgets = []
-        for n in prompt_lens:
-            b = budget_tokens(self.budget, n)
-            require_at_least("StreamingLLM", b, self.sinks + 1, "sinks + a window of 1", n)
-            budgets.append(b)
-        return [budgets] * cfg.num_layers
+        return [[resolve_budget(self.budget, n, minimum=self.sinks + 1) for n in prompt_lens]] * cfg.num_layers
 
     def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         return chunk.key_pos.float()  # newer before older

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.base import ScoredSelection
-from kvzoo.cache.budgets import Budget, budget_tokens, check_budget
+from kvzoo.cache.budgets import Budget, check_budget, resolve_budget
 from kvzoo.cache.scoring import window_scores
 from kvzoo.cache.selection import argmin_where, free_slot, where_rows
 from kvzoo.cache.slots import LayerSlots
@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 class TOVA(ScoredSelection):
     """Token Omission Via Attention: keep the tokens the *current* query attends to most, averaged over all
     heads of the layer, so every head of a layer keeps the same token set. When full, the lowest-scored of
-    [cache ; new token] is dropped (possibly the new token itself) — one eviction per decode step."""
+    [cache ; new token] is dropped (possibly the new token itself) — one eviction per decode step.
+    Budget rule (`budgets.resolve_budget`): at least 1 slot; a constant-size layout even for a shorter
+    prompt, filled while decoding."""
 
     budget: Budget = 0.2
 
@@ -30,7 +32,7 @@ class TOVA(ScoredSelection):
         check_budget(self.budget, "TOVA")
 
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
-        return [[budget_tokens(self.budget, n) for n in prompt_lens]] * cfg.num_layers
+        return [[resolve_budget(self.budget, n) for n in prompt_lens]] * cfg.num_layers
 
     def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         # The last query's attention, averaged over all heads of the layer, shared by every KV head.

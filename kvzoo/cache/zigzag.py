@@ -57,7 +57,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class ZigZagKV(WindowSelection):
-    """Observation-window selection with layer budgets from layer uncertainty (LMBA); see the module doc."""
+    """Observation-window selection with layer budgets from layer uncertainty (LMBA); see the module doc.
+    Budget rule: B_avg is at least `window_size` slots and at most the prompt (a prompt no longer than it is
+    kept whole in every layer)."""
 
     budget: Budget = 0.2  # B_avg: average slots per KV head over the layers
     window_size: int = 8

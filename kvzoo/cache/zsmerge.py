@@ -23,6 +23,9 @@ Ambiguities (METHODS.md 1.6) resolved as recommended:
 - A10: alpha = 1 by default (Theorem 1 and losslessness hold only then).
 Defaults: budget 0.2 of the prompt (code), B_p = 0.5 B (paper's recommendation), B_r = 0.02 (B - B_p)
 (paper; at least 1), decay 0.98, window 8, max-pool 5, dot-product slot choice (Eq. 6).
+Budget rule (`budgets.resolve_budget`): B is at least the smallest layout with one context slot (4 slots
+with the defaults: proximity 2, residual 1, context 1); the layout is constant-size even for a shorter
+prompt, whose tokens fill it until decoding pushes them out and merging starts.
 """
 
 from __future__ import annotations
@@ -100,17 +103,18 @@ class ZSMerge(CompressionMethod):
     def attention_alpha(self) -> float:
         return float(self.alpha)
 
+    def _split(self, budget: int) -> ZSMergeLayout:
+        """The regions of `budget` slots (possibly without a context slot, i.e. invalid)."""
+        proximity = max(MIN_PROXIMITY, part_tokens(self.proximity, budget))
+        residual = max(MIN_RESIDUAL, part_tokens(self.residual, budget - proximity))
+        return ZSMergeLayout(budget, proximity, residual)
+
     def layout(self, prompt_len: int) -> ZSMergeLayout:
-        b = budget_tokens(self.budget, prompt_len)
-        proximity = max(MIN_PROXIMITY, part_tokens(self.proximity, b))
-        residual = max(MIN_RESIDUAL, part_tokens(self.residual, b - proximity))
-        layout = ZSMergeLayout(b, proximity, residual)
-        if layout.context < 1:
-            raise KvzooError(
-                f"ZSMerge: the budget resolves to {b} slots per KV head for a {prompt_len}-token prompt, "
-                f"which leaves no context slot after proximity ({proximity}) and residual ({residual}) slots; "
-                f"it needs at least {proximity + residual + 1}"
-            )
+        """The regions for one sequence: the budget rule with the smallest layout holding a context slot as
+        minimum (a budget that resolves below it is raised to it)."""
+        layout = self._split(budget_tokens(self.budget, prompt_len))
+        while layout.context < 1:  # the context grows ~ (1 - proximity)(1 - residual) per slot: terminates
+            layout = self._split(layout.budget + 1)
         return layout
 
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:

@@ -102,23 +102,24 @@ class CausalLM(nn.Module):
         return load_pretrained(path_or_hub_id, dtype=dtype, device=device, family_class=cls)
 
     # --- generation -------------------------------------------------------------------------------
-    def generate(self, prompt: str | list[str], max_new_tokens: int = 128, **kwargs: Any) -> Any:
-        """Generate text; see `kvzoo.generate.generate_text` for every option."""
+    def generate(self, prompt: str | list[str], **kwargs: Any) -> Any:
+        """Generate text; see `kvzoo.generate.generate_text` for every option (max_new_tokens default 256;
+        an instruct checkpoint's chat template is applied by default)."""
         from kvzoo.generate import generate_text
 
-        return generate_text(self, prompt, max_new_tokens=max_new_tokens, **kwargs)
+        return generate_text(self, prompt, **kwargs)
 
-    def generate_ids(self, prompt_ids: list[list[int]], max_new_tokens: int = 128, **kwargs: Any) -> Any:
+    def generate_ids(self, prompt_ids: list[list[int]] | list[int], **kwargs: Any) -> Any:
         """Generate from token ids (no tokenizer needed); see `kvzoo.generate.generate_ids`."""
         from kvzoo.generate import generate_ids
 
-        return generate_ids(self, prompt_ids, max_new_tokens=max_new_tokens, **kwargs)
+        return generate_ids(self, prompt_ids, **kwargs)
 
-    def chat(self, messages: list[dict[str, str]], max_new_tokens: int = 256, **kwargs: Any) -> Any:
+    def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Any:
         """Render `messages` with the checkpoint's chat template and generate the assistant's reply."""
         from kvzoo.generate import chat
 
-        return chat(self, messages, max_new_tokens=max_new_tokens, **kwargs)
+        return chat(self, messages, **kwargs)
 
     def score(self, context: str | list[int], continuation: str | list[int], **kwargs: Any) -> torch.Tensor:
         """Per-token log-probabilities of `continuation` given `context` compressed by `compression=`;
