@@ -198,6 +198,7 @@ def run_bench_command(args: argparse.Namespace) -> None:
     model = load_model_for_args(args)
     hf = _load_hf(args, model) if args.against == "hf" else None
     rows: list[BenchRow] = []
+    report.interrupt_on_sigterm()
     interrupted = False
     try:
         for context in contexts:

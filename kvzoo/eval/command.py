@@ -93,8 +93,29 @@ def run_eval_command(args: argparse.Namespace) -> None:
     model = load_model_for_args(args)
     tok = model.require_tokenizer()
     corpus = tok.encode(corpus_text, add_special_tokens=False) if corpus_text is not None else []
-    runner = Runner(model, config, corpus, progress=not args.quiet)
     started = time.perf_counter()
+    dtype = next(model.parameters()).dtype
+    last_save = [time.monotonic()]
+
+    def save(interrupted: bool) -> tuple[list[Path], str]:
+        prov = report.provenance(dtype)
+        rows = report.summarize(runner.records)
+        payload = {"kind": "eval", "provenance": prov, "config": config,
+                   "source": args.source if corpus_text is not None else args.data, "corpus_tokens": len(corpus),
+                   "seconds": time.perf_counter() - started, "interrupted": interrupted, "summary": rows,
+                   "records": runner.records}
+        written = [report.write_json(out, payload)]
+        table = report.markdown_tables(rows) if args.suite == "builtin" else report.longbench_table(rows)
+        written.append(report.write_markdown(out, "kvzoo eval", prov, table))
+        return written, table
+
+    def checkpoint() -> None:  # partial results at most once a minute, so a killed run loses little
+        if time.monotonic() - last_save[0] > 60:
+            save(interrupted=True)
+            last_save[0] = time.monotonic()
+
+    runner = Runner(model, config, corpus, progress=not args.quiet, on_cell=checkpoint)
+    report.interrupt_on_sigterm()
     interrupted = False
     try:
         if args.suite == "longbench":
@@ -104,17 +125,9 @@ def run_eval_command(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: writing what finished", file=sys.stderr)
-    dtype = next(model.parameters()).dtype
-    prov = report.provenance(dtype)
-    rows = report.summarize(runner.records)
-    payload = {"kind": "eval", "provenance": prov, "config": config, "source": args.source if corpus_text else args.data,
-               "corpus_tokens": len(corpus), "seconds": time.perf_counter() - started, "interrupted": interrupted,
-               "summary": rows, "records": runner.records}
-    written = [report.write_json(out, payload)]
-    table = report.markdown_tables(rows) if args.suite == "builtin" else report.longbench_table(rows)
-    written.append(report.write_markdown(out, "kvzoo eval", prov, table))
+    written, table = save(interrupted)
     if args.plot:
-        written += report.plot_quality(out, rows)
+        written += report.plot_quality(out, report.summarize(runner.records))
     print(table)
     for path in written:
         print(f"wrote {path}", file=sys.stderr)

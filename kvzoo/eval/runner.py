@@ -136,10 +136,17 @@ class Record:
 class Runner:
     """Runs the tasks; `records` grows as cells finish (so an interrupted run keeps what finished)."""
 
-    def __init__(self, model: "CausalLM", config: EvalConfig, corpus: list[int], progress: bool = True) -> None:
+    def __init__(self, model: "CausalLM", config: EvalConfig, corpus: list[int], progress: bool = True,
+                 on_cell: Callable[[], None] | None = None) -> None:
         self.model, self.config, self.corpus, self.progress = model, config, corpus, progress
         self.cases = method_cases(config.methods, config.budgets)
         self.records: list[Record] = []
+        self.on_cell = on_cell  # called after every finished (batch, case): e.g. to save partial results
+
+    def _done(self, bar: ProgressBar, note: str) -> None:
+        bar.update(note=note)
+        if self.on_cell is not None:
+            self.on_cell()
 
     # --- shared machinery ---------------------------------------------------------------------------
     def _batches(self, items: list[Any]) -> Iterator[tuple[int, list[Any]]]:
@@ -196,7 +203,7 @@ class Runner:
                     logp, last = teacher_force(step, cache, logits, cont[:, :-1], start)
                     logp = torch.cat([logp, last.float().log_softmax(-1).gather(-1, cont[:, -1:])], dim=1)
                 self._add("nll", case, first, {"nll": (-logp.mean(1)).tolist()}, kept=kept)
-                bar.update(note=case.label)
+                self._done(bar, case.label)
 
     # --- agreement ------------------------------------------------------------------------------------
     def _agreement(self, instances: list[T.TextInstance], bar: ProgressBar) -> None:
@@ -211,7 +218,7 @@ class Runner:
                     reference = tokens
                 same = (tokens == reference).float().mean(1)
                 self._add("agreement", case, first, {"agreement": same.tolist()})
-                bar.update(note=case.label)
+                self._done(bar, case.label)
 
     # --- attention-output error per layer ----------------------------------------------------------------
     def _attn_error(self, instances: list[T.TextInstance], bar: ProgressBar) -> None:
@@ -229,7 +236,7 @@ class Runner:
                         self.records.append(Record("attn_error", case.label, case.budget, first + i,
                                                    {"error": float(err[:, i].mean())},
                                                    {"per_layer": err[:, i].tolist()}))
-                    bar.update(note=case.label)
+                    self._done(bar, case.label)
 
     # --- needle ------------------------------------------------------------------------------------------
     def _needles(self) -> list[T.NeedleInstance]:
@@ -273,7 +280,7 @@ class Runner:
                             {"kind": x.kind, "length": x.length, "depth": x.depth, "answer": x.answer,
                              "output": text},
                         ))
-                    bar.update(note=f"{layout} {case.label}")
+                    self._done(bar, f"{layout} {case.label}")
 
 
 
@@ -299,7 +306,7 @@ def run_longbench(runner: Runner, examples: dict[str, list[Any]], max_prompt: in
                     texts = [tok.decode(_until_eos(a, eos)) for a in answers]
                     scores = [longbench.score_prediction(x, t) for x, t in zip(batch, texts)]
                     runner._add(f"longbench-{task}", case, first, {"score": scores})
-                    bar.update(note=f"{task} {case.label}")
+                    runner._done(bar, f"{task} {case.label}")
     finally:
         bar.close()
     return runner.records
