@@ -12,7 +12,8 @@ import torch
 
 from kvzoo.cache.chunk import PrefillChunk, make_prefill_chunk
 from kvzoo.cache.slots import KVCache
-from kvzoo_kernels.attention import causal_attention, decode_attention, prefill_attention
+from kvzoo_kernels.attention import causal_attention, decode_attention
+from kvzoo_kernels.chunk_attention import chunk_attention
 
 
 @dataclass
@@ -40,7 +41,8 @@ def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ct
     chunk = _prefill_chunk(layer_idx, q, k, v, ctx, used) if (cache is not None or needs_mask) else None
     if needs_mask:
         assert chunk is not None
-        out = prefill_attention(q, chunk.keys, chunk.values, chunk.q_pos, chunk.key_pos, chunk.key_bias, ctx.window)
+        out = chunk_attention(q, chunk.keys, chunk.values, chunk.q_pos, chunk.key_pos, chunk.key_bias, ctx.window,
+                              n_slots=chunk.keys.shape[2] - t)
     else:
         out = causal_attention(q, k, v)
     if cache is not None:

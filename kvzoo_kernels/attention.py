@@ -12,6 +12,10 @@ and (with a sliding window W)     q_pos[i] - key_pos[j] < W.
 `key_bias` is `alpha * log w` for cache slots (0 for exact tokens, -inf for empty slots), which is how merged
 slots stand for several tokens (ZSMerge's compensated attention). Shapes use B batch, Hq query heads,
 Hkv key/value heads (G = Hq / Hkv query heads share one), T queries, S keys, D head dim.
+
+Each Triton kernel has its own module beside this one, holding its torch reference, the kernel and the
+dispatcher: decode_attention.py, chunk_attention.py (over `prefill_attention`), window_scores.py
+(`weighted_column_sums`), zsmerge_update.py; dispatch.py says which runs.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+# Re-exported: the dispatcher (torch reference on CPU, Triton on CUDA) lives with its kernel.
+from kvzoo_kernels.decode_attention import decode_attention  # noqa: F401
 
 # Queries per block in prefill: bounds the [B, Hq, block, S] logits/mask memory for long prompts.
 QUERY_BLOCK = 256
@@ -109,55 +116,3 @@ def attention_probs(
     logits = torch.einsum("bhgtd,bhsd->bhgts", q.reshape(b, hkv, hq // hkv, t, d).float(), k.float())
     logits = logits / math.sqrt(d) + bias[:, :, None]
     return logits.softmax(dim=-1).reshape(b, hq, t, -1)
-
-
-def weighted_column_sums(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    q_pos: torch.Tensor,
-    key_pos: torch.Tensor,
-    key_bias: torch.Tensor,
-    window: int | None,
-    query_weights: torch.Tensor,
-) -> torch.Tensor:
-    """sum_i query_weights[b, i] * probs[b, h, i, j] -> [B, Hq, S] in fp32, computed block by block.
-
-    With all-ones weights this is H2O's accumulated attention; with geometric weights lambda^(T-1-i) it is
-    ZSMerge's decayed contribution score over the whole prompt. query_weights: [B, T].
-    """
-    t = q.shape[2]
-    total = None
-    for start in range(0, t, QUERY_BLOCK):
-        stop = min(t, start + QUERY_BLOCK)
-        probs = attention_probs(q[:, :, start:stop], k, q_pos[:, start:stop], key_pos, key_bias, window)
-        part = torch.einsum("bhts,bt->bhs", probs, query_weights[:, start:stop].float())
-        total = part if total is None else total + part
-    assert total is not None
-    return total
-
-
-def decode_attention(
-    q: torch.Tensor,
-    k_slots: torch.Tensor,
-    v_slots: torch.Tensor,
-    slot_bias: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query token over [C cache slots ; the new token itself], without concatenating K/V.
-
-    q: [B, Hq, D]; k_slots, v_slots: [B, Hkv, C, D]; slot_bias: [B, Hkv, C] (-inf for invisible slots);
-    k_new, v_new: [B, Hkv, D]. Returns out [B, Hq, D] and probs [B, Hq, C + 1] (fp32; last column = new token).
-    Static shapes, no host synchronisation: this is the body of the compiled decode step.
-    """
-    b, hq, d = q.shape
-    hkv = k_slots.shape[1]
-    qg = q.reshape(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
-    scale = 1.0 / math.sqrt(d)
-    slot_logits = torch.einsum("bhgd,bhcd->bhgc", qg, k_slots).float() * scale + slot_bias[:, :, None, :]
-    new_logit = torch.einsum("bhgd,bhd->bhg", qg, k_new).float()[..., None] * scale
-    probs = torch.cat([slot_logits, new_logit], dim=-1).softmax(dim=-1)  # [B, Hkv, G, C+1]
-    p_slots = probs[..., :-1].to(v_slots.dtype)
-    out = torch.einsum("bhgc,bhcd->bhgd", p_slots, v_slots)
-    out = out + probs[..., -1:].to(v_new.dtype) * v_new[:, :, None, :]
-    return out.reshape(b, hq, d), probs.reshape(b, hq, -1)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from kvzoo_kernels.attention import attention_probs, weighted_column_sums
+from kvzoo_kernels.window_scores import weighted_column_sums
 
 if TYPE_CHECKING:
     from kvzoo.cache.chunk import PrefillChunk
@@ -68,10 +68,10 @@ def window_scores(
     Padding queries contribute nothing."""
     w = min(window, chunk.q.shape[2])
     q_pos = chunk.q_pos[:, -w:]
-    probs = attention_probs(chunk.q[:, :, -w:], chunk.keys, q_pos, chunk.key_pos, chunk.key_bias, chunk.window)
-    ages = torch.arange(w - 1, -1, -1, device=probs.device, dtype=torch.float32)
+    ages = torch.arange(w - 1, -1, -1, device=q_pos.device, dtype=torch.float32)
     weights = (decay**ages)[None] * (q_pos >= 0)  # [B, w]
-    scores = torch.einsum("bhts,bt->bhs", probs, weights)  # [B, Hq, S]
+    scores = weighted_column_sums(chunk.q[:, :, -w:], chunk.keys, q_pos, chunk.key_pos, chunk.key_bias,
+                                  chunk.window, weights)  # [B, Hq, S]
     hkv = chunk.keys.shape[1]
     if kernel and kernel > 1:
         groups = scores.shape[1] // hkv

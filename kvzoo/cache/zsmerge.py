@@ -38,9 +38,10 @@ import torch
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
 from kvzoo.cache.scoring import accumulated_scores, window_scores
-from kvzoo.cache.selection import argmin_where, kv_probs, rank_order, recent_mask, slot_index, where_rows
+from kvzoo.cache.selection import rank_order, recent_mask
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
 from kvzoo.errors import KvzooError
+from kvzoo_kernels.zsmerge_update import most_similar, zsmerge_update
 
 if TYPE_CHECKING:
     from kvzoo.cache.chunk import PrefillChunk
@@ -219,12 +220,7 @@ class ZSMerge(CompressionMethod):
 
     def _most_similar(self, queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """For each query key [B, Hkv, N, D], the index of the closest allowed key (by `metric`)."""
-        qf, kf = queries.float(), keys.float()
-        if self.metric == "dot":
-            sim = qf @ kf.transpose(-1, -2)
-        else:
-            sim = -torch.cdist(qf, kf)
-        return sim.masked_fill(~allowed[..., None, :], NEG_INF).argmax(-1)
+        return most_similar(queries, keys, allowed, self.metric)
 
     def _merge_groups(self, chunk: "PrefillChunk", score: torch.Tensor, leftover: torch.Tensor,
                       group: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logw: torch.Tensor,
@@ -258,60 +254,8 @@ class ZSMerge(CompressionMethod):
         """Static-shaped ZSMerge step (METHODS.md 1.2 decode, with A3/A4 paper semantics):
         decay scores, put the new token in the ring slot of the oldest proximity token, move that token
         into a free context slot, or else merge the lowest-scored of context ∪ {it} into the residual slot
-        with the most similar key."""
-        b, hkv = k_new.shape[:2]
-        slot_p, new_p = kv_probs(probs, hkv)
-        filled = slots.filled
-        slots.score.copy_(torch.where(filled, self.decay * slots.score + slot_p, 0.0))
-
-        proximity = slots.state["proximity"]
-        ring_start = slots.budget - proximity
-        ring_slot = (ring_start + pos_new % proximity)[:, None].expand(b, hkv)
-        leaving = slots.read(ring_slot)  # the oldest proximity token (may be an empty slot)
-        zeros = torch.zeros(b, hkv, device=k_new.device)
-        slots.write(ring_slot, k_new, v_new, zeros, new_p, pos_new[:, None].expand(b, hkv))
-        leaving_valid = torch.isfinite(leaving[2])
-
-        idx = slot_index(slots)[None, None, :]
-        residual = slots.state["residual"][:, None, None]
-        context = (idx >= residual) & (idx < ring_start[:, None, None])
-        filled = slots.filled
-        free = context & ~filled
-        has_free, first_free = free.any(-1), free.to(torch.int8).argmax(-1)
-        weakest = argmin_where(slots.score, context & filled)
-        weakest_tok = slots.read(weakest)
-        leaving_is_weakest = leaving[3] <= weakest_tok[3]
-
-        # Merge (cache full): the lowest-scored of context ∪ {leaving} goes into a residual slot.
-        do_merge = leaving_valid & ~has_free
-        merge_src = tuple(where_rows(leaving_is_weakest, a, c) for a, c in zip(leaving, weakest_tok))
-        self._merge_into_residual(slots, merge_src, do_merge, idx < residual)
-
-        # Place the leaving token: a free context slot, or the slot of the weakest token just merged.
-        do_place = leaving_valid & (has_free | ~leaving_is_weakest)
-        place_at = torch.where(has_free, first_free, weakest)
-        current = slots.read(place_at)
-        slots.write(place_at, *(where_rows(do_place, new, old) for new, old in zip(leaving, current)))
-
-    def _merge_into_residual(self, slots: LayerSlots, src: tuple[torch.Tensor, ...], do_merge: torch.Tensor,
-                             is_residual: torch.Tensor) -> None:
-        k_s, v_s, logw_s, score_s, pos_s = src
-        filled = slots.filled
-        empty_residual = is_residual & ~filled
-        has_empty, first_empty = empty_residual.any(-1), empty_residual.to(torch.int8).argmax(-1)
-        similar = self._most_similar(k_s[:, :, None], slots.k, is_residual & filled)[..., 0]
-        r = torch.where(has_empty, first_empty, similar)
-        k_r, v_r, logw_r, score_r, pos_r = slots.read(r)
-        w_r = torch.where(torch.isfinite(logw_r), logw_r, NEG_INF).exp()
-        w_s = logw_s.exp()
-        w = w_r + w_s
-        frac_r, frac_s = (w_r / w)[..., None], (w_s / w)[..., None]
-        k = (frac_r * k_r.float() + frac_s * k_s.float()).to(k_r.dtype)
-        v = (frac_r * v_r.float() + frac_s * v_s.float()).to(v_r.dtype)
-        if self.score_update == "max":
-            score = torch.where(torch.isfinite(logw_r), torch.maximum(score_r, score_s), score_s)
-        else:
-            score = score_r + score_s
-        merged = (k, v, w.log(), score, torch.maximum(pos_r, pos_s))
-        slots.write(r, *(where_rows(do_merge, new, old) for new, old in zip(merged, (k_r, v_r, logw_r, score_r, pos_r))))
-
+        with the most similar key. The fused update lives in kvzoo_kernels.zsmerge_update (torch on CPU,
+        Triton on CUDA)."""
+        zsmerge_update(slots.k, slots.v, slots.logw, slots.score, slots.pos, slots.budget,
+                       slots.state["residual"], slots.state["proximity"], k_new, v_new, pos_new, probs,
+                       decay=self.decay, metric=self.metric, score_update=self.score_update)
