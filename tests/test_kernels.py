@@ -1,6 +1,6 @@
 """Kernel dispatch (kvzoo_kernels.dispatch), and the Triton kernels against their torch references.
 
-The kernels themselves are checked in tests/triton_interpreted.py, run here in a fresh process under the
+The kernels themselves are checked in tests/kernel_parity.py, run here in a fresh process under the
 Triton interpreter (TRITON_INTERPRET=1 must be set before triton is first imported, and must not leak into
 the other tests). triton is a test extra (`make test` installs it): a missing triton fails loudly.
 """
@@ -31,11 +31,11 @@ def _clean_env() -> dict[str, str]:
 
 def test_triton_kernels_equal_their_references_under_the_interpreter():
     """Every kernel (decode attention, chunked-prefill attention, window column scores, the fused ZSMerge
-    update) and its custom op, on hypothesis-generated shapes, fp32 and fp16: tests/triton_interpreted.py."""
+    update) and its custom op, on hypothesis-generated shapes, fp32 and fp16: tests/kernel_parity.py."""
     env = _clean_env() | {"TRITON_INTERPRET": "1", dispatch.ENV_VAR: "triton"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-o", "addopts=", "-p", "no:cacheprovider",
-         str(ROOT / "tests" / "triton_interpreted.py")],
+         str(ROOT / "tests" / "kernel_parity.py")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

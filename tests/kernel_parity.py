@@ -1,12 +1,14 @@
-"""The Triton kernels of kvzoo_kernels against their torch references, under the Triton interpreter.
+"""The Triton kernels of kvzoo_kernels against their torch references.
 
-Run by tests/test_kernels.py in a fresh process with TRITON_INTERPRET=1 and KVZOO_KERNELS=triton (this file
-is not collected by a plain `pytest tests`): triton decorates its own library functions when it is imported,
-reading TRITON_INTERPRET at that moment, so the interpreter must be on before anything imports triton, and
-that must not leak into the other tests. To run it alone:
-`TRITON_INTERPRET=1 KVZOO_KERNELS=triton python -m pytest tests/triton_interpreted.py`.
+On CPU, under the Triton interpreter: run by tests/test_kernels.py in a fresh process with
+TRITON_INTERPRET=1 and KVZOO_KERNELS=triton (this file is not collected by a plain `pytest tests`): triton
+decorates its own library functions when it is imported, reading TRITON_INTERPRET at that moment, so the
+interpreter must be on before anything imports triton, and that must not leak into the other tests. By hand:
+`TRITON_INTERPRET=1 KVZOO_KERNELS=triton python -m pytest tests/kernel_parity.py`.
+On a GPU (never done in this project, which has none):
+`KVZOO_TEST_DEVICE=cuda KVZOO_KERNELS=triton python -m pytest tests/kernel_parity.py`.
 
-No GPU here: every kernel runs on CPU tensors. Shapes are hypothesis-generated and tiny (the interpreter
+Shapes are hypothesis-generated and tiny (the interpreter
 costs Python per program), with small tiles so that several tiles and splits are exercised: one filled
 slot, C not a multiple of the tile, H_kv = 1, G = 1, batches with different fill levels, empty slots,
 padding queries, sliding windows. fp32 and fp16 (the interpreter cannot do bf16).
@@ -17,10 +19,12 @@ from __future__ import annotations
 import os
 import sys
 
-if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("KVZOO_KERNELS") != "triton":
-    raise RuntimeError("tests/triton_interpreted.py needs TRITON_INTERPRET=1 and KVZOO_KERNELS=triton in the "
+DEVICE = os.environ.get("KVZOO_TEST_DEVICE", "cpu")
+INTERPRETED = DEVICE == "cpu"
+if os.environ.get("KVZOO_KERNELS") != "triton" or (INTERPRETED and os.environ.get("TRITON_INTERPRET") != "1"):
+    raise RuntimeError("tests/kernel_parity.py needs KVZOO_KERNELS=triton and, on CPU, TRITON_INTERPRET=1 in the "
                        "environment (tests/test_kernels.py runs it that way)")
-if "triton" in sys.modules:
+if INTERPRETED and "triton" in sys.modules:
     raise RuntimeError("triton was imported before this module: its library was decorated without the interpreter")
 
 import pytest  # noqa: E402
@@ -66,11 +70,16 @@ SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 
 def test_the_interpreter_and_the_triton_path_are_on():
     assert dispatch.MODE == "triton"
-    assert triton.knobs.runtime.interpret
+    assert bool(triton.knobs.runtime.interpret) == INTERPRETED
 
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def _dev(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Inputs are drawn on CPU (seeded) and moved to the device under test."""
+    return tuple(t.to(DEVICE) for t in tensors)
 
 
 # --- decode attention -----------------------------------------------------------------------------------
@@ -103,6 +112,7 @@ def test_decode_attention_equals_reference(case):
     if c > 1:
         empty[0, 0, 1:] = True
     bias = logw.masked_fill(empty, -INF)
+    q, k_slots, v_slots, bias, k_new, v_new, empty = _dev(q, k_slots, v_slots, bias, k_new, v_new, empty)
 
     out, probs = decode_attention_triton(q, k_slots, v_slots, bias, k_new, v_new, block_c=block_c,
                                          split_size=split_size)
@@ -121,6 +131,7 @@ def test_decode_attention_dispatcher_default_tiles():
     bias = torch.zeros(2, 2, 70)
     bias[1, :, 50:] = -INF
     k_new, v_new = torch.randn(2, 2, 16, generator=g), torch.randn(2, 2, 16, generator=g)
+    q, k_slots, v_slots, bias, k_new, v_new = _dev(q, k_slots, v_slots, bias, k_new, v_new)
     out, probs = decode_attention(q, k_slots, v_slots, bias, k_new, v_new)
     ref_out, ref_probs = decode_attention_reference(q, k_slots, v_slots, bias, k_new, v_new)
     torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
@@ -158,7 +169,7 @@ def _chunk(case):  # noqa: ANN001, ANN202
     slot_pos, slot_bias = slot_pos.masked_fill(empty, -1), slot_bias.masked_fill(empty, -INF)
     key_pos = torch.cat([slot_pos, q_pos[:, None].expand(b, hkv, t)], dim=2)
     key_bias = torch.cat([slot_bias, torch.where(q_pos >= 0, 0.0, -INF)[:, None].expand(b, hkv, t)], dim=2)
-    return q, keys, values, q_pos, key_pos, key_bias
+    return _dev(q, keys, values, q_pos, key_pos, key_bias)
 
 
 @SETTINGS
@@ -183,7 +194,7 @@ def test_window_column_scores_equal_reference(case, observed):
     q, keys, _, q_pos, key_pos, key_bias = _chunk(case)
     if observed is not None:
         q, q_pos = q[:, :, -observed:], q_pos[:, -observed:]
-    weights = torch.rand(q_pos.shape, generator=_gen(seed + 1))
+    (weights,) = _dev(torch.rand(q_pos.shape, generator=_gen(seed + 1)))
     out = weighted_column_sums_triton(q, keys, q_pos, key_pos, key_bias, window, weights, block_t=block_t,
                                       block_s=block_s)
     ref = weighted_column_sums_reference(q, keys, q_pos, key_pos, key_bias, window, weights)
@@ -195,7 +206,7 @@ def test_prefill_dispatchers_take_the_triton_path():
     q, keys, values, q_pos, key_pos, key_bias = _chunk(case)
     torch.testing.assert_close(chunk_attention(q, keys, values, q_pos, key_pos, key_bias, 4, 7),
                                chunk_attention_reference(q, keys, values, q_pos, key_pos, key_bias, 4, 7))
-    weights = torch.ones(q_pos.shape)
+    weights = torch.ones(q_pos.shape, device=DEVICE)
     torch.testing.assert_close(weighted_column_sums(q, keys, q_pos, key_pos, key_bias, 4, weights),
                                weighted_column_sums_reference(q, keys, q_pos, key_pos, key_bias, 4, weights))
 
@@ -245,7 +256,7 @@ def _zsmerge_state(case):  # noqa: ANN001, ANN202
     k_new, v_new = (torch.randn(b, hkv, d, generator=g).to(dtype) for _ in range(2))
     pos_new = torch.randint(40, 60, (b,), generator=g)
     probs = torch.rand(b, hkv * groups, c + 1, generator=g)
-    return [k, v, logw, score, pos], (budget, residual, proximity, k_new, v_new, pos_new, probs)
+    return list(_dev(k, v, logw, score, pos)), _dev(budget, residual, proximity, k_new, v_new, pos_new, probs)
 
 
 @settings(max_examples=50, deadline=None, derandomize=True)
@@ -295,14 +306,37 @@ def test_custom_ops_pass_opcheck():
     k_slots, v_slots = torch.randn(1, 1, 5, 16, generator=g), torch.randn(1, 1, 5, 16, generator=g)
     k_new, v_new = torch.randn(1, 1, 16, generator=g), torch.randn(1, 1, 16, generator=g)
     torch.library.opcheck(torch.ops.kvzoo.decode_attention.default,
-                          (q, k_slots, v_slots, torch.zeros(1, 1, 5), k_new, v_new, 16, 16))
+                          (*_dev(q, k_slots, v_slots, torch.zeros(1, 1, 5), k_new, v_new), 16, 16))
     case = (1, 1, 2, 5, 3, 8, [1], 4, (16, 16), torch.float32, 2)
     qc, keys, values, q_pos, key_pos, key_bias = _chunk(case)
     torch.library.opcheck(torch.ops.kvzoo.chunk_attention.default,
                           (qc, keys, values, q_pos, key_pos, key_bias, 4, 3, 16, 16))
     torch.library.opcheck(torch.ops.kvzoo.weighted_column_sums.default,
-                          (qc, keys, q_pos, key_pos, key_bias, 4, torch.ones(q_pos.shape), 16, 16))
+                          (qc, keys, q_pos, key_pos, key_bias, 4, torch.ones(q_pos.shape, device=DEVICE), 16, 16))
     slots, rest = _zsmerge_state((1, 1, 2, 8, [(1, 2, 2)], 5, "full", "dot", "max", 1, torch.float32, 0, False))
     torch.library.opcheck(torch.ops.kvzoo.zsmerge_update.default, (*slots, *rest, 0.9, True, True, 1))
 
 
+
+
+def test_compiled_decode_step_calls_the_kernels():
+    """A decode step (attention over slots, then the ZSMerge update in place) under torch.compile with
+    fullgraph=True: the custom ops compile without a graph break and give the eager reference's results,
+    slot mutations included."""
+    case = (1, 2, 2, 16, [(2, 3, 3)], 9, "full", "dot", "max", 1, torch.float32, 4, False)
+    slots, (budget, residual, proximity, k_new, v_new, pos_new, probs) = _zsmerge_state(case)
+    (q,) = _dev(torch.randn(1, 4, 16, generator=_gen(5)))
+
+    def step(q, k, v, logw, score, pos, k_new, v_new, pos_new):  # noqa: ANN001, ANN202
+        out, probs = decode_attention(q, k, v, logw, k_new, v_new)
+        zsmerge_update(k, v, logw, score, pos, budget, residual, proximity, k_new, v_new, pos_new, probs,
+                       decay=0.9, metric="dot", score_update="max")
+        return out
+
+    ref = [t.clone() for t in slots]
+    ref_out, ref_probs = decode_attention_reference(q, ref[0], ref[1], ref[2], k_new, v_new)
+    zsmerge_update_reference(*ref, budget, residual, proximity, k_new, v_new, pos_new, ref_probs, 0.9, "dot", "max")
+    out = torch.compile(step, fullgraph=True)(q, *slots, k_new, v_new, pos_new)
+    torch.testing.assert_close(out, ref_out, **TOL[torch.float32])
+    for got, want in zip(slots, ref):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
