@@ -43,16 +43,6 @@ def use_triton(x: torch.Tensor) -> bool:
     return MODE == "triton"
 
 
-def set_mode(mode: str) -> str:
-    """Force a mode in this process (tests); returns the previous one. The environment variable is the
-    user-facing switch."""
-    global MODE
-    if mode not in MODES:
-        raise ValueError(f"kernel mode {mode!r}: expected one of {', '.join(MODES)}")
-    previous, MODE = MODE, mode
-    return previous
-
-
 def import_triton() -> tuple[Any, Any]:
     """(triton, triton.language), with a clear error when triton is missing."""
     try:

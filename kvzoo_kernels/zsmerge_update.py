@@ -13,6 +13,8 @@ Slot layout: [residual R: residual[b] slots | context | ring: proximity[b] slots
 - The Triton version runs one program per (sequence, KV head): the slot row's counts, scores and positions
   live in registers; keys are read only for the ring slot, the weakest context slot and the residual slots.
   Each row is stored once, and the (at most three, distinct) rewritten slots' keys and values after it.
+  One tile holds a whole slot row (C up to a few thousand: ZSMerge keeps a few percent of the prompt); a
+  much larger store would want the row tiled.
 - `zsmerge_update`: the dispatcher (kvzoo_kernels.dispatch).
 All updates are in place on the slot tensors; no host synchronisation, static shapes.
 """
