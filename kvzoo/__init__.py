@@ -13,12 +13,14 @@ from kvzoo.cache import (
     ZigZagKV,
     ZSMerge,
 )
+from kvzoo.cache.io import load_cache
+from kvzoo.conversation import Conversation
 from kvzoo.generate import generate_ids, generate_text
-from kvzoo.loading import load
-from kvzoo.models import Falcon, Llama2, Mistral
+from kvzoo.models import Falcon, Llama2, Mistral, load
 
 __all__ = [
     "H2O", "TOVA", "CompressionMethod", "Falcon", "FullCache", "KVCache", "KVMerger", "Llama2", "Mistral", "PyramidKV",
-    "SnapKV", "StreamingLLM", "ZigZagKV", "ZSMerge", "generate_ids", "generate_text", "load",
+    "SnapKV", "StreamingLLM", "ZigZagKV", "ZSMerge", "Conversation", "generate_ids", "generate_text", "load",
+    "load_cache",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The `kvzoo` command: generate, chat, info, convert, demo, eval, bench.
+"""The `kvzoo` command: generate, chat, compress, ask, info, convert, demo, eval, bench.
 
 The pieces other commands reuse: `HelpFormatter` (every option's default shown), `add_model_args`,
 `add_generation_args`, `add_prompt_args` / `read_prompt` (argument, `-` for stdin, or `--file`),
@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvzoo.demo import DEFAULT_METHODS
 from kvzoo.errors import KvzooError, KvzooWarning
 from kvzoo.generate import DEFAULT_MAX_NEW_TOKENS
 
@@ -145,10 +146,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    from kvzoo.conversation import Conversation
+
     kwargs = generation_kwargs(args)
+    document = read_text(args.document, "document") if args.document is not None else None
     model = load_model(args.model, args.dtype)
-    model.require_tokenizer().apply_chat_template([{"role": "user", "content": "x"}])  # no template: fail now
-    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    system = args.system
+    if document is not None and system is None:
+        system = "Answer the user's questions about the following document."
+    started = time.perf_counter()
+    conv = Conversation(model, system=system, document=document, **kwargs)
+    if document is not None and conv.cache is not None:
+        print(f"document prefilled in {time.perf_counter() - started:.1f} s: {conv.cache.lengths[0]} tokens in a "
+              f"{mib(conv.cache.nbytes())} cache", file=sys.stderr)
     print("kvzoo chat — empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
         try:
@@ -158,16 +168,76 @@ def cmd_chat(args: argparse.Namespace) -> None:
             break
         if not line.strip():
             break
-        messages.append({"role": "user", "content": line})
-        reply: list[str] = []
+        conv.say(line, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
 
-        def record(pieces: Any) -> Any:
-            for piece in pieces:
-                reply.append(piece)
-                yield piece
 
-        _stream(record(model.chat(messages, stream=True, **kwargs)))
-        messages.append({"role": "assistant", "content": "".join(reply)})
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file's contents; a missing, unreadable or empty file is one clear error."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise KvzooError(f"{path}: cannot read the {what} ({type(e).__name__}: {e})") from e
+    if not text.strip():
+        raise KvzooError(f"{path}: the {what} is empty")
+    return text
+
+
+def mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MiB"
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    from kvzoo.cache.full import FullCache
+    from kvzoo.conversation import DocumentPrompt
+    from kvzoo.convert.common import ProgressBar
+    from kvzoo.generate import prefill_cache
+
+    method = parse_spec(args.compression) or FullCache()
+    text = read_text(args.document, "document")
+    model = load_model(args.model, args.dtype)
+    tok = model.require_tokenizer()
+    use_chat = args.chat if args.chat is not None else tok.chat_template is not None
+    notes: dict[str, object] = {"document": Path(args.document).name}
+    if use_chat:
+        prompt = DocumentPrompt.render(tok, text)
+        ids = tok.encode(prompt.prefix, add_special_tokens=False)
+        notes["question_suffix"] = prompt.suffix  # `ask` closes the chat turn with each question and this
+    else:
+        ids = tok.encode(text)
+    bar = ProgressBar(len(ids), f"prefill {len(ids)} tokens")
+    started = time.perf_counter()
+    cache = prefill_cache(model, [ids], method, args.prefill_chunk,
+                          on_chunk=lambda done, _: bar.update(done - bar.count))
+    seconds = time.perf_counter() - started
+    bar.close()
+    cache.save(args.output, notes)
+    full = FullCache().make_cache(model.config, [len(ids)], 0, cache.dtype, "meta").nbytes()
+    print(f"{args.output}: {len(ids)} tokens compressed with {args.compression or 'full'} in {seconds:.1f} s; "
+          f"KV cache {mib(cache.nbytes())} vs {mib(full)} full ({full / max(cache.nbytes(), 1):.1f}x smaller)")
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from kvzoo.cache.io import load_cache, read_header
+    from kvzoo.generate import cut_at_stop, generate_ids
+
+    if args.compression:
+        raise KvzooError(f"{args.cache}: ask uses the method the cache was compressed with; drop --compression")
+    if not all(q.strip() for q in args.questions):
+        raise KvzooError("empty question: give some text")
+    kwargs = generation_kwargs(args)
+    del kwargs["compression"]
+    stops = kwargs.pop("stop") or []
+    header = read_header(args.cache)
+    model = load_model(args.model, args.dtype or header["dtype"])
+    cache = load_cache(args.cache, model)
+    tok = model.require_tokenizer()
+    suffix = header.get("notes", {}).get("question_suffix")
+    for question in args.questions:
+        text = f"\n\n{question}{suffix}" if suffix is not None else question
+        out = generate_ids(model, tok.encode(text, add_special_tokens=False), cache=cache, **kwargs)
+        answer = cut_at_stop(tok.decode(out.token_ids[0]), stops)[0].strip()
+        print(f"Q: {question}\nA: {answer}\n   (time to first token {out.first_token_seconds:.2f} s)", flush=True)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -217,8 +287,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from kvzoo.demo import run_demo
 
-    parse_spec(args.compression)
-    run_demo(model=args.model, dtype=args.dtype, compression=args.compression, questions=args.questions,
+    for spec in args.methods:
+        parse_spec(spec)
+    run_demo(model=args.model, dtype=args.dtype, methods=tuple(args.methods), questions=args.questions,
              doc_tokens=args.doc_tokens)
 
 
@@ -280,6 +351,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     add_generation_args(p)
     p.add_argument("--system", default=None, help="system message (default: the chat template's own, if any)")
+    p.add_argument("--document", type=Path, default=None, metavar="FILE",
+                   help="a UTF-8 text file prefilled once (compressed with --compression) into the system message")
+
+    p = command("compress", "prefill a document once and save its compressed KV cache", cmd_compress)
+    p.add_argument("document", type=Path, metavar="FILE", help="the document, a UTF-8 text file")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="PATH",
+                   help="the cache file to write, e.g. doc.kvc")
+    add_model_args(p)
+    p.add_argument("--compression", default=None, metavar="SPEC",
+                   help="KV-cache compression, e.g. zsmerge:budget=0.05 (default: the full cache)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="feed the document N tokens at a time, compressing after each chunk (default: all at once)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="open a chat-template user turn with the document, for `ask` to close with each question "
+                        "(default: when the checkpoint has a template); --no-chat: the plain text")
+
+    p = command("ask", "answer questions from a cache saved by `kvzoo compress`", cmd_ask)
+    p.add_argument("cache", type=Path, metavar="CACHE", help="a file written by `kvzoo compress`")
+    p.add_argument("questions", nargs="+", metavar="QUESTION", help="one or more questions, answered one by one")
+    add_model_args(p)
+    add_generation_args(p)
 
     p = command("info", "config, parameter count and KV-cache bytes", cmd_info)
     p.add_argument("model_pos", nargs="?", default=None, metavar="MODEL", help="same as --model (kept for brevity)")
@@ -291,11 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("convert", "convert a GGUF or Meta checkpoint into the Hugging Face layout", cmd_convert)
     add_convert_args(p)
 
-    p = command("demo", "answer questions about a long document, full cache vs compressed", cmd_demo)
+    p = command("demo", "compress a document once per method, save it, answer questions from the saved files",
+                cmd_demo)
     add_model_args(p)
-    p.add_argument("--compression", default="zsmerge:budget=0.05", metavar="SPEC", help="the compressed side")
-    p.add_argument("--questions", type=int, default=4, metavar="N", help="how many planted facts to ask about")
-    p.add_argument("--doc-tokens", type=int, default=6000, metavar="N", help="document length in tokens")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="SPEC",
+                   help="compression specs to compare ('full': the full cache)")
+    p.add_argument("--questions", type=int, default=6, metavar="N", help="how many planted facts to ask about (1-6)")
+    p.add_argument("--doc-tokens", type=int, default=1000, metavar="N", help="document length in tokens")
 
     from kvzoo.eval.bench import add_bench_parser
     from kvzoo.eval.command import add_eval_parser

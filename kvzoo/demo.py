@@ -1,13 +1,16 @@
-"""The main job on a real model: questions about facts planted in a long document (~6k tokens, built offline),
-answered with the full cache and with a compressed cache, side by side."""
+"""The main job on a real model: a long document with planted facts, compressed once per method, saved, and
+asked every question from the saved caches. One screen shows each method's KV bytes, its one prefill, how many
+answers it got right, and the time to first token from the stored cache vs prefilling the document again."""
 
 from __future__ import annotations
 
 import random
+import statistics
 import sys
+import tempfile
 import time
-
-from kvzoo.generate import GenerationOutput
+from dataclasses import dataclass
+from pathlib import Path
 
 # (what is asked about, the planted value). Invented, so the model cannot know them beforehand.
 FACTS = [
@@ -45,45 +48,82 @@ def build_document(target_tokens: int, count_tokens, n_facts: int, seed: int = 0
     return text
 
 
-def _answer(model, prompt: str, compression, max_new_tokens: int) -> tuple[str, GenerationOutput]:  # noqa: ANN001
-    from kvzoo.generate import generate_ids
-
-    tok = model.require_tokenizer()
-    out = generate_ids(model, tok.encode(prompt, add_special_tokens=False), max_new_tokens=max_new_tokens,
-                       compression=compression)
-    return tok.decode(out.token_ids[0]).strip(), out
+QUESTION = "According to the text above, what is {subject}? Answer with the value only."
+DEFAULT_METHODS = ("full", "zsmerge:budget=0.8", "zsmerge:budget=0.5", "tova:budget=0.5", "streamingllm:budget=0.5",
+                   "snapkv:budget=0.5")
 
 
-def run_demo(model: str | None = None, dtype: str | None = None, compression: str = "zsmerge:budget=0.05",
-             questions: int = 4, doc_tokens: int = 6000, max_new_tokens: int = 24) -> None:
+@dataclass(frozen=True)
+class MethodResult:
+    spec: str
+    cache_bytes: int
+    prefill_seconds: float
+    answers: list[str]
+    correct: list[bool]
+    ttft_from_cache: float  # median over the questions
+    ttft_re_prefill: float  # the first question, prefilling document + question in one prompt
+
+
+def run_demo(model: str | None = None, dtype: str | None = None, methods: tuple[str, ...] = DEFAULT_METHODS,
+             questions: int = len(FACTS), doc_tokens: int = 1000, max_new_tokens: int = 16) -> list[MethodResult]:
     import kvzoo
     from kvzoo.cache.registry import parse_compression
+    from kvzoo.conversation import DocumentPrompt
     from kvzoo.default_model import ensure_default_model
+    from kvzoo.generate import generate_ids, prefill_cache
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log("loading the model ...")
     m = kvzoo.load(model if model is not None else ensure_default_model(progress=True), dtype=dtype)
     tok = m.require_tokenizer()
-    questions = max(1, min(questions, len(FACTS)))
-    doc = build_document(doc_tokens, lambda t: len(tok.encode(t, add_special_tokens=False)), questions)
-    methods = [("full cache", kvzoo.FullCache()), (compression, parse_compression(compression))]
-    print(f"A {len(tok.encode(doc, add_special_tokens=False))}-token document with {questions} planted facts; "
-          f"{type(m).__name__} with {sum(p.numel() for p in m.parameters()) / 1e6:.0f}M parameters.\n", flush=True)
-    totals = {name: [0, 0.0, 0.0, 0] for name, _ in methods}  # correct, prefill s, decode tok/s, cache bytes
-    for q, (subject, value) in enumerate(FACTS[:questions]):
-        user = f"{doc}\n\nAccording to the text above, what is {subject}? Answer with the value only."
-        prompt = tok.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
-        print(f"Q{q + 1}: what is {subject}?   (planted: {value})", flush=True)
-        for name, method in methods:
-            answer, out = _answer(m, prompt, method, max_new_tokens)
-            correct = value.lower() in answer.lower()
-            stats = totals[name]
-            stats[0] += correct
-            stats[1] += out.prefill_seconds
-            stats[2] += out.decode_tokens_per_second
-            stats[3] = max(stats[3], out.cache.nbytes())
-            print(f"   {'✓' if correct else '✗'} {name:<24} {answer!r}", flush=True)
-    print(f"\n{'':<26}{'KV cache':>12}{'correct':>9}{'prefill s':>11}{'decode tok/s':>14}")
-    for name, (correct, prefill, tps, nbytes) in totals.items():
-        print(f"{name:<26}{nbytes / 2**20:>8.2f} MiB{correct:>6}/{questions}{prefill / questions:>11.1f}"
-              f"{tps / questions:>14.1f}")
+    facts = FACTS[:max(1, min(questions, len(FACTS)))]
+    doc = build_document(doc_tokens, lambda t: len(tok.encode(t, add_special_tokens=False)), len(facts))
+    prompt = DocumentPrompt.render(tok, doc)
+    doc_ids = tok.encode(prompt.prefix, add_special_tokens=False)
+    asks = [tok.encode(prompt.question(QUESTION.format(subject=s)), add_special_tokens=False) for s, _ in facts]
+    print(f"A {len(doc_ids)}-token document with {len(facts)} planted facts, {type(m).__name__} with "
+          f"{sum(p.numel() for p in m.parameters()) / 1e6:.0f}M parameters. Each method prefills the document "
+          "once,\nsaves the compressed cache to disk, and answers every question from the saved file.\n", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="kvzoo-demo-") as tmp:
+        for i, spec in enumerate(methods):
+            method = parse_compression(spec)
+            log(f"{spec}: prefilling the document once ...")
+            started = time.perf_counter()
+            cache = prefill_cache(m, [doc_ids], method)
+            prefill_s = time.perf_counter() - started
+            path = Path(tmp) / f"method{i}.kvc"
+            cache.save(path)
+            nbytes = cache.nbytes()
+            del cache
+            stored = kvzoo.load_cache(path, m)
+            answers, ttfts = [], []
+            for ids in asks:
+                out = generate_ids(m, ids, max_new_tokens=max_new_tokens, cache=stored)
+                answers.append(tok.decode(out.token_ids[0]).strip())
+                ttfts.append(out.first_token_seconds)
+            log(f"{spec}: the first question again, re-prefilling the document with it ...")
+            again = generate_ids(m, doc_ids + asks[0], max_new_tokens=1, compression=method)
+            correct = [value.lower() in a.lower() for (_, value), a in zip(facts, answers)]
+            results.append(MethodResult(spec, nbytes, prefill_s, answers, correct, statistics.median(ttfts),
+                                        again.first_token_seconds))
+    _print_results(facts, results)
+    return results
+
+
+def _print_results(facts: list[tuple[str, str]], results: list[MethodResult]) -> None:
+    width = max(len("method"), *(len(r.spec) for r in results)) + 2
+    marks = max(len(facts), len("answers"))
+    print(f"{'method':<{width}}{'KV cache':>12}{'prefill s':>11}  {'answers':<{marks}}{'correct':>8}"
+          f"{'first token s: from cache':>27}{'re-prefill':>12}")
+    for r in results:
+        answers = "".join("✓" if ok else "✗" for ok in r.correct)
+        print(f"{r.spec:<{width}}{r.cache_bytes / 2**20:>8.2f} MiB{r.prefill_seconds:>11.1f}  {answers:<{marks}}"
+              f"{sum(r.correct):>5}/{len(r.correct):<2}{r.ttft_from_cache:>27.2f}{r.ttft_re_prefill:>12.2f}")
+    print(f"\nanswers: one mark per question, ✓ when the answer contains the planted value; in order: "
+          f"{', '.join(value for _, value in facts)}")
+    full = next((r for r in results if r.spec == "full"), None)
+    if full is not None:
+        print("Answers with the full cache:")
+        for (subject, _), answer in zip(facts, full.answers):
+            print(f"  {subject}? {answer!r}")

@@ -12,10 +12,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.base import CompressionMethod
-from kvzoo.cache.registry import as_method
 from kvzoo.cache.slots import KVCache
 from kvzoo.errors import KvzooError
-from kvzoo.generate import Compression, DecodeStep, _check_request, _pad_id, left_pad, make_decode_step
+from kvzoo.generate import Compression, DecodeStep, make_decode_step, prefill, prepare
 
 if TYPE_CHECKING:
     from kvzoo.models.base import CausalLM
@@ -29,15 +28,8 @@ def prefill_cache(
 ) -> tuple[KVCache, torch.Tensor]:
     """Feed left-padded prompts into a fresh cache of `compression` with room for `headroom` decode steps.
     Returns (cache, next-token logits [B, V] of each prompt's last position)."""
-    _check_request(model, prompt_ids, headroom, prefill_chunk, compression)
-    param = next(model.parameters())
-    ids, positions = left_pad(prompt_ids, _pad_id(model), param.device)
-    cache = compression.make_cache(model.config, [len(p) for p in prompt_ids], headroom, param.dtype, param.device)
-    chunk = prefill_chunk or ids.shape[1]
-    for start in range(0, ids.shape[1], chunk):
-        logits = model(ids[:, start:start + chunk], positions[:, start:start + chunk], cache=cache, last_only=True)
-    compression.end_prefill(cache)
-    return cache, logits[:, -1]
+    request = prepare(model, prompt_ids, headroom, compression, prefill_chunk)
+    return request.cache, prefill(model, request.ids, request.positions, request.cache, prefill_chunk)
 
 
 def teacher_force(
@@ -63,24 +55,26 @@ def score_ids(
     compression: Compression = None,
     prefill_chunk: int | None = None,
     compile: bool = False,
+    cache: KVCache | None = None,
 ) -> list[torch.Tensor]:
     """Log-probabilities (fp32, one per continuation token) of each continuation given its context,
     compressed by `compression`. Batched: contexts are left-padded, shorter continuations are padded at the
-    end (their padding steps are not scored)."""
+    end (their padding steps are not scored). With `cache=` (from `model.prefill`), the contexts continue
+    after the cached tokens, on a fork: the given cache is left unchanged."""
     if len(contexts) != len(continuations):
         raise KvzooError(f"{len(contexts)} contexts but {len(continuations)} continuations")
     if not all(continuations):
         raise KvzooError("every continuation needs at least one token")
     n = max(len(c) for c in continuations)
-    compression = as_method(compression)  # a method, a class or a spec string
     # n - 1 decode steps: the first continuation token is predicted by the prefill.
-    cache, logits = prefill_cache(model, contexts, compression, n - 1, prefill_chunk)
+    request = prepare(model, contexts, n - 1, compression, prefill_chunk, cache)
+    logits = prefill(model, request.ids, request.positions, request.cache, prefill_chunk)
     device = logits.device
     tokens = torch.tensor([c + [c[-1]] * (n - len(c)) for c in continuations], device=device)
-    start = torch.tensor([len(c) for c in contexts], device=device)
+    start = torch.tensor(request.cache.lengths, device=device)
     step = make_decode_step(model, compile)
     # The last token is only scored, never fed: feed n - 1 tokens, score the n-th from the final logits.
-    logprobs, logits = teacher_force(step, cache, logits, tokens[:, :-1], start)
+    logprobs, logits = teacher_force(step, request.cache, logits, tokens[:, :-1], start)
     last = logits.float().log_softmax(-1).gather(-1, tokens[:, -1:])
     logprobs = torch.cat([logprobs, last], dim=1)
     return [logprobs[b, : len(c)].cpu() for b, c in enumerate(continuations)]
@@ -93,13 +87,14 @@ def score(
     compression: Compression = None,
     prefill_chunk: int | None = None,
     compile: bool = False,
+    cache: KVCache | None = None,
 ) -> torch.Tensor:
     """Log-probabilities [N] of `continuation` (text or ids) given `context` (text or ids) compressed by
-    `compression`. Text is tokenized separately: the context with the tokenizer's special tokens, the
-    continuation without them."""
-    context_ids = _as_ids(model, context, add_special_tokens=True, what="context")
+    `compression`. Text is tokenized separately: the context with the tokenizer's special tokens (none after
+    a `cache=`, which the context continues), the continuation without them."""
+    context_ids = _as_ids(model, context, add_special_tokens=cache is None, what="context")
     continuation_ids = _as_ids(model, continuation, add_special_tokens=False, what="continuation")
-    return score_ids(model, [context_ids], [continuation_ids], compression, prefill_chunk, compile)[0]
+    return score_ids(model, [context_ids], [continuation_ids], compression, prefill_chunk, compile, cache)[0]
 
 
 def _as_ids(model: "CausalLM", x: TokensOrText, add_special_tokens: bool, what: str) -> list[int]:

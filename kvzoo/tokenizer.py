@@ -21,11 +21,12 @@ when `legacy` is true).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable
 from datetime import datetime
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,18 @@ class Tokenizer:
         """One more than the largest token id, added tokens included. The ids of released tokenizers have no
         gaps, and this is what `len()` of a transformers tokenizer gives."""
         return self._backend.vocab_size
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the vocabulary file this tokenizer reads and of its special tokens: tokenizers with equal
+        fingerprints turn text into the same ids (a saved cache records it)."""
+        digest = hashlib.sha256()
+        for name in (TOKENIZER_JSON, SENTENCEPIECE_MODEL):
+            if (self._source / name).is_file():
+                digest.update((self._source / name).read_bytes())
+                break
+        digest.update(json.dumps(self._special_tokens, sort_keys=True).encode())
+        return digest.hexdigest()
 
     def _special_id(self, key: str) -> int | None:
         text = self._special_tokens.get(key)

@@ -76,7 +76,9 @@ def window_scores(
     if kernel and kernel > 1:
         groups = scores.shape[1] // hkv
         last = chunk.q_pos.max(dim=1).values[:, None, None]
-        poolable = torch.isfinite(chunk.key_logw) & (chunk.key_pos <= last - w)
+        # The window is each sequence's own last (up to) w tokens: left padding must not widen it.
+        real_w = (q_pos >= 0).sum(dim=1)[:, None, None]
+        poolable = torch.isfinite(chunk.key_logw) & (chunk.key_pos <= last - real_w)
         scores = pool_by_position(scores, chunk.key_pos.repeat_interleave(groups, dim=1),
                                   poolable.repeat_interleave(groups, dim=1), kernel, pooling)
     return group_mean(scores, hkv)

@@ -7,7 +7,9 @@ Every slot holds one key/value pair and three small statistics. A slot can stand
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,7 +33,8 @@ class LayerSlots:
     score: torch.Tensor  # [B, Hkv, C] fp32: the method's importance statistic (accumulated/decayed attention)
     pos: torch.Tensor  # [B, Hkv, C] int64: position of the slot's token (representative one if merged); -1 empty
     budget: torch.Tensor  # [B] int64: slots sequence b may fill (<= C); the rest stay empty
-    # Method-specific state, e.g. ZSMerge's proximity-ring pointer; counted in nbytes().
+    # Method-specific state, e.g. ZSMerge's region sizes; counted in nbytes(). Each entry is either per
+    # sequence (first dimension B, e.g. "prompt_len" [B]) or shared (0-dim): `fork` relies on it.
     state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
@@ -103,6 +106,22 @@ class LayerSlots:
             self.pos.gather(2, idx)[..., 0],
         )
 
+    def fork(self, headroom: int, repeats: int) -> "LayerSlots":
+        """A copy with `headroom` more empty slots (capacity and budget) per (sequence, head), and every
+        sequence repeated `repeats` times along B (per-sequence state too)."""
+        b, hkv, c, d = self.k.shape
+
+        def batch(x: torch.Tensor) -> torch.Tensor:
+            return x.repeat_interleave(repeats, dim=0) if repeats > 1 else x.clone()
+
+        new = LayerSlots.empty(b * repeats, hkv, c + headroom, d, batch(self.budget) + headroom, self.k.dtype,
+                               self.k.device)
+        for name in ("k", "v", "logw", "score", "pos"):
+            getattr(new, name)[:, :, :c] = batch(getattr(self, name))
+        new.state = {name: batch(t) if t.dim() > 0 and t.shape[0] == b else t.clone()
+                     for name, t in self.state.items()}
+        return new
+
     def replace_all(self, k: torch.Tensor, v: torch.Tensor, logw: torch.Tensor, score: torch.Tensor,
                     pos: torch.Tensor) -> None:
         """Overwrite the first n slots with the given [B, Hkv, n(, D)] contents and empty the rest."""
@@ -125,7 +144,57 @@ class KVCache:
 
     layers: list[LayerSlots]
     method: "object"  # kvzoo.cache.base.CompressionMethod (untyped here to avoid an import cycle)
-    tokens_seen: int = 0  # host-side count of prefill positions fed so far (padding included)
+    # Host-side count of positions fed so far, padding included (= the largest of `lengths` once fed).
+    tokens_seen: int = 0
+    # Per sequence: positions fed so far, i.e. the position the next token of that sequence takes.
+    lengths: list[int] = field(default_factory=list)
+    # What the cache belongs to (model config, tokenizer fingerprint; see `kvzoo.cache.io.model_origin`),
+    # set when a model builds it; written into the header by `save`.
+    origin: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].k.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].k.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].k.device
+
+    @torch.inference_mode()
+    def fork(self, headroom: int = 0, batch: int | None = None) -> "KVCache":
+        """A private copy to continue from, leaving this cache untouched: `headroom` more slots per (sequence,
+        KV head) for tokens appended later (prefill-only methods need them; decode-time methods keep their
+        size with 0), and, with `batch`, a one-sequence cache repeated into `batch` sequences (a cache of
+        `batch` sequences is copied as is)."""
+        from kvzoo.errors import KvzooError
+
+        b = self.batch_size
+        batch = b if batch is None else batch
+        if batch != b and b != 1:
+            raise KvzooError(
+                f"a cache of {b} sequences cannot continue {batch} prompts: give one prompt per cached sequence, "
+                "or use a cache of one sequence, which is shared by every prompt")
+        if isinstance(headroom, bool) or not isinstance(headroom, int) or headroom < 0:
+            raise KvzooError(f"fork: headroom must be an integer >= 0, got {headroom!r}")
+        repeats = batch // b
+        return KVCache(
+            layers=[layer.fork(headroom, repeats) for layer in self.layers],
+            method=self.method,
+            tokens_seen=self.tokens_seen,
+            lengths=[n for n in self.lengths for _ in range(repeats)],
+            origin=self.origin,
+        )
+
+    def save(self, path: "str | os.PathLike[str]", notes: dict[str, Any] | None = None) -> None:
+        """Write this cache to a safetensors file with a header saying what it belongs to; `notes` (JSON
+        values) are stored alongside. Load it with `kvzoo.load_cache(path, model)`."""
+        from kvzoo.cache.io import save_cache
+
+        save_cache(self, path, notes)
 
     def nbytes(self) -> int:
         """Bytes held by every tensor of the cache."""

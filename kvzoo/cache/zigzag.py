@@ -17,7 +17,8 @@ layer's tensors down to its own capacity (max over the batch of B_l, plus headro
 the compressed size. Deferring is exact: selection changes no prefill activation (METHODS.md 3.2). The cost
 is peak memory: the full prompt's cache exists until the end of prefill. For the same reason
 `supports_chunked_prefill = False` (generation with `prefill_chunk` is refused); a prompt fed in several
-chunks anyway raises in `compress_prefill`.
+chunks anyway raises in `compress_prefill`. A prompt continuing an allocated cache (`generate(..., cache=)`)
+is compressed as SnapKV would, within each layer's allocated budget.
 
 Ambiguities (METHODS.md 3.6) resolved as recommended:
 - LMBA is computed online, per input and per sequence of the batch, from the same observation window used
@@ -85,10 +86,14 @@ class ZigZagKV(WindowSelection):
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         if chunk.keys.shape[2] != chunk.k.shape[2]:  # a later chunk: the candidates include slots
-            raise KvzooError(
-                "ZigZagKV allocates from every layer's attention over the whole prompt, so it cannot "
-                "compress a prompt fed in chunks; generate without prefill_chunk"
-            )
+            if "lmba" in slots.state:  # the same prompt, before allocation
+                raise KvzooError(
+                    "ZigZagKV allocates from every layer's attention over the whole prompt, so it cannot "
+                    "compress a prompt fed in chunks; generate without prefill_chunk"
+                )
+            # After allocation (a prompt continuing a stored cache): SnapKV selection within the layer's budget.
+            super().compress_prefill(layer_idx, slots, chunk)
+            return
         scores = window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling)
         keep_top(slots, chunk, scores, slots.state["prefill_budget"], stored_score=scores)  # keeps every token
         slots.state["lmba"] = self._lmba(chunk)
@@ -107,6 +112,8 @@ class ZigZagKV(WindowSelection):
         return zigzag_budgets(lmba, avg, int(self.bound_ratio * avg), min(self.window_size, prompt_len), prompt_len)
 
     def end_prefill(self, cache: KVCache) -> None:
+        if "lmba" not in cache.layers[0].state:
+            return  # a prompt continuing an allocated cache: nothing left to allocate
         lmba = torch.stack([layer.state.pop("lmba") for layer in cache.layers]).T.tolist()  # [B][L]
         prompt_lens = cache.layers[0].state["prompt_len"].tolist()
         per_sequence = [self.layer_budgets(x, n) for x, n in zip(lmba, prompt_lens)]

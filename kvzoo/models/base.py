@@ -1,4 +1,5 @@
-"""What every model family shares: the forward over decoder blocks, loading, generation and chat.
+"""What every model family shares: the forward over decoder blocks, loading, generation, reusable caches and
+conversations.
 
 A family file only defines its blocks (attention projections, MLP, norms) with module names equal to the
 checkpoint keys, and says where its embedding, blocks, final norm and head live.
@@ -13,10 +14,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import nn
 
+from kvzoo import generate as gen
+from kvzoo import likelihood
 from kvzoo.attention import ForwardContext
 from kvzoo.cache.slots import KVCache
 from kvzoo.config import ModelConfig
+from kvzoo.conversation import Conversation
+from kvzoo.errors import KvzooError
 from kvzoo.layers import rotary_cos_sin
+from kvzoo.loading import load_pretrained
 
 if TYPE_CHECKING:
     from kvzoo.tokenizer import Tokenizer
@@ -97,41 +103,49 @@ class CausalLM(nn.Module):
         device: torch.device | str = "cpu",
     ) -> M:
         """Load a Hugging Face layout checkpoint (a local directory or a hub id) into this family."""
-        from kvzoo.loading import load_pretrained
+        return load_pretrained(path_or_hub_id, cls, dtype=dtype, device=device)  # type: ignore[return-value]
 
-        return load_pretrained(path_or_hub_id, dtype=dtype, device=device, family_class=cls)
+    @staticmethod
+    def class_for(family: str) -> "type[CausalLM]":
+        """The class of a family name (`ModelConfig.family`)."""
+        from kvzoo.models import FAMILIES  # the package that lists the families imports this module
+
+        return FAMILIES[family]
 
     # --- generation -------------------------------------------------------------------------------
     def generate(self, prompt: str | list[str], **kwargs: Any) -> Any:
         """Generate text; see `kvzoo.generate.generate_text` for every option (max_new_tokens default 256;
-        an instruct checkpoint's chat template is applied by default)."""
-        from kvzoo.generate import generate_text
-
-        return generate_text(self, prompt, **kwargs)
+        an instruct checkpoint's chat template is applied by default; `cache=` continues a cache from
+        `prefill`)."""
+        return gen.generate_text(self, prompt, **kwargs)
 
     def generate_ids(self, prompt_ids: list[list[int]] | list[int], **kwargs: Any) -> Any:
         """Generate from token ids (no tokenizer needed); see `kvzoo.generate.generate_ids`."""
-        from kvzoo.generate import generate_ids
-
-        return generate_ids(self, prompt_ids, **kwargs)
+        return gen.generate_ids(self, prompt_ids, **kwargs)
 
     def chat(self, messages: list[dict[str, str]], **kwargs: Any) -> Any:
         """Render `messages` with the checkpoint's chat template and generate the assistant's reply."""
-        from kvzoo.generate import chat
+        return gen.chat(self, messages, **kwargs)
 
-        return chat(self, messages, **kwargs)
+    def prefill(self, context: str | list[str] | list[int] | list[list[int]],
+                compression: "gen.Compression" = None, prefill_chunk: int | None = None,
+                **kwargs: Any) -> KVCache:
+        """The compressed cache of `context` alone (text or ids), to pass as `cache=` to `generate`,
+        `generate_ids`, `chat` or `score` any number of times, or to `save`; see `kvzoo.generate.prefill_cache`."""
+        return gen.prefill_cache(self, context, compression=compression, prefill_chunk=prefill_chunk, **kwargs)
+
+    def conversation(self, system: str | None = None, compression: "gen.Compression" = None,
+                     **kwargs: Any) -> Conversation:
+        """A chat that keeps one cache across turns; see `kvzoo.conversation.Conversation`."""
+        return Conversation(self, system=system, compression=compression, **kwargs)
 
     def score(self, context: str | list[int], continuation: str | list[int], **kwargs: Any) -> torch.Tensor:
         """Per-token log-probabilities of `continuation` given `context` compressed by `compression=`;
         see `kvzoo.likelihood.score`."""
-        from kvzoo.likelihood import score
-
-        return score(self, context, continuation, **kwargs)
+        return likelihood.score(self, context, continuation, **kwargs)
 
     def require_tokenizer(self) -> "Tokenizer":
         if self.tokenizer is None:
-            from kvzoo.errors import KvzooError
-
             raise KvzooError(
                 "this model has no tokenizer (the checkpoint has neither tokenizer.json nor tokenizer.model); "
                 "use generate_ids() with token ids instead"
