@@ -287,9 +287,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from kvzoo.demo import run_demo
 
-    for spec in args.methods:
-        parse_spec(spec)
-    run_demo(model=args.model, dtype=args.dtype, methods=tuple(args.methods), questions=args.questions,
+    methods = ("full", args.compression) if args.compression else tuple(args.methods)
+    for spec in methods:
+        parse_spec(spec)  # a bad spec fails here, before the model loads
+    run_demo(model=args.model, dtype=args.dtype, methods=methods, questions=args.questions,
              doc_tokens=args.doc_tokens)
 
 
@@ -352,12 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_args(p)
     p.add_argument("--system", default=None, help="system message (default: the chat template's own, if any)")
     p.add_argument("--document", type=Path, default=None, metavar="FILE",
-                   help="a UTF-8 text file prefilled once (compressed with --compression) into the system message")
+                   help="a UTF-8 text file prefilled once (compressed with --compression) into the system message "
+                        "(default: none)")
 
     p = command("compress", "prefill a document once and save its compressed KV cache", cmd_compress)
     p.add_argument("document", type=Path, metavar="FILE", help="the document, a UTF-8 text file")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="PATH",
-                   help="the cache file to write, e.g. doc.kvc")
+                   help="the cache file to write, e.g. doc.kvc (required, no default)")
     add_model_args(p)
     p.add_argument("--compression", default=None, metavar="SPEC",
                    help="KV-cache compression, e.g. zsmerge:budget=0.05 (default: the full cache)")
@@ -388,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="SPEC",
                    help="compression specs to compare ('full': the full cache)")
+    p.add_argument("--compression", default=None, metavar="SPEC",
+                   help="compare the full cache with this one method instead of --methods (default: --methods)")
     p.add_argument("--questions", type=int, default=6, metavar="N", help="how many planted facts to ask about (1-6)")
     p.add_argument("--doc-tokens", type=int, default=1000, metavar="N", help="document length in tokens")
 
