@@ -246,3 +246,13 @@ def test_asking_a_cache_equals_chunked_prefill_with_a_boundary_after_the_context
         want = model.generate_ids(CONTEXT + q, max_new_tokens=NEW, eos_token_ids=[], compression=method,
                                   prefill_chunk=len(CONTEXT)).token_ids
         assert got == want
+
+
+def test_another_tokenizer_is_refused(saved, tiny_checkpoint):
+    from kvzoo.default_model import ensure_default_model
+    from kvzoo.tokenizer import Tokenizer
+
+    same_weights = kvzoo.load(tiny_checkpoint("llama-gqa")[1])
+    same_weights.tokenizer = Tokenizer.from_dir(ensure_default_model(progress=False))  # the cache was built without
+    with pytest.raises(CacheFileError, match="built with a different tokenizer"):
+        kvzoo.load_cache(saved, same_weights)
