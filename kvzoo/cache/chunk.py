@@ -3,7 +3,7 @@ candidates the chunk's queries attended to ([slots already in use ; the chunk's 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,9 @@ class PrefillChunk:
     key_score: torch.Tensor  # [B, Hkv, S] the slots' scores so far (0 for chunk tokens)
     window: int | None  # sliding window of the model (Mistral), else None
     alpha: float  # logw bias scale used for this attention
+    # Derived statistics (e.g. column sums of the attention) computed once per chunk and shared by every
+    # method that reads the same chunk (several methods fed by one prefill, see kvzoo.eval.fanout).
+    memo: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def key_bias(self) -> torch.Tensor:

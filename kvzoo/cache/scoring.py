@@ -59,6 +59,15 @@ def pool_by_position(
     return torch.where(poolable, pooled.gather(-1, slot.clamp(max=n_pos)), scores)
 
 
+def _column_sums(chunk: "PrefillChunk", key: tuple, q: torch.Tensor, q_pos: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+    """weighted_column_sums of these queries over the chunk's candidates [B, Hq, S], once per chunk and key."""
+    if key not in chunk.memo:
+        chunk.memo[key] = weighted_column_sums(q, chunk.keys, q_pos, chunk.key_pos, chunk.key_bias, chunk.window,
+                                               weights)
+    return chunk.memo[key]
+
+
 def window_scores(
     chunk: "PrefillChunk", window: int, decay: float = 1.0, kernel: int | None = None, pooling: str = "max"
 ) -> torch.Tensor:
@@ -70,8 +79,7 @@ def window_scores(
     q_pos = chunk.q_pos[:, -w:]
     ages = torch.arange(w - 1, -1, -1, device=q_pos.device, dtype=torch.float32)
     weights = (decay**ages)[None] * (q_pos >= 0)  # [B, w]
-    scores = weighted_column_sums(chunk.q[:, :, -w:], chunk.keys, q_pos, chunk.key_pos, chunk.key_bias,
-                                  chunk.window, weights)  # [B, Hq, S]
+    scores = _column_sums(chunk, ("window", w, decay), chunk.q[:, :, -w:], q_pos, weights)  # [B, Hq, S]
     hkv = chunk.keys.shape[1]
     if kernel and kernel > 1:
         groups = scores.shape[1] // hkv
@@ -93,9 +101,7 @@ def accumulated_scores(chunk: "PrefillChunk", decay: float = 1.0, normalise: boo
     ages = torch.arange(t - 1, -1, -1, device=chunk.q.device, dtype=torch.float32)
     valid = (chunk.q_pos >= 0).float()
     weights = (decay**ages)[None] * valid
-    sums = weighted_column_sums(
-        chunk.q, chunk.keys, chunk.q_pos, chunk.key_pos, chunk.key_bias, chunk.window, weights
-    )
+    sums = _column_sums(chunk, ("all", decay), chunk.q, chunk.q_pos, weights)
     scores = group_mean(sums, chunk.keys.shape[1])
     if normalise:
         # A chunk's valid queries have consecutive positions, so the queries that see key j number
