@@ -1,0 +1,104 @@
+"""Quality guard on the real default model (SmolLM2-135M-Instruct): every method at budgets 2% .. 50% keeps
+the next-token distributions close to the full cache's over a teacher-forced continuation.
+
+Setup: tests/data/lighthouse.txt (341 tokens of plain English prose, written for this test); the first 309
+tokens are the prompt, the last 32 are fed as decode steps. The score is the mean over the 32 predictions
+of KL(full || compressed) in nats. The prompt is run once (tests/quality_helpers.py); each budget is an
+integer number of slots, int(ratio * 309).
+
+Bounds (nats), per budget ratio: 0.02: 3.0, 0.05: 1.5, 0.1: 1.0, 0.2: 0.5, 0.5: 0.25. Measured on
+2026-12-01 (fp32, CPU; deterministic):
+
+    ratio                   0.02   0.05   0.10   0.20   0.50
+    StreamingLLM            1.27   0.59   0.34   0.25   0.08
+    H2O                     0.98   0.48   0.23   0.12   0.04
+    TOVA                    1.17   0.57   0.30   0.19   0.07
+    ZSMerge                 4.54   0.42   0.25   0.17   0.06   <- 2%: over the bound (xfail, see below)
+    SnapKV                  0.54   0.40   0.25   0.16   0.05
+    PyramidKV               2.57   0.74   0.38   0.24   0.12
+    ZigZagKV                1.78   0.89   0.32   0.18   0.06
+    KVMerger (none, a=1)    1.20   0.97   0.75   0.17   0.04   (value_scale="none", alpha=1)
+    broken: StreamingLLM sinks=0        3.09   2.29   2.02   1.52   0.97
+    broken: KVMerger value_scale=set_size 8.79 8.70   8.40   2.74   0.27
+
+Why these bounds: each is about 1.5-2x the worst healthy method at that budget (room for a different but
+reasonable tie-break or rounding after a refactor), and below both broken configurations at every budget
+from 5% up (StreamingLLM without attention sinks, the failure its paper is about; KVMerger scaling merged
+values by the set size, which multiplies values by tens). At 2% (6 slots per head) the bound only separates
+the |S|-scaled KVMerger (8.8) and, barely, StreamingLLM without sinks (3.09); every healthy method except
+ZSMerge stays under 2.6. The broken StreamingLLM is run here too, so the test shows it can fail.
+Mutants of tools/mutants.py that break a method's selection (inverted scores and the like) land far above
+these bounds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import kvzoo
+from kvzoo.cache import KVMerger, StreamingLLM
+from kvzoo.default_model import ensure_default_model
+from tests.method_cases import METHOD_CASES
+from tests.quality_helpers import decode_logits, mean_kl, prefill_once, replay_prefill, stack_caches
+
+PASSAGE = Path(__file__).parent / "data" / "lighthouse.txt"
+CONTINUATION = 32
+RATIOS = (0.02, 0.05, 0.1, 0.2, 0.5)
+BOUND = {0.02: 3.0, 0.05: 1.5, 0.1: 1.0, 0.2: 0.5, 0.5: 0.25}
+
+# Known violations, reported to the lead (issue 11: method quality and defaults). strict: once fixed, the
+# xfail turns into a failure that asks for its removal.
+KNOWN_OVER = {
+    ("ZSMerge", 0.02): "6 slots = 1 residual + 2 context + 3 proximity: the residual slot holds ~300 tokens "
+                       "with bias log 300 and dominates attention (KL 4.5)",
+}
+if KVMerger().value_scale == "set_size":  # the lead is changing this default (issue 11)
+    for r in RATIOS:
+        KNOWN_OVER[("KVMerger", r)] = "value_scale='set_size' default collapses (METHODS.md 2.6)"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    """method name -> [len(RATIOS)] mean KL, computed on first use (so -k selects cheaply)."""
+    torch.set_num_threads(1)  # a 135M model, one sequence: more threads only contend on a busy machine
+    model = kvzoo.load(ensure_default_model(progress=False))
+    ids = model.require_tokenizer().encode(PASSAGE.read_text().strip())
+    prompt, continuation = ids[:-CONTINUATION], ids[-CONTINUATION:]
+    pre = prefill_once(model, prompt, CONTINUATION)
+    full = decode_logits(pre, pre.full_cache, continuation)
+    budgets = [max(1, int(r * len(prompt))) for r in RATIOS]
+    results: dict[str, torch.Tensor] = {}
+
+    def kl_of(name: str, make) -> torch.Tensor:  # noqa: ANN001
+        if name not in results:
+            caches = [replay_prefill(pre, make(b)) for b in budgets]
+            results[name] = mean_kl(full, decode_logits(pre, stack_caches(caches), continuation))
+        return results[name]
+
+    return kl_of
+
+
+def _cases() -> list:
+    params = []
+    for case in METHOD_CASES:
+        for ratio in RATIOS:
+            reason = KNOWN_OVER.get((case.name, ratio))
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            params.append(pytest.param(case, ratio, marks=marks, id=f"{case.name}-{ratio}"))
+    return params
+
+
+@pytest.mark.parametrize("case, ratio", _cases())
+def test_divergence_from_full_cache_is_bounded(quality, case, ratio):
+    kl = quality(case.name, case.make)[RATIOS.index(ratio)].item()
+    assert kl <= BOUND[ratio], f"{case.name} at budget {ratio}: mean KL {kl:.3f} nats > {BOUND[ratio]}"
+
+
+def test_a_broken_method_exceeds_the_bounds(quality):
+    """StreamingLLM without attention sinks (measured 3.09 .. 0.97) is over every bound."""
+    kl = quality("StreamingLLM-no-sinks", lambda b: StreamingLLM(budget=b, sinks=0))
+    over = [r for r, x in zip(RATIOS, kl.tolist()) if x > BOUND[r]]
+    assert over == list(RATIOS), f"KL {kl.tolist()} should exceed {BOUND}"
