@@ -1,0 +1,360 @@
+"""Mutation check of the compression methods: does the test suite notice when a method decides wrongly?
+
+Each mutant is one semantic bug written from a method's documented decisions (METHODS.md, the methods'
+docstrings): inverted scores, a dropped or doubled attention bias, a different merge weighting, an
+off-by-one in a region or window, the wrong slot chosen for eviction or merging, statistics not updated.
+For every mutant the tool copies the repository to a temporary directory, replaces one exact snippet
+(failing loudly if it is not found exactly once, so the list cannot silently rot as the code changes),
+runs the mutant's tests with `pytest -x -q` and reports whether they failed (killed) or passed (survived).
+
+    python tools/mutants.py                 # every mutant; exit status 1 if any survives
+    python tools/mutants.py --list          # names, files and tests
+    python tools/mutants.py --only NAME     # one mutant (repeatable)
+    python tools/mutants.py --write-results # also replace the "Mutation check" section of tools/RESULTS.md
+
+Slow (minutes): run on demand, not in CI. Hypothesis runs with a fixed seed, so results are reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "tools" / "RESULTS.md"
+SECTION = "## Mutation check"
+IGNORE = shutil.ignore_patterns(".git", ".venv", ".hypothesis", ".pytest_cache", "__pycache__", ".cache",
+                                "weights", "*.egg-info")
+
+# Test selections shared by several mutants (pytest node ids or files).
+BASELINES = "tests/test_methods_baselines.py"
+EQUATIONS = "tests/test_method_equations.py"
+ZSMERGE = "tests/test_zsmerge.py"
+KVMERGER = "tests/test_kvmerger_zigzag.py"
+QUALITY = "tests/test_quality.py"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # relative to the repository root
+    original: str  # must occur exactly once in the file
+    replacement: str
+    tests: tuple[str, ...]  # pytest node ids or files, run in this order
+    why: str  # the documented decision it breaks
+
+
+MUTANTS: list[Mutant] = [
+    # --- shared: attention bias and the decode attention -------------------------------------------------
+    Mutant("bias-dropped", "kvzoo/cache/slots.py",
+           "alpha * torch.where(filled, logw, 0.0)", "0.0 * torch.where(filled, logw, 0.0)",
+           (EQUATIONS,), "Eq. 8: merged slots get alpha * log w"),
+    Mutant("bias-doubled", "kvzoo/cache/slots.py",
+           "alpha * torch.where(filled, logw, 0.0)", "2 * alpha * torch.where(filled, logw, 0.0)",
+           (EQUATIONS,), "Eq. 8: alpha * log w, not 2 alpha log w"),
+    Mutant("decode-new-token-ignored", "kvzoo_kernels/attention.py",
+           "out = out + probs[..., -1:].to(v_new.dtype) * v_new[:, :, None, :]",
+           "out = out + 0 * probs[..., -1:].to(v_new.dtype) * v_new[:, :, None, :]",
+           ("tests/test_model_parity.py",), "the decode query attends to its own token"),
+    Mutant("decode-window-off-by-one", "kvzoo/attention.py",
+           "pos[:, None, None] - slots.pos >= ctx.window", "pos[:, None, None] - slots.pos > ctx.window",
+           ("tests/test_model_parity.py",), "sliding window: q_pos - k_pos < W"),
+    Mutant("prefill-window-off-by-one", "kvzoo_kernels/attention.py",
+           "visible &= (qp - kp) < window", "visible &= (qp - kp) <= window",
+           ("tests/test_model_parity.py",), "sliding window: q_pos - k_pos < W"),
+    # --- shared: selection, scoring, budgets ------------------------------------------------------------
+    Mutant("ties-to-older", "kvzoo/cache/selection.py",
+           "by_pos = key_pos.argsort(dim=-1, descending=True, stable=True)",
+           "by_pos = key_pos.argsort(dim=-1, descending=False, stable=True)",
+           (EQUATIONS,), "equal ranks go to the newer position"),
+    Mutant("recent-window-one-longer", "kvzoo/cache/selection.py",
+           "(chunk.key_pos > last[:, None, None] - recent_t)", "(chunk.key_pos >= last[:, None, None] - recent_t)",
+           (f"{BASELINES}::test_h2o_keeps_recent_and_heavy_hitters", EQUATIONS), "the `recent` newest tokens"),
+    Mutant("gqa-max-instead-of-mean", "kvzoo/cache/scoring.py",
+           "x.reshape(b, num_kv_heads, hq // num_kv_heads, *x.shape[2:]).mean(dim=2)",
+           "x.reshape(b, num_kv_heads, hq // num_kv_heads, *x.shape[2:]).amax(dim=2)",
+           (f"{BASELINES}::test_h2o_keeps_recent_and_heavy_hitters", EQUATIONS), "GQA: mean over the group"),
+    Mutant("decode-gqa-first-head-only", "kvzoo/cache/selection.py",
+           "per_kv = probs.reshape(b, num_kv_heads, hq // num_kv_heads, c1).mean(2)",
+           "per_kv = probs.reshape(b, num_kv_heads, hq // num_kv_heads, c1)[:, :, 0]",
+           (f"{BASELINES}::test_h2o_keeps_recent_and_heavy_hitters", EQUATIONS), "GQA: mean over the group"),
+    Mutant("window-scores-decay-ignored", "kvzoo/cache/scoring.py",
+           "weights = (decay**ages)[None] * (q_pos >= 0)", "weights = (decay**(0 * ages))[None] * (q_pos >= 0)",
+           (EQUATIONS,), "ZSMerge: window queries weighted decay^age"),
+    Mutant("observation-window-one-longer", "kvzoo/cache/scoring.py",
+           "w = min(window, chunk.q.shape[2])", "w = min(window + 1, chunk.q.shape[2])",
+           (f"{BASELINES}::test_snapkv_selects_the_top_of_pooled_window_attention", EQUATIONS),
+           "the last w queries"),
+    Mutant("max-pool-skipped", "kvzoo/cache/scoring.py",
+           "F.max_pool1d(buf.reshape(shape), kernel, stride=1, padding=pad)",
+           "F.max_pool1d(buf.reshape(shape), 1, stride=1, padding=0)",
+           (f"{BASELINES}::test_snapkv_selects_the_top_of_pooled_window_attention", EQUATIONS),
+           "1-D max pooling of the window scores"),
+    Mutant("pooling-includes-window", "kvzoo/cache/scoring.py",
+           "(chunk.key_pos <= last - w)", "(chunk.key_pos <= last - w + 1)",
+           (f"{BASELINES}::test_snapkv_selects_the_top_of_pooled_window_attention", EQUATIONS),
+           "SnapKV pools the first T - w keys only"),
+    Mutant("accumulated-normalise-off-by-one", "kvzoo/cache/scoring.py",
+           "seen_by = torch.minimum((last_pos - chunk.key_pos + 1).float(), n_valid)",
+           "seen_by = torch.minimum((last_pos - chunk.key_pos + 2).float(), n_valid)",
+           (f"{BASELINES}::test_h2o_keeps_recent_and_heavy_hitters",), "queries that see token j: T - j"),
+    Mutant("ratio-budget-rounds-up", "kvzoo/cache/budgets.py",
+           "return max(1, int(budget * prompt_len))", "return max(1, math.ceil(budget * prompt_len))",
+           (BASELINES,), "a ratio budget is int(ratio * prompt)"),
+    Mutant("pyramid-inverted", "kvzoo/cache/budgets.py",
+           "steps = [high - layer * (high - low) / (num_layers - 1) for layer in range(num_layers)]",
+           "steps = [low + layer * (high - low) / (num_layers - 1) for layer in range(num_layers)]",
+           (f"{BASELINES}::test_pyramid_budgets_examples", BASELINES), "PyramidKV: largest budget at layer 0"),
+    Mutant("zigzag-uniform-share", "kvzoo/cache/budgets.py",
+           "share = weight[i] / mass if mass > 0 else Fraction(1, len(free))", "share = Fraction(1, len(free))",
+           (KVMERGER,), "ZigZagKV Eq. 6: budget share = LMBA_l / sum LMBA"),
+    Mutant("mba-smallest-first", "kvzoo/cache/budgets.py",
+           "mass = attn.double().sort(dim=-1, descending=True).values.cumsum(dim=-1)",
+           "mass = attn.double().sort(dim=-1, descending=False).values.cumsum(dim=-1)",
+           (KVMERGER,), "MBA: the fewest *largest* entries reaching tau"),
+    Mutant("decode-cap-evicts-newest", "kvzoo/cache/selection.py",
+           "oldest_generated = argmin_where(slots.pos.float(), generated & slots.filled)",
+           "oldest_generated = argmin_where(-slots.pos.float(), generated & slots.filled)",
+           (f"{BASELINES}::test_decode_cap_bounds_prefill_only_methods",), "decode_cap: the oldest generated goes"),
+    # --- FullCache --------------------------------------------------------------------------------------
+    Mutant("full-decode-value-is-key", "kvzoo/cache/full.py",
+           "slots.write(index, k_new, v_new, zeros, zeros, index)", "slots.write(index, k_new, k_new, zeros, zeros, index)",
+           ("tests/test_model_parity.py",), "slot = the token's own key and value"),
+    # --- StreamingLLM -----------------------------------------------------------------------------------
+    Mutant("streaming-one-sink-more", "kvzoo/cache/streaming_llm.py",
+           "torch.where(pos < self.sinks, float(\"inf\"), pos.float())",
+           "torch.where(pos <= self.sinks, float(\"inf\"), pos.float())",
+           (f"{BASELINES}::test_streaming_llm_keeps_sinks_and_recent",), "sinks = positions 0 .. sinks-1"),
+    Mutant("streaming-evicts-newest", "kvzoo/cache/streaming_llm.py",
+           "oldest = argmin_where(slots.pos.float(), slots.filled & (slots.pos >= self.sinks))",
+           "oldest = argmin_where(-slots.pos.float(), slots.filled & (slots.pos >= self.sinks))",
+           (f"{BASELINES}::test_streaming_llm_keeps_sinks_and_recent",), "evict the oldest non-sink token"),
+    # --- H2O --------------------------------------------------------------------------------------------
+    Mutant("h2o-prefill-keeps-lightest", "kvzoo/cache/h2o.py",
+           "rank = score.masked_fill(recent_mask", "rank = (-score).masked_fill(recent_mask",
+           (f"{BASELINES}::test_h2o_keeps_recent_and_heavy_hitters",), "keep the heavy hitters"),
+    Mutant("h2o-decode-scores-frozen", "kvzoo/cache/h2o.py",
+           "slots.score.add_(slot_p)", "slots.score.add_(0 * slot_p)",
+           (f"{BASELINES}::test_h2o_keeps_recent_and_heavy_hitters",), "A += each step's attention"),
+    Mutant("h2o-evicts-heaviest", "kvzoo/cache/h2o.py",
+           "evict = argmin_where(slots.score, slots.filled & ~recent)",
+           "evict = argmin_where(-slots.score, slots.filled & ~recent)",
+           (f"{BASELINES}::test_h2o_keeps_recent_and_heavy_hitters",), "evict the lightest older token"),
+    Mutant("h2o-decode-recent-one-shorter", "kvzoo/cache/h2o.py",
+           "recent = slots.pos > (pos_new - self._recent(slots))[:, None, None]",
+           "recent = slots.pos > (pos_new - self._recent(slots) + 1)[:, None, None]",
+           (f"{BASELINES}::test_h2o_keeps_recent_and_heavy_hitters",), "the recent window is never evicted"),
+    # --- SnapKV / PyramidKV -----------------------------------------------------------------------------
+    Mutant("snapkv-keeps-lowest", "kvzoo/cache/snapkv.py",
+           "rank = scores.masked_fill(recent_mask", "rank = (-scores).masked_fill(recent_mask",
+           (f"{BASELINES}::test_snapkv_selects_the_top_of_pooled_window_attention",), "keep the top of window scores"),
+    Mutant("snapkv-window-not-kept", "kvzoo/cache/snapkv.py",
+           "recent_mask(chunk, self.window_size), float(\"inf\")", "recent_mask(chunk, 0), float(\"inf\")",
+           (f"{BASELINES}::test_snapkv_window_budget_and_append",), "the observation window is always kept"),
+    Mutant("pyramid-budgets-ignored", "kvzoo/cache/pyramidkv.py",
+           "per_sequence.append([min(b, n) for b in budgets])", "per_sequence.append([avg] * len(budgets))",
+           (f"{BASELINES}::test_pyramidkv_layer_budgets",), "per-layer pyramid budgets"),
+    # --- TOVA -------------------------------------------------------------------------------------------
+    Mutant("tova-prefill-keeps-least-attended", "kvzoo/cache/tova.py",
+           "keep_top(slots, chunk, score.masked_fill(newest", "keep_top(slots, chunk, (-score).masked_fill(newest",
+           (f"{BASELINES}::test_tova_keeps_the_last_querys_favourites",), "keep the last query's favourites"),
+    Mutant("tova-decode-stale-scores", "kvzoo/cache/tova.py",
+           "slots.score.copy_(torch.where(slots.filled, slot_p, 0.0))",
+           "slots.score.copy_(torch.where(slots.filled, slots.score, 0.0))",
+           (f"{BASELINES}::test_tova_keeps_the_last_querys_favourites",), "scores = the current query's attention"),
+    Mutant("tova-new-token-always-kept", "kvzoo/cache/tova.py",
+           "drop_new = ~has_free & (new_p < lowest_score)", "drop_new = ~has_free & (new_p < 0)",
+           (f"{BASELINES}::test_tova_keeps_the_last_querys_favourites", EQUATIONS),
+           "the new token competes too"),
+    # --- ZSMerge ----------------------------------------------------------------------------------------
+    Mutant("zsmerge-prefill-keeps-lowest", "kvzoo/cache/zsmerge.py",
+           "ctx_rank = score.masked_fill(~(exact & ~in_ring), NEG_INF)",
+           "ctx_rank = (-score).masked_fill(~(exact & ~in_ring), NEG_INF)",
+           (EQUATIONS,), "context = the top-scored older tokens"),
+    Mutant("zsmerge-prefill-ring-one-shorter", "kvzoo/cache/zsmerge.py",
+           "in_ring = exact & recent_mask(chunk, slots.state[\"proximity\"])",
+           "in_ring = exact & recent_mask(chunk, slots.state[\"proximity\"] - 1)",
+           (ZSMERGE,), "the ring holds the B_p newest tokens"),
+    Mutant("zsmerge-prefill-merge-unweighted", "kvzoo/cache/zsmerge.py",
+           "(sum_k / safe_w).to(k.dtype)", "(sum_k / safe_w.clamp(max=1)).to(k.dtype)",
+           (ZSMERGE, EQUATIONS), "a residual slot is the mean of its members"),
+    Mutant("zsmerge-decode-no-decay", "kvzoo/cache/zsmerge.py",
+           "self.decay * slots.score + slot_p", "slots.score + slot_p",
+           (ZSMERGE,), "Eq. 5: s <- lambda s + a"),
+    Mutant("zsmerge-decode-scores-frozen", "kvzoo/cache/zsmerge.py",
+           "self.decay * slots.score + slot_p", "self.decay * slots.score",
+           (ZSMERGE,), "Eq. 5: s <- lambda s + a"),
+    Mutant("zsmerge-ring-off-by-one", "kvzoo/cache/zsmerge.py",
+           "ring_slot = (ring_start + pos_new % proximity)", "ring_slot = (ring_start + (pos_new + 1) % proximity)",
+           (ZSMERGE,), "the new token replaces the oldest proximity token"),
+    Mutant("zsmerge-merges-strongest", "kvzoo/cache/zsmerge.py",
+           "weakest = argmin_where(slots.score, context & filled)",
+           "weakest = argmin_where(-slots.score, context & filled)",
+           (ZSMERGE,), "the lowest-scored context token is merged"),
+    Mutant("zsmerge-leaving-never-merged", "kvzoo/cache/zsmerge.py",
+           "leaving_is_weakest = leaving[3] <= weakest_tok[3]", "leaving_is_weakest = leaving[3] < -1.0",
+           (ZSMERGE,), "A4: the leaving token competes with the context"),
+    Mutant("zsmerge-least-similar-slot", "kvzoo/cache/zsmerge.py",
+           "sim = qf @ kf.transpose(-1, -2)", "sim = -(qf @ kf.transpose(-1, -2))",
+           (ZSMERGE, EQUATIONS), "Eq. 6: merge into the most similar residual key"),
+    Mutant("zsmerge-decode-merge-halves", "kvzoo/cache/zsmerge.py",
+           "frac_r, frac_s = (w_r / w)[..., None], (w_s / w)[..., None]",
+           "frac_r, frac_s = (0.5 + 0 * w_r / w)[..., None], (0.5 + 0 * w_s / w)[..., None]",
+           (ZSMERGE, EQUATIONS), "Eq. 7: count-weighted running mean"),
+    Mutant("zsmerge-decode-count-not-added", "kvzoo/cache/zsmerge.py",
+           "merged = (k, v, w.log(), score, torch.maximum(pos_r, pos_s))",
+           "merged = (k, v, w_r.clamp(min=1).log(), score, torch.maximum(pos_r, pos_s))",
+           (ZSMERGE,), "Eq. 7: w <- w + 1"),
+    # --- KVMerger ---------------------------------------------------------------------------------------
+    Mutant("kvmerger-pivot-lowest-attention", "kvzoo/cache/kvmerger.py",
+           "    score = score.float()\n    best =", "    score = -score.float()\n    best =",
+           (EQUATIONS, KVMERGER), "pivot = argmax A_t in the set"),
+    Mutant("kvmerger-sigma-not-squared", "kvzoo/cache/kvmerger.py",
+           "torch.exp(-d2 / (2.0 * sigma * sigma))", "torch.exp(-d2 / (2.0 * sigma))",
+           (EQUATIONS,), "g = exp(-|k_p - k_t|^2 / (2 sigma^2))"),
+    Mutant("kvmerger-uniform-weights", "kvzoo/cache/kvmerger.py",
+           "g = torch.where(d2 == 0, 1.0, torch.exp(-d2 / (2.0 * sigma * sigma)))", "g = torch.ones_like(d2)",
+           (EQUATIONS, KVMERGER), "Gaussian-kernel weights around the pivot"),
+    Mutant("kvmerger-cuts-most-similar", "kvzoo/cache/kvmerger.py",
+           "cut = link & (_ranks(similarity) < cuts[..., None])",
+           "cut = link & (_ranks(similarity, descending=True) < cuts[..., None])",
+           (EQUATIONS, KVMERGER), "merge the most similar neighbours: cut the least similar links"),
+    Mutant("kvmerger-no-recent-window", "kvzoo/cache/kvmerger.py",
+           "recent = (prompt_len * self.recent_ratio).long()", "recent = (prompt_len * self.recent_ratio * 0).long()",
+           (EQUATIONS,), "the recent tokens are kept verbatim"),
+    Mutant("kvmerger-heavy-by-lowest", "kvzoo/cache/kvmerger.py",
+           "rank = _ranks(score.float().masked_fill(~older, NEG_INF), descending=True)",
+           "rank = _ranks((-score.float()).masked_fill(~older, NEG_INF), descending=True)",
+           (KVMERGER,), "heavy hitters = the largest A_t"),
+    # --- ZigZagKV ---------------------------------------------------------------------------------------
+    Mutant("zigzag-keeps-lowest", "kvzoo/cache/zigzag.py",
+           "rank = slots.score.masked_fill(recent_mask", "rank = (-slots.score).masked_fill(recent_mask",
+           (EQUATIONS,), "SnapKV selection within the layer budget"),
+    Mutant("zigzag-tau-ignored", "kvzoo/cache/zigzag.py",
+           "return min_budget_attention(per_head, self.tau)", "return min_budget_attention(per_head, 1.0)",
+           (EQUATIONS,), "LMBA at tau"),
+]
+
+
+@dataclass
+class Outcome:
+    mutant: Mutant
+    killed: bool
+    seconds: float
+    detail: str  # the first failing test, or the error
+
+
+def apply(root: Path, mutant: Mutant) -> None:
+    """Replace the mutant's snippet in the copy at `root`; raise if it is not there exactly once."""
+    path = root / mutant.file
+    text = path.read_text()
+    if text.count(mutant.original) != 1:
+        raise SystemExit(f"mutant {mutant.name}: the snippet is not in {path} exactly once")
+    path.write_text(text.replace(mutant.original, mutant.replacement))
+
+
+def check_all_snippets() -> None:
+    """Every snippet is in the working tree exactly once (before any copying, so a stale list fails fast)."""
+    for m in MUTANTS:
+        count = (ROOT / m.file).read_text().count(m.original)
+        if count != 1:
+            raise SystemExit(f"mutant {m.name}: the snippet occurs {count} times in {m.file} (expected once):"
+                             f"\n    {m.original!r}\nupdate tools/mutants.py to the current code")
+        if m.original == m.replacement:
+            raise SystemExit(f"mutant {m.name}: replacement equals the original")
+
+
+def run_one(mutant: Mutant, timeout: float) -> Outcome:
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"kvzoo-mutant-{mutant.name}-") as tmp:
+        copy = Path(tmp) / "repo"
+        shutil.copytree(ROOT, copy, ignore=IGNORE, symlinks=True)
+        apply(copy, mutant)
+        env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1",
+               "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--hypothesis-seed=0",
+               "-m", "", *mutant.tests]
+        try:
+            proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return Outcome(mutant, True, time.perf_counter() - started, f"timed out after {timeout:.0f} s")
+    seconds = time.perf_counter() - started
+    failed = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    if proc.returncode == 0:
+        return Outcome(mutant, False, seconds, "all selected tests passed")
+    if proc.returncode in (1,) and failed:
+        return Outcome(mutant, True, seconds, failed[0][:160])
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+    return Outcome(mutant, True, seconds, f"pytest exit {proc.returncode}: {' | '.join(tail)[:160]}")
+
+
+def report(outcomes: list[Outcome], total_seconds: float) -> str:
+    killed = sum(o.killed for o in outcomes)
+    lines = [
+        SECTION, "",
+        f"`python tools/mutants.py` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
+        f"{killed}/{len(outcomes)} mutants killed, {len(outcomes) - killed} survived, "
+        f"{total_seconds / 60:.1f} min in all (timings from a shared machine: indicative only).", "",
+        "| mutant | file | breaks | result | s | first failure |",
+        "|---|---|---|---|---:|---|",
+    ]
+    for o in outcomes:
+        detail = o.detail.replace("|", "\\|")
+        lines.append(f"| {o.mutant.name} | {o.mutant.file} | {o.mutant.why} | "
+                     f"{'killed' if o.killed else '**SURVIVED**'} | {o.seconds:.0f} | {detail} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(section: str) -> None:
+    """Replace (or append) the "Mutation check" section of tools/RESULTS.md, leaving other sections alone."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Results\n"
+    start = text.find(SECTION + "\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    RESULTS.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--only", action="append", metavar="NAME", help="run only this mutant (repeatable)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant (a hang counts as killed)")
+    parser.add_argument("--write-results", action="store_true", help="write the report into tools/RESULTS.md")
+    args = parser.parse_args(argv)
+    check_all_snippets()
+    names = {m.name for m in MUTANTS}
+    if len(names) != len(MUTANTS):
+        raise SystemExit("two mutants share a name")
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:<36} {m.file:<28} {' '.join(m.tests)}")
+        return 0
+    unknown = sorted(set(args.only or []) - names)
+    if unknown:
+        raise SystemExit(f"unknown mutant(s) {', '.join(unknown)}; see --list")
+    chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
+    outcomes, started = [], time.perf_counter()
+    for i, mutant in enumerate(chosen, 1):
+        outcome = run_one(mutant, args.timeout)
+        outcomes.append(outcome)
+        print(f"[{i}/{len(chosen)}] {mutant.name:<36} {'killed' if outcome.killed else 'SURVIVED':<9}"
+              f"{outcome.seconds:6.0f} s  {outcome.detail}", flush=True)
+    section = report(outcomes, time.perf_counter() - started)
+    print("\n" + section)
+    if args.write_results:
+        write_results(section)
+    return 1 if any(not o.killed for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
