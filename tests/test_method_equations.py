@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvzoo
-from kvzoo.cache import TOVA, KVMerger, ZigZagKV, ZSMerge
+from kvzoo.cache import TOVA, KVMerger, SnapKV, ZigZagKV, ZSMerge
 from kvzoo.cache.budgets import zigzag_budgets
 from kvzoo.cache.full import FullCache
 from kvzoo.cache.slots import KVCache, LayerSlots
@@ -31,26 +31,27 @@ def group_mean(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(x.shape[0] // groups, groups, *x.shape[1:]).mean(1)
 
 
-def window_attention(qkv: QKV, layer: int, n: int, window: int, decay: float = 1.0) -> torch.Tensor:
-    """Sum over the last `window` queries i of decay^(n-1-i) * softmax attention of i over keys 0..n-1,
-    per query head [Hq, n] (sequence 0, no padding, no sliding window)."""
+def window_attention(qkv: QKV, layer: int, n: int, window: int, decay: float = 1.0,
+                     sliding: int | None = None) -> torch.Tensor:
+    """Sum over the last `window` queries i of decay^(n-1-i) * softmax attention of i over keys 0..n-1
+    (within the model's sliding window, if any), per query head [Hq, n] (sequence 0, no padding)."""
     w = min(window, n)
     g = qkv.groups
     rows = []
     for h in range(qkv.k[layer].shape[1]):
         q = qkv.q[layer][0, h * g:(h + 1) * g, n - w:n]  # [G, w, D]
-        probs = reference_probs(q, qkv.k[layer][0, h, :n], list(range(n - w, n)), list(range(n)), None)
+        probs = reference_probs(q, qkv.k[layer][0, h, :n], list(range(n - w, n)), list(range(n)), sliding)
         weights = torch.tensor([decay ** (w - 1 - i) for i in range(w)], dtype=torch.float64)
         rows.append(torch.einsum("gqk,q->gk", probs, weights))
     return torch.cat(rows)
 
 
 def pooled_window_scores(qkv: QKV, layer: int, n: int, window: int, kernel: int, pooling: str,
-                         decay: float = 1.0) -> torch.Tensor:
+                         decay: float = 1.0, sliding: int | None = None) -> torch.Tensor:
     """SnapKV-style scores [Hkv, n]: window attention, pooled over the first n - w keys only (METHODS.md
     4.3), GQA mean. The window's own tokens keep their unpooled score."""
     w = min(window, n)
-    sums = window_attention(qkv, layer, n, window, decay)
+    sums = window_attention(qkv, layer, n, window, decay, sliding)
     pooled = torch.cat([pool_1d(sums[:, : n - w], kernel, pooling), sums[:, n - w:]], dim=1)
     return group_mean(pooled, qkv.groups)
 
@@ -155,7 +156,8 @@ def zsmerge_prefill_cases(draw):
     kv_heads, groups = draw(st.integers(1, 2)), draw(st.integers(1, 3))
     return (ZSMerge(budget=budget, proximity=proximity, residual=residual, decay=draw(st.sampled_from([0.5, 0.9])),
                     window_size=draw(st.integers(2, 6)), kernel_size=draw(st.sampled_from([1, 3, 5]))),
-            n, random_qkv(1, 1, kv_heads, groups, n, seed=draw(st.integers(0, 2**16))))
+            n, random_qkv(1, 1, kv_heads, groups, n, seed=draw(st.integers(0, 2**16))),
+            draw(st.sampled_from([None, 5])))
 
 
 @settings(max_examples=40, deadline=None)
@@ -166,12 +168,13 @@ def test_zsmerge_prefill_regions_against_the_definition(case):
     window, GQA mean; proximity P = the last B_p tokens; context C = the top (B - B_p - B_r) of the older
     tokens by s; the leftovers, in position order, are cut into B_r contiguous groups (the first r of size
     m + 1, with m, r = divmod(leftovers, B_r)), and residual slot i holds group i: count = its size, key and
-    value = the plain means of its members."""
-    method, n, qkv = case
-    trace = drive_synthetic(method, qkv, [n], 0)
+    value = the plain means of its members. Also under Mistral's sliding window (5 < n): attention, and so
+    the scores, only reach the last 5 positions of each query (many older tokens tie at 0)."""
+    method, n, qkv, sliding = case
+    trace = drive_synthetic(method, qkv, [n], 0, window=sliding)
     snap = trace.snapshots[0]
     b, bp, br = method.budget, method.proximity, method.residual
-    scores = pooled_window_scores(qkv, 0, n, method.window_size, method.kernel_size, "max", method.decay)
+    scores = pooled_window_scores(qkv, 0, n, method.window_size, method.kernel_size, "max", method.decay, sliding)
     for h in range(scores.shape[0]):
         where = f"head {h} (n={n}, B={b}, B_p={bp}, B_r={br})"
         pos = snap.layers[0]["pos"][0, h].tolist()  # slots: [residual | context | proximity ring]
@@ -194,15 +197,16 @@ def test_zsmerge_prefill_regions_against_the_definition(case):
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.integers(0, 2**16), st.integers(1, 2), st.integers(1, 2))
-def test_zsmerge_decode_merges_into_the_most_similar_residual_slot(seed, kv_heads, groups):
+@given(st.integers(0, 2**16), st.integers(1, 2), st.integers(1, 2), st.sampled_from([None, 4]))
+def test_zsmerge_decode_merges_into_the_most_similar_residual_slot(seed, kv_heads, groups, sliding):
     """METHODS.md 1.2 decode, Eq. 6-7, with two residual slots that already stand for several tokens: at every
     decode step the token leaving the exact slots (context or proximity) goes into the residual slot r with the
-    largest k_r . k_e, which becomes (w_r k_r + k_e) / (w_r + 1) with count w_r + 1."""
+    largest k_r . k_e, which becomes (w_r k_r + k_e) / (w_r + 1) with count w_r + 1 (also under a sliding
+    window of 4, which hides most slots from the query but not from merging)."""
     n, steps = 30, 12
     qkv = random_qkv(1, 1, kv_heads, groups, n + steps, seed=seed)
     method = ZSMerge(budget=10, proximity=3, residual=2)
-    trace = drive_synthetic(method, qkv, [n], steps)
+    trace = drive_synthetic(method, qkv, [n], steps, window=sliding)
     merges = 0
     for s in range(steps):
         before, after = trace.snapshots[s], trace.snapshots[s + 1]
@@ -236,22 +240,23 @@ def similar_run_qkv(n: int, kv_heads: int, groups: int, seed: int) -> QKV:
 
 @settings(max_examples=30, deadline=None)
 @given(st.integers(10, 36), st.integers(0, 2**16), st.integers(1, 2), st.integers(1, 2),
-       st.sampled_from([0.8, 0.9, 0.95]), st.sampled_from([0.5, 2.0]), st.sampled_from(["none", "set_size"]))
-def test_kvmerger_prefill_against_the_definition(n, seed, kv_heads, groups, epsilon, sigma, value_scale):
+       st.sampled_from([0.8, 0.9, 0.95]), st.sampled_from([0.5, 2.0]), st.sampled_from(["none", "set_size"]),
+       st.sampled_from([None, 6]))
+def test_kvmerger_prefill_against_the_definition(n, seed, kv_heads, groups, epsilon, sigma, value_scale, sliding):
     """METHODS.md 2.2 with a fixed epsilon (budget=None), one layer compressed: A_t = column sums of the
     prompt's causal attention (GQA mean); protected = the int(0.17 n) newest tokens + the int(0.12 n) older
     ones with the largest A_t; sets = runs of adjacent unprotected tokens with cos(k_t, k_t+1) >= epsilon;
     each set becomes one slot at its pivot p = argmax A_t, with key sum_t w_t k_t, w_t = g_t / sum g,
     g_t = exp(-|k_p - k_t|^2 / (2 sigma^2)) (sigma = 0.5 and 2: finite, not huge), value the same weighted
-    mean (times |S| with value_scale="set_size") and count |S|."""
+    mean (times |S| with value_scale="set_size") and count |S|. Also under Mistral's sliding window of 6."""
     qkv = similar_run_qkv(n, kv_heads, groups, seed)
     method = KVMerger(budget=None, threshold=epsilon, sigma=sigma, skip_layers=(), value_scale=value_scale)
-    snap = drive_synthetic(method, qkv, [n], 0).snapshots[0]
+    snap = drive_synthetic(method, qkv, [n], 0, window=sliding).snapshots[0]
     g = qkv.groups
     for h in range(kv_heads):
         q = qkv.q[0][0, h * g:(h + 1) * g, :n]
         keys, values = qkv.k[0][0, h, :n].double(), qkv.v[0][0, h, :n].double()
-        a = reference_probs(q, qkv.k[0][0, h, :n], list(range(n)), list(range(n)), None).sum(1).mean(0)  # [n]
+        a = reference_probs(q, qkv.k[0][0, h, :n], list(range(n)), list(range(n)), sliding).sum(1).mean(0)  # [n]
         recent = int(n * 0.17)
         older = list(range(n - recent))
         heavy = sorted(older, key=lambda t: -float(a[t]))[: int(n * 0.12)]
@@ -309,3 +314,23 @@ def test_zigzag_budgets_and_selection_against_the_definition(n, seed, tau):
             assert len(kept) == budgets[layer], f"{where}: keeps {len(kept)}"
             assert set(range(n - window, n)) <= kept, f"{where}: window dropped"
             assert_top_k(kept, list(range(n - window)), dict(enumerate(scores[h].tolist())), where)
+
+
+# --- SnapKV under a sliding window ---------------------------------------------------------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(12, 40), st.integers(0, 2**16), st.integers(1, 2), st.integers(1, 3), st.integers(2, 6),
+       st.sampled_from([3, 5]), st.sampled_from([4, 7]))
+def test_snapkv_selection_under_a_sliding_window(n, seed, kv_heads, groups, window_size, kernel, sliding):
+    """METHODS.md 4.3 with Mistral's sliding window W < n: the observation window's attention reaches only
+    the last W positions of each query, so the pooled scores (avg-pooled over the first n - w keys) rank
+    those first; the kept tokens are the window plus the top of these scores, computed here."""
+    budget = max(window_size + 2, n // 3)
+    qkv = random_qkv(1, 1, kv_heads, groups, n, seed=seed)
+    method = SnapKV(budget=budget, window_size=window_size, kernel_size=kernel, pooling="avg")
+    snap = drive_synthetic(method, qkv, [n], 0, window=sliding).snapshots[0]
+    scores = pooled_window_scores(qkv, 0, n, window_size, kernel, "avg", sliding=sliding)
+    for h in range(kv_heads):
+        kept = set(snap.kept(0, 0, h))
+        assert len(kept) == budget and set(range(n - window_size, n)) <= kept, f"head {h}: {sorted(kept)}"
+        assert_top_k(kept, list(range(n - window_size)), dict(enumerate(scores[h].tolist())), f"head {h}")
