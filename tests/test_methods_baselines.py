@@ -2,7 +2,7 @@
 FullCache as the oracle, driven through the library's own prefill and decode code paths: real tiny models
 (tests/conftest.py) and random q/k/v fed to `kvzoo.attention.attend` (tests/method_helpers.py).
 
-1. a budget covering prompt + generated tokens gives FullCache's logits and greedy tokens (batch, padding);
+1. (full-budget parity, batch == alone and memory for every method: tests/test_method_cases.py)
 2. the section 4 invariants as properties (hypothesis), the selections checked against scores computed
    here from the definitions; batch results equal per-sample results, chunked prefill equals one-shot
    while nothing has been dropped;
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import kvzoo
-from kvzoo import H2O, TOVA, FullCache, PyramidKV, SnapKV, StreamingLLM
+from kvzoo import H2O, TOVA, PyramidKV, SnapKV, StreamingLLM
 from kvzoo.cache.budgets import pyramid_budgets
 from kvzoo.errors import KvzooError
 from kvzoo_kernels.attention import attention_probs
@@ -70,37 +70,7 @@ def kept_set(snap, layer: int, b: int, h: int) -> set[int]:
     return set(snap.kept(layer, b, h))
 
 
-# --- 1. a budget covering everything is exact ----------------------------------------------------------------
-
-PARITY_LENS = (13, 6, 9)
-PARITY_STEPS = 8
-
-
-@pytest.mark.parametrize("model_name", MODELS)
-@pytest.mark.parametrize("method_name", list(METHODS))
-def test_budget_covering_everything_equals_full_cache(models, method_name, model_name):
-    """Section 5: budget >= prompt + generated => full attention. A left-padded batch of three prompts; the
-    int budget is exactly the longest prompt + generated tokens, so that cache fills at the last step. Every
-    step's logits equal FullCache's (<= 1e-5), the greedy tokens are identical (manual drive and
-    `generate_ids`), and nothing was evicted."""
-    model = models(model_name)
-    prompts = [prompt(n, i) for i, n in enumerate(PARITY_LENS)]
-    budget = max(PARITY_LENS) + PARITY_STEPS
-    full = drive_model(model, prompts, FullCache(), PARITY_STEPS)
-    got = drive_model(model, prompts, METHODS[method_name](budget=budget), PARITY_STEPS)
-    for step, (a, b) in enumerate(zip(got.logits, full.logits)):
-        err = (a - b).abs().max().item()
-        assert err <= TOL, f"step {step}: logits differ from FullCache's by {err}"
-    assert got.tokens == full.tokens
-    last = got.snapshots[-1]
-    for layer in range(model.config.num_layers):
-        for b, n in enumerate(PARITY_LENS):
-            for h in range(model.config.num_kv_heads):
-                assert sorted(last.kept(layer, b, h)) == list(range(n + PARITY_STEPS)), (layer, b, h)
-    generated = model.generate_ids(prompts, max_new_tokens=PARITY_STEPS + 1, eos_token_ids=[],
-                                   compression=METHODS[method_name](budget=budget))
-    assert generated.token_ids == full.tokens
-
+# --- 1. a budget covering everything is exact: tests/test_method_cases.py (every method, every layout) ------
 
 # --- 2. invariants through the real models ------------------------------------------------------------------
 
@@ -498,26 +468,7 @@ def assert_batch_equals_alone(batch, alone: list, layers: int, label: str = "in 
                                          f"{sorted(got - want)} replace {sorted(want - got)}")
 
 
-BATCH_LENS = (20, 33, 40)
-
-
-@pytest.mark.parametrize("model_name", MODELS)
-@pytest.mark.parametrize("method_name", list(METHODS))
-def test_batch_equals_each_prompt_alone(models, method_name, model_name):
-    """Section 5: with a compressing budget (0.5 of prompts of 20-40 tokens), a left-padded batch keeps the
-    same positions as each prompt alone at every step, with the same logits (<= 1e-5) and greedy tokens.
-    Methods at their defaults, except SnapKV's window (8), which must fit in half of a 20-token prompt."""
-    model = models(model_name)
-    prompts = [prompt(n, 50 + i) for i, n in enumerate(BATCH_LENS)]
-    extra = {"window_size": 8} if method_name == "SnapKV" else {}
-    steps = 12
-    batch = drive_model(model, prompts, METHODS[method_name](budget=0.5, **extra), steps)
-    alone = [drive_model(model, [p], METHODS[method_name](budget=0.5, **extra), steps) for p in prompts]
-    assert_batch_equals_alone(batch, alone, model.config.num_layers)
-    for b, single in enumerate(alone):
-        for step, (lb, l1) in enumerate(zip(batch.logits, single.logits)):
-            assert (lb[b] - l1[0]).abs().max() <= TOL, f"sequence {b}, step {step}"
-        assert batch.tokens[b] == single.tokens[0]
+# Batch == alone through the real models, and the memory tests: tests/test_method_cases.py.
 
 
 @settings(max_examples=25, deadline=None)
@@ -655,26 +606,3 @@ def test_decode_cap_bounds_prefill_only_methods(models, method_name, model_name)
                 for h in range(model.config.num_kv_heads):
                     generated = {p for p in snap.kept(layer, b, h) if p >= n}
                     assert generated == set(range(n + max(0, s - cap), n + s)), f"step {s}, layer {layer}, seq {b}"
-
-
-@pytest.mark.parametrize("method_name", list(METHODS))
-def test_memory_does_not_grow_while_decoding(models, method_name):
-    """Bytes held by the cache are fixed before the first decode step for every method; the constant-memory
-    methods' bytes do not even depend on how many tokens will be generated, the prefill-only ones grow with
-    max_new_tokens only up to decode_cap."""
-    model = models("mistral-window")
-    prompts = [prompt(30, 80), prompt(21, 81)]
-    method = METHODS[method_name](budget=0.5, **({"window_size": 4} if method_name in PREFILL_ONLY else {}))
-    trace = drive_model(model, prompts, method, 10)
-    assert len({s.nbytes for s in trace.snapshots}) == 1
-    assert trace.snapshots[0].nbytes == trace.cache.nbytes()
-
-    def nbytes(m, new_tokens: int) -> int:
-        return m.make_cache(model.config, [30, 21], new_tokens, torch.float32, "cpu").nbytes()
-
-    if method_name in CONSTANT_MEMORY:
-        assert nbytes(method, 1) == nbytes(method, 10) == nbytes(method, 5000)
-    else:
-        assert nbytes(method, 10) < nbytes(method, 5000)
-        capped = METHODS[method_name](budget=0.5, window_size=4, decode_cap=16)
-        assert nbytes(capped, 16) == nbytes(capped, 5000) < nbytes(method, 5000)
