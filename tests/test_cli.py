@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -36,9 +37,20 @@ def test_info_reports_kv_bytes_per_token(default_model_dir, capsys):
     out = capsys.readouterr().out
     cfg = json.loads((default_model_dir / "config.json").read_text())
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4  # k and v, fp32
+    layers, kv_heads = cfg["num_hidden_layers"], cfg["num_key_value_heads"]
+    per_token = 2 * layers * kv_heads * head_dim * 4  # k and v, fp32
     assert f"KV cache bytes per token (uncompressed, float32): {per_token:,}" in out
-    assert "zsmerge:budget=0.05 for a 2048-token prompt" in out
+    # The compressed cache, from the config alone: int(0.05 * 2048) = 102 slots per KV head and layer, each
+    # with a key and a value (fp32) and its fp32 log-count, fp32 score and int64 position (kvzoo/cache/slots.py);
+    # plus a few per-sequence int64 counters per layer (budgets, ZSMerge's region sizes): under 64 bytes.
+    slots = 102
+    expected = layers * kv_heads * slots * (2 * head_dim * 4 + 4 + 4 + 8)
+    line = next(x for x in out.splitlines() if x.startswith("zsmerge:budget=0.05 for a 2048-token prompt"))
+    reported = int(re.search(r"([\d,]+) bytes", line).group(1).replace(",", ""))
+    assert expected <= reported <= expected + 64 * layers, f"{line!r}: expected about {expected:,} bytes"
+    full_line = next(x for x in out.splitlines() if x.startswith("full cache for a 2048-token prompt"))
+    full = int(re.search(r"([\d,]+) bytes", full_line).group(1).replace(",", ""))
+    assert full >= per_token * 2048 and reported * 15 < full
 
 
 @pytest.mark.parametrize("argv, message", [

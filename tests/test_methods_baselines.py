@@ -404,6 +404,8 @@ def test_pyramidkv_layer_budgets(lens, layers, seed, data):
             assert sizes == sorted(sizes, reverse=True), f"seq {b}: layer budgets {sizes} increase"
             assert abs(sum(sizes) / layers - avg) <= 0.5, f"seq {b}: layer budgets {sizes}, average {avg}"
             assert all(w <= s <= n for s in sizes), f"seq {b}: layer budgets {sizes} outside [{w}, {n}]"
+            if avg < n:  # the 4.4 arithmetic split (pyramid_budgets is checked against the formula below)
+                assert sizes == [min(x, n) for x in pyramid_budgets(avg, w, n, layers, method.beta)], sizes
             for layer in range(layers):
                 assert set(range(n - w, n)) <= kept_set(snap, layer, b, h), f"seq {b} layer {layer}: window dropped"
                 if avg >= n:

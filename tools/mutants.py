@@ -160,7 +160,8 @@ MUTANTS: list[Mutant] = [
            (f"{BASELINES}::test_snapkv_window_budget_and_append",), "the observation window is always kept"),
     Mutant("pyramid-budgets-ignored", "kvzoo/cache/pyramidkv.py",
            "per_sequence.append([min(b, n) for b in budgets])", "per_sequence.append([avg] * len(budgets))",
-           (f"{BASELINES}::test_pyramidkv_layer_budgets",), "per-layer pyramid budgets"),
+           (f"{BASELINES}::test_pyramidkv_falls_back_when_infeasible", f"{BASELINES}::test_pyramidkv_layer_budgets"),
+           "per-layer pyramid budgets"),
     # --- TOVA -------------------------------------------------------------------------------------------
     Mutant("tova-prefill-keeps-least-attended", "kvzoo/cache/tova.py",
            "keep_top(slots, chunk, score.masked_fill(newest", "keep_top(slots, chunk, (-score).masked_fill(newest",
