@@ -292,7 +292,7 @@ def run_one(mutant: Mutant, timeout: float) -> Outcome:
         env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1",
                "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--hypothesis-seed=0",
-               "-m", "", *mutant.tests]
+               *mutant.tests]
         try:
             proc = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
