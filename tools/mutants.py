@@ -119,6 +119,10 @@ MUTANTS: list[Mutant] = [
            "mass = attn.double().sort(dim=-1, descending=True).values.cumsum(dim=-1)",
            "mass = attn.double().sort(dim=-1, descending=False).values.cumsum(dim=-1)",
            (KVMERGER,), "MBA: the fewest *largest* entries reaching tau"),
+    Mutant("scored-selection-ignores-protected", "kvzoo/cache/base.py",
+           "rank = scores if forced is None else scores.masked_fill(forced, float(\"inf\"))", "rank = scores",
+           (f"{BASELINES}::test_snapkv_window_budget_and_append", f"{BASELINES}::test_h2o_keeps_recent_and_heavy_hitters"),
+           "protected candidates (windows, sinks) are always kept"),
     Mutant("decode-cap-evicts-newest", "kvzoo/cache/selection.py",
            "oldest_generated = argmin_where(slots.pos.float(), generated & slots.filled)",
            "oldest_generated = argmin_where(-slots.pos.float(), generated & slots.filled)",
@@ -129,8 +133,7 @@ MUTANTS: list[Mutant] = [
            ("tests/test_model_parity.py",), "slot = the token's own key and value"),
     # --- StreamingLLM -----------------------------------------------------------------------------------
     Mutant("streaming-one-sink-more", "kvzoo/cache/streaming_llm.py",
-           "torch.where(pos < self.sinks, float(\"inf\"), pos.float())",
-           "torch.where(pos <= self.sinks, float(\"inf\"), pos.float())",
+           "(chunk.key_pos >= 0) & (chunk.key_pos < self.sinks)", "(chunk.key_pos >= 0) & (chunk.key_pos <= self.sinks)",
            (f"{BASELINES}::test_streaming_llm_keeps_sinks_and_recent",), "sinks = positions 0 .. sinks-1"),
     Mutant("streaming-evicts-newest", "kvzoo/cache/streaming_llm.py",
            "oldest = argmin_where(slots.pos.float(), slots.filled & (slots.pos >= self.sinks))",
@@ -140,7 +143,8 @@ MUTANTS: list[Mutant] = [
            (f"{QUALITY}::test_divergence_from_full_cache_is_bounded",), "attention sinks (quality on the real model)"),
     # --- H2O --------------------------------------------------------------------------------------------
     Mutant("h2o-prefill-keeps-lightest", "kvzoo/cache/h2o.py",
-           "rank = score.masked_fill(recent_mask", "rank = (-score).masked_fill(recent_mask",
+           "return chunk.key_score + accumulated_scores(chunk, normalise=self.normalise)",
+           "return -(chunk.key_score + accumulated_scores(chunk, normalise=self.normalise))",
            (f"{BASELINES}::test_h2o_keeps_recent_and_heavy_hitters",), "keep the heavy hitters"),
     Mutant("h2o-decode-scores-frozen", "kvzoo/cache/h2o.py",
            "slots.score.add_(slot_p)", "slots.score.add_(0 * slot_p)",
@@ -155,10 +159,11 @@ MUTANTS: list[Mutant] = [
            (f"{BASELINES}::test_h2o_keeps_recent_and_heavy_hitters",), "the recent window is never evicted"),
     # --- SnapKV / PyramidKV -----------------------------------------------------------------------------
     Mutant("snapkv-keeps-lowest", "kvzoo/cache/snapkv.py",
-           "rank = scores.masked_fill(recent_mask", "rank = (-scores).masked_fill(recent_mask",
+           "return window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling)",
+           "return -window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling)",
            (f"{BASELINES}::test_snapkv_selects_the_top_of_pooled_window_attention",), "keep the top of window scores"),
     Mutant("snapkv-window-not-kept", "kvzoo/cache/snapkv.py",
-           "recent_mask(chunk, self.window_size), float(\"inf\")", "recent_mask(chunk, 0), float(\"inf\")",
+           "return recent_mask(chunk, self.window_size)", "return recent_mask(chunk, 0)",
            (f"{BASELINES}::test_snapkv_window_budget_and_append",), "the observation window is always kept"),
     Mutant("pyramid-budgets-ignored", "kvzoo/cache/pyramidkv.py",
            "per_sequence.append([min(b, n) for b in budgets])", "per_sequence.append([avg] * len(budgets))",
@@ -166,7 +171,8 @@ MUTANTS: list[Mutant] = [
            "per-layer pyramid budgets"),
     # --- TOVA -------------------------------------------------------------------------------------------
     Mutant("tova-prefill-keeps-least-attended", "kvzoo/cache/tova.py",
-           "keep_top(slots, chunk, score.masked_fill(newest", "keep_top(slots, chunk, (-score).masked_fill(newest",
+           "return window_scores(chunk, window=1).mean(dim=1, keepdim=True)",
+           "return -window_scores(chunk, window=1).mean(dim=1, keepdim=True)",
            (f"{BASELINES}::test_tova_keeps_the_last_querys_favourites",), "keep the last query's favourites"),
     Mutant("tova-decode-stale-scores", "kvzoo/cache/tova.py",
            "slots.score.copy_(torch.where(slots.filled, slot_p, 0.0))",
@@ -284,11 +290,13 @@ def check_all_snippets() -> None:
 
 
 def run_one(mutant: Mutant, timeout: float) -> Outcome:
+    """Run the mutant's tests on a mutated copy (mutant.original == replacement: the unmutated baseline)."""
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"kvzoo-mutant-{mutant.name}-") as tmp:
         copy = Path(tmp) / "repo"
         shutil.copytree(ROOT, copy, ignore=IGNORE, symlinks=True)
-        apply(copy, mutant)
+        if mutant.original != mutant.replacement:
+            apply(copy, mutant)
         env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1",
                "TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}
         cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--hypothesis-seed=0",
@@ -342,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", metavar="NAME", help="run only this mutant (repeatable)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant (a hang counts as killed)")
     parser.add_argument("--write-results", action="store_true", help="write the report into tools/RESULTS.md")
+    parser.add_argument("--skip-baseline", action="store_true",
+                        help="do not first check that the selected tests pass on the unmutated code")
     args = parser.parse_args(argv)
     check_all_snippets()
     names = {m.name for m in MUTANTS}
@@ -355,7 +365,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown mutant(s) {', '.join(unknown)}; see --list")
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
-    outcomes, started = [], time.perf_counter()
+    started = time.perf_counter()
+    if not args.skip_baseline:  # a test failing without any mutant would count every mutant as killed
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        baseline = run_one(Mutant("baseline", "", "", "", tests, "no mutation"), args.timeout)
+        print(f"baseline (unmutated): {'FAILED' if baseline.killed else 'passed'} in {baseline.seconds:.0f} s",
+              flush=True)
+        if baseline.killed:
+            print(f"the selected tests fail without any mutant: {baseline.detail}", file=sys.stderr)
+            return 2
+    outcomes = []
     for i, mutant in enumerate(chosen, 1):
         outcome = run_one(mutant, args.timeout)
         outcomes.append(outcome)
