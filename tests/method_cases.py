@@ -21,7 +21,6 @@ class MethodCase:
     name: str
     make: Callable[[Budget], CompressionMethod]
     constant_memory: bool  # compresses while decoding (memory fixed), else prefill-only (appends)
-    merges: bool = False  # slots may stand for several tokens (log w > 0)
 
     def __repr__(self) -> str:
         return self.name
@@ -37,12 +36,12 @@ METHOD_CASES: list[MethodCase] = [
     MethodCase("StreamingLLM", lambda b: StreamingLLM(budget=b), constant_memory=True),
     MethodCase("H2O", lambda b: H2O(budget=b), constant_memory=True),
     MethodCase("TOVA", lambda b: TOVA(budget=b), constant_memory=True),
-    MethodCase("ZSMerge", lambda b: ZSMerge(budget=b), constant_memory=True, merges=True),
+    MethodCase("ZSMerge", lambda b: ZSMerge(budget=b), constant_memory=True),
     MethodCase("SnapKV", lambda b: SnapKV(budget=b, window_size=_window(b, 32)), constant_memory=False),
     MethodCase("PyramidKV", lambda b: PyramidKV(budget=b, window_size=_window(b, 8)), constant_memory=False),
     MethodCase("ZigZagKV", lambda b: ZigZagKV(budget=b, window_size=_window(b, 8)), constant_memory=False),
     # skip_layers=(): the tiny test models have 2 layers, which the default (0, 1, -1) would leave whole.
-    MethodCase("KVMerger", lambda b: KVMerger(budget=b, skip_layers=()), constant_memory=False, merges=True),
+    MethodCase("KVMerger", lambda b: KVMerger(budget=b, skip_layers=()), constant_memory=False),
 ]
 CASES_BY_NAME = {c.name: c for c in METHOD_CASES}
 DECODE_TIME = [c for c in METHOD_CASES if c.constant_memory]

@@ -4,9 +4,10 @@ the prompts, so the window masks cache slots), Falcon-7B (multi-query, parallel 
 (grouped KV, new decoder architecture). One-layer tiny models; prompts of 30 and 18 tokens (left padding)
 with a budget of 10 slots, and 12 new tokens, so constant-memory methods evict/merge at every step.
 
-torch.compile costs seconds per (model, method) even for one layer, so the default run covers every method
-and each layout at least once (6 compiles:
-the four decode-time methods and two prefill-only ones, whose decode step is the same append); `pytest -m slow` runs the whole matrix (4 x 9).
+torch.compile costs seconds per (model, method) even for one layer, so the default run compiles 6 cases:
+the four decode-time methods and two of the prefill-only ones (which all decode with the same append step),
+each layout at least once; `pytest -m slow` runs the whole matrix (4 layouts x 9 methods, FullCache
+included).
 Compiled and eager must give the same greedy tokens and the same final cache contents (fp32 on the same
 CPU: inductor may fuse or reorder reductions, so ~1e-5 relative differences are allowed).
 """
