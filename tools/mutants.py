@@ -326,8 +326,8 @@ def report(outcomes: list[Outcome], total_seconds: float) -> str:
         "|---|---|---|---|---:|---|",
     ]
     for o in outcomes:
-        detail = o.detail.replace("|", "\\|")
-        lines.append(f"| {o.mutant.name} | {o.mutant.file} | {o.mutant.why} | "
+        detail, why = (x.replace("|", "\\|") for x in (o.detail, o.mutant.why))
+        lines.append(f"| {o.mutant.name} | {o.mutant.file} | {why} | "
                      f"{'killed' if o.killed else '**SURVIVED**'} | {o.seconds:.0f} | {detail} |")
     return "\n".join(lines) + "\n"
 
