@@ -6,7 +6,7 @@ Model files project q/k/v and apply RoPE; from there on all families run this co
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -18,7 +18,7 @@ from kvzoo_kernels.chunk_attention import chunk_attention
 
 @dataclass
 class ForwardContext:
-    """Per-forward inputs shared by all layers."""
+    """Per-forward inputs shared by all layers, plus the store of the layer being run (`for_layer`)."""
 
     positions: torch.Tensor  # [B, T] int64, -1 at padding
     cos: torch.Tensor  # [B, 1, T, D] rotary tables for these positions
@@ -27,18 +27,30 @@ class ForwardContext:
     decode: bool  # True: single-token decode step (static shapes, compilable)
     window: int | None  # sliding window (Mistral) or None
     has_padding: bool  # host-side flag: some position is -1 (only read in prefill)
+    # The running layer's slot store (set per layer by `for_layer`). The decode step reads the store from
+    # here, never by layer number, so one compiled decoder block serves every layer (see kvzoo/compile.py).
+    slots: LayerSlots | None = None
+
+    def for_layer(self, layer_idx: int) -> "ForwardContext":
+        """This context with layer `layer_idx`'s store (itself when there is no cache)."""
+        if self.cache is None:
+            return self
+        return replace(self, slots=self.cache.layers[layer_idx])
 
 
 def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
     """Attention output [B, Hq, T, D] for post-RoPE q [B, Hq, T, D], k/v [B, Hkv, T, D]; updates the cache."""
-    cache = ctx.cache
-    if cache is not None and ctx.decode:
-        return _decode(layer_idx, q, k, v, ctx, cache)
-    used = 0 if cache is None else cache.method.slots_in_use(cache.layers[layer_idx].capacity, cache.tokens_seen)
+    cache, slots = ctx.cache, ctx.slots
+    if cache is not None:
+        if slots is None:  # a context not made by `for_layer` (direct callers): look the store up
+            slots = cache.layers[layer_idx]
+        if ctx.decode:
+            return _decode(layer_idx, q, k, v, ctx, cache, slots)
+    used = 0 if cache is None else cache.method.slots_in_use(slots.capacity, cache.tokens_seen)
     t = q.shape[2]
     # The plain causal kernel suffices for a fresh, unpadded prompt that fits in any sliding window.
     needs_mask = used > 0 or ctx.has_padding or (ctx.window is not None and ctx.window < t)
-    chunk = _prefill_chunk(layer_idx, q, k, v, ctx, used) if (cache is not None or needs_mask) else None
+    chunk = _prefill_chunk(q, k, v, ctx, slots, used) if (cache is not None or needs_mask) else None
     if needs_mask:
         assert chunk is not None
         out = chunk_attention(q, chunk.keys, chunk.values, chunk.q_pos, chunk.key_pos, chunk.key_bias, ctx.window,
@@ -47,23 +59,23 @@ def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ct
         out = causal_attention(q, k, v)
     if cache is not None:
         assert chunk is not None
-        cache.method.compress_prefill(layer_idx, cache.layers[layer_idx], chunk)
+        cache.method.compress_prefill(layer_idx, slots, chunk)
     return out
 
 
-def _prefill_chunk(
-    layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, used: int
-) -> PrefillChunk:
+def _prefill_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext,
+                   slots: LayerSlots | None, used: int) -> PrefillChunk:
     cache = ctx.cache
-    slots = cache.layers[layer_idx] if cache is not None and used > 0 else None
     alpha = cache.method.attention_alpha if cache is not None else 0.0
-    return make_prefill_chunk(q, k, v, ctx.positions, slots, used, alpha, ctx.window)
+    return make_prefill_chunk(q, k, v, ctx.positions, slots if used > 0 else None, used, alpha, ctx.window)
 
 
 def _decode(
-    layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, cache: KVCache
+    layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: ForwardContext, cache: KVCache,
+    slots: LayerSlots,
 ) -> torch.Tensor:
-    slots = cache.layers[layer_idx]
+    """The decode step of one layer. `layer_idx` is only handed on to the method (unread there, so the
+    compiled block does not specialise on it)."""
     bias = slots.slot_bias(cache.method.attention_alpha)  # [B, Hkv, C]
     pos = ctx.positions[:, 0]  # [B]
     if ctx.window is not None:

@@ -29,6 +29,7 @@ from kvzoo.cache.full import FullCache
 from kvzoo.cache.io import model_origin
 from kvzoo.cache.registry import as_method
 from kvzoo.cache.slots import KVCache
+from kvzoo.compile import should_compile
 from kvzoo.errors import KvzooError, KvzooWarning
 
 if TYPE_CHECKING:
@@ -179,13 +180,28 @@ def _dtype_device(model: "CausalLM") -> tuple[torch.dtype, torch.device]:
 
 
 def make_decode_step(model: "CausalLM", compile: bool) -> DecodeStep:
-    """One decode step: token [B, 1] at positions [B, 1] -> next-token logits [B, V]. Optionally compiled
-    once with static shapes (the cache capacity is fixed before the first step, so there are no recompiles)."""
+    """One decode step: token [B, 1] at positions [B, 1] -> next-token logits [B, V]. Static shapes, slot
+    writes in place, no host synchronisation. With `compile`, every decoder block runs through one compiled
+    function shared by all layers (kvzoo/compile.py); embedding, final norm and LM head stay eager."""
+    from kvzoo.compile import compiled_block_runner
+    from kvzoo.models.base import call_block
+
+    run_block = compiled_block_runner() if compile else call_block
 
     def step(token: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return model(token, positions, cache=cache, decode=True)[:, -1]
+        return model(token, positions, cache=cache, decode=True, run_block=run_block)[:, -1]
 
-    return torch.compile(step, fullgraph=True, dynamic=False) if compile else step
+    return step
+
+
+def prepare_decode(model: "CausalLM", cache: KVCache, last_position: int, compile: bool) -> None:
+    """Before the first decode step: RoPE tables up to `last_position`, and (compiled) the stores' capacity
+    marked symbolic so that every layer and prompt length reuses one compiled graph."""
+    from kvzoo.compile import mark_capacity_dynamic
+
+    model.rotary.reserve(last_position + 1)
+    if compile:
+        mark_capacity_dynamic(cache)
 
 
 # --- the three stages: a cache to work in, prefill, decode -------------------------------------------------------
@@ -253,6 +269,8 @@ def decode(model: "CausalLM", cache: KVCache, logits: torch.Tensor, max_new_toke
     `cache.lengths` counts what the cache holds."""
     device = logits.device
     generator = sampling.generator(device)
+    compile = should_compile(compile, max_new_tokens)
+    prepare_decode(model, cache, max(lens) + max_new_tokens, compile)
     step = make_decode_step(model, compile)
     eos = torch.tensor(eos_token_ids or [-1], device=device)
     done = [False] * logits.shape[0]  # host-side: finished sequences

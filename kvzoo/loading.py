@@ -146,7 +146,8 @@ def load_pretrained(
 def load_weights(model: "CausalLM", ckpt_dir: Path, dtype: torch.dtype, device: torch.device) -> None:
     """Fill a meta-device model from the checkpoint; every key must be accounted for, every shape must match."""
     files = checkpoint_files(ckpt_dir)
-    expected = dict(model.named_parameters())
+    # The state dict's keys are the checkpoint layout (fused projections show up as their parts).
+    expected = model.state_dict()
     ignorable = set(model.tied_head_keys())
     missing = sorted(set(expected) - set(files))
     unexpected = sorted(set(files) - set(expected) - ignorable - {k for k in files if k.endswith("rotary_emb.inv_freq")})

@@ -86,25 +86,28 @@ class LayerSlots:
         score: torch.Tensor,
         pos: torch.Tensor,
     ) -> None:
-        """Overwrite one slot per (batch, head): index [B, Hkv]; k, v [B, Hkv, D]; logw, score, pos [B, Hkv]."""
-        idx = index[..., None]
-        self.k.scatter_(2, idx[..., None].expand(*idx.shape, self.k.shape[-1]), k[:, :, None].to(self.k.dtype))
-        self.v.scatter_(2, idx[..., None].expand(*idx.shape, self.v.shape[-1]), v[:, :, None].to(self.v.dtype))
-        self.logw.scatter_(2, idx, logw[..., None].to(self.logw.dtype))
-        self.score.scatter_(2, idx, score[..., None].to(self.score.dtype))
-        self.pos.scatter_(2, idx, pos[..., None].to(self.pos.dtype))
+        """Overwrite one slot per (batch, head): index [B, Hkv]; k, v [B, Hkv, D]; logw, score, pos [B, Hkv].
+
+        Written in place with `index_put_`: under torch.compile inductor turns it back into an in-place
+        store into the graph input (a `scatter_` there is functionalized into a copy of the whole store)."""
+        rows = self._rows(index)
+        self.k.index_put_(rows, k.to(self.k.dtype))
+        self.v.index_put_(rows, v.to(self.v.dtype))
+        self.logw.index_put_(rows, logw.to(self.logw.dtype))
+        self.score.index_put_(rows, score.to(self.score.dtype))
+        self.pos.index_put_(rows, pos.to(self.pos.dtype))
+
+    def _rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Advanced-indexing triple (batch [B, 1], head [1, Hkv], slot [B, Hkv]) for one slot per (b, h)."""
+        b, hkv = index.shape
+        batch = torch.arange(b, device=index.device)[:, None]
+        head = torch.arange(hkv, device=index.device)[None, :]
+        return batch, head, index
 
     def read(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The contents (k, v, logw, score, pos) of one slot per (batch, head); index [B, Hkv]."""
-        idx = index[..., None]
-        d = self.k.shape[-1]
-        return (
-            self.k.gather(2, idx[..., None].expand(*idx.shape, d))[:, :, 0],
-            self.v.gather(2, idx[..., None].expand(*idx.shape, d))[:, :, 0],
-            self.logw.gather(2, idx)[..., 0],
-            self.score.gather(2, idx)[..., 0],
-            self.pos.gather(2, idx)[..., 0],
-        )
+        rows = self._rows(index)
+        return self.k[rows], self.v[rows], self.logw[rows], self.score[rows], self.pos[rows]
 
     def fork(self, headroom: int, repeats: int) -> "LayerSlots":
         """A copy with `headroom` more empty slots (capacity and budget) per (sequence, head), and every

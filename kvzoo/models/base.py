@@ -7,7 +7,7 @@ checkpoint keys, and says where its embedding, blocks, final norm and head live.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,13 +21,20 @@ from kvzoo.cache.slots import KVCache
 from kvzoo.config import ModelConfig
 from kvzoo.conversation import Conversation
 from kvzoo.errors import KvzooError
-from kvzoo.layers import rotary_cos_sin
+from kvzoo.layers import RotaryTable
 from kvzoo.loading import load_pretrained
 
 if TYPE_CHECKING:
     from kvzoo.tokenizer import Tokenizer
 
 M = TypeVar("M", bound="CausalLM")
+# How a decoder block is run: (block, hidden [B, T, H], per-layer context) -> hidden. The default calls the
+# block; kvzoo.compile passes one compiled function shared by every layer (regional compilation).
+BlockRunner = Callable[[nn.Module, torch.Tensor, ForwardContext], torch.Tensor]
+
+
+def call_block(block: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    return block(x, ctx)
 
 
 class CausalLM(nn.Module):
@@ -39,6 +46,9 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer: Tokenizer | None = None
+        # RoPE cos/sin by position, built on first use per device and dtype (not part of the state dict).
+        self.rotary = RotaryTable(config.head_dim, config.rope_theta, config.rope_linear_factor,
+                                  config.max_position_embeddings)
 
     # --- what a family provides -------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -66,28 +76,36 @@ class CausalLM(nn.Module):
         cache: KVCache | None = None,
         decode: bool = False,
         last_only: bool = False,
+        run_block: BlockRunner = call_block,
     ) -> torch.Tensor:
         """Logits [B, T, V] (or [B, 1, V] with last_only) for input_ids [B, T].
 
         positions: [B, T] int64, -1 marks (left) padding; default 0..T-1. With a cache, prompt chunks are
-        attended exactly and handed to the cache's method; `decode=True` runs one static-shaped decode step.
+        attended exactly and handed to the cache's method; `decode=True` runs one static-shaped decode step
+        with no host synchronisation (its positions must be below `self.rotary.size`, at least the model's
+        context: `generate` reserves more when a generation runs past it). `run_block` calls each decoder
+        block (see `BlockRunner`).
         """
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        has_padding = False
+        if not decode:  # one host read in prefill: padding, and the largest position for the RoPE table
+            lowest, highest = torch.stack(torch.aminmax(positions)).tolist()
+            has_padding = lowest < 0
+            self.rotary.reserve(highest + 1)
         x = self.embed(input_ids)
-        cfg = self.config
-        cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_linear_factor, x.dtype)
+        cos, sin = self.rotary.lookup(positions, x.dtype)
         ctx = ForwardContext(
             positions=positions,
             cos=cos,
             sin=sin,
             cache=cache,
             decode=decode,
-            window=cfg.sliding_window,
-            has_padding=False if decode else bool((positions < 0).any()),
+            window=self.config.sliding_window,
+            has_padding=has_padding,
         )
-        for block in self.blocks():
-            x = block(x, ctx)
+        for i, block in enumerate(self.blocks()):
+            x = run_block(block, x, ctx.for_layer(i))
         if cache is not None and not decode:
             cache.tokens_seen += input_ids.shape[1]
         if last_only:

@@ -1,7 +1,8 @@
 """LLaMA-2 family (every `LlamaForCausalLM` checkpoint: MHA or GQA, tied or separate head, SmolLM2, TinyLlama).
 
-Module names equal the checkpoint keys (`model.layers.N.self_attn.q_proj.weight`, ...), so loading is a
-checked copy, not a rename table.
+State dict keys equal the checkpoint keys (`model.layers.N.self_attn.q_proj.weight`, ...), so loading is a
+checked copy, not a rename table. q/k/v (and the MLP's gate/up) run as one fused projection each; the fused
+weights are concatenated when the checkpoint is loaded and split again by `state_dict()`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 
 from kvzoo.attention import ForwardContext, attend
 from kvzoo.config import ModelConfig
-from kvzoo.layers import GatedMLP, RMSNorm, apply_rope
+from kvzoo.layers import FusedLinear, GatedMLP, RMSNorm, add_fused_linear, apply_rope
 from kvzoo.models.base import CausalLM
 
 
@@ -22,17 +23,18 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        parts = {"q_proj": q_out, "k_proj": kv_out, "v_proj": kv_out}
+        add_fused_linear(self, "qkv_proj", FusedLinear(cfg.hidden_size, parts, cfg.attention_bias))
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         out = attend(self.layer_idx, q, k, v, ctx)  # [B, Hq, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
