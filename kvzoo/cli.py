@@ -18,6 +18,7 @@ from typing import Any
 
 from kvzoo.demo import DEFAULT_METHODS
 from kvzoo.errors import KvzooError, KvzooWarning
+from kvzoo.compile import AUTO_COMPILE_MIN_NEW_TOKENS
 from kvzoo.generate import DEFAULT_MAX_NEW_TOKENS
 
 DTYPE_HELP = "weights dtype: float32 (fp32), bfloat16 (bf16) or float16 (fp16) (default: the checkpoint's)"
@@ -79,6 +80,9 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
                         "(default: the full cache)")
     p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
                    help="feed the prompt N tokens at a time, compressing after each chunk (default: all at once)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step (default: only when --max-new-tokens >= "
+                        f"{AUTO_COMPILE_MIN_NEW_TOKENS}; compiled kernels are cached under ~/.cache/kvzoo/inductor)")
 
 
 def read_prompt(prompt: str | None, file: str | None) -> str:
@@ -114,6 +118,7 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, stop=args.stop, compression=parse_spec(args.compression), prefill_chunk=args.prefill_chunk,
+        compile=args.compile,
     )
 
 

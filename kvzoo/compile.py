@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 # compile=None compiles the decode step when at least this many tokens are generated: a warm start (graph
 # tracing plus loading cached kernels) costs a few seconds, which this many faster steps pay back; a cold
 # first compile costs more, once per machine.
-AUTO_COMPILE_MIN_NEW_TOKENS = 256
+AUTO_COMPILE_MIN_NEW_TOKENS = 1024
 CAPACITY_DIM = 2  # k, v [B, Hkv, C, D]; logw, score, pos [B, Hkv, C]
 
 _compiled_block: "BlockRunner | None" = None
@@ -69,6 +69,8 @@ def mark_capacity_dynamic(cache: KVCache) -> None:
     """Make the capacity of every layer's store a symbolic size for the compiled block (call before the
     first compiled decode step; stores replaced later, e.g. by `end_prefill`, must be marked again)."""
     for slots in cache.layers:
+        if hasattr(slots.k, "_dynamo_weak_dynamic_indices"):
+            continue  # marked already
         for t in (slots.k, slots.v, slots.logw, slots.score, slots.pos):
             if t.shape[CAPACITY_DIM] > 1:  # sizes 0 and 1 are always specialised by torch.compile
                 torch._dynamo.maybe_mark_dynamic(t, CAPACITY_DIM)

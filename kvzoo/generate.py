@@ -183,20 +183,22 @@ def make_decode_step(model: "CausalLM", compile: bool) -> DecodeStep:
     """One decode step: token [B, 1] at positions [B, 1] -> next-token logits [B, V]. Static shapes, slot
     writes in place, no host synchronisation. With `compile`, every decoder block runs through one compiled
     function shared by all layers (kvzoo/compile.py); embedding, final norm and LM head stay eager."""
-    from kvzoo.compile import compiled_block_runner
+    from kvzoo.compile import compiled_block_runner, mark_capacity_dynamic
     from kvzoo.models.base import call_block
 
     run_block = compiled_block_runner() if compile else call_block
 
     def step(token: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if compile:
+            mark_capacity_dynamic(cache)  # a host-side check per layer once the stores are marked
         return model(token, positions, cache=cache, decode=True, run_block=run_block)[:, -1]
 
     return step
 
 
 def prepare_decode(model: "CausalLM", cache: KVCache, last_position: int, compile: bool) -> None:
-    """Before the first decode step: RoPE tables up to `last_position`, and (compiled) the stores' capacity
-    marked symbolic so that every layer and prompt length reuses one compiled graph."""
+    """Before the first decode step: RoPE tables up to `last_position` (also done from `cache.max_position`
+    by the model), and (compiled) the stores' capacity marked symbolic (also done by the compiled step)."""
     from kvzoo.compile import mark_capacity_dynamic
 
     model.rotary.reserve(last_position + 1)
@@ -263,14 +265,14 @@ def prefill(model: "CausalLM", ids: torch.Tensor, positions: torch.Tensor, cache
 
 
 def decode(model: "CausalLM", cache: KVCache, logits: torch.Tensor, max_new_tokens: int, sampling: Sampling,
-           eos_token_ids: list[int], compile: bool = False) -> Iterator[list[int | None]]:
+           eos_token_ids: list[int], compile: bool | None = None) -> Iterator[list[int | None]]:
     """Sample a token per sequence from logits [B, V], feed it into `cache`, repeat. Yields, per step, each
     sequence's new token, None once it has ended (its eos is not yielded). The last token sampled is not fed:
     `cache.lengths` counts what the cache holds."""
     device = logits.device
     generator = sampling.generator(device)
     compile = should_compile(compile, max_new_tokens)
-    prepare_decode(model, cache, max(lens) + max_new_tokens, compile)
+    prepare_decode(model, cache, max(cache.lengths) + max_new_tokens, compile)
     step = make_decode_step(model, compile)
     eos = torch.tensor(eos_token_ids or [-1], device=device)
     done = [False] * logits.shape[0]  # host-side: finished sequences
@@ -332,7 +334,7 @@ def prepare(model: "CausalLM", prompt_ids: list[list[int]], max_new_tokens: int,
 
 
 def run(model: "CausalLM", request: Request, max_new_tokens: int, sampling: Sampling, eos_token_ids: list[int],
-        prefill_chunk: int | None = None, compile: bool = False) -> Iterator[list[int | None]]:
+        prefill_chunk: int | None = None, compile: bool | None = None) -> Iterator[list[int | None]]:
     """Prefill then decode: the tokens of every step (see `decode`). Nothing is prefilled for 0 new tokens."""
     if max_new_tokens == 0:
         return iter(())
@@ -370,7 +372,7 @@ def generate_ids(
     eos_token_ids: list[int] | None = None,
     compression: Compression = None,
     prefill_chunk: int | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
     cache: KVCache | None = None,
 ) -> GenerationOutput:
     """Generate from token ids. A flat list of ints is one prompt. Returns ids, finish reasons, timings and the
@@ -444,7 +446,7 @@ def generate_text(
     stream: bool = False,
     compression: Compression = None,
     prefill_chunk: int | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
     return_cache: bool = False,
     chat: bool | None = None,
     add_special_tokens: bool | None = None,
@@ -461,6 +463,8 @@ def generate_text(
     - `cache`: a cache from `model.prefill(context)`: the prompt(s) continue after it (one batch over the same
       cache for a list); the given cache is left unchanged. The text then continues the cached text as it is:
       no chat template (unless chat=True) and no special tokens (unless add_special_tokens=True);
+    - `compile`: torch.compile the decode step; None (default) compiles when max_new_tokens >=
+      `kvzoo.compile.AUTO_COMPILE_MIN_NEW_TOKENS` (the CLI's `--compile/--no-compile`);
     - `return_cache=True`: returns `(texts, cache)`; use `generate_ids` for token ids.
     """
     tok = model.require_tokenizer()

@@ -68,7 +68,7 @@ class CompressionMethod:
             slots.state["prefill_budget"] = prefill_budget.to(device)
             slots.state["prompt_len"] = torch.tensor(prompt_lens, dtype=torch.int64, device=device)
             layers.append(slots)
-        return KVCache(layers=layers, method=self)
+        return KVCache(layers=layers, method=self, max_position=max(prompt_lens, default=0) + max_new_tokens)
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         raise NotImplementedError

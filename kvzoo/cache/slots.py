@@ -154,6 +154,9 @@ class KVCache:
     # What the cache belongs to (model config, tokenizer fingerprint; see `kvzoo.cache.io.model_origin`),
     # set when a model builds it; written into the header by `save`.
     origin: dict[str, Any] = field(default_factory=dict)
+    # Host-side: the largest position the planned generation reaches (prompt + new tokens); the model's
+    # RoPE table is grown to cover it before the first step, so decode steps never read past it.
+    max_position: int = 0
 
     @property
     def batch_size(self) -> int:

@@ -89,6 +89,8 @@ class CausalLM(nn.Module):
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         has_padding = False
+        if cache is not None:  # host-side ints: no synchronisation
+            self.rotary.reserve(cache.max_position + 1)
         if not decode:  # one host read in prefill: padding, and the largest position for the RoPE table
             lowest, highest = torch.stack(torch.aminmax(positions)).tolist()
             has_padding = lowest < 0
