@@ -72,3 +72,33 @@ def test_inductor_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert inductor_cache_dir() == tmp_path / "xdg" / "kvzoo" / "inductor"
+
+
+BF16_PROMPTS = ["The capital of France is", "Water boils at a temperature of", "def fibonacci(n):",
+                "The three primary colors are", "Once upon a time, in a small village,",
+                "The largest planet in the solar system is", "To make a cup of tea, first",
+                "Photosynthesis is the process by which"]
+
+
+def test_bf16_greedy_tokens_agree_with_fp32_on_the_default_model():
+    """bf16 weights (and a bf16 KV cache) vs fp32 on the default model, 8 greedy tokens per prompt.
+
+    bf16 keeps 8 mantissa bits, so logits move by ~0.5% and near-ties flip; greedy decoding diverges for good
+    after the first flip. Observed (first differing token of 24): 24, 21, 24, 8, 5, 21, 1, 22 — the first
+    token always agrees and 7 of 8 prompts agree on the first 5 tokens. Asserted with one prompt of slack."""
+    from kvzoo.default_model import ensure_default_model
+
+    path = ensure_default_model(progress=False)
+    fp32, bf16 = kvzoo.load(path, dtype="float32"), kvzoo.load(path, dtype="bf16")
+    tok = fp32.require_tokenizer()
+    agree = []
+    for prompt in BF16_PROMPTS:
+        ids = [tok.encode(prompt)]
+        a = fp32.generate_ids(ids, max_new_tokens=8, compile=False).token_ids[0]
+        out = bf16.generate_ids(ids, max_new_tokens=8, compile=False)
+        assert out.cache.layers[0].k.dtype == torch.bfloat16  # the cache takes the weights' dtype
+        assert out.cache.layers[0].logw.dtype == torch.float32  # its statistics stay fp32
+        b = out.token_ids[0]
+        agree.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))))
+    assert all(n >= 1 for n in agree), agree
+    assert sum(n >= 5 for n in agree) >= 6, agree
