@@ -56,13 +56,14 @@ def _read(slots: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[torch.T
 
 
 def _write(slots: tuple[torch.Tensor, ...], index: torch.Tensor, values: tuple[torch.Tensor, ...]) -> None:
-    """Overwrite one slot per (sequence, head) of slots = (k, v, logw, score, pos) in place."""
-    idx = index[..., None]
+    """Overwrite one slot per (sequence, head) of slots = (k, v, logw, score, pos) in place.
+
+    `index_put_`, not `scatter_`: under torch.compile inductor re-inplaces it into the graph input, where a
+    scatter_ is functionalized into a copy of the whole store (see kvzoo/compile.py)."""
+    b, hkv = index.shape
+    rows = (torch.arange(b, device=index.device)[:, None], torch.arange(hkv, device=index.device)[None, :], index)
     for t, x in zip(slots, values):
-        if t.dim() == 4:
-            t.scatter_(2, idx[..., None].expand(*idx.shape, t.shape[-1]), x[:, :, None].to(t.dtype))
-        else:
-            t.scatter_(2, idx, x[..., None].to(t.dtype))
+        t.index_put_(rows, x.to(t.dtype))
 
 
 def zsmerge_update_reference(
