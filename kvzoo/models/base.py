@@ -90,7 +90,7 @@ class CausalLM(nn.Module):
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         has_padding = False
         if cache is not None:  # host-side ints: no synchronisation
-            self.rotary.reserve(cache.max_position + 1)
+            self.rotary.reserve(max(cache.max_position, max(cache.lengths, default=0)) + 1)
         if not decode:  # one host read in prefill: padding, and the largest position for the RoPE table
             lowest, highest = torch.stack(torch.aminmax(positions)).tolist()
             has_padding = lowest < 0
