@@ -16,15 +16,25 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from kvzoo.cache.slots import KVCache
 
 if TYPE_CHECKING:
-    from kvzoo.models.base import BlockRunner
+    from kvzoo.attention import ForwardContext
+
+# How a decoder block is run: (block, hidden [B, T, H], per-layer context) -> hidden. The default calls the
+# block; `compiled_block_runner` is one compiled function shared by every layer (regional compilation).
+BlockRunner = Callable[[nn.Module, torch.Tensor, "ForwardContext"], torch.Tensor]
+
+
+def call_block(block: nn.Module, x: torch.Tensor, ctx: "ForwardContext") -> torch.Tensor:
+    return block(x, ctx)
 
 # compile=None compiles the decode step when at least this many tokens are generated: a warm start (graph
 # tracing plus loading cached kernels) costs a few seconds, which this many faster steps pay back; a cold
@@ -32,7 +42,7 @@ if TYPE_CHECKING:
 AUTO_COMPILE_MIN_NEW_TOKENS = 1024
 CAPACITY_DIM = 2  # k, v [B, Hkv, C, D]; logw, score, pos [B, Hkv, C]
 
-_compiled_block: "BlockRunner | None" = None
+_compiled_block: BlockRunner | None = None
 
 
 def inductor_cache_dir() -> Path:
@@ -51,13 +61,11 @@ def should_compile(compile: bool | None, max_new_tokens: int) -> bool:
     return bool(compile)
 
 
-def compiled_block_runner() -> "BlockRunner":
+def compiled_block_runner() -> BlockRunner:
     """The compiled decoder-block runner, created once per process; its graphs serve every model and layer
     whose block code, dtypes and static shapes match."""
     global _compiled_block
     if _compiled_block is None:
-        from kvzoo.models.base import call_block
-
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache_dir())
         _compiled_block = torch.compile(
             call_block, fullgraph=True, dynamic=False, options={"reorder_for_locality": False}

@@ -183,8 +183,7 @@ def make_decode_step(model: "CausalLM", compile: bool) -> DecodeStep:
     """One decode step: token [B, 1] at positions [B, 1] -> next-token logits [B, V]. Static shapes, slot
     writes in place, no host synchronisation. With `compile`, every decoder block runs through one compiled
     function shared by all layers (kvzoo/compile.py); embedding, final norm and LM head stay eager."""
-    from kvzoo.compile import compiled_block_runner, mark_capacity_dynamic
-    from kvzoo.models.base import call_block
+    from kvzoo.compile import call_block, compiled_block_runner, mark_capacity_dynamic
 
     run_block = compiled_block_runner() if compile else call_block
 

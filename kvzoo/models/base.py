@@ -7,7 +7,7 @@ checkpoint keys, and says where its embedding, blocks, final norm and head live.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -18,6 +18,7 @@ from kvzoo import generate as gen
 from kvzoo import likelihood
 from kvzoo.attention import ForwardContext
 from kvzoo.cache.slots import KVCache
+from kvzoo.compile import BlockRunner, call_block
 from kvzoo.config import ModelConfig
 from kvzoo.conversation import Conversation
 from kvzoo.errors import KvzooError
@@ -28,13 +29,6 @@ if TYPE_CHECKING:
     from kvzoo.tokenizer import Tokenizer
 
 M = TypeVar("M", bound="CausalLM")
-# How a decoder block is run: (block, hidden [B, T, H], per-layer context) -> hidden. The default calls the
-# block; kvzoo.compile passes one compiled function shared by every layer (regional compilation).
-BlockRunner = Callable[[nn.Module, torch.Tensor, ForwardContext], torch.Tensor]
-
-
-def call_block(block: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-    return block(x, ctx)
 
 
 class CausalLM(nn.Module):
