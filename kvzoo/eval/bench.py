@@ -198,6 +198,7 @@ def run_bench_command(args: argparse.Namespace) -> None:
     model = load_model_for_args(args)
     hf = _load_hf(args, model) if args.against == "hf" else None
     rows: list[BenchRow] = []
+    prov = report.provenance(next(model.parameters()).dtype)  # taken at the start, with the code that runs
     report.interrupt_on_sigterm()
     interrupted = False
     try:
@@ -214,7 +215,6 @@ def run_bench_command(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: writing what finished", file=sys.stderr)
-    prov = report.provenance(next(model.parameters()).dtype)
     report.write_json(out, {"kind": "bench", "provenance": prov, "interrupted": interrupted,
                             "rows": [asdict(r) for r in rows]})
     text = table(rows)

@@ -97,8 +97,9 @@ def run_eval_command(args: argparse.Namespace) -> None:
     dtype = next(model.parameters()).dtype
     last_save = [time.monotonic()]
 
+    prov = report.provenance(dtype)  # taken at the start: the code that produced the numbers
+
     def save(interrupted: bool) -> tuple[list[Path], str]:
-        prov = report.provenance(dtype)
         rows = report.summarize(runner.records)
         payload = {"kind": "eval", "provenance": prov, "config": config,
                    "source": args.source if corpus_text is not None else args.data, "corpus_tokens": len(corpus),
