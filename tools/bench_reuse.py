@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -79,17 +78,19 @@ def bench_ttft(doc_tokens: int, specs: list[str], repeats: int, dtype: str) -> N
 def conversation_child(spec: str, turns: int, max_new_tokens: int, dtype: str) -> dict:
     """Runs in the child process: one conversation of `turns` short turns."""
     from kvzoo.cache.registry import parse_compression
+    from kvzoo.eval.bench import RssPeak
 
     model = _model(dtype)
-    model_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    model_rss = RssPeak.current() / 2**20
     conv = model.conversation(system="Reply briefly.", compression=parse_compression(spec),
                               max_new_tokens=max_new_tokens)
     started = time.perf_counter()
-    for i in range(turns):
-        conv.say(f"Tell me one fact about the number {i}.")
+    with RssPeak() as rss:  # sampled while the conversation runs: loading the model peaks higher
+        for i in range(turns):
+            conv.say(f"Tell me one fact about the number {i}.")
     assert conv.cache is not None
     return {
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": rss.peak / 2**20,
         "model_rss_mib": model_rss,
         "cache_mib": conv.cache.nbytes() / 2**20,
         "tokens": conv.cache.lengths[0],
@@ -100,7 +101,7 @@ def conversation_child(spec: str, turns: int, max_new_tokens: int, dtype: str) -
 def bench_conversation(specs: list[str], turns: int, max_new_tokens: int, dtype: str) -> None:
     print(f"\n### A {turns}-turn conversation in one cache ({dtype}, replies of at most {max_new_tokens} tokens, "
           "one process each)\n")
-    print("| method | tokens seen | cache MiB at the end | peak RSS MiB | RSS after loading the model MiB "
+    print("| method | tokens seen | cache MiB at the end | peak RSS during the conversation MiB | RSS after loading the model MiB "
           "| s per turn |")
     print("|---|---|---|---|---|---|")
     for spec in specs:
