@@ -19,6 +19,7 @@ import torch
 from kvzoo.cache.chunk import make_prefill_chunk
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.slots import KVCache, LayerSlots
+from kvzoo.eval.fanout import PrefillObserver, observe_prefill
 from kvzoo.generate import left_pad
 from kvzoo_kernels.attention import prefill_attention
 
@@ -38,13 +39,10 @@ class _Probe:
     full: torch.Tensor  # [B, Hq, K, D] exact output over the whole context + probe
 
 
-class _ErrorProbe(CompressionMethod):
+class _ErrorProbe(PrefillObserver):
     def __init__(self, targets: list[tuple[CompressionMethod, KVCache]], context_len: int) -> None:
         self.targets, self.context_len = targets, context_len
         self.probes: list[_Probe] = []
-
-    def slots_in_use(self, capacity: int, tokens_seen: int) -> int:
-        return 0
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         t = self.context_len
@@ -82,11 +80,8 @@ def attention_errors(model: "CausalLM", contexts: list[list[int]], probes: list[
     lens = [len(c) for c in contexts]
     caches = [m.make_cache(cfg, lens, 0, param.dtype, param.device) for m in methods]
     probe = _ErrorProbe(list(zip(methods, caches)), lens[0])
-    no_slots = [LayerSlots.empty(len(lens), cfg.num_kv_heads, 0, cfg.head_dim, torch.zeros(len(lens)),
-                                 param.dtype, param.device) for _ in range(cfg.num_layers)]
-    driver = KVCache(layers=no_slots, method=probe)
     ids, positions = left_pad([c + p for c, p in zip(contexts, probes)], 0, param.device)
-    model(ids, positions, cache=driver, last_only=True)
+    observe_prefill(model, ids, positions, probe)
     out = []
     for method, cache in zip(methods, caches):
         cache.tokens_seen = lens[0]

@@ -21,14 +21,32 @@ if TYPE_CHECKING:
     from kvzoo.models.base import CausalLM
 
 
-class _Fanout(CompressionMethod):
+class PrefillObserver(CompressionMethod):
+    """A stand-in method that sees every layer's prompt chunk of a one-shot prefill and keeps nothing itself."""
+
+    def slots_in_use(self, capacity: int, tokens_seen: int) -> int:
+        return 0  # one-shot prefill only: nothing cached before the prompt
+
+
+def observe_prefill(model: "CausalLM", ids: torch.Tensor, positions: torch.Tensor,
+                    observer: PrefillObserver) -> tuple[torch.Tensor, int]:
+    """One forward over ids [B, T] that hands each layer's chunk to `observer`; returns the next-token
+    logits [B, V] and the prompt positions fed (for the caches the observer filled)."""
+    param = next(model.parameters())
+    cfg = model.config
+    b = ids.shape[0]
+    no_slots = [LayerSlots.empty(b, cfg.num_kv_heads, 0, cfg.head_dim, torch.zeros(b), param.dtype, param.device)
+                for _ in range(cfg.num_layers)]
+    driver = KVCache(layers=no_slots, method=observer)
+    logits = model(ids, positions, cache=driver, last_only=True)[:, -1]
+    return logits, driver.tokens_seen
+
+
+class _Fanout(PrefillObserver):
     """Forwards every layer's prompt chunk to each (method, cache) pair."""
 
     def __init__(self, targets: list[tuple[CompressionMethod, KVCache]]) -> None:
         self.targets = targets
-
-    def slots_in_use(self, capacity: int, tokens_seen: int) -> int:
-        return 0  # one-shot prefill only: nothing cached before the prompt
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         for method, cache in self.targets:
@@ -46,12 +64,9 @@ def fanout_prefill(
     cfg = model.config
     lens = [len(p) for p in prompt_ids]
     caches = [m.make_cache(cfg, lens, headroom, param.dtype, param.device) for m in methods]
-    no_slots = [LayerSlots.empty(len(lens), cfg.num_kv_heads, 0, cfg.head_dim, torch.zeros(len(lens)),
-                                 param.dtype, param.device) for _ in range(cfg.num_layers)]
-    driver = KVCache(layers=no_slots, method=_Fanout(list(zip(methods, caches))))
     ids, positions = left_pad(prompt_ids, _pad_id(model), param.device)
-    logits = model(ids, positions, cache=driver, last_only=True)[:, -1]
+    logits, tokens_seen = observe_prefill(model, ids, positions, _Fanout(list(zip(methods, caches))))
     for method, cache in zip(methods, caches):
-        cache.tokens_seen = driver.tokens_seen
+        cache.tokens_seen = tokens_seen
         method.end_prefill(cache)
     return caches, logits
