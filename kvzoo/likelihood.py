@@ -47,6 +47,16 @@ def teacher_force(
     return logprobs, logits
 
 
+def continuation_logprobs(
+    step: DecodeStep, cache: KVCache, logits: torch.Tensor, tokens: torch.Tensor, start_pos: torch.Tensor,
+) -> torch.Tensor:
+    """Log-probabilities [B, N] of tokens [B, N] after `logits`: the last token is only scored, never fed
+    (N - 1 decode steps)."""
+    logprobs, logits = teacher_force(step, cache, logits, tokens[:, :-1], start_pos)
+    last = logits.float().log_softmax(-1).gather(-1, tokens[:, -1:])
+    return torch.cat([logprobs, last], dim=1)
+
+
 @torch.inference_mode()
 def score_ids(
     model: "CausalLM",
@@ -73,10 +83,7 @@ def score_ids(
     tokens = torch.tensor([c + [c[-1]] * (n - len(c)) for c in continuations], device=device)
     start = torch.tensor(request.cache.lengths, device=device)
     step = make_decode_step(model, compile)
-    # The last token is only scored, never fed: feed n - 1 tokens, score the n-th from the final logits.
-    logprobs, logits = teacher_force(step, request.cache, logits, tokens[:, :-1], start)
-    last = logits.float().log_softmax(-1).gather(-1, tokens[:, -1:])
-    logprobs = torch.cat([logprobs, last], dim=1)
+    logprobs = continuation_logprobs(step, request.cache, logits, tokens, start)
     return [logprobs[b, : len(c)].cpu() for b, c in enumerate(continuations)]
 
 

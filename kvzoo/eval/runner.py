@@ -25,7 +25,7 @@ from kvzoo.eval import tasks as T
 from kvzoo.eval.fanout import fanout_prefill
 from kvzoo.eval.metrics import first_number, leading_match
 from kvzoo.generate import make_decode_step
-from kvzoo.likelihood import teacher_force
+from kvzoo.likelihood import continuation_logprobs, teacher_force
 
 if TYPE_CHECKING:
     from kvzoo.models.base import CausalLM
@@ -200,8 +200,7 @@ class Runner:
             for case, cache, logits in self._prefilled([x.context for x in batch], cont.shape[1] - 1):
                 kept = kept_fraction(cache, [len(x.context) for x in batch])
                 with torch.inference_mode():
-                    logp, last = teacher_force(step, cache, logits, cont[:, :-1], start)
-                    logp = torch.cat([logp, last.float().log_softmax(-1).gather(-1, cont[:, -1:])], dim=1)
+                    logp = continuation_logprobs(step, cache, logits, cont, start)
                 self._add("nll", case, first, {"nll": (-logp.mean(1)).tolist()}, kept=kept)
                 self._done(bar, case.label)
 
