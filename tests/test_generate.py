@@ -141,6 +141,18 @@ def test_a_spec_string_wherever_a_method_is_accepted(smol, tiny_checkpoint):
         tiny.generate_ids(ids, max_new_tokens=1, compression=0.1)
 
 
+def test_a_paper_spec_starts_from_the_paper_settings():
+    from kvzoo.cache.registry import parse_compression
+
+    assert parse_compression("zsmerge.paper:budget=0.05") == kvzoo.ZSMerge.paper(budget=0.05)
+    assert parse_compression("KVMerger.paper") == kvzoo.KVMerger.paper()
+    assert parse_compression("zsmerge.paper").alpha == 1.0 != kvzoo.ZSMerge().alpha
+    with pytest.raises(KvzooError, match=r"'h2o.paper': H2O has no variant 'paper'; '.paper' .* kvmerger, zsmerge"):
+        parse_compression("h2o.paper")
+    with pytest.raises(KvzooError, match=r"ZSMerge has no variant 'best'"):
+        parse_compression("zsmerge.best:budget=0.1")
+
+
 def test_the_long_prompt_rule(tiny_checkpoint):
     """Past the context (256 here): refused with the full cache fed at once; fed with a warning when
     compression or chunked prefill is on."""

@@ -155,7 +155,8 @@ def zsmerge_prefill_cases(draw):
     n = draw(st.integers(budget + 1, 40))
     kv_heads, groups = draw(st.integers(1, 2)), draw(st.integers(1, 3))
     return (ZSMerge(budget=budget, proximity=proximity, residual=residual, decay=draw(st.sampled_from([0.5, 0.9])),
-                    window_size=draw(st.integers(2, 6)), kernel_size=draw(st.sampled_from([1, 3, 5]))),
+                    window_size=draw(st.integers(2, 6)), kernel_size=draw(st.sampled_from([1, 3, 5])),
+                    prefill_scale=draw(st.sampled_from(["window", "steady"]))),
             n, random_qkv(1, 1, kv_heads, groups, n, seed=draw(st.integers(0, 2**16))),
             draw(st.sampled_from([None, 5])))
 
@@ -168,8 +169,10 @@ def test_zsmerge_prefill_regions_against_the_definition(case):
     window, GQA mean; proximity P = the last B_p tokens; context C = the top (B - B_p - B_r) of the older
     tokens by s; the leftovers, in position order, are cut into B_r contiguous groups (the first r of size
     m + 1, with m, r = divmod(leftovers, B_r)), and residual slot i holds group i: count = its size, key and
-    value = the plain means of its members. Also under Mistral's sliding window (5 < n): attention, and so
-    the scores, only reach the last 5 positions of each query (many older tokens tie at 0)."""
+    value = the plain means of its members. A context slot stores s, or s / (1 - decay^W) with
+    prefill_scale="steady" (the decode steady state of s <- decay s + a for a constant attention a = the
+    window's weighted mean). Also under Mistral's sliding window (5 < n): attention, and so the scores, only
+    reach the last 5 positions of each query (many older tokens tie at 0)."""
     method, n, qkv, sliding = case
     trace = drive_synthetic(method, qkv, [n], 0, window=sliding)
     snap = trace.snapshots[0]
@@ -183,6 +186,9 @@ def test_zsmerge_prefill_regions_against_the_definition(case):
         older = list(range(n - bp))
         assert len(context) == b - bp - br, f"{where}: {len(context)} context slots"
         assert_top_k(context, older, dict(enumerate(scores[h].tolist())), f"{where}: context")
+        scale = 1 / (1 - method.decay ** method.window_size) if method.prefill_scale == "steady" else 1.0
+        stored = snap.layers[0]["score"][0, h, br:b - bp]
+        torch.testing.assert_close(stored, scores[h][pos[br:b - bp]].float() * scale, atol=TOL, rtol=TOL)
         leftovers = [p for p in older if p not in context]
         m, r = divmod(len(leftovers), br)
         sizes = [m + 1] * r + [m] * (br - r)
@@ -250,7 +256,7 @@ def test_kvmerger_prefill_against_the_definition(n, seed, kv_heads, groups, epsi
     g_t = exp(-|k_p - k_t|^2 / (2 sigma^2)) (sigma = 0.5 and 2: finite, not huge), value the same weighted
     mean (times |S| with value_scale="set_size") and count |S|. Also under Mistral's sliding window of 6."""
     qkv = similar_run_qkv(n, kv_heads, groups, seed)
-    method = KVMerger(budget=None, threshold=epsilon, sigma=sigma, skip_layers=(), value_scale=value_scale)
+    method = KVMerger.paper(budget=None, threshold=epsilon, sigma=sigma, skip_layers=(), value_scale=value_scale)
     snap = drive_synthetic(method, qkv, [n], 0, window=sliding).snapshots[0]
     g = qkv.groups
     for h in range(kv_heads):
@@ -280,6 +286,23 @@ def test_kvmerger_prefill_against_the_definition(n, seed, kv_heads, groups, epsi
             assert got[p][2] == pytest.approx(c), f"head {h}, pivot {p}: count"
             torch.testing.assert_close(got[p][0].double(), k, atol=1e-4, rtol=1e-4, msg=f"head {h}, pivot {p}: key")
             torch.testing.assert_close(got[p][1].double(), v, atol=1e-4, rtol=1e-4, msg=f"head {h}, pivot {p}: value")
+
+
+@pytest.mark.parametrize("ratio_of, recent", [("budget", 10), ("prompt", 19)])
+def test_kvmerger_recent_share_of_budget_or_prompt(ratio_of, recent):
+    """recent_ratio is a share of the budget (default) or of the prompt (paper), capped at budget - 1: 41
+    tokens, budget 20, recent_ratio 0.5 keep the last 10 or 19 tokens verbatim. All keys are identical, so every
+    link between older tokens ties and the earliest are cut (2.2 step 5): the older tokens become singletons
+    {0}, ..., {m - 2} and one set of the rest, m = budget - recent, pivoted at its first token."""
+    n, budget = 41, 20
+    qkv = random_qkv(1, 1, 1, 1, n, seed=3)
+    qkv.k[0][:] = qkv.k[0][:, :, :1]
+    method = KVMerger(budget=budget, recent_ratio=0.5, heavy_ratio=0.0, ratio_of=ratio_of)
+    snap = drive_synthetic(method, qkv, [n], 0).snapshots[0]
+    m = budget - recent
+    expected = [(p, 1.0) for p in range(m - 1)] + [(m - 1, n - recent - (m - 1))] + [(p, 1.0) for p in range(n - recent, n)]
+    got = sorted((p, c) for p, _, _, c in filled_slots(snap, 0, 0))
+    assert got == [(p, pytest.approx(c)) for p, c in expected]
 
 
 # --- ZigZagKV ------------------------------------------------------------------------------------------------

@@ -108,11 +108,16 @@ class ScoredSelection(CompressionMethod):
         """[B] slots to fill after prefill."""
         return slots.budget
 
+    def prefill_tiebreak(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor | None:
+        """[B, Hkv, S] order among equal scores (None: the newer position first), e.g. the unpooled score."""
+        return None
+
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         scores = self.prefill_scores(slots, chunk)
         forced = self.protected(slots, chunk)
         rank = scores if forced is None else scores.masked_fill(forced, float("inf"))
-        keep_top(slots, chunk, rank, self.prefill_keep(slots), stored_score=scores)
+        keep_top(slots, chunk, rank, self.prefill_keep(slots), stored_score=scores,
+                 tie=self.prefill_tiebreak(slots, chunk))
 
 
 class PrefillOnlyMethod(CompressionMethod):

@@ -25,8 +25,12 @@ Ambiguities (METHODS.md 2.2, 2.6) and how they are resolved here:
   defined). `threshold` is then unused: it is the epsilon of `budget=None`, the paper's own mode, where
   the data decides the size (#protected + #sets) and each layer's store is shrunk to fit at the end of
   prefill; `threshold > 1` there merges nothing and reproduces the full cache.
-- recent_ratio / heavy_ratio (reported as 0.17 / 0.12 at a 50% budget) are fractions of the sequence's own
-  prompt length, not of the budget; heavy hitters are chosen among the tokens outside the recent window.
+- recent_ratio / heavy_ratio: the paper reports 0.17 / 0.12 of the prompt at a 50% budget. As fractions of
+  the prompt they outgrow any budget below 29%: at 5% the recent window alone took all but one slot and
+  every older token merged into that one slot. The default keeps the paper's proportions *of the budget*
+  (`ratio_of="budget"`, 0.34 / 0.24 = 0.17 / 0.12 at 50%), so a small budget still has 42% of its slots for
+  merged sets; `ratio_of="prompt"` (in `KVMerger.paper()`) is the paper's reading. Heavy hitters are chosen
+  among the tokens outside the recent window.
 - sigma: the paper's adaptive formula is circular; fixed sigma = 5 (the value its grid search picks).
   sigma = inf gives plain averaging.
 - Value scaling: the default is NOT the paper's. The paper multiplies a merged value by |S|
@@ -40,11 +44,11 @@ Ambiguities (METHODS.md 2.2, 2.6) and how they are resolved here:
   values (exact for identical keys and values).
 - Pivot ties go to the earliest token; a merged slot's score is the sum of its members' A_t.
 - Granularity: sets, pivots and epsilon per KV head; every head keeps B entries (budget mode).
-- skip_layers (default {0, 1, L-1}; negative indices count from the end) are not compressed at all: they
+- skip_layers (paper: {0, 1, L-1}; negative indices count from the end) are not compressed at all: they
   keep the whole prompt, so their capacity is the prompt length. The other layers' budgets are not lowered
   to compensate, so the cache is larger than `budget` implies: with L layers, s skipped and budget ratio r,
-  (s + (L - s) r) / L of the full cache, e.g. Llama-2-7B (L=32, s=3) at r=0.5: 54.7% instead of 50%.
-  A model with at most 3 layers is not compressed with the default.
+  (s + (L - s) r) / L of the full cache, e.g. SmolLM2-135M (L=30, s=3) at r=0.05: 14.5% instead of 5%.
+  The default skips no layer, so that a budget means the same memory for every method.
 - Chunked prefill (not in the paper) is supported: A_t accumulates over chunks (H2O-style), the recent window
   is relative to the chunk's newest token, and already merged slots re-enter merging as members standing for
   n = exp(log w) tokens (key weight proportional to n g_t; with value_scale="set_size" their values are
@@ -74,6 +78,7 @@ if TYPE_CHECKING:
     from kvzoo.config import ModelConfig
 
 VALUE_SCALES = ("set_size", "none")
+RATIOS_OF = ("budget", "prompt")
 
 
 # --- merging sets (Algorithm 1) ----------------------------------------------------------------------
@@ -233,9 +238,10 @@ class KVMerger(PrefillOnlyMethod):
     budget: Budget | None = 0.5  # slots per KV head (ratio of the prompt or tokens); None: fixed epsilon
     threshold: float = 0.75  # epsilon: cosine similarity of adjacent keys that merges (budget=None only)
     sigma: float = 5.0
-    recent_ratio: float = 0.17  # of the prompt, kept verbatim
-    heavy_ratio: float = 0.12  # of the prompt, kept verbatim (largest aggregated attention)
-    skip_layers: tuple[int, ...] = (0, 1, -1)
+    recent_ratio: float = 0.34  # of `ratio_of`, kept verbatim
+    heavy_ratio: float = 0.24  # of `ratio_of`, kept verbatim (largest aggregated attention)
+    ratio_of: str = "budget"  # "budget" (default) or "prompt" (paper: 0.17 / 0.12 of the prompt at a 50% budget)
+    skip_layers: tuple[int, ...] = ()  # paper: (0, 1, -1), kept whole (outside the budget)
     value_scale: str = "none"  # paper: "set_size" (see the module doc)
     alpha: float = 1.0  # log|S| attention bias of merged slots (paper: 0, no bias)
     decode_cap: int | None = None
@@ -256,6 +262,8 @@ class KVMerger(PrefillOnlyMethod):
         ):
             raise KvzooError(f"KVMerger: skip_layers must be a tuple of layer indices, got {self.skip_layers!r}")
         self.skip_layers = tuple(self.skip_layers)
+        if self.ratio_of not in RATIOS_OF:
+            raise KvzooError(f"KVMerger: ratio_of must be one of {RATIOS_OF}, got {self.ratio_of!r}")
         if self.value_scale not in VALUE_SCALES:
             raise KvzooError(f"KVMerger: value_scale must be one of {VALUE_SCALES}, got {self.value_scale!r}")
         if not _is_number(self.alpha) or not math.isfinite(self.alpha):
@@ -264,8 +272,11 @@ class KVMerger(PrefillOnlyMethod):
 
     @classmethod
     def paper(cls, **overrides: object) -> "KVMerger":
-        """The paper's settings: merged values scaled by the set size, no attention bias."""
-        return cls(**{"value_scale": "set_size", "alpha": 0.0, **overrides})  # type: ignore[arg-type]
+        """The paper's settings: merged values scaled by the set size, no attention bias, recent and heavy
+        shares of the prompt, layers 0, 1 and L-1 uncompressed."""
+        paper = {"value_scale": "set_size", "alpha": 0.0, "recent_ratio": 0.17, "heavy_ratio": 0.12,
+                 "ratio_of": "prompt", "skip_layers": (0, 1, -1)}
+        return cls(**{**paper, **overrides})  # type: ignore[arg-type]
 
     @property
     def attention_alpha(self) -> float:
@@ -306,10 +317,12 @@ class KVMerger(PrefillOnlyMethod):
             keep_top(slots, chunk, -chunk.key_pos.float(), slots.budget)
             return
         score = chunk.key_score + accumulated_scores(chunk)  # [B, Hkv, S]
-        recent = (prompt_len * self.recent_ratio).long()
+        # Shares of the budget (default) or of the prompt (paper); without a budget, of the prompt.
+        base = budget if self.ratio_of == "budget" and self.budget is not None else prompt_len
+        recent = (base * self.recent_ratio).long()
         if self.budget is not None:
             recent = recent.minimum(budget - 1)
-        heavy = (prompt_len * self.heavy_ratio).long()[:, None]
+        heavy = (base * self.heavy_ratio).long()[:, None]
         # Candidates in position order, empty ones (padding, unused slots) last.
         order = torch.where(torch.isfinite(chunk.key_logw), chunk.key_pos, torch.iinfo(torch.int64).max).argsort(-1)
         keys, values = (x.gather(2, order[..., None].expand_as(x)) for x in (chunk.keys, chunk.values))

@@ -86,12 +86,21 @@ def _value(text: str) -> object:
 
 
 def parse_compression(spec: str) -> CompressionMethod:
-    """`zsmerge:budget=0.05,alpha=1` -> ZSMerge(budget=0.05, alpha=1). A bare name takes every default.
+    """`zsmerge:budget=0.05,alpha=1` -> ZSMerge(budget=0.05, alpha=1). A bare name takes every default;
+    `name.paper` starts from the paper's settings instead (`zsmerge.paper:budget=0.05` -> ZSMerge.paper(budget=0.05)).
     Names: see `method_class`; values: ints, floats, none, true/false, `(a;b)` tuples, else strings."""
     if not isinstance(spec, str) or not spec.strip():
         raise KvzooError(f"a compression spec is a non-empty string like 'zsmerge:budget=0.1', got {spec!r}")
     name, _, args = spec.partition(":")
+    name, dot, variant = name.partition(".")
     cls = method_class(name)
+    make = cls
+    if dot:
+        make = getattr(cls, variant.strip(), None) if variant.strip() == "paper" else None
+        if make is None:
+            with_paper = sorted(key for key, c in METHODS.items() if hasattr(c, "paper"))
+            raise KvzooError(f"compression spec {spec!r}: {cls.__name__} has no variant {variant.strip()!r}; "
+                             f"'.paper' (the paper's settings) exists for {', '.join(with_paper)}")
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     kwargs: dict[str, object] = {}
     for item in filter(None, (a.strip() for a in args.split(","))):
@@ -104,7 +113,7 @@ def parse_compression(spec: str) -> CompressionMethod:
                 f"its parameters are {', '.join(sorted(fields)) or 'none'}"
             )
         kwargs[key.strip()] = _value(value)
-    return cls(**kwargs)
+    return make(**kwargs)
 
 
 def as_method(compression: "CompressionMethod | type[CompressionMethod] | str | None") -> CompressionMethod:

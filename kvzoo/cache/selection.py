@@ -21,17 +21,19 @@ def keep_top(
     rank: torch.Tensor,
     keep: torch.Tensor,
     stored_score: torch.Tensor | None = None,
+    tie: torch.Tensor | None = None,
 ) -> None:
     """Keep, per (sequence, head), the `keep[b]` highest-`rank` candidates of [slots in use ; chunk tokens].
 
     rank: [B, Hkv, S] (use +inf to force a candidate in); keep: [B] slots to fill; stored_score: [B, Hkv, S]
-    statistic saved with each kept slot (default: the candidates' current score). Empty candidates (padding,
-    empty slots) are never kept. Every later slot is emptied.
+    statistic saved with each kept slot (default: the candidates' current score); tie: [B, Hkv, S] order
+    among equal ranks (see `rank_order`). Empty candidates (padding, empty slots) are never kept. Every
+    later slot is emptied.
     """
     valid = torch.isfinite(chunk.key_logw)
     rank = rank.masked_fill(~valid, NEG_INF)
     n = min(slots.capacity, rank.shape[-1])
-    idx = rank_order(rank, chunk.key_pos)[..., :n]  # [B, Hkv, n]
+    idx = rank_order(rank, chunk.key_pos, tie)[..., :n]  # [B, Hkv, n]
     slot_no = torch.arange(n, device=idx.device)
     kept = (slot_no[None, None, :] < keep[:, None, None]) & valid.gather(-1, idx)
     gather_d = idx[..., None].expand(*idx.shape, chunk.keys.shape[-1])
@@ -45,13 +47,16 @@ def keep_top(
     )
 
 
-def rank_order(rank: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
-    """Candidate indices [B, Hkv, S] by descending rank; equal ranks (common with max-pooling, or zero
-    scores outside a sliding window) go to the newer position, so the choice never depends on where a
-    candidate sits (left padding, slot order)."""
-    by_pos = key_pos.argsort(dim=-1, descending=True, stable=True)
-    by_rank = rank.gather(-1, by_pos).argsort(dim=-1, descending=True, stable=True)
-    return by_pos.gather(-1, by_rank)
+def rank_order(rank: torch.Tensor, key_pos: torch.Tensor, tie: torch.Tensor | None = None) -> torch.Tensor:
+    """Candidate indices [B, Hkv, S] by descending rank; equal ranks go to the larger `tie` [B, Hkv, S] first
+    (e.g. the unpooled score: max-pooling gives a peak's neighbours the peak's own score, and the peak must
+    not lose to them), then to the newer position (zero scores outside a sliding window), so the choice never
+    depends on where a candidate sits (left padding, slot order)."""
+    order = key_pos.argsort(dim=-1, descending=True, stable=True)
+    for key in (tie, rank):  # stable sorts: the last key sorted is the primary one
+        if key is not None:
+            order = order.gather(-1, key.gather(-1, order).argsort(dim=-1, descending=True, stable=True))
+    return order
 
 
 def recent_mask(chunk: "PrefillChunk", recent: torch.Tensor | int) -> torch.Tensor:

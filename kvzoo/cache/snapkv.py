@@ -58,6 +58,10 @@ class WindowSelection(ScoredSelection, PrefillOnlyMethod):
     def protected(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         return recent_mask(chunk, self.window_size)
 
+    def prefill_tiebreak(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
+        """Among equal pooled scores, the larger own (unpooled) score first: a peak before its neighbours."""
+        return window_scores(chunk, self.window_size)
+
     def prefill_keep(self, slots: LayerSlots) -> torch.Tensor:
         return slots.state["prefill_budget"]
 

@@ -115,8 +115,9 @@ def summarize(records: list[Any]) -> list[dict[str, Any]]:
             paired = [r.values[key] - full[(task, r.instance)][key] for r in recs if (task, r.instance) in full]
             if paired and label != "full":
                 row[f"{key}_vs_full"] = mean(paired)
-        if "kept" in recs[0].info:
-            row["kept"] = mean(r.info["kept"] for r in recs)
+        for key in ("kept", "kept_end"):
+            if key in recs[0].info:
+                row[key] = mean(r.info[key] for r in recs)
         rows.append(row)
     return rows
 
@@ -124,6 +125,8 @@ def summarize(records: list[Any]) -> list[dict[str, Any]]:
 # (task, value shown, how to print it, heading)
 _TABLES = [
     ("nll", "nll_vs_full", "{:+.3f}", "Continuation NLL increase over the full cache (lower is better; full cache: {full})"),
+    ("nll", "kept_end", "{:.1%}", "Cache held at the end of the continuation, as a fraction of the prompt "
+     "(prefill-only methods append every decoded token; decode-time methods hold their budget)"),
     ("needle-aware", "exact", "{:.0%}", "Needle accuracy, question compressed with the context (full cache: {full})"),
     ("needle-agnostic", "exact", "{:.0%}", "Needle accuracy, question asked after compression (full cache: {full})"),
     ("needle-aware", "partial", "{:.2f}", "Needle partial score (leading characters right), query-aware (full: {full})"),
@@ -170,7 +173,7 @@ def plot_quality(path: Path, rows: list[dict[str, Any]]) -> list[Path]:
     written = []
     for task, key, _, heading in _TABLES:
         cells = [r for r in rows if r["task"] == task and r["budget"] is not None and key in r]
-        if not cells or key == "partial":
+        if not cells or key in ("partial", "kept_end"):
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for m in dict.fromkeys(r["method"] for r in cells):

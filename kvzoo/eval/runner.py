@@ -106,7 +106,7 @@ def groups_under_cap(model: "CausalLM", cases: list[MethodCase], lens: list[int]
 
 
 def kept_fraction(cache: KVCache, prompt_lens: list[int]) -> float:
-    """Mean over layers and sequences of (filled slots per KV head) / prompt length, right after prefill."""
+    """Mean over layers and sequences of (filled slots per KV head) / prompt length, now."""
     filled = cache.filled_slots().float().mean(-1)  # [L, B]
     return float((filled / torch.tensor(prompt_lens, dtype=torch.float32)).mean())
 
@@ -143,18 +143,20 @@ class Runner:
         self.records: list[Record] = []
         self.on_cell = on_cell  # called after every finished (batch, case): e.g. to save partial results
 
-    def _done(self, bar: ProgressBar, note: str) -> None:
+    # --- the building blocks of a task (public: a new task, e.g. `run_longbench`, is written with them) ----
+    def done(self, bar: ProgressBar, note: str) -> None:
+        """One (batch, case) cell finished: advance the bar and let `on_cell` save partial results."""
         bar.update(note=note)
         if self.on_cell is not None:
             self.on_cell()
 
-    # --- shared machinery ---------------------------------------------------------------------------
-    def _batches(self, items: list[Any]) -> Iterator[tuple[int, list[Any]]]:
+    def batches(self, items: list[Any]) -> Iterator[tuple[int, list[Any]]]:
+        """(index of the first item, items) in batches of `config.batch_size`."""
         size = self.config.batch_size
         for start in range(0, len(items), size):
             yield start, items[start:start + size]
 
-    def _prefilled(self, prompts: list[list[int]], headroom: int) -> Iterator[tuple[MethodCase, KVCache, torch.Tensor]]:
+    def prefilled(self, prompts: list[list[int]], headroom: int) -> Iterator[tuple[MethodCase, KVCache, torch.Tensor]]:
         """(case, cache, next-token logits) for every case, fanning one prefill out to groups of cases."""
         lens = [len(p) for p in prompts]
         cap = self.config.memory_cap_gib * 2**30
@@ -163,7 +165,8 @@ class Runner:
             for case, cache in zip(group, caches):
                 yield case, cache, logits
 
-    def _add(self, task: str, case: MethodCase, first: int, values: dict[str, list[float]], **info: Any) -> None:
+    def add(self, task: str, case: MethodCase, first: int, values: dict[str, list[float]], **info: Any) -> None:
+        """One record per instance of a batch: values maps a metric name to its per-instance list."""
         for i in range(len(next(iter(values.values())))):
             self.records.append(Record(task, case.label, case.budget, first + i,
                                        {k: v[i] for k, v in values.items()}, dict(info)))
@@ -193,31 +196,34 @@ class Runner:
 
     # --- nll ----------------------------------------------------------------------------------------
     def _nll(self, instances: list[T.TextInstance], bar: ProgressBar) -> None:
-        for first, batch in self._batches(instances):
+        for first, batch in self.batches(instances):
             cont = torch.tensor([x.continuation for x in batch])
             start = torch.tensor([len(x.context) for x in batch])
             step = make_decode_step(self.model, compile=False)
-            for case, cache, logits in self._prefilled([x.context for x in batch], cont.shape[1] - 1):
+            for case, cache, logits in self.prefilled([x.context for x in batch], cont.shape[1] - 1):
                 kept = kept_fraction(cache, [len(x.context) for x in batch])
                 with torch.inference_mode():
                     logp = continuation_logprobs(step, cache, logits, cont, start)
-                self._add("nll", case, first, {"nll": (-logp.mean(1)).tolist()}, kept=kept)
-                self._done(bar, case.label)
+                # Prefill-only methods append every decoded token, decode-time ones hold their budget: the
+                # memory a method really used is the cache at the end of the continuation.
+                kept_end = kept_fraction(cache, [len(x.context) for x in batch])
+                self.add("nll", case, first, {"nll": (-logp.mean(1)).tolist()}, kept=kept, kept_end=kept_end)
+                self.done(bar, case.label)
 
     # --- agreement ------------------------------------------------------------------------------------
     def _agreement(self, instances: list[T.TextInstance], bar: ProgressBar) -> None:
         n = self.config.agreement_tokens
-        for first, batch in self._batches(instances):
+        for first, batch in self.batches(instances):
             start = torch.tensor([len(x.context) for x in batch])
             reference: torch.Tensor | None = None
-            for case, cache, logits in self._prefilled([x.context for x in batch], n):
+            for case, cache, logits in self.prefilled([x.context for x in batch], n):
                 with torch.inference_mode():
                     tokens = greedy(self.model, cache, logits, start, n)
                 if reference is None:  # the full cache is always the first case
                     reference = tokens
                 same = (tokens == reference).float().mean(1)
-                self._add("agreement", case, first, {"agreement": same.tolist()})
-                self._done(bar, case.label)
+                self.add("agreement", case, first, {"agreement": same.tolist()})
+                self.done(bar, case.label)
 
     # --- attention-output error per layer ----------------------------------------------------------------
     def _attn_error(self, instances: list[T.TextInstance], bar: ProgressBar) -> None:
@@ -225,7 +231,7 @@ class Runner:
 
         probe = min(PROBE_TOKENS, self.config.continuation_len)
         cap = self.config.memory_cap_gib * 2**30
-        for first, batch in self._batches(instances):
+        for first, batch in self.batches(instances):
             contexts = [x.context for x in batch]
             for group in groups_under_cap(self.model, self.cases, [len(c) for c in contexts], 0, cap):
                 errors = attention_errors(self.model, contexts, [x.continuation[:probe] for x in batch],
@@ -235,7 +241,7 @@ class Runner:
                         self.records.append(Record("attn_error", case.label, case.budget, first + i,
                                                    {"error": float(err[:, i].mean())},
                                                    {"per_layer": err[:, i].tolist()}))
-                    self._done(bar, case.label)
+                    self.done(bar, case.label)
 
     # --- needle ------------------------------------------------------------------------------------------
     def _needles(self) -> list[T.NeedleInstance]:
@@ -262,7 +268,7 @@ class Runner:
                 prompts = [x.prompt if layout == "aware" else x.haystack for x in batch]
                 question = torch.tensor([x.question for x in batch])
                 headroom = ANSWER_TOKENS + (0 if layout == "aware" else question.shape[1])
-                for case, cache, logits in self._prefilled(prompts, headroom):
+                for case, cache, logits in self.prefilled(prompts, headroom):
                     start = torch.tensor([len(p) for p in prompts])
                     with torch.inference_mode():
                         if layout == "agnostic":
@@ -279,7 +285,7 @@ class Runner:
                             {"kind": x.kind, "length": x.length, "depth": x.depth, "answer": x.answer,
                              "output": text},
                         ))
-                    self._done(bar, f"{layout} {case.label}")
+                    self.done(bar, f"{layout} {case.label}")
 
 
 
@@ -296,16 +302,16 @@ def run_longbench(runner: Runner, examples: dict[str, list[Any]], max_prompt: in
     try:
         for task, items in examples.items():
             new_tokens = longbench.TASKS[task][1]
-            for first, batch in runner._batches(items):
+            for first, batch in runner.batches(items):
                 prompts = [longbench.truncate_middle(tok.encode(x.prompt), max_prompt - new_tokens) for x in batch]
                 start = torch.tensor([len(p) for p in prompts])
-                for case, cache, logits in runner._prefilled(prompts, new_tokens):
+                for case, cache, logits in runner.prefilled(prompts, new_tokens):
                     with torch.inference_mode():
                         answers = greedy(model, cache, logits, start, new_tokens).tolist()
                     texts = [tok.decode(_until_eos(a, eos)) for a in answers]
                     scores = [longbench.score_prediction(x, t) for x, t in zip(batch, texts)]
-                    runner._add(f"longbench-{task}", case, first, {"score": scores})
-                    runner._done(bar, f"{task} {case.label}")
+                    runner.add(f"longbench-{task}", case, first, {"score": scores})
+                    runner.done(bar, f"{task} {case.label}")
     finally:
         bar.close()
     return runner.records
