@@ -2,7 +2,8 @@
 
 Rule (the environment variable KVZOO_KERNELS, read once at import):
 - `auto` (default): Triton for CUDA tensors when triton is installed, the torch reference otherwise;
-- `torch`: always the torch reference;
+- `torch`: always the torch reference (also on the CPU, where `auto` may take a fused torch fast path
+  that computes the same statistic, e.g. kvzoo_kernels/column_sums_cpu.py);
 - `triton`: always Triton, on any device. On CPU tensors this only works under the Triton interpreter
   (`TRITON_INTERPRET=1`), which is how the kernels are tested without a GPU.
 
@@ -34,6 +35,11 @@ def _mode_from_env() -> str:
 
 MODE = _mode_from_env()
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def kernels_setting() -> str:
+    """The KVZOO_KERNELS mode in force: auto, torch or triton."""
+    return MODE
 
 
 def use_triton(x: torch.Tensor) -> bool:

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from kvzoo_kernels.attention import QUERY_BLOCK, attention_probs
-from kvzoo_kernels.dispatch import block_size, check_launchable, triton_kernel, use_triton, window_arg
+from kvzoo_kernels.column_sums_cpu import causal_column_sums, fits_causal_fast_path
+from kvzoo_kernels.dispatch import block_size, check_launchable, kernels_setting, triton_kernel, use_triton, window_arg
 
 tl: Any = None  # triton.language, bound on the first Triton launch (kvzoo_kernels.dispatch.triton_kernel)
 
@@ -63,9 +64,13 @@ def weighted_column_sums(
     window: int | None,
     query_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """`weighted_column_sums_reference`'s contract; Triton on CUDA tensors (see kvzoo_kernels.dispatch)."""
+    """`weighted_column_sums_reference`'s contract; Triton on CUDA tensors (see kvzoo_kernels.dispatch); on
+    the CPU, a fresh causal prompt takes two fused attention passes (kvzoo_kernels.column_sums_cpu) unless
+    KVZOO_KERNELS=torch asks for the reference."""
     if use_triton(q):
         return weighted_column_sums_triton(q, k, q_pos, key_pos, key_bias, window, query_weights)
+    if kernels_setting() != "torch" and fits_causal_fast_path(q, k, q_pos, key_pos, key_bias, window, query_weights):
+        return causal_column_sums(q, k, query_weights)
     return weighted_column_sums_reference(q, k, q_pos, key_pos, key_bias, window, query_weights)
 
 
