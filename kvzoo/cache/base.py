@@ -30,6 +30,9 @@ class CompressionMethod:
 
     # False for methods whose allocation needs the whole prompt at once (ZigZagKV).
     supports_chunked_prefill: bool = True
+    # False for methods whose `decode_step` never reads the attention probabilities (it gets None): their
+    # decode attention skips computing them (a fused kernel instead of logits, softmax and two matmuls).
+    reads_decode_probs: bool = True
 
     @property
     def attention_alpha(self) -> float:
@@ -82,7 +85,8 @@ class CompressionMethod:
         pos_new: torch.Tensor,
         probs: torch.Tensor,
     ) -> None:
-        """k_new, v_new: [B, Hkv, D]; pos_new: [B]; probs: [B, Hq, C + 1] (last column: the new token)."""
+        """k_new, v_new: [B, Hkv, D]; pos_new: [B]; probs: [B, Hq, C + 1] (last column: the new token), or
+        None when the method says it does not read them (`reads_decode_probs = False`)."""
         raise NotImplementedError
 
     def end_prefill(self, cache: KVCache) -> None:
@@ -126,6 +130,7 @@ class PrefillOnlyMethod(CompressionMethod):
     Subclasses are dataclasses with a `decode_cap: int | None = None` field."""
 
     decode_cap: int | None
+    reads_decode_probs = False  # generated tokens are appended whatever attention did
 
     def check_decode_cap(self) -> None:
         cap = self.decode_cap
@@ -136,5 +141,5 @@ class PrefillOnlyMethod(CompressionMethod):
         return max_new_tokens if self.decode_cap is None else min(max_new_tokens, self.decode_cap)
 
     def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
-                    pos_new: torch.Tensor, probs: torch.Tensor) -> None:
+                    pos_new: torch.Tensor, probs: torch.Tensor | None) -> None:
         append_decode_step(slots, k_new, v_new, pos_new)

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 class FullCache(CompressionMethod):
     """No compression: every token keeps its own slot (capacity = prompt + new tokens); no budget."""
 
+    reads_decode_probs = False
+
     def slots_in_use(self, capacity: int, tokens_seen: int) -> int:
         return min(capacity, tokens_seen)  # slot index = position < tokens seen
 
@@ -45,7 +47,7 @@ class FullCache(CompressionMethod):
         k_new: torch.Tensor,
         v_new: torch.Tensor,
         pos_new: torch.Tensor,
-        probs: torch.Tensor,
+        probs: torch.Tensor | None,
     ) -> None:
         b, hkv = k_new.shape[:2]
         index = pos_new[:, None].expand(b, hkv)

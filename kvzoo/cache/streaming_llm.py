@@ -32,6 +32,7 @@ class StreamingLLM(ScoredSelection):
 
     budget: Budget = 516
     sinks: int = 4
+    reads_decode_probs = False  # eviction by position only
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "StreamingLLM")
@@ -48,6 +49,6 @@ class StreamingLLM(ScoredSelection):
         return (chunk.key_pos >= 0) & (chunk.key_pos < self.sinks)
 
     def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
-                    pos_new: torch.Tensor, probs: torch.Tensor) -> None:
+                    pos_new: torch.Tensor, probs: torch.Tensor | None) -> None:
         oldest = argmin_where(slots.pos.float(), slots.filled & (slots.pos >= self.sinks))
         place_or_evict(slots, oldest, k_new, v_new, pos_new, torch.zeros_like(k_new[..., 0]))
