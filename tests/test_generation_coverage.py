@@ -82,7 +82,11 @@ def _teacher_forced(model, method, prompt: list[int], tokens: list[int]) -> torc
 
 
 @pytest.mark.parametrize("dtype, eps", [(torch.bfloat16, 2.0**-7), (torch.float16, 2.0**-10)])
-@pytest.mark.parametrize("method", [FullCache(), ZSMerge(budget=12), H2O(budget=12)], ids=lambda m: type(m).__name__)
+# ZSMerge without pooling: max-pooling ties are broken by each token's own score, and two own scores within
+# bf16's precision of each other may order differently than in fp32 — a different (equally valid) decision,
+# not a numerical error, which this test is about (measured: one layer keeps another token, logits move 0.07).
+@pytest.mark.parametrize("method", [FullCache(), ZSMerge(budget=12, kernel_size=1), H2O(budget=12)],
+                         ids=lambda m: type(m).__name__)
 def test_half_precision_generation_tracks_fp32(tiny_checkpoint, dtype, eps, method):
     """The whole model and its cache in bf16/fp16: every teacher-forced step's logits stay within 2 machine
     epsilons of the dtype (bf16 2^-7, fp16 2^-10) of fp32's. The tiny model's logits are of order 1 (max
