@@ -357,3 +357,38 @@ def test_snapkv_selection_under_a_sliding_window(n, seed, kv_heads, groups, wind
         kept = set(snap.kept(0, 0, h))
         assert len(kept) == budget and set(range(n - window_size, n)) <= kept, f"head {h}: {sorted(kept)}"
         assert_top_k(kept, list(range(n - window_size)), dict(enumerate(scores[h].tolist())), f"head {h}")
+
+
+# --- merged slots stay inside what they merge -------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [lambda: ZSMerge(budget=8, proximity=2, residual=2),
+                                  lambda: KVMerger(budget=8, skip_layers=()),
+                                  lambda: KVMerger(budget=8, skip_layers=(), sigma=float("inf"))],
+                         ids=["ZSMerge", "KVMerger", "KVMerger-plain-mean"])
+@pytest.mark.parametrize("seed", range(4))
+def test_attention_over_merged_slots_stays_in_the_values_hull(make, seed):
+    """ZSMerge and KVMerger (default value_scale="none") document merged values as weighted means of their
+    members' values, so attention over the compressed cache with the log w bias, for any query, is a convex
+    combination of the original values: coordinate-wise within their range. KVMerger.paper() (values times
+    |S|) leaves it, which is the collapse the default avoids (next test)."""
+    n = 40
+    qkv = random_qkv(1, 1, 2, 2, n, seed=seed)
+    snap = drive_synthetic(make(), qkv, [n], 0).snapshots[0].layers[0]
+    assert (snap["logw"][torch.isfinite(snap["logw"])] > 0).any(), "nothing was merged"
+    values = qkv.v[0][0, :, :n]  # [Hkv, n, D]
+    lo, hi = values.min(1).values, values.max(1).values  # [Hkv, D]
+    q = torch.randn(2, 2, values.shape[-1], generator=torch.Generator().manual_seed(seed)) * 3  # [Hkv, G, D]
+    bias = torch.where(torch.isfinite(snap["logw"][0]), snap["logw"][0], float("-inf"))  # alpha = 1: log w
+    logits = torch.einsum("hgd,hcd->hgc", q, snap["k"][0]) / values.shape[-1] ** 0.5 + bias[:, None]
+    out = torch.einsum("hgc,hcd->hgd", logits.softmax(-1), snap["v"][0])  # [Hkv, G, D]
+    assert (out >= lo[:, None] - 1e-5).all() and (out <= hi[:, None] + 1e-5).all()
+
+
+def test_set_size_scaled_values_leave_the_hull():
+    """The same check fails for the paper's value scaling (KVMerger.paper()): it can fail."""
+    n = 40
+    qkv = random_qkv(1, 1, 2, 2, n, seed=0)
+    snap = drive_synthetic(KVMerger.paper(budget=8, skip_layers=()), qkv, [n], 0).snapshots[0].layers[0]
+    values = qkv.v[0][0, :, :n]
+    filled = torch.isfinite(snap["logw"][0])
+    assert (snap["v"][0][filled].abs().amax(-1) > values.abs().max() * 1.5).any()
