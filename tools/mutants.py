@@ -72,8 +72,8 @@ MUTANTS: list[Mutant] = [
            ("tests/test_model_parity.py",), "sliding window: q_pos - k_pos < W"),
     # --- shared: selection, scoring, budgets ------------------------------------------------------------
     Mutant("ties-to-older", "kvzoo/cache/selection.py",
-           "by_pos = key_pos.argsort(dim=-1, descending=True, stable=True)",
-           "by_pos = key_pos.argsort(dim=-1, descending=False, stable=True)",
+           "order = key_pos.argsort(dim=-1, descending=True, stable=True)",
+           "order = key_pos.argsort(dim=-1, descending=False, stable=True)",
            (EQUATIONS,), "equal ranks go to the newer position"),
     Mutant("recent-window-one-longer", "kvzoo/cache/selection.py",
            "(chunk.key_pos > last[:, None, None] - recent_t)", "(chunk.key_pos >= last[:, None, None] - recent_t)",
