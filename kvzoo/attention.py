@@ -14,7 +14,6 @@ from kvzoo.cache.chunk import PrefillChunk, make_prefill_chunk
 from kvzoo.cache.slots import KVCache
 from kvzoo_kernels.attention import causal_attention, decode_attention
 from kvzoo_kernels.chunk_attention import chunk_attention
-from kvzoo_kernels.decode_output import decode_attention_output
 
 
 @dataclass
@@ -81,9 +80,7 @@ def _decode(
     pos = ctx.positions[:, 0]  # [B]
     if ctx.window is not None:
         bias = bias.masked_fill(pos[:, None, None] - slots.pos >= ctx.window, float("-inf"))
-    if cache.method.reads_decode_probs:
-        out, probs = decode_attention(q[:, :, 0], slots.k, slots.v, bias, k[:, :, 0], v[:, :, 0])
-    else:  # the method never looks at them: a fused kernel computes the output alone
-        out, probs = decode_attention_output(q[:, :, 0], slots.k, slots.v, bias, k[:, :, 0], v[:, :, 0]), None
+    out, probs = decode_attention(q[:, :, 0], slots.k, slots.v, bias, k[:, :, 0], v[:, :, 0],
+                                  with_probs=cache.method.reads_decode_probs)
     cache.method.decode_step(layer_idx, slots, k[:, :, 0], v[:, :, 0], pos, probs)
     return out[:, :, None]

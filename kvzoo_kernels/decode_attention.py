@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from kvzoo_kernels.dispatch import block_size, check_launchable, triton_kernel, use_triton
+from kvzoo_kernels.decode_output import decode_output_cpu
+from kvzoo_kernels.dispatch import block_size, check_launchable, kernels_setting, triton_kernel, use_triton
 
 tl: Any = None  # triton.language, bound on the first Triton launch (kvzoo_kernels.dispatch.triton_kernel)
 
@@ -62,11 +63,18 @@ def decode_attention(
     slot_bias: torch.Tensor,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`decode_attention_reference`'s contract; Triton on CUDA tensors (see kvzoo_kernels.dispatch)."""
+    with_probs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`decode_attention_reference`'s contract; Triton on CUDA tensors (see kvzoo_kernels.dispatch).
+    `with_probs=False` (a method that never reads them): probs is None, and on the CPU the output comes from
+    the fused kernel of kvzoo_kernels/decode_output.py (KVZOO_KERNELS=torch: the reference's)."""
     if use_triton(q):
-        return decode_attention_triton(q, k_slots, v_slots, slot_bias, k_new, v_new)
-    return decode_attention_reference(q, k_slots, v_slots, slot_bias, k_new, v_new)
+        out, probs = decode_attention_triton(q, k_slots, v_slots, slot_bias, k_new, v_new)
+    elif not with_probs and q.device.type == "cpu" and kernels_setting() != "torch":
+        return decode_output_cpu(q, k_slots, v_slots, slot_bias, k_new, v_new), None
+    else:
+        out, probs = decode_attention_reference(q, k_slots, v_slots, slot_bias, k_new, v_new)
+    return out, probs if with_probs else None
 
 
 # --- Triton ---------------------------------------------------------------------------------------------

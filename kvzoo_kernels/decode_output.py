@@ -1,6 +1,6 @@
 """Decode attention when the method does not read the probabilities: the output only.
 
-Same contract as `decode_attention.decode_attention_reference` (one query token over [C slots ; the new token],
+Same output as `decode_attention.decode_attention_reference` (one query token over [C slots ; the new token],
 slot bias alpha * log w, GQA), without the [B, Hq, C + 1] probabilities. On the CPU the slots go through the
 fused flash-attention kernel, which returns each row's logsumexp beside the output, and the new token is
 folded in afterwards without concatenating it to the store:
@@ -8,7 +8,8 @@ folded in afterwards without concatenating it to the store:
     out = (e^{lse} * out_slots + e^{l_new} * v_new) / (e^{lse} + e^{l_new}),   l_new = q . k_new / sqrt(D)
 
 (computed relative to max(lse, l_new)). Methods that only append or evict by position (the full cache,
-StreamingLLM, the prefill-only methods) take this path; see `CompressionMethod.reads_decode_probs`.
+StreamingLLM, the prefill-only methods) take this path through `decode_attention(..., with_probs=False)`;
+see `CompressionMethod.reads_decode_probs`.
 """
 
 from __future__ import annotations
@@ -17,31 +18,12 @@ import math
 
 import torch
 
-from kvzoo_kernels.decode_attention import decode_attention_reference, decode_attention_triton
-from kvzoo_kernels.dispatch import kernels_setting, use_triton
-
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
-def decode_attention_output(
-    q: torch.Tensor,
-    k_slots: torch.Tensor,
-    v_slots: torch.Tensor,
-    slot_bias: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-) -> torch.Tensor:
-    """out [B, Hq, D] of `decode_attention_reference` (q [B, Hq, D], slots [B, Hkv, C, D], bias [B, Hkv, C],
-    k_new/v_new [B, Hkv, D]). Triton on CUDA, the fused CPU path on the CPU (KVZOO_KERNELS=torch: the reference)."""
-    if use_triton(q):
-        return decode_attention_triton(q, k_slots, v_slots, slot_bias, k_new, v_new)[0]
-    if q.device.type != "cpu" or kernels_setting() == "torch":
-        return decode_attention_reference(q, k_slots, v_slots, slot_bias, k_new, v_new)[0]
-    return _fused_cpu(q, k_slots, v_slots, slot_bias, k_new, v_new)
-
-
-def _fused_cpu(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, slot_bias: torch.Tensor,
-               k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+def decode_output_cpu(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, slot_bias: torch.Tensor,
+                      k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+    """out [B, Hq, D] of `decode_attention_reference` for CPU tensors, through the fused kernel (see above)."""
     b, hq, d = q.shape
     hkv = k_slots.shape[1]
     scale = 1.0 / math.sqrt(d)

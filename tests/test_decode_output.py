@@ -1,5 +1,5 @@
-"""The output-only decode attention (kvzoo_kernels/decode_output.py, taken by methods that never read the
-probabilities) against the reference `decode_attention_reference`, and the methods that take it.
+"""The output-only decode attention (`decode_attention(..., with_probs=False)`, kvzoo_kernels/decode_output.py,
+taken by methods that never read the probabilities) against the reference `decode_attention_reference`, and the methods that take it.
 
 Tolerances: fp32 1e-5 (the fused kernel sums in another order); bf16 2 units in the last place of values
 of magnitude ~2 (0.016): the reference rounds each slot probability to bf16 before the value matmul, the
@@ -13,8 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvzoo
-from kvzoo_kernels.decode_attention import decode_attention_reference
-from kvzoo_kernels.decode_output import decode_attention_output
+from kvzoo_kernels.decode_attention import decode_attention, decode_attention_reference
 
 
 @settings(max_examples=80, deadline=None)
@@ -33,7 +32,8 @@ def test_fused_output_equals_the_reference(b, hkv, groups, c, d, dtype, seed):
     bias = bias.masked_fill(empty, float("-inf"))
     k_new, v_new = (torch.randn(b, hkv, d, generator=g).to(dtype) for _ in range(2))
     expected = decode_attention_reference(q, k, v, bias, k_new, v_new)[0]
-    got = decode_attention_output(q, k, v, bias, k_new, v_new)
+    got, probs = decode_attention(q, k, v, bias, k_new, v_new, with_probs=False)
+    assert probs is None
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1.6e-2, rtol=1.6e-2)
     torch.testing.assert_close(got.float(), expected.float(), **tol)
 

@@ -54,15 +54,17 @@ def main() -> None:
             prepare_decode(model, cache, cache.max_position, args.compile)
         times: dict[bool, list[float]] = {True: [], False: []}
         token = torch.tensor([[42]])
-        with torch.inference_mode():
-            for i in range(args.warmup + args.steps):
-                for reads, cache in caches.items():
-                    FullCache.reads_decode_probs = reads  # the class attribute the attention step reads
-                    start = time.perf_counter()
-                    step(token, torch.tensor([[context + i]]), cache)
-                    if i >= args.warmup:
-                        times[reads].append(time.perf_counter() - start)
-        FullCache.reads_decode_probs = False
+        try:
+            with torch.inference_mode():
+                for i in range(args.warmup + args.steps):
+                    for reads, cache in caches.items():
+                        FullCache.reads_decode_probs = reads  # the class attribute the attention step reads
+                        start = time.perf_counter()
+                        step(token, torch.tensor([[context + i]]), cache)
+                        if i >= args.warmup:
+                            times[reads].append(time.perf_counter() - start)
+        finally:
+            FullCache.reads_decode_probs = False
         with_probs, output_only = (statistics.median(times[r]) * 1e3 for r in (True, False))
         print(f"{context:>8} {with_probs:>11.1f} {output_only:>12.1f} {output_only / with_probs:>6.2f}")
 
