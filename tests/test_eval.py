@@ -156,7 +156,21 @@ def test_nll_of_the_full_cache_matches_score(model, corpus):
     assert record.values["nll"] == pytest.approx(float(expected), abs=1e-5)
 
 
+def test_matched_memory_ends_every_method_with_the_same_cache(model, corpus):
+    """--memory matched: decode-time methods hold budget + the generated tokens' slots, which is exactly what
+    a prefill-only method holds after appending them, so the cache at the end is the same for both kinds."""
+    config = EvalConfig(methods=["snapkv:window_size=4", "zsmerge", "h2o"], budgets=[0.25], tasks=["nll"], n=1,
+                        context_len=96, continuation_len=17, memory="matched")
+    kept_end = {r.label: r.info["kept_end"] for r in Runner(model, config, corpus, progress=False).run()}
+    assert kept_end["snapkv:window_size=4"] == pytest.approx(0.25 + 16 / 96)
+    assert kept_end["zsmerge"] == pytest.approx(kept_end["snapkv:window_size=4"])
+    assert kept_end["h2o"] == pytest.approx(kept_end["snapkv:window_size=4"])
+    budget = EvalConfig(methods=["zsmerge"], budgets=[0.25], tasks=["nll"], n=1, context_len=96, continuation_len=17)
+    assert Runner(model, budget, corpus, progress=False).run()[1].info["kept_end"] == pytest.approx(0.25)
+
+
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(memory="equal"), "memory must be one of budget, matched"),
     (dict(tasks=["perplexity"]), "unknown task 'perplexity'"),
     (dict(budgets=[1.5]), "budget 1.5 is out of range"),
     (dict(n=0), "n must be an integer >= 1"),

@@ -60,6 +60,10 @@ def add_eval_parser(sub: argparse._SubParsersAction, add_model_args) -> None:  #
                    help="where the needle goes, as fractions of the instance")
     p.add_argument("--needle-repeats", type=int, default=2, help="instances per (kind, length, depth)")
     p.add_argument("--batch-size", type=int, default=4, help="instances prefilled together")
+    p.add_argument("--memory", choices=("budget", "matched"), default="budget",
+                   help="budget: every method keeps --budgets of the prompt, prefill-only methods then append "
+                        "the generated tokens; matched: decode-time methods (ZSMerge, H2O, TOVA, StreamingLLM) "
+                        "also get the generated tokens' worth of slots, so every method ends with the same memory")
     p.add_argument("--data", default=None, help="longbench: the directory of <task>.jsonl files")
     p.add_argument("--longbench-tasks", type=_names, default=None, help="longbench: only these tasks")
     p.add_argument("--out", default="eval-results", help="directory for results.json / results.md / charts")
@@ -75,7 +79,7 @@ def run_eval_command(args: argparse.Namespace) -> None:
         methods=args.methods + args.method, budgets=args.budgets, tasks=args.tasks, n=args.n, seed=args.seed,
         context_len=args.context_len, continuation_len=args.continuation_len, agreement_tokens=args.agreement_tokens,
         needle_lengths=args.needle_lengths, needle_depths=args.needle_depths,
-        needle_repeats=args.needle_repeats, batch_size=args.batch_size,
+        needle_repeats=args.needle_repeats, batch_size=args.batch_size, memory=args.memory,
     )
     from kvzoo.eval.runner import method_cases
 

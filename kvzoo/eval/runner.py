@@ -34,6 +34,7 @@ DEFAULT_METHODS = ("full", "streamingllm", "h2o", "tova", "snapkv", "pyramidkv",
 DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.5)
 PROBE_TOKENS = 64  # attn_error: tokens after the context whose attention is compared
 ANSWER_TOKENS = 10  # greedy tokens read for a needle answer (" 48213." is at most 7 tokens)
+MEMORY_MODES = ("budget", "matched")
 
 
 @dataclass
@@ -51,6 +52,10 @@ class EvalConfig:
     needle_repeats: int = 2  # instances per (kind, length, depth): 2 kinds x 2 x 6 x 2 = 48 by default
     batch_size: int = 4
     memory_cap_gib: float = 3.0  # cache tensors held at once during a fan-out prefill
+    # "budget": every method keeps `budget` of the prompt (prefill-only methods then append every generated
+    # token); "matched": decode-time methods get the budget plus the tokens the task generates, i.e. the
+    # constant memory equals what the prefill-only methods hold at the end (see `matched_memory`).
+    memory: str = "budget"
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in T.TASKS]
@@ -59,6 +64,8 @@ class EvalConfig:
         for b in self.budgets:
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1:
                 raise KvzooError(f"budget {b!r} is out of range: give ratios of the prompt in (0, 1)")
+        if self.memory not in MEMORY_MODES:
+            raise KvzooError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {self.memory!r}")
         for name in ("n", "context_len", "continuation_len", "agreement_tokens", "needle_repeats", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -86,6 +93,17 @@ def method_cases(specs: list[str], budgets: list[float]) -> list[MethodCase]:
         for b in budgets:
             cases.append(MethodCase(spec, b, dataclasses.replace(method, budget=b)))  # type: ignore[type-var]
     return cases
+
+
+def matched_memory(case: MethodCase, prompt_len: int, generated: int) -> MethodCase:
+    """The case with the memory of a prefill-only method at the end of the task: a method that holds its
+    budget while decoding (decode headroom 0) gets budget + generated / prompt_len of the prompt (capped
+    below 1); prefill-only methods, which append the generated tokens anyway, are returned unchanged."""
+    method = case.method
+    if case.budget is None or method.decode_headroom(generated) > 0:
+        return case
+    matched = min(case.budget + generated / prompt_len, 0.999)
+    return MethodCase(case.label, case.budget, dataclasses.replace(method, budget=matched))  # type: ignore[type-var]
 
 
 def groups_under_cap(model: "CausalLM", cases: list[MethodCase], lens: list[int], headroom: int,
@@ -160,7 +178,10 @@ class Runner:
         """(case, cache, next-token logits) for every case, fanning one prefill out to groups of cases."""
         lens = [len(p) for p in prompts]
         cap = self.config.memory_cap_gib * 2**30
-        for group in groups_under_cap(self.model, self.cases, lens, headroom, cap):
+        cases = self.cases
+        if self.config.memory == "matched":
+            cases = [matched_memory(c, min(lens), headroom) for c in cases]
+        for group in groups_under_cap(self.model, cases, lens, headroom, cap):
             caches, logits = fanout_prefill(self.model, prompts, [c.method for c in group], headroom)
             for case, cache in zip(group, caches):
                 yield case, cache, logits
