@@ -359,3 +359,23 @@ def test_a_max_pooled_peak_is_kept_before_its_neighbours(kernel_size):
     s = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]
     context = s["pos"][0, 0, 1:3].tolist()  # slots: [residual | 2 context | 3 proximity]
     assert 0 in context, f"context holds {context}"
+
+
+@pytest.mark.parametrize("name", ["snapkv", "pyramidkv", "zigzag"])
+@pytest.mark.parametrize("kernel_size", [3, 5, 7])
+def test_window_selection_keeps_a_max_pooled_peak_before_its_neighbours(name, kernel_size):
+    """The same sink for the observation-window methods with one token to choose beyond the window: ZigZagKV
+    selects at the end of prefill from its stored slots, where the tie-break must survive as slot order."""
+    from kvzoo.cache.registry import parse_compression
+    from tests.method_helpers import drive_synthetic, random_qkv
+
+    n, window = 30, 4
+    qkv = random_qkv(1, 1, 1, 1, n, seed=1, scale=0.3)
+    direction = torch.randn(qkv.k[0].shape[-1], generator=torch.Generator().manual_seed(2))
+    qkv.q[0][:] = direction
+    qkv.k[0][0, 0, 0] = 8 * direction  # the sink
+    method = parse_compression(f"{name}:budget={window + 1},window_size={window},kernel_size={kernel_size},"
+                               "pooling=max")
+    s = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]
+    kept = sorted(p for p in s["pos"][0, 0].tolist() if p >= 0)
+    assert kept == [0] + list(range(n - window, n)), f"{name} keeps {kept}"

@@ -134,9 +134,11 @@ def slot_candidates(slots: LayerSlots) -> "PrefillChunk":
                         key_pos=slots.pos, key_logw=slots.logw, key_score=slots.score, window=None, alpha=0.0)
 
 
-def shrink_slots(slots: LayerSlots, rank: torch.Tensor, keep: torch.Tensor) -> LayerSlots:
+def shrink_slots(slots: LayerSlots, rank: torch.Tensor, keep: torch.Tensor,
+                 tie: torch.Tensor | None = None) -> LayerSlots:
     """A new, smaller store holding, per (sequence, head), the `keep[b]` highest-`rank` filled slots of
-    `slots`, with capacity max(keep) + the decode headroom the old store had; `budget` and
+    `slots` (equal ranks ordered by `tie`, see `rank_order`), with capacity max(keep) + the decode headroom
+    the old store had; `budget` and
     `state["prefill_budget"]` are updated, the rest of `state` is carried over. The old tensors are
     released once the caller drops `slots`."""
     headroom = slots.budget - slots.state["prefill_budget"]  # [B]
@@ -145,5 +147,5 @@ def shrink_slots(slots: LayerSlots, rank: torch.Tensor, keep: torch.Tensor) -> L
     capacity = int(keep.max()) + int(headroom.max())
     new = LayerSlots.empty(b, hkv, capacity, d, keep + headroom, slots.k.dtype, slots.k.device)
     new.state = {**slots.state, "prefill_budget": keep}
-    keep_top(new, slot_candidates(slots), rank, keep)
+    keep_top(new, slot_candidates(slots), rank, keep, tie=tie)
     return new

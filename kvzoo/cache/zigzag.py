@@ -95,7 +95,10 @@ class ZigZagKV(WindowSelection):
             super().compress_prefill(layer_idx, slots, chunk)
             return
         scores = window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling)
-        keep_top(slots, chunk, scores, slots.state["prefill_budget"], stored_score=scores)  # keeps every token
+        # Keeps every token, in rank order with pooled ties broken by the own score (`prefill_tiebreak`), so
+        # that the slot order is the tie-break `end_prefill` needs.
+        keep_top(slots, chunk, scores, slots.state["prefill_budget"], stored_score=scores,
+                 tie=self.prefill_tiebreak(slots, chunk))
         slots.state["lmba"] = self._lmba(chunk)
 
     def _lmba(self, chunk: "PrefillChunk") -> torch.Tensor:
@@ -120,4 +123,6 @@ class ZigZagKV(WindowSelection):
         for layer_idx, slots in enumerate(cache.layers):
             keep = torch.tensor([b[layer_idx] for b in per_sequence], device=slots.pos.device)
             rank = slots.score.masked_fill(recent_mask(slot_candidates(slots), self.window_size), float("inf"))
-            cache.layers[layer_idx] = shrink_slots(slots, rank, keep)
+            # Equal pooled scores: the earlier slot first (compress_prefill stored them peak before neighbours).
+            earlier = -torch.arange(slots.capacity, device=rank.device, dtype=rank.dtype).expand_as(rank)
+            cache.layers[layer_idx] = shrink_slots(slots, rank, keep, tie=earlier)
