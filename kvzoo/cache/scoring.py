@@ -114,3 +114,37 @@ def accumulated_scores(chunk: "PrefillChunk", decay: float = 1.0, normalise: boo
         seen_by = seen_by.clamp(min=1)
         scores = scores / seen_by
     return scores
+
+
+def key_leverage(chunk: "PrefillChunk", kernel: int | None = None, eps: float = 1e-4) -> torch.Tensor:
+    """Statistical leverage of every candidate's key among the candidates' keys, per KV head [B, Hkv, S] fp32:
+    h_j = k_j^T (K^T K + eps tr(K^T K)/D I)^-1 k_j on keys centred by their mean (a shift common to all keys
+    moves every logit of a query equally, so attention never sees it). h_j is near 1 for a key no combination
+    of the others reproduces and near 0 for a key in a crowded direction: what merging cannot stand in for,
+    whatever the queries will be (Compactor's query-agnostic signal). Empty candidates score 0; `kernel`
+    max-pools by position like the window scores, so a unique token's neighbours (the rest of a number)
+    come with it."""
+    valid = torch.isfinite(chunk.key_logw)  # [B, Hkv, S]
+    keys = chunk.keys.float() * valid[..., None]
+    count = valid.sum(-1, keepdim=True).clamp(min=1)[..., None]  # [B, Hkv, 1, 1]
+    centred = (keys - keys.sum(2, keepdim=True) / count) * valid[..., None]
+    gram = centred.transpose(-1, -2) @ centred  # [B, Hkv, D, D]
+    d = gram.shape[-1]
+    ridge = eps * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=1e-12) / d  # [B, Hkv]
+    gram = gram + ridge[..., None, None] * torch.eye(d, device=gram.device)
+    solved = torch.linalg.solve(gram, centred.transpose(-1, -2)).transpose(-1, -2)  # [B, Hkv, S, D]
+    lev = (centred * solved).sum(-1).masked_fill(~valid, 0.0)
+    return pool_by_position(lev, chunk.key_pos, valid, kernel, "max")
+
+
+def row_mean_std(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation [B, H, 1] of the valid entries of each row of x [B, H, S]."""
+    n = valid.sum(-1, keepdim=True).clamp(min=1)
+    mean = (x * valid).sum(-1, keepdim=True) / n
+    return mean, ((((x - mean) * valid) ** 2).sum(-1, keepdim=True) / n).sqrt()
+
+
+def zscore(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S] standardised over the valid entries of each (sequence, head) row (0 elsewhere)."""
+    mean, std = row_mean_std(x, valid)
+    return torch.where(valid, (x - mean) / std.clamp(min=1e-12), 0.0)

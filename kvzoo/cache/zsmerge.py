@@ -49,7 +49,7 @@ import torch
 
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
-from kvzoo.cache.scoring import accumulated_scores, window_scores
+from kvzoo.cache.scoring import accumulated_scores, key_leverage, row_mean_std, window_scores, zscore
 from kvzoo.cache.selection import rank_order, recent_mask
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
 from kvzoo.errors import KvzooError
@@ -94,6 +94,9 @@ class ZSMerge(CompressionMethod):
     # same estimate of the token's attention rate put on the scale decode scores converge to (divided by
     # 1 - decay^queries), so prefill-chosen context slots and tokens leaving the ring compete fairly.
     prefill_scale: str = "window"
+    # Weight of the keys' leverage (scoring.key_leverage) in the choice of prefill context tokens: the context
+    # is ranked by zscore(attention score) + leverage * zscore(leverage). 0 = attention alone (paper).
+    leverage: float = 0.0
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "ZSMerge")
@@ -187,7 +190,10 @@ class ZSMerge(CompressionMethod):
         score = self._scores(chunk)
 
         # Context: the top-scored exact tokens outside the ring, into slots residual .. ring_start-1.
-        ctx_rank = score.masked_fill(~(exact & ~in_ring), NEG_INF)
+        ctx_cand = exact & ~in_ring
+        if self.leverage:
+            score = score + self._leverage_bonus(chunk, score, ctx_cand)
+        ctx_rank = score.masked_fill(~ctx_cand, NEG_INF)
         n_ctx = min(s, slots.capacity)
         # Among equal pooled scores the token's own score decides: a peak is kept before the neighbours that
         # max-pooling gave its score (at a few context slots, e.g. 2% of a short prompt, the attention sink
@@ -211,6 +217,15 @@ class ZSMerge(CompressionMethod):
         self._merge_groups(chunk, score, leftover, group, k_new, v_new, logw_new, score_new, pos_new)
         slots.replace_all(k_new[:, :, :dummy], v_new[:, :, :dummy], logw_new[..., :dummy],
                           score_new[..., :dummy], pos_new[..., :dummy])
+
+    def _leverage_bonus(self, chunk: "PrefillChunk", score: torch.Tensor, ctx_cand: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, S] what the keys' leverage adds to the context candidates' scores: leverage * std(score) *
+        zscore(leverage), so that ranking by the sum is ranking by zscore(score) + leverage * zscore(leverage)
+        while the stored scores stay on the attention scale that decode steps add to and decay (a token kept
+        for its key keeps that standing against tokens leaving the ring)."""
+        spread = row_mean_std(score, ctx_cand)[1]
+        lev = zscore(key_leverage(chunk, self.kernel_size), ctx_cand)
+        return torch.where(ctx_cand, self.leverage * spread * lev, 0.0)
 
     def _scatter_slots(self, chunk: "PrefillChunk", score: torch.Tensor, target: torch.Tensor, dummy: int):  # noqa: ANN202
         """Fresh [B, Hkv, C+1(, D)] slot tensors with every verbatim candidate written at its target."""

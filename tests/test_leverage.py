@@ -1,0 +1,76 @@
+"""Key leverage (kvzoo.cache.scoring.key_leverage), checked against its definition, and ZSMerge's use of it:
+a key that no combination of the others reproduces is kept although no query looked at it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvzoo.cache.scoring import key_leverage
+
+
+def candidates(keys: torch.Tensor, valid: torch.Tensor | None = None) -> SimpleNamespace:
+    """The fields of a PrefillChunk key_leverage reads, for keys [B, H, S, D]."""
+    b, h, s, _ = keys.shape
+    valid = torch.ones(b, h, s, dtype=torch.bool) if valid is None else valid
+    logw = torch.zeros(b, h, s).masked_fill(~valid, float("-inf"))
+    return SimpleNamespace(keys=keys, key_logw=logw, key_pos=torch.arange(s).expand(b, h, s))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 40), st.integers(1, 6), st.integers(0, 2**16))
+def test_leverage_is_the_hat_matrix_diagonal_of_the_centred_keys(s, d, seed):
+    """h = diag(X (X^T X + r I)^-1 X^T) for the centred keys X, r = 1e-4 tr(X^T X) / D (float64 reference):
+    0 <= h < 1, and with many more keys than dimensions sum h = D; empty candidates score 0 and take no
+    part in the mean."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(1, 1, s + 1, d, generator=g)
+    valid = torch.ones(1, 1, s + 1, dtype=torch.bool)
+    valid[..., 0] = False  # an empty slot holding garbage
+    keys[..., 0, :] = 1e3
+    got = key_leverage(candidates(keys, valid))[0, 0]
+    x = keys[0, 0, 1:].double()
+    x = x - x.mean(0)
+    gram = x.T @ x
+    ridge = 1e-4 * torch.trace(gram) / d
+    expected = torch.diagonal(x @ torch.linalg.inv(gram + ridge * torch.eye(d, dtype=x.dtype)) @ x.T)
+    assert got[0] == 0 and bool((got >= 0).all()) and bool((got < 1).all())
+    torch.testing.assert_close(got[1:].double(), expected, atol=1e-4, rtol=1e-3)
+    if s >= 4 * d:
+        assert got.sum().item() == pytest.approx(d, rel=0.01)
+
+
+def test_leverage_ignores_a_shift_of_every_key_and_finds_the_outlier():
+    """Attention cannot see a vector added to every key (each logit of a query moves by the same amount), and
+    neither can the leverage; a key off the others' subspace scores highest."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.zeros(1, 1, 64, 8)
+    keys[..., :4] = torch.randn(1, 1, 64, 4, generator=g)  # the crowd spans 4 dimensions
+    keys[0, 0, 17, 6] = 1.0  # one key leaves it
+    lev = key_leverage(candidates(keys))
+    shifted = key_leverage(candidates(keys + torch.randn(8, generator=g) * 5))
+    torch.testing.assert_close(lev, shifted, atol=1e-4, rtol=0)
+    assert int(lev[0, 0].argmax()) == 17 and lev[0, 0, 17] > 0.95
+
+
+def test_zsmerge_keeps_a_unique_key_nobody_attended_to():
+    """Queries look only at a few recent keys; one older key is unique. Attention alone leaves it to the
+    residual merge, the leverage term keeps it verbatim in a context slot."""
+    from kvzoo.cache.zsmerge import ZSMerge
+    from tests.method_helpers import drive_synthetic, random_qkv
+
+    n = 40
+    qkv = random_qkv(1, 1, 1, 1, n, seed=3, scale=0.3)
+    qkv.k[0][0, 0, :, 4:] = 0.0  # every key in the first 4 dimensions ...
+    qkv.k[0][0, 0, 9, 6] = 3.0  # ... but key 9
+    qkv.q[0][..., 6] = 0.0  # which no query looks at
+    kept = {}
+    for weight in (0.0, 1.0):
+        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, leverage=weight)
+        s = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]
+        kept[weight] = s["pos"][0, 0, 1:5].tolist()  # slots: [residual | 4 context | 3 proximity]
+    assert 9 not in kept[0.0] and 9 in kept[1.0], kept
