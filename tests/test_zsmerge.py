@@ -267,6 +267,8 @@ def test_score_recursion_without_eviction():
         (dict(budget="5%"), r"budget must be a float in \(0, 1\) or an int >= 1"),
         (dict(alpha=2.0), r"alpha must be in \[0, 1\]"),
         (dict(metric="cos"), r"metric must be 'dot' or 'l2'"),
+        (dict(leverage=-1.0), r"leverage must be a number >= 0, got -1.0"),
+        (dict(leverage_of="queries"), r"leverage_of must be 'keys' or 'values', got 'queries'"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, message):

@@ -116,16 +116,16 @@ def accumulated_scores(chunk: "PrefillChunk", decay: float = 1.0, normalise: boo
     return scores
 
 
-def key_leverage(chunk: "PrefillChunk", kernel: int | None = None, eps: float = 1e-4) -> torch.Tensor:
+def key_leverage(chunk: "PrefillChunk", kernel: int | None = None, eps: float = 1e-4, of: str = "keys") -> torch.Tensor:
     """Statistical leverage of every candidate's key among the candidates' keys, per KV head [B, Hkv, S] fp32:
     h_j = k_j^T (K^T K + eps tr(K^T K)/D I)^-1 k_j on keys centred by their mean (a shift common to all keys
     moves every logit of a query equally, so attention never sees it). h_j is near 1 for a key no combination
     of the others reproduces and near 0 for a key in a crowded direction: what merging cannot stand in for,
     whatever the queries will be (Compactor's query-agnostic signal). Empty candidates score 0; `kernel`
     max-pools by position like the window scores, so a unique token's neighbours (the rest of a number)
-    come with it."""
+    come with it. `of="values"` measures the values instead (what a merged slot's average loses)."""
     valid = torch.isfinite(chunk.key_logw)  # [B, Hkv, S]
-    keys = chunk.keys.float() * valid[..., None]
+    keys = (chunk.keys if of == "keys" else chunk.values).float() * valid[..., None]
     count = valid.sum(-1, keepdim=True).clamp(min=1)[..., None]  # [B, Hkv, 1, 1]
     centred = (keys - keys.sum(2, keepdim=True) / count) * valid[..., None]
     gram = centred.transpose(-1, -2) @ centred  # [B, Hkv, D, D]

@@ -97,6 +97,7 @@ class ZSMerge(CompressionMethod):
     # Weight of the keys' leverage (scoring.key_leverage) in the choice of prefill context tokens: the context
     # is ranked by zscore(attention score) + leverage * zscore(leverage). 0 = attention alone (paper).
     leverage: float = 0.0
+    leverage_of: str = "keys"  # or "values"
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "ZSMerge")
@@ -118,6 +119,10 @@ class ZSMerge(CompressionMethod):
             raise KvzooError(f"ZSMerge: metric must be 'dot' or 'l2', got {self.metric!r}")
         if self.score_update not in ("max", "sum"):
             raise KvzooError(f"ZSMerge: score_update must be 'max' or 'sum', got {self.score_update!r}")
+        if isinstance(self.leverage, bool) or not isinstance(self.leverage, (int, float)) or self.leverage < 0:
+            raise KvzooError(f"ZSMerge: leverage must be a number >= 0, got {self.leverage!r}")
+        if self.leverage_of not in ("keys", "values"):
+            raise KvzooError(f"ZSMerge: leverage_of must be 'keys' or 'values', got {self.leverage_of!r}")
         if self.prefill_scale not in ("window", "steady"):
             raise KvzooError(f"ZSMerge: prefill_scale must be 'window' or 'steady', got {self.prefill_scale!r}")
 
@@ -224,7 +229,7 @@ class ZSMerge(CompressionMethod):
         while the stored scores stay on the attention scale that decode steps add to and decay (a token kept
         for its key keeps that standing against tokens leaving the ring)."""
         spread = row_mean_std(score, ctx_cand)[1]
-        lev = zscore(key_leverage(chunk, self.kernel_size), ctx_cand)
+        lev = zscore(key_leverage(chunk, self.kernel_size, of=self.leverage_of), ctx_cand)
         return torch.where(ctx_cand, self.leverage * spread * lev, 0.0)
 
     def _scatter_slots(self, chunk: "PrefillChunk", score: torch.Tensor, target: torch.Tensor, dummy: int):  # noqa: ANN202
