@@ -1,8 +1,13 @@
-"""A/B of the two decode attention paths in one process: the fused output-only path (methods that never read
-the attention probabilities: full cache, StreamingLLM, prefill-only methods) against the path that also
-returns the probabilities (what H2O, TOVA and ZSMerge need), on the default model's full cache.
+"""A/B of decode attention paths in one process, on the default model's full cache:
 
-    python tools/bench_decode_paths.py [--contexts 512,2048,8192] [--steps 24] [--dtype fp32] [--compile]
+- `--compare probs` (default): the fused output-only path (methods that never read the attention
+  probabilities: full cache, StreamingLLM, prefill-only methods) against the path that also returns the
+  probabilities (what H2O, TOVA and ZSMerge need);
+- `--compare split`: the output-only path with the store rows cut into pieces for both threads
+  (flash-decoding, kvzoo_kernels/decode_output.py) against the same kernel over whole rows.
+
+    python tools/bench_decode_paths.py [--compare probs|split] [--contexts 512,2048,8192] [--steps 24]
+                                       [--dtype fp32] [--compile]
 
 The cache is filled with random keys and values (a decode step's cost does not depend on what the slots
 hold), so no prefill is timed. Rows alternate between the paths, step by step, so that a slower phase of a
@@ -22,6 +27,7 @@ from kvzoo.cache.full import FullCache
 from kvzoo.default_model import ensure_default_model
 from kvzoo.generate import make_decode_step, new_cache, prepare_decode
 from kvzoo.loading import parse_dtype
+from kvzoo_kernels import decode_output
 
 
 def filled_full_cache(model, context: int, steps: int):  # noqa: ANN001, ANN201
@@ -42,31 +48,39 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compare", choices=("probs", "split"), default="probs")
     args = parser.parse_args()
+    # Each arm: (label, FullCache.reads_decode_probs, the decode_output minimum piece length).
+    split_slots = decode_output.MIN_SPLIT_SLOTS
+    arms = [("with probs", True, split_slots), ("output only", False, split_slots)]
+    if args.compare == "split":
+        arms = [("whole rows", False, 2**62), ("split rows", False, split_slots)]
     model = load(ensure_default_model(progress=True), dtype=parse_dtype(args.dtype))
     print(f"default model, {args.dtype}, {'compiled' if args.compile else 'eager'}, {torch.get_num_threads()} threads; "
           "decode ms/token, median")
-    print(f"{'context':>8} {'with probs':>11} {'output only':>12} {'ratio':>6}")
+    print(f"{'context':>8} {arms[0][0]:>12} {arms[1][0]:>12} {'ratio':>6}")
     for context in (int(c) for c in args.contexts.split(",")):
-        caches = {reads: filled_full_cache(model, context, args.warmup + args.steps) for reads in (True, False)}
+        caches = [filled_full_cache(model, context, args.warmup + args.steps) for _ in arms]
         step = make_decode_step(model, args.compile)
-        for cache in caches.values():
+        for cache in caches:
             prepare_decode(model, cache, cache.max_position, args.compile)
-        times: dict[bool, list[float]] = {True: [], False: []}
+        times: list[list[float]] = [[] for _ in arms]
         token = torch.tensor([[42]])
         try:
             with torch.inference_mode():
                 for i in range(args.warmup + args.steps):
-                    for reads, cache in caches.items():
+                    for arm, ((_, reads, min_split), cache) in enumerate(zip(arms, caches)):
                         FullCache.reads_decode_probs = reads  # the class attribute the attention step reads
+                        decode_output.MIN_SPLIT_SLOTS = min_split  # read by the op at run time
                         start = time.perf_counter()
                         step(token, torch.tensor([[context + i]]), cache)
                         if i >= args.warmup:
-                            times[reads].append(time.perf_counter() - start)
+                            times[arm].append(time.perf_counter() - start)
         finally:
             FullCache.reads_decode_probs = False
-        with_probs, output_only = (statistics.median(times[r]) * 1e3 for r in (True, False))
-        print(f"{context:>8} {with_probs:>11.1f} {output_only:>12.1f} {output_only / with_probs:>6.2f}")
+            decode_output.MIN_SPLIT_SLOTS = split_slots
+        a, b = (statistics.median(t) * 1e3 for t in times)
+        print(f"{context:>8} {a:>12.1f} {b:>12.1f} {b / a:>6.2f}")
 
 
 if __name__ == "__main__":

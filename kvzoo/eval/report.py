@@ -126,7 +126,8 @@ def summarize(records: list[Any]) -> list[dict[str, Any]]:
 _TABLES = [
     ("nll", "nll_vs_full", "{:+.3f}", "Continuation NLL increase over the full cache (lower is better; full cache: {full})"),
     ("nll", "kept_end", "{:.1%}", "Cache held at the end of the continuation, as a fraction of the prompt "
-     "(prefill-only methods append every decoded token; decode-time methods hold their budget)"),
+     "(prefill-only methods append every decoded token; decode-time methods hold their budget, which "
+     "`--memory matched` raises to the same end size)"),
     ("needle-aware", "exact", "{:.0%}", "Needle accuracy, question compressed with the context (full cache: {full})"),
     ("needle-agnostic", "exact", "{:.0%}", "Needle accuracy, question asked after compression (full cache: {full})"),
     ("needle-aware", "partial", "{:.2f}", "Needle partial score (leading characters right), query-aware (full: {full})"),
