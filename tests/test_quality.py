@@ -8,16 +8,17 @@ integer number of slots, int(ratio * 309).
 
 Bounds (nats), per budget ratio: 0.02: 3.0, 0.05: 1.5, 0.1: 1.0, 0.2: 0.5, 0.5: 0.25. Measured on
 2026-12-01 (fp32, CPU; deterministic), after the session-3 defaults (ZSMerge alpha 0.5; KVMerger shares
-of the budget, no skipped layer) and the tie-break fix (a max-pooled peak ranks before its neighbours):
+of the budget, no skipped layer) and the tie-break fix (a max-pooled peak ranks before its neighbours);
+ZSMerge and ZigZagKV re-measured 2026-12-02 (ZSMerge max-pool 7, ZigZagKV's end-of-prefill tie-break):
 
     ratio                   0.02   0.05   0.10   0.20   0.50
     StreamingLLM            1.27   0.59   0.34   0.25   0.08
     H2O                     0.98   0.48   0.23   0.12   0.04
     TOVA                    1.17   0.57   0.30   0.19   0.07
-    ZSMerge                 0.85   0.41   0.27   0.18   0.06
+    ZSMerge                 0.87   0.45   0.30   0.18   0.06
     SnapKV                  0.54   0.40   0.25   0.16   0.05
     PyramidKV               0.73   0.45   0.34   0.22   0.13
-    ZigZagKV                1.78   0.89   0.32   0.18   0.06
+    ZigZagKV                2.40   0.45   0.29   0.18   0.05
     KVMerger                0.54   0.26   0.17   0.10   0.04
     broken: StreamingLLM sinks=0        3.09   2.29   2.02   1.52   0.97
     broken: KVMerger.paper() (values x |S|) 8.00 9.92 8.92   1.05   0.06
