@@ -103,10 +103,10 @@ class ZSMerge(CompressionMethod):
     prefill_scale: str = "window"
     # Weight of the leverage (scoring.key_leverage) of the keys or values in the choice of prefill context
     # tokens: the context is ranked by zscore(attention score) + leverage * zscore(leverage). 0 = attention
-    # alone (paper). A retrieval setting, not a default: "leverage=0.5,leverage_of=values" retrieves a
-    # needle asked *after* compression 3x as often at 20% kept (12 instances: 50% against 17%), but the
-    # tokens it keeps for being unique displace ones the continuation attends to: +0.15 NLL at 5%, +0.075
-    # at 20% (tools/RESULTS.md).
+    # alone (paper). A retrieval setting, not a default: "proximity=0.25,leverage=0.5,leverage_of=values"
+    # retrieves a needle asked *after* compression 3x as often at 20% kept (12 instances: 50% against 17%),
+    # but the tokens it keeps for being unique displace ones the continuation attends to: +0.15 NLL at 5%,
+    # +0.075 at 20% (tools/RESULTS.md).
     leverage: float = 0.0
     leverage_of: str = "keys"  # or "values"
 
