@@ -74,3 +74,25 @@ def test_zsmerge_keeps_a_unique_key_nobody_attended_to():
         s = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]
         kept[weight] = s["pos"][0, 0, 1:5].tolist()  # slots: [residual | 4 context | 3 proximity]
     assert 9 not in kept[0.0] and 9 in kept[1.0], kept
+
+
+def test_zsmerge_accumulate_keeps_what_earlier_queries_read():
+    """accumulate=True adds the attention of every prompt query to the window's: a key the first queries read
+    heavily and the last 8 avoid is kept, where the window alone drops it."""
+    from kvzoo.cache.zsmerge import ZSMerge
+    from tests.method_helpers import drive_synthetic, random_qkv
+
+    n = 40
+    qkv = random_qkv(1, 1, 1, 1, n, seed=4, scale=0.1)
+    a, b = torch.eye(8)[0], torch.eye(8)[1]
+    qkv.k[0][0, 0, 5] = 8 * a - 4 * b  # read by the early queries, avoided by the window's
+    qkv.k[0][0, 0, 10] = 8 * b  # what the window reads
+    qkv.q[0][0, 0, 6:n - 8] = 2 * a
+    qkv.q[0][0, 0, n - 8:] = 2 * b
+    kept = {}
+    for accumulate in (False, True):
+        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, decay=1.0, accumulate=accumulate)
+        s = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]
+        kept[accumulate] = s["pos"][0, 0, 1:5].tolist()  # slots: [residual | 4 context | 3 proximity]
+    assert 5 not in kept[False] and 5 in kept[True], kept
+    assert 10 in kept[False] and 10 in kept[True], kept

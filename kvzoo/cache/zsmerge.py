@@ -109,6 +109,10 @@ class ZSMerge(CompressionMethod):
     # +0.075 at 20% (tools/RESULTS.md).
     leverage: float = 0.0
     leverage_of: str = "keys"  # or "values"
+    # Rank by the attention accumulated over every prompt query (as H2O; with decay=1.0 undecayed) plus
+    # the standardised pooled window scores; the stored scores are on the accumulated scale. Not measured
+    # end to end yet (tools/RESULTS.md: H2O's scoring alone leads on continuation NLL at equal memory).
+    accumulate: bool = False
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "ZSMerge")
@@ -132,6 +136,8 @@ class ZSMerge(CompressionMethod):
             raise KvzooError(f"ZSMerge: score_update must be 'max' or 'sum', got {self.score_update!r}")
         if isinstance(self.leverage, bool) or not isinstance(self.leverage, (int, float)) or self.leverage < 0:
             raise KvzooError(f"ZSMerge: leverage must be a number >= 0, got {self.leverage!r}")
+        if not isinstance(self.accumulate, bool):
+            raise KvzooError(f"ZSMerge: accumulate must be True or False, got {self.accumulate!r}")
         if self.leverage_of not in ("keys", "values"):
             raise KvzooError(f"ZSMerge: leverage_of must be 'keys' or 'values', got {self.leverage_of!r}")
         if self.prefill_scale not in ("window", "steady"):
@@ -190,6 +196,12 @@ class ZSMerge(CompressionMethod):
         if self.prefill_scale == "steady" and self.decay < 1:
             # sum_{a < queries} decay^a = (1 - decay^queries) / (1 - decay); decode's steady state: 1 / (1 - decay)
             fresh = fresh / (1.0 - self.decay**queries)
+        if self.accumulate and self.window_size is not None:
+            # Hybrid: attention accumulated over every query (what the continuation reads, H2O's signal) plus
+            # the pooled window standardised onto its spread (what the last queries, e.g. a question, ask for).
+            total = chunk.key_score * self.decay**t + accumulated_scores(chunk, decay=self.decay)
+            valid = torch.isfinite(chunk.key_logw)
+            return total + row_mean_std(total, valid)[1] * zscore(fresh, valid)
         return chunk.key_score * self.decay**t + fresh
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
