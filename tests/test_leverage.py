@@ -1,4 +1,4 @@
-"""Key leverage (kvzoo.cache.scoring.key_leverage), checked against its definition, and ZSMerge's use of it:
+"""Leverage (kvzoo.cache.scoring.leverage_scores), checked against its definition, and ZSMerge's use of it:
 a key that no combination of the others reproduces is kept although no query looked at it."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvzoo.cache.scoring import key_leverage
+from kvzoo.cache.scoring import leverage_scores
 
 
 def candidates(keys: torch.Tensor, valid: torch.Tensor | None = None) -> SimpleNamespace:
-    """The fields of a PrefillChunk key_leverage reads, for keys [B, H, S, D]."""
+    """The fields of a PrefillChunk leverage_scores reads, for keys [B, H, S, D]."""
     b, h, s, _ = keys.shape
     valid = torch.ones(b, h, s, dtype=torch.bool) if valid is None else valid
     logw = torch.zeros(b, h, s).masked_fill(~valid, float("-inf"))
@@ -32,7 +32,7 @@ def test_leverage_is_the_hat_matrix_diagonal_of_the_centred_keys(s, d, seed):
     valid = torch.ones(1, 1, s + 1, dtype=torch.bool)
     valid[..., 0] = False  # an empty slot holding garbage
     keys[..., 0, :] = 1e3
-    got = key_leverage(candidates(keys, valid))[0, 0]
+    got = leverage_scores(candidates(keys, valid))[0, 0]
     x = keys[0, 0, 1:].double()
     x = x - x.mean(0)
     gram = x.T @ x
@@ -51,8 +51,8 @@ def test_leverage_ignores_a_shift_of_every_key_and_finds_the_outlier():
     keys = torch.zeros(1, 1, 64, 8)
     keys[..., :4] = torch.randn(1, 1, 64, 4, generator=g)  # the crowd spans 4 dimensions
     keys[0, 0, 17, 6] = 1.0  # one key leaves it
-    lev = key_leverage(candidates(keys))
-    shifted = key_leverage(candidates(keys + torch.randn(8, generator=g) * 5))
+    lev = leverage_scores(candidates(keys))
+    shifted = leverage_scores(candidates(keys + torch.randn(8, generator=g) * 5))
     torch.testing.assert_close(lev, shifted, atol=1e-4, rtol=0)
     assert int(lev[0, 0].argmax()) == 17 and lev[0, 0, 17] > 0.95
 

@@ -270,6 +270,7 @@ def test_score_recursion_without_eviction():
         (dict(leverage=-1.0), r"leverage must be a number >= 0, got -1.0"),
         (dict(leverage_of="queries"), r"leverage_of must be 'keys' or 'values', got 'queries'"),
         (dict(accumulate="yes"), r"accumulate must be True or False, got 'yes'"),
+        (dict(accumulate=True, window_size=None), r"accumulate=True .* needs a window_size"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, message):

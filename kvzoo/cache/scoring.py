@@ -116,7 +116,8 @@ def accumulated_scores(chunk: "PrefillChunk", decay: float = 1.0, normalise: boo
     return scores
 
 
-def key_leverage(chunk: "PrefillChunk", kernel: int | None = None, eps: float = 1e-4, of: str = "keys") -> torch.Tensor:
+def leverage_scores(chunk: "PrefillChunk", kernel: int | None = None, eps: float = 1e-4,
+                    of: str = "keys") -> torch.Tensor:
     """Statistical leverage of every candidate's key among the candidates' keys, per KV head [B, Hkv, S] fp32:
     h_j = k_j^T (K^T K + eps tr(K^T K)/D I)^-1 k_j on keys centred by their mean (a shift common to all keys
     moves every logit of a query equally, so attention never sees it). h_j is near 1 for a key no combination
@@ -148,3 +149,10 @@ def zscore(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """x [B, H, S] standardised over the valid entries of each (sequence, head) row (0 elsewhere)."""
     mean, std = row_mean_std(x, valid)
     return torch.where(valid, (x - mean) / std.clamp(min=1e-12), 0.0)
+
+
+def on_the_scale_of(base: torch.Tensor, signal: torch.Tensor, valid: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """weight * std(base) * zscore(signal) over the valid entries [B, H, S] (0 elsewhere): added to `base`, it
+    ranks like zscore(base) + weight * zscore(signal) while the sum stays on base's scale (e.g. the attention
+    scale that decode steps keep adding to)."""
+    return weight * row_mean_std(base, valid)[1] * zscore(signal, valid)
