@@ -13,6 +13,7 @@ import torch
 from kvzoo.cache.chunk import PrefillChunk, make_prefill_chunk
 from kvzoo.cache.slots import KVCache
 from kvzoo_kernels.attention import causal_attention, decode_attention
+from kvzoo_kernels.decode_attention import store_attention
 from kvzoo_kernels.chunk_attention import chunk_attention
 
 
@@ -76,11 +77,24 @@ def _decode(
 ) -> torch.Tensor:
     """The decode step of one layer. `layer_idx` is only handed on to the method (unread there, so the
     compiled block does not specialise on it)."""
-    bias = slots.slot_bias(cache.method.attention_alpha)  # [B, Hkv, C]
+    method = cache.method
     pos = ctx.positions[:, 0]  # [B]
-    if ctx.window is not None:
-        bias = bias.masked_fill(pos[:, None, None] - slots.pos >= ctx.window, float("-inf"))
-    out, probs = decode_attention(q[:, :, 0], slots.k, slots.v, bias, k[:, :, 0], v[:, :, 0],
-                                  with_probs=cache.method.reads_decode_probs)
-    cache.method.decode_step(layer_idx, slots, k[:, :, 0], v[:, :, 0], pos, probs)
+    k_new, v_new = k[:, :, 0], v[:, :, 0]  # [B, Hkv, D]
+    if method.decode_writes_first:  # the new token takes a free slot: attend over the store alone
+        method.decode_step(layer_idx, slots, k_new, v_new, pos, None)
+        bias = _decode_bias(slots, method.attention_alpha, pos, ctx.window)  # [B, Hkv, C], after the write
+        return store_attention(q[:, :, 0], slots.k, slots.v, bias)[:, :, None]
+    bias = _decode_bias(slots, method.attention_alpha, pos, ctx.window)
+    out, probs = decode_attention(q[:, :, 0], slots.k, slots.v, bias, k_new, v_new,
+                                  with_probs=method.reads_decode_probs)
+    method.decode_step(layer_idx, slots, k_new, v_new, pos, probs)
     return out[:, :, None]
+
+
+def _decode_bias(slots: LayerSlots, alpha: float, pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, Hkv, C] slot bias of a decode step at positions pos [B]: alpha * log w, -inf for empty slots and
+    (sliding window) for slots the window has passed."""
+    bias = slots.slot_bias(alpha)
+    if window is not None:
+        bias = bias.masked_fill(pos[:, None, None] - slots.pos >= window, float("-inf"))
+    return bias

@@ -22,8 +22,9 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from kvzoo_kernels.decode_output import decode_output_cpu
+from kvzoo_kernels.decode_output import decode_output_cpu, store_output_cpu
 from kvzoo_kernels.dispatch import block_size, check_launchable, kernels_setting, triton_kernel, use_triton
 
 tl: Any = None  # triton.language, bound on the first Triton launch (kvzoo_kernels.dispatch.triton_kernel)
@@ -75,6 +76,39 @@ def decode_attention(
     else:
         out, probs = decode_attention_reference(q, k_slots, v_slots, slot_bias, k_new, v_new)
     return out, probs if with_probs else None
+
+
+def store_attention_reference(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor,
+                              slot_bias: torch.Tensor) -> torch.Tensor:
+    """One query token over the C slots alone, the new token being one of them (written before attention):
+    out [B, Hq, D]. Every row must see at least one slot (the new token's own). Shapes as above."""
+    b, hq, d = q.shape
+    hkv = k_slots.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
+    logits = torch.einsum("bhgd,bhcd->bhgc", qg, k_slots).float() / math.sqrt(d) + slot_bias[:, :, None, :]
+    out = torch.einsum("bhgc,bhcd->bhgd", logits.softmax(dim=-1).to(v_slots.dtype), v_slots)
+    return out.reshape(b, hq, d)
+
+
+def store_attention(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor,
+                    slot_bias: torch.Tensor) -> torch.Tensor:
+    """`store_attention_reference`'s contract. On the CPU the fused kernel of kvzoo_kernels/decode_output.py
+    (split for long stores), elsewhere torch's fused SDPA; KVZOO_KERNELS=torch: the reference."""
+    if kernels_setting() == "torch":
+        return store_attention_reference(q, k_slots, v_slots, slot_bias)
+    if q.device.type == "cpu":
+        return store_output_cpu(q, k_slots, v_slots, slot_bias)
+    return store_attention_sdpa(q, k_slots, v_slots, slot_bias)
+
+
+def store_attention_sdpa(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor,
+                         slot_bias: torch.Tensor) -> torch.Tensor:
+    """`store_attention` through torch's fused SDPA (any device), the bias as its additive mask."""
+    b, hq, d = q.shape
+    hkv = k_slots.shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]: a group's query heads are query rows of its KV head
+    mask = slot_bias.to(q.dtype)[:, :, None, :]  # [B, Hkv, 1, C], broadcast over the G rows
+    return F.scaled_dot_product_attention(qg, k_slots, v_slots, attn_mask=mask).reshape(b, hq, d)
 
 
 # --- Triton ---------------------------------------------------------------------------------------------

@@ -7,9 +7,12 @@ folded in afterwards without concatenating it to the store:
 
     out = (e^{lse} * out_slots + e^{l_new} * v_new) / (e^{lse} + e^{l_new}),   l_new = q . k_new / sqrt(D)
 
-(computed relative to max(lse, l_new)). Methods that only append or evict by position (the full cache,
-StreamingLLM, the prefill-only methods) take this path through `decode_attention(..., with_probs=False)`;
-see `CompressionMethod.reads_decode_probs`.
+(computed relative to max(lse, l_new)). Methods that only evict by position (StreamingLLM, a prefill-only
+method with a decode cap) take this path through `decode_attention(..., with_probs=False)`; see
+`CompressionMethod.reads_decode_probs`. Methods whose new token always goes to a free slot (the full cache,
+the prefill-only methods without a cap) write it first and attend over the store alone
+(`store_attention`, op `store_output_cpu`): one kernel call and nothing to fold, as transformers' static
+cache does; see `CompressionMethod.decode_writes_first`.
 
 Flash-decoding on the CPU: the kernel parallelises over (sequence, head, query block) only, and a decode
 step has B * Hkv of those (3 for the default model at batch 1), which two threads split 2 : 1. So each
@@ -44,10 +47,11 @@ def _pieces(x: torch.Tensor, s: int, length: int) -> torch.Tensor:
     return x.as_strided((b * hkv, s, length, *rest), (c * inner, length * inner, *x.stride()[2:]))
 
 
-@torch.library.custom_op("kvzoo::decode_output_cpu", mutates_args=())
-def decode_output_cpu(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, slot_bias: torch.Tensor,
-                      k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
-    """out [B, Hq, D] of `decode_attention_reference` for CPU tensors, through the fused kernel (see above)."""
+def _attend_pieces(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, slot_bias: torch.Tensor,
+                   k_new: torch.Tensor | None, v_new: torch.Tensor | None) -> torch.Tensor:
+    """out [B, Hq, D]: q over the store's slots (cut into pieces for the threads) and, when given, the new
+    token; the pieces, the < s slots left over and the new token are combined by their logsumexps. Without
+    a new token every row must see at least one slot."""
     b, hq, d = q.shape
     hkv, c = k_slots.shape[1], k_slots.shape[2]
     g = hq // hkv
@@ -55,30 +59,57 @@ def decode_output_cpu(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Ten
     s = split_count(b, hkv, c, torch.get_num_threads())
     length = c // s  # the last c - s * length (< s) slots are folded in beside the new token
     scale = 1.0 / math.sqrt(d)
-    qg = q.reshape(b, hkv, g, d).float()  # [B, Hkv, G, D]: a group's query heads are rows of its KV head
     q_pieces = q.reshape(b * hkv, 1, g, d).expand(b * hkv, s, g, d)
     bias = _pieces(slot_bias.to(q.dtype)[..., None], s, length)[..., 0][:, :, None, :]  # [B*Hkv, s, 1, L]
     out_p, lse = _flash(q_pieces, _pieces(k_slots, s, length), _pieces(v_slots, s, length), attn_mask=bias,
                         scale=scale)  # [B*Hkv, s, G, D], [B*Hkv, s, G]
+    if k_new is None and s == 1:  # one piece per row, nothing left over: the kernel's output is the answer
+        return out_p.reshape(b, hq, d)
     out_p = out_p.reshape(b, hkv, s, g, d).float()
     # The kernel returns lse = 0 and a zero output for a row that sees no slot: make that piece weigh nothing.
     sees = torch.isfinite(slot_bias[..., : s * length]).reshape(b, hkv, s, length).any(dim=-1)[..., None]
     lse = torch.where(sees, lse.reshape(b, hkv, s, g).float(), float("-inf"))  # [B, Hkv, s, G]
     # The tail slots and the new token: plain logits [B, Hkv, G, E] and values [B, Hkv, E, D].
-    k_extra = torch.cat([k_slots[:, :, s * length:], k_new[:, :, None]], dim=2).float()
-    v_extra = torch.cat([v_slots[:, :, s * length:], v_new[:, :, None]], dim=2).float()
-    extra_bias = torch.cat([slot_bias[..., s * length:], slot_bias.new_zeros(b, hkv, 1)], dim=-1).float()
-    l_extra = torch.einsum("bhgd,bhed->bhge", qg, k_extra) * scale + extra_bias[:, :, None, :]
-    top = torch.maximum(lse.amax(dim=2), l_extra.amax(dim=-1))  # [B, Hkv, G]; finite: the new token's logit
+    k_extra, v_extra, extra_bias = k_slots[:, :, s * length:], v_slots[:, :, s * length:], slot_bias[..., s * length:]
+    if k_new is not None and v_new is not None:
+        k_extra = torch.cat([k_extra, k_new[:, :, None]], dim=2)
+        v_extra = torch.cat([v_extra, v_new[:, :, None]], dim=2)
+        extra_bias = torch.cat([extra_bias, slot_bias.new_zeros(b, hkv, 1)], dim=-1)
+    qg = q.reshape(b, hkv, g, d).float()  # [B, Hkv, G, D]: a group's query heads are rows of its KV head
+    l_extra = torch.einsum("bhgd,bhed->bhge", qg, k_extra.float()) * scale + extra_bias.float()[:, :, None, :]
+    # Finite when the row sees anything (the new token, beside or in the store, always is visible).
+    top = lse.amax(dim=2)  # [B, Hkv, G]
+    if l_extra.shape[-1] > 0:
+        top = torch.maximum(top, l_extra.amax(dim=-1))
     w_pieces = (lse - top[:, :, None]).exp()  # [B, Hkv, s, G]; 0 for a piece that sees no slot
     w_extra = (l_extra - top[..., None]).exp()  # [B, Hkv, G, E]
     mixed = torch.where(w_pieces[..., None] > 0, out_p * w_pieces[..., None], 0.0).sum(dim=2)
-    mixed = mixed + torch.einsum("bhge,bhed->bhgd", w_extra, v_extra)
+    mixed = mixed + torch.einsum("bhge,bhed->bhgd", w_extra, v_extra.float())
     out = mixed / (w_pieces.sum(dim=2) + w_extra.sum(dim=-1))[..., None]
     return out.to(q.dtype).reshape(b, hq, d)
+
+
+@torch.library.custom_op("kvzoo::decode_output_cpu", mutates_args=())
+def decode_output_cpu(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, slot_bias: torch.Tensor,
+                      k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+    """out [B, Hq, D] of `decode_attention_reference` for CPU tensors, through the fused kernel (see above)."""
+    return _attend_pieces(q, k_slots, v_slots, slot_bias, k_new, v_new)
 
 
 @decode_output_cpu.register_fake
 def _(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, slot_bias: torch.Tensor,
       k_new: torch.Tensor, v_new: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("kvzoo::store_output_cpu", mutates_args=())
+def store_output_cpu(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor,
+                     slot_bias: torch.Tensor) -> torch.Tensor:
+    """out [B, Hq, D] of `store_attention_reference` for CPU tensors: as `decode_output_cpu` with the new
+    token already in the store, so a store that is not split is one kernel call and nothing to fold."""
+    return _attend_pieces(q, k_slots, v_slots, slot_bias, None, None)
+
+
+@store_output_cpu.register_fake
+def _(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, slot_bias: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(q)

@@ -4,9 +4,12 @@
   probabilities: full cache, StreamingLLM, prefill-only methods) against the path that also returns the
   probabilities (what H2O, TOVA and ZSMerge need);
 - `--compare split`: the output-only path with the store rows cut into pieces for both threads
-  (flash-decoding, kvzoo_kernels/decode_output.py) against the same kernel over whole rows.
+  (flash-decoding, kvzoo_kernels/decode_output.py) against the same kernel over whole rows;
+- `--compare write-first`: the full cache writing the new token first and attending over the store alone
+  (`CompressionMethod.decode_writes_first`, what it does by default) against attending over the store and
+  folding the new token in by logsumexp before writing it (what StreamingLLM has to do).
 
-    python tools/bench_decode_paths.py [--compare probs|split] [--contexts 512,2048,8192] [--steps 24]
+    python tools/bench_decode_paths.py [--compare probs|split|write-first] [--contexts 512,2048,8192] [--steps 24]
                                        [--dtype fp32] [--compile]
 
 The cache is filled with random keys and values (a decode step's cost does not depend on what the slots
@@ -48,13 +51,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--compare", choices=("probs", "split"), default="probs")
+    parser.add_argument("--compare", choices=("probs", "split", "write-first"), default="probs")
     args = parser.parse_args()
-    # Each arm: (label, FullCache.reads_decode_probs, the decode_output minimum piece length).
+    # Each arm: (label, FullCache.reads_decode_probs, FullCache.decode_writes_first, the decode_output
+    # minimum piece length). Writing first needs an output-only method, so the probs arms attend first.
     split_slots = decode_output.MIN_SPLIT_SLOTS
-    arms = [("with probs", True, split_slots), ("output only", False, split_slots)]
+    arms = [("with probs", True, False, split_slots), ("output only", False, False, split_slots)]
     if args.compare == "split":
-        arms = [("whole rows", False, 2**62), ("split rows", False, split_slots)]
+        arms = [("whole rows", False, True, 2**62), ("split rows", False, True, split_slots)]
+    elif args.compare == "write-first":
+        arms = [("fold new", False, False, split_slots), ("write first", False, True, split_slots)]
     model = load(ensure_default_model(progress=True), dtype=parse_dtype(args.dtype))
     print(f"default model, {args.dtype}, {'compiled' if args.compile else 'eager'}, {torch.get_num_threads()} threads; "
           "decode ms/token, median")
@@ -69,15 +75,16 @@ def main() -> None:
         try:
             with torch.inference_mode():
                 for i in range(args.warmup + args.steps):
-                    for arm, ((_, reads, min_split), cache) in enumerate(zip(arms, caches)):
-                        FullCache.reads_decode_probs = reads  # the class attribute the attention step reads
+                    for arm, ((_, reads, first, min_split), cache) in enumerate(zip(arms, caches)):
+                        FullCache.reads_decode_probs = reads  # class attributes the attention step reads
+                        FullCache.decode_writes_first = first
                         decode_output.MIN_SPLIT_SLOTS = min_split  # read by the op at run time
                         start = time.perf_counter()
                         step(token, torch.tensor([[context + i]]), cache)
                         if i >= args.warmup:
                             times[arm].append(time.perf_counter() - start)
         finally:
-            FullCache.reads_decode_probs = False
+            FullCache.reads_decode_probs, FullCache.decode_writes_first = False, True
             decode_output.MIN_SPLIT_SLOTS = split_slots
         a, b = (statistics.median(t) * 1e3 for t in times)
         print(f"{context:>8} {a:>12.1f} {b:>12.1f} {b / a:>6.2f}")

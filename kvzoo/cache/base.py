@@ -33,6 +33,11 @@ class CompressionMethod:
     # False for methods whose `decode_step` never reads the attention probabilities (it gets None): their
     # decode attention skips computing them (a fused kernel instead of logits, softmax and two matmuls).
     reads_decode_probs: bool = True
+    # True for methods whose `decode_step` always puts the new token in a free slot, whatever attention did
+    # (never reads the probabilities, never evicts while decoding): the decode step then writes first and
+    # attends over the store alone, which equals attending over [store ; new token] and is one fused kernel
+    # call with nothing to fold in (`kvzoo_kernels.decode_attention.store_attention`).
+    decode_writes_first: bool = False
 
     @property
     def attention_alpha(self) -> float:
@@ -131,6 +136,12 @@ class PrefillOnlyMethod(CompressionMethod):
 
     decode_cap: int | None
     reads_decode_probs = False  # generated tokens are appended whatever attention did
+
+    @property
+    def decode_writes_first(self) -> bool:  # type: ignore[override]
+        """Without a cap every generated token has a free slot (`decode_headroom`); with one, a token past
+        the cap replaces the oldest generated one, which must still be attended to at that step."""
+        return self.decode_cap is None
 
     def check_decode_cap(self) -> None:
         cap = self.decode_cap

@@ -20,6 +20,7 @@ class FullCache(CompressionMethod):
     """No compression: every token keeps its own slot (capacity = prompt + new tokens); no budget."""
 
     reads_decode_probs = False
+    decode_writes_first = True  # slot index = position: the new token's slot is always free
 
     def slots_in_use(self, capacity: int, tokens_seen: int) -> int:
         return min(capacity, tokens_seen)  # slot index = position < tokens seen
