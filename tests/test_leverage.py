@@ -96,3 +96,23 @@ def test_zsmerge_accumulate_keeps_what_earlier_queries_read():
         kept[accumulate] = s["pos"][0, 0, 1:5].tolist()  # slots: [residual | 4 context | 3 proximity]
     assert 5 not in kept[False] and 5 in kept[True], kept
     assert 10 in kept[False] and 10 in kept[True], kept
+
+
+def test_zsmerge_window_weight_zero_ranks_by_accumulated_attention_alone():
+    """accumulate=True with window_weight=0 keeps exactly what scoring by accumulated attention alone keeps
+    (window_size=None, paper Eq. 5 with decay 1): the window term is the only difference."""
+    from kvzoo.cache.zsmerge import ZSMerge
+    from tests.method_helpers import drive_synthetic, random_qkv
+
+    qkv = random_qkv(2, 2, 2, 1, 64, seed=7)  # 60 prompt positions + 3 decode steps
+    hybrid = ZSMerge(budget=12, decay=1.0, accumulate=True, window_weight=0.0)
+    accumulated = ZSMerge(budget=12, decay=1.0, window_size=None)
+    for a, b in zip(drive_synthetic(hybrid, qkv, [60, 45], 3).snapshots,
+                    drive_synthetic(accumulated, qkv, [60, 45], 3).snapshots):
+        for la, lb in zip(a.layers, b.layers):
+            assert torch.equal(la["pos"], lb["pos"])
+            torch.testing.assert_close(la["k"], lb["k"], atol=1e-6, rtol=1e-6)
+    weighted = drive_synthetic(ZSMerge(budget=12, decay=1.0, accumulate=True), qkv, [60, 45], 3).snapshots
+    assert any(not torch.equal(la["pos"], lb["pos"]) for la, lb in zip(weighted[0].layers,
+                                                                    drive_synthetic(accumulated, qkv, [60, 45], 3)
+                                                                    .snapshots[0].layers))

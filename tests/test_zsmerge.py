@@ -271,6 +271,7 @@ def test_score_recursion_without_eviction():
         (dict(leverage_of="queries"), r"leverage_of must be 'keys' or 'values', got 'queries'"),
         (dict(accumulate="yes"), r"accumulate must be True or False, got 'yes'"),
         (dict(accumulate=True, window_size=None), r"accumulate=True .* needs a window_size"),
+        (dict(accumulate=True, window_weight=-1.0), r"window_weight must be a number >= 0, got -1.0"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, message):

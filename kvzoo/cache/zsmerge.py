@@ -116,6 +116,9 @@ class ZSMerge(CompressionMethod):
     # held-out instances, the default's needle on development ones (tools/RESULTS.md). Needs a window
     # (window_size=None already scores by accumulated attention alone).
     accumulate: bool = False
+    # With accumulate: the weight of the standardised window in that rank (zscore(accumulated) +
+    # window_weight * zscore(pooled window)); 0 ranks by accumulated attention alone (H2O's signal).
+    window_weight: float = 1.0
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "ZSMerge")
@@ -144,6 +147,10 @@ class ZSMerge(CompressionMethod):
         if self.accumulate and self.window_size is None:
             raise KvzooError("ZSMerge: accumulate=True adds the window's scores to the accumulated ones, so it "
                              "needs a window_size (window_size=None already scores by accumulated attention)")
+        if isinstance(self.window_weight, bool) or not isinstance(self.window_weight, (int, float)) or (
+            self.window_weight < 0
+        ):
+            raise KvzooError(f"ZSMerge: window_weight must be a number >= 0, got {self.window_weight!r}")
         if self.leverage_of not in ("keys", "values"):
             raise KvzooError(f"ZSMerge: leverage_of must be 'keys' or 'values', got {self.leverage_of!r}")
         if self.prefill_scale not in ("window", "steady"):
@@ -206,7 +213,7 @@ class ZSMerge(CompressionMethod):
             # Hybrid: attention accumulated over every query (what the continuation reads, H2O's signal) plus
             # the pooled window standardised onto its spread (what the last queries, e.g. a question, ask for).
             total = chunk.key_score * self.decay**t + accumulated_scores(chunk, decay=self.decay)
-            return total + on_the_scale_of(total, fresh, torch.isfinite(chunk.key_logw))
+            return total + on_the_scale_of(total, fresh, torch.isfinite(chunk.key_logw), self.window_weight)
         return chunk.key_score * self.decay**t + fresh
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
