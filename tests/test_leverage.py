@@ -98,6 +98,31 @@ def test_zsmerge_accumulate_keeps_what_earlier_queries_read():
     assert 10 in kept[False] and 10 in kept[True], kept
 
 
+def test_zsmerge_window_share_keeps_the_window_peak_and_fills_the_rest_by_accumulated_attention():
+    """window_share: that share of the context slots (here 2 of 4) goes to the tokens the window reads most,
+    the rest to the highest accumulated attention; with share 0 the window's token competes on accumulated
+    attention alone and loses to the early tokens and to tokens every query reads a little."""
+    from kvzoo.cache.zsmerge import ZSMerge
+    from tests.method_helpers import drive_synthetic, random_qkv
+
+    n = 40
+    qkv = random_qkv(1, 1, 1, 1, n, seed=4, scale=0.1)
+    a, b, c = torch.eye(8)[0], torch.eye(8)[1], torch.eye(8)[2]
+    for j in (3, 5, 7, 9, 12):
+        qkv.k[0][0, 0, j] = 4 * a  # read a little by every query
+    qkv.k[0][0, 0, 20] = 12 * b  # read by the window's 8 queries only (p ~ 0.3 each)
+    qkv.q[0][0, 0, :] = 0.3 * a + c
+    qkv.q[0][0, 0, n - 8:] += 0.25 * b
+    kept = {}
+    for share in (0.0, 0.5):
+        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, decay=1.0, accumulate=True,
+                         window_weight=0.0, window_share=share)
+        s = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]
+        kept[share] = sorted(s["pos"][0, 0, 1:5].tolist())  # slots: [residual | 4 context | 3 proximity]
+    assert 20 not in kept[0.0] and 20 in kept[0.5], kept
+    assert len(set(kept[0.5]) & set(kept[0.0])) == 2, kept  # the other half: the best by accumulated attention
+
+
 def test_zsmerge_window_weight_zero_ranks_by_accumulated_attention_alone():
     """accumulate=True with window_weight=0 keeps exactly what scoring by accumulated attention alone keeps
     (window_size=None, paper Eq. 5 with decay 1): the window term is the only difference."""

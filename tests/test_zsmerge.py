@@ -272,6 +272,8 @@ def test_score_recursion_without_eviction():
         (dict(accumulate="yes"), r"accumulate must be True or False, got 'yes'"),
         (dict(accumulate=True, window_size=None), r"accumulate=True .* needs a window_size"),
         (dict(accumulate=True, window_weight=-1.0), r"window_weight must be a number >= 0, got -1.0"),
+        (dict(window_share=0.25), r"window_share must be None or a fraction in \[0, 1\] \(with accumulate=True\)"),
+        (dict(accumulate=True, window_share=1.5), r"window_share must be None or a fraction in \[0, 1\]"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, message):

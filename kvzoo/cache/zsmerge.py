@@ -119,6 +119,11 @@ class ZSMerge(CompressionMethod):
     # With accumulate: the weight of the standardised window in that rank (zscore(accumulated) +
     # window_weight * zscore(pooled window)); 0 ranks by accumulated attention alone (H2O's signal).
     window_weight: float = 1.0
+    # With accumulate: instead of one blended rank, this share of the context slots goes to the tokens the
+    # window attends to most (pooled; what the last queries, e.g. a question, ask for) and the rest to the
+    # highest accumulated attention (what every query read); stored scores are the blend above. None: the
+    # blended rank.
+    window_share: float | None = None
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "ZSMerge")
@@ -151,6 +156,12 @@ class ZSMerge(CompressionMethod):
             self.window_weight < 0
         ):
             raise KvzooError(f"ZSMerge: window_weight must be a number >= 0, got {self.window_weight!r}")
+        if self.window_share is not None and (
+            isinstance(self.window_share, bool) or not isinstance(self.window_share, (int, float))
+            or not 0 <= self.window_share <= 1 or not self.accumulate
+        ):
+            raise KvzooError(f"ZSMerge: window_share must be None or a fraction in [0, 1] (with accumulate=True), "
+                             f"got {self.window_share!r}")
         if self.leverage_of not in ("keys", "values"):
             raise KvzooError(f"ZSMerge: leverage_of must be 'keys' or 'values', got {self.leverage_of!r}")
         if self.prefill_scale not in ("window", "steady"):
@@ -197,9 +208,10 @@ class ZSMerge(CompressionMethod):
         return cache
 
     # --- prefill --------------------------------------------------------------------------------------
-    def _scores(self, chunk: "PrefillChunk") -> torch.Tensor:
+    def _scores(self, chunk: "PrefillChunk") -> tuple[torch.Tensor, torch.Tensor | None]:
         """Contribution scores of every candidate [B, Hkv, S]: older slots' scores decayed over the chunk,
-        plus the chunk's (windowed) decayed attention."""
+        plus the chunk's (windowed) decayed attention; and with `window_share`, the rank that selects the
+        context (None: the scores)."""
         t = chunk.q.shape[2]
         if self.window_size is None:
             fresh, queries = accumulated_scores(chunk, decay=self.decay), t
@@ -213,8 +225,22 @@ class ZSMerge(CompressionMethod):
             # Hybrid: attention accumulated over every query (what the continuation reads, H2O's signal) plus
             # the pooled window standardised onto its spread (what the last queries, e.g. a question, ask for).
             total = chunk.key_score * self.decay**t + accumulated_scores(chunk, decay=self.decay)
-            return total + on_the_scale_of(total, fresh, torch.isfinite(chunk.key_logw), self.window_weight)
-        return chunk.key_score * self.decay**t + fresh
+            blend = total + on_the_scale_of(total, fresh, torch.isfinite(chunk.key_logw), self.window_weight)
+            return blend, (None if self.window_share is None else total)
+        return chunk.key_score * self.decay**t + fresh, None
+
+    def _window_picks(self, chunk: "PrefillChunk", ctx_cand: torch.Tensor, n_context: torch.Tensor,
+                      own: torch.Tensor | None) -> torch.Tensor:
+        """[B, Hkv, S] the `window_share` of each sequence's n_context [B, 1, 1] context slots that the pooled
+        window scores highest among the context candidates."""
+        assert self.window_size is not None and self.window_share is not None
+        window = window_scores(chunk, self.window_size, self.decay, self.kernel_size, self.pooling)
+        rank = window.masked_fill(~ctx_cand, NEG_INF)
+        order = rank_order(rank, chunk.key_pos, own)
+        n_pick = (n_context.float() * self.window_share).long()  # [B, 1, 1]
+        nth = torch.arange(order.shape[-1], device=order.device)[None, None, :]
+        picked = (nth < n_pick) & torch.isfinite(rank.gather(-1, order))
+        return torch.zeros_like(ctx_cand).scatter(-1, order, picked)
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         b, hkv, s = chunk.key_logw.shape
@@ -227,22 +253,26 @@ class ZSMerge(CompressionMethod):
         valid = torch.isfinite(chunk.key_logw)
         exact = valid & ~is_residual
         in_ring = exact & recent_mask(chunk, slots.state["proximity"])
-        score = self._scores(chunk)
+        score, selection = self._scores(chunk)
 
         # Context: the top-scored exact tokens outside the ring, into slots residual .. ring_start-1.
         ctx_cand = exact & ~in_ring
         if self.leverage:  # ranks like zscore(score) + leverage * zscore(leverage); stored on the score's scale
             leverage = leverage_scores(chunk, self.kernel_size, of=self.leverage_of)
             score = score + on_the_scale_of(score, leverage, ctx_cand, self.leverage)
-        ctx_rank = score.masked_fill(~ctx_cand, NEG_INF)
-        n_ctx = min(s, slots.capacity)
         # Among equal pooled scores the token's own score decides: a peak is kept before the neighbours that
         # max-pooling gave its score (at a few context slots, e.g. 2% of a short prompt, the attention sink
         # itself was dropped for its two neighbours).
         own = window_scores(chunk, self.window_size, self.decay) if self.window_size is not None else None
+        if selection is None:
+            ctx_rank = score.masked_fill(~ctx_cand, NEG_INF)
+        else:  # the window's share first, then the highest accumulated attention
+            picks = self._window_picks(chunk, ctx_cand, ring_start - residual, own)
+            ctx_rank = selection.masked_fill(picks, float("inf")).masked_fill(~ctx_cand, NEG_INF)
+        n_ctx = min(s, slots.capacity)
         top = rank_order(ctx_rank, chunk.key_pos, own)[..., :n_ctx]
         rank = torch.arange(n_ctx, device=dev)[None, None, :]
-        ctx_kept = (rank < ring_start - residual) & torch.isfinite(ctx_rank.gather(-1, top))
+        ctx_kept = (rank < ring_start - residual) & (ctx_rank.gather(-1, top) > NEG_INF)
         in_ctx = torch.zeros_like(valid).scatter(-1, top, ctx_kept)
         leftover = exact & ~in_ring & ~in_ctx
 
