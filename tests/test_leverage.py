@@ -141,3 +141,23 @@ def test_zsmerge_window_weight_zero_ranks_by_accumulated_attention_alone():
     assert any(not torch.equal(la["pos"], lb["pos"]) for la, lb in zip(weighted[0].layers,
                                                                     drive_synthetic(accumulated, qkv, [60, 45], 3)
                                                                     .snapshots[0].layers))
+
+
+def test_zsmerge_window_share_is_not_spent_on_a_heavy_hitter():
+    """The window's share is filled after the accumulated attention's: a token that tops both (a sink every
+    query reads, the window too) is kept as a heavy hitter, and the one window slot goes to the token only
+    the window reads."""
+    from kvzoo.cache.zsmerge import ZSMerge
+    from tests.method_helpers import drive_synthetic, random_qkv
+
+    n = 40
+    qkv = random_qkv(1, 1, 1, 1, n, seed=4, scale=0.1)
+    a, b = torch.eye(8)[0], torch.eye(8)[1]
+    qkv.k[0][0, 0, 2] = 10 * a  # read by every query, the window's included
+    qkv.k[0][0, 0, 20] = 12 * b  # read by the window's 8 queries only
+    qkv.q[0][0, 0, :] = 0.5 * a
+    qkv.q[0][0, 0, n - 8:] += 0.25 * b
+    method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, decay=1.0, accumulate=True,
+                     window_weight=0.0, window_share=0.25)  # 1 of the 4 context slots
+    kept = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist()
+    assert 2 in kept and 20 in kept, kept

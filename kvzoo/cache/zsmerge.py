@@ -119,10 +119,10 @@ class ZSMerge(CompressionMethod):
     # With accumulate: the weight of the standardised window in that rank (zscore(accumulated) +
     # window_weight * zscore(pooled window)); 0 ranks by accumulated attention alone (H2O's signal).
     window_weight: float = 1.0
-    # With accumulate: instead of one blended rank, this share of the context slots goes to the tokens the
-    # window attends to most (pooled; what the last queries, e.g. a question, ask for) and the rest to the
-    # highest accumulated attention (what every query read); stored scores are the blend above. None: the
-    # blended rank.
+    # With accumulate: instead of one blended rank, 1 - window_share of the context slots go to the highest
+    # accumulated attention (what every query read) and the share to the tokens the window attends to most
+    # among the rest (pooled; what the last queries, e.g. a question, ask for); stored scores are the blend
+    # above. None: the blended rank.
     window_share: float | None = None
 
     def __post_init__(self) -> None:
@@ -229,18 +229,24 @@ class ZSMerge(CompressionMethod):
             return blend, (None if self.window_share is None else total)
         return chunk.key_score * self.decay**t + fresh, None
 
-    def _window_picks(self, chunk: "PrefillChunk", ctx_cand: torch.Tensor, n_context: torch.Tensor,
-                      own: torch.Tensor | None) -> torch.Tensor:
-        """[B, Hkv, S] the `window_share` of each sequence's n_context [B, 1, 1] context slots that the pooled
-        window scores highest among the context candidates."""
+    def _window_picks(self, chunk: "PrefillChunk", accumulated: torch.Tensor, ctx_cand: torch.Tensor,
+                      n_context: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
+        """[B, Hkv, S] the context tokens kept for the window: of each sequence's n_context [B, 1, 1] context
+        slots, 1 - `window_share` go to the highest accumulated attention and the share to the tokens the
+        pooled window scores highest among the others (so a sink both signals rank first costs the share
+        nothing)."""
         assert self.window_size is not None and self.window_share is not None
-        window = window_scores(chunk, self.window_size, self.decay, self.kernel_size, self.pooling)
-        rank = window.masked_fill(~ctx_cand, NEG_INF)
-        order = rank_order(rank, chunk.key_pos, own)
         n_pick = (n_context.float() * self.window_share).long()  # [B, 1, 1]
-        nth = torch.arange(order.shape[-1], device=order.device)[None, None, :]
-        picked = (nth < n_pick) & torch.isfinite(rank.gather(-1, order))
-        return torch.zeros_like(ctx_cand).scatter(-1, order, picked)
+        nth = torch.arange(ctx_cand.shape[-1], device=ctx_cand.device)[None, None, :]
+
+        def top(rank: torch.Tensor, n: torch.Tensor, tie: torch.Tensor | None) -> torch.Tensor:
+            order = rank_order(rank, chunk.key_pos, tie)
+            chosen = (nth < n) & (rank.gather(-1, order) > NEG_INF)
+            return torch.zeros_like(ctx_cand).scatter(-1, order, chosen)
+
+        heavy = top(accumulated.masked_fill(~ctx_cand, NEG_INF), n_context - n_pick, None)
+        window = window_scores(chunk, self.window_size, self.decay, self.kernel_size, self.pooling)
+        return top(window.masked_fill(~ctx_cand | heavy, NEG_INF), n_pick, own)
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         b, hkv, s = chunk.key_logw.shape
@@ -267,7 +273,7 @@ class ZSMerge(CompressionMethod):
         if selection is None:
             ctx_rank = score.masked_fill(~ctx_cand, NEG_INF)
         else:  # the window's share first, then the highest accumulated attention
-            picks = self._window_picks(chunk, ctx_cand, ring_start - residual, own)
+            picks = self._window_picks(chunk, selection, ctx_cand, ring_start - residual, own)
             ctx_rank = selection.masked_fill(picks, float("inf")).masked_fill(~ctx_cand, NEG_INF)
         n_ctx = min(s, slots.capacity)
         top = rank_order(ctx_rank, chunk.key_pos, own)[..., :n_ctx]
