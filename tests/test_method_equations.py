@@ -81,6 +81,9 @@ class CompensatedFullCache(FullCache):
     """FullCache whose slots are attended with bias alpha * log w (FullCache itself never merges)."""
 
     alpha: float = 1.0
+    # The tests below lay slots out by hand (copies of a slot where slot = position would put the new token),
+    # so the new token's slot is not free: attend first, then write, as a method that evicts does.
+    decode_writes_first = False
 
     @property
     def attention_alpha(self) -> float:
