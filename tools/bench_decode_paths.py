@@ -3,11 +3,13 @@
 - `--compare probs` (default): the fused output-only path (methods that never read the attention
   probabilities: full cache, StreamingLLM, prefill-only methods) against the path that also returns the
   probabilities (what H2O, TOVA and ZSMerge need);
-- `--compare split`: the output-only path with the store rows cut into pieces for both threads
-  (flash-decoding, kvzoo_kernels/decode_output.py) against the same kernel over whole rows;
-- `--compare write-first`: the full cache writing the new token first and attending over the store alone
-  (`CompressionMethod.decode_writes_first`, what it does by default) against attending over the store and
-  folding the new token in by logsumexp before writing it (what StreamingLLM has to do).
+- `--compare split`: the output-only path that folds the new token in (StreamingLLM's) with the store rows
+  cut into pieces for both threads (flash-decoding, kvzoo_kernels/decode_output.py) against the same kernel
+  over whole rows;
+- `--compare write-first`: the full cache writing the new token first and attending over the store alone,
+  whole rows (`CompressionMethod.decode_writes_first`, what it does by default) against attending over the
+  store, split for the threads, and folding the new token in by logsumexp before writing it (what
+  StreamingLLM has to do).
 
     python tools/bench_decode_paths.py [--compare probs|split|write-first] [--contexts 512,2048,8192] [--steps 24]
                                        [--dtype fp32] [--compile]
@@ -58,7 +60,7 @@ def main() -> None:
     split_slots = decode_output.MIN_SPLIT_SLOTS
     arms = [("with probs", True, False, split_slots), ("output only", False, False, split_slots)]
     if args.compare == "split":
-        arms = [("whole rows", False, True, 2**62), ("split rows", False, True, split_slots)]
+        arms = [("whole rows", False, False, 2**62), ("split rows", False, False, split_slots)]
     elif args.compare == "write-first":
         arms = [("fold new", False, False, split_slots), ("write first", False, True, split_slots)]
     model = load(ensure_default_model(progress=True), dtype=parse_dtype(args.dtype))
