@@ -1,0 +1,85 @@
+"""kvzoo's decode step against transformers' static cache, interleaved step by step in one process.
+
+`kvzoo bench --against hf` times each row after the other, so on a machine whose speed drifts within
+minutes (a shared one) a row and its reference may be timed at different speeds. Here every arm takes one
+decode step in turn, so a slow minute hits all of them; medians and ratios to transformers are printed.
+
+    python tools/bench_interleaved.py [--contexts 512,2048,8192] [--methods "full;zsmerge:budget=0.05"]
+                                      [--dtype fp32] [--steps 32]
+
+Arms: transformers (StaticCache) and, for every method, kvzoo eager and compiled, each on its own cache
+prefilled with the same random prompt. Run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from kvzoo import load
+from kvzoo.cache.registry import parse_compression
+from kvzoo.default_model import ensure_default_model
+from kvzoo.eval.bench import _load_hf, random_prompts
+from kvzoo.generate import make_decode_step
+from kvzoo.likelihood import prefill_cache
+from kvzoo.loading import parse_dtype
+
+
+def hf_arm(hf, prompt: list[int], steps: int) -> Callable[[int], None]:  # noqa: ANN001
+    """One transformers decode step at position len(prompt) + i, after a real prefill."""
+    from transformers import StaticCache
+
+    t = len(prompt)
+    cache = StaticCache(config=hf.config, max_cache_len=t + steps + 1)
+    out = hf(torch.tensor([prompt]), past_key_values=cache, use_cache=True, cache_position=torch.arange(t))
+    token = out.logits[:, -1:].argmax(-1)
+    return lambda i: hf(token, past_key_values=cache, use_cache=True, cache_position=torch.tensor([t + i]))
+
+
+def kvzoo_arm(model, spec: str, prompt: list[int], steps: int, compile: bool) -> Callable[[int], None]:  # noqa: ANN001
+    cache, logits = prefill_cache(model, [prompt], parse_compression(spec), steps + 1)
+    step = make_decode_step(model, compile)
+    token = logits.argmax(-1)[:, None]
+    return lambda i: step(token, torch.tensor([[len(prompt) + i]]), cache)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", default="512,2048,8192")
+    parser.add_argument("--methods", default="full;zsmerge:budget=0.05", help="';'-separated method specs")
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=4)
+    args = parser.parse_args()
+    specs = [s.strip() for s in args.methods.split(";") if s.strip()]
+    model = load(ensure_default_model(progress=True), dtype=parse_dtype(args.dtype))
+    hf = _load_hf(argparse.Namespace(model=None), model)
+    print(f"default model, {args.dtype}, {torch.get_num_threads()} threads, transformers StaticCache as reference; "
+          "decode ms/token, median of steps taken in turn (ratio = transformers / kvzoo: above 1, kvzoo faster)")
+    for context in (int(c) for c in args.contexts.split(",")):
+        prompt = random_prompts(model.config.vocab_size, context, 1)[0]
+        total = args.warmup + args.steps
+        with torch.inference_mode():
+            arms = {"transformers": hf_arm(hf, prompt, total)}
+            for spec in specs:
+                arms[f"{spec} eager"] = kvzoo_arm(model, spec, prompt, total, False)
+                arms[f"{spec} compiled"] = kvzoo_arm(model, spec, prompt, total, True)
+            times: dict[str, list[float]] = {name: [] for name in arms}
+            for i in range(total):
+                for name, step in arms.items():
+                    start = time.perf_counter()
+                    step(i)
+                    if i >= args.warmup:
+                        times[name].append(time.perf_counter() - start)
+        reference = statistics.median(times["transformers"])
+        for name, ts in times.items():
+            median = statistics.median(ts)
+            print(f"{context:>6}  {name:36s} {median * 1e3:7.1f}  {reference / median:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
