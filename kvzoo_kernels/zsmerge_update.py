@@ -55,15 +55,18 @@ def _read(slots: tuple[torch.Tensor, ...], index: torch.Tensor) -> tuple[torch.T
     )
 
 
-def _write(slots: tuple[torch.Tensor, ...], index: torch.Tensor, values: tuple[torch.Tensor, ...]) -> None:
-    """Overwrite one slot per (sequence, head) of slots = (k, v, logw, score, pos) in place.
+def _write(slots: tuple[torch.Tensor, ...], writes: list[tuple[torch.Tensor, tuple[torch.Tensor, ...]]]) -> None:
+    """Overwrite slots of slots = (k, v, logw, score, pos) in place: `writes` holds (index [B, Hkv], values of
+    the five fields) pairs whose indices are distinct per (sequence, head); one `index_put_` per field.
 
     `index_put_`, not `scatter_`: under torch.compile inductor re-inplaces it into the graph input, where a
     scatter_ is functionalized into a copy of the whole store (see kvzoo/compile.py)."""
-    b, hkv = index.shape
-    rows = (torch.arange(b, device=index.device)[:, None], torch.arange(hkv, device=index.device)[None, :], index)
-    for t, x in zip(slots, values):
-        t.index_put_(rows, x.to(t.dtype))
+    index = torch.stack([i for i, _ in writes], dim=-1)  # [B, Hkv, N]
+    b, hkv, _ = index.shape
+    rows = (torch.arange(b, device=index.device)[:, None, None], torch.arange(hkv, device=index.device)[None, :, None],
+            index)
+    for field, t in enumerate(slots):
+        t.index_put_(rows, torch.stack([values[field].to(t.dtype) for _, values in writes], dim=2))
 
 
 def zsmerge_update_reference(
@@ -99,8 +102,9 @@ def zsmerge_update_reference(
     ring_start = budget - proximity
     ring_slot = (ring_start + pos_new % proximity)[:, None].expand(b, hkv)
     leaving = _read(slots, ring_slot)  # the oldest proximity token (may be an empty slot)
-    _write(slots, ring_slot, (k_new, v_new, torch.zeros(b, hkv, device=k.device), new_p,
-                              pos_new[:, None].expand(b, hkv)))
+    # Every read below is of the residual or context region, so the three writes (ring, residual, context
+    # slot: distinct regions) wait until the end and go in as one.
+    new_token = (k_new, v_new, torch.zeros(b, hkv, device=k.device), new_p, pos_new[:, None].expand(b, hkv))
     leaving_valid = torch.isfinite(leaving[2])
 
     idx = torch.arange(c, device=k.device)[None, None, :]
@@ -132,13 +136,14 @@ def zsmerge_update_reference(
     else:
         merged_score = score_r + src_score
     merged = (merged_k, merged_v, w.log(), merged_score, torch.maximum(pos_r, src_pos))
-    _write(slots, r, tuple(_rows(do_merge, new, old) for new, old in zip(merged, (k_r, v_r, logw_r, score_r, pos_r))))
+    residual_slot = tuple(_rows(do_merge, new, old) for new, old in zip(merged, (k_r, v_r, logw_r, score_r, pos_r)))
 
     # Place the leaving token: a free context slot, or the slot of the weakest token just merged.
     do_place = leaving_valid & (has_free | ~leaving_is_weakest)
     place_at = torch.where(has_free, first_free, weakest)
     current = _read(slots, place_at)
-    _write(slots, place_at, tuple(_rows(do_place, new, old) for new, old in zip(leaving, current)))
+    context_slot = tuple(_rows(do_place, new, old) for new, old in zip(leaving, current))
+    _write(slots, [(ring_slot, new_token), (r, residual_slot), (place_at, context_slot)])
 
 
 def zsmerge_update(
