@@ -82,9 +82,9 @@ def _decode(
     k_new, v_new = k[:, :, 0], v[:, :, 0]  # [B, Hkv, D]
     if method.decode_writes_first:  # the new token takes a free slot: attend over the store alone
         method.decode_step(layer_idx, slots, k_new, v_new, pos, None)
-        bias = _decode_bias(slots, method.attention_alpha, pos, ctx.window)  # [B, Hkv, C], after the write
+    bias = _decode_bias(slots, method.attention_alpha, pos, ctx.window)  # [B, Hkv, C] (after a write-first)
+    if method.decode_writes_first:
         return store_attention(q[:, :, 0], slots.k, slots.v, bias)[:, :, None]
-    bias = _decode_bias(slots, method.attention_alpha, pos, ctx.window)
     out, probs = decode_attention(q[:, :, 0], slots.k, slots.v, bias, k_new, v_new,
                                   with_probs=method.reads_decode_probs)
     method.decode_step(layer_idx, slots, k_new, v_new, pos, probs)

@@ -59,6 +59,16 @@ def rank_order(rank: torch.Tensor, key_pos: torch.Tensor, tie: torch.Tensor | No
     return order
 
 
+def top_mask(rank: torch.Tensor, key_pos: torch.Tensor, n: torch.Tensor | int,
+             tie: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, Hkv, S] bool: per row, the `n` (int or [B, 1, 1]) highest-`rank` candidates in `rank_order`,
+    never one ranked -inf."""
+    order = rank_order(rank, key_pos, tie)
+    nth = torch.arange(rank.shape[-1], device=rank.device)[None, None, :]
+    chosen = (nth < torch.as_tensor(n, device=rank.device)) & (rank.gather(-1, order) > float("-inf"))
+    return torch.zeros_like(chosen).scatter(-1, order, chosen)
+
+
 def recent_mask(chunk: "PrefillChunk", recent: torch.Tensor | int) -> torch.Tensor:
     """[B, Hkv, S] candidates among the `recent` most recent tokens of their sequence (by position)."""
     last = chunk.q_pos.max(dim=1).values  # [B]: position of the newest token

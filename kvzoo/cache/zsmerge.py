@@ -57,7 +57,7 @@ import torch
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
 from kvzoo.cache.scoring import accumulated_scores, leverage_scores, on_the_scale_of, window_scores
-from kvzoo.cache.selection import rank_order, recent_mask
+from kvzoo.cache.selection import rank_order, recent_mask, top_mask
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
 from kvzoo.errors import KvzooError
 from kvzoo_kernels.zsmerge_update import most_similar, zsmerge_update
@@ -213,10 +213,11 @@ class ZSMerge(CompressionMethod):
         return cache
 
     # --- prefill --------------------------------------------------------------------------------------
-    def _scores(self, chunk: "PrefillChunk") -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Contribution scores of every candidate [B, Hkv, S]: older slots' scores decayed over the chunk,
-        plus the chunk's (windowed) decayed attention; and with `window_share`, the rank that selects the
-        context (None: the scores)."""
+    def _scores(self, chunk: "PrefillChunk") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(stored, fresh, accumulated), each [B, Hkv, S]: the contribution scores kept with the slots (older
+        slots' scores decayed over the chunk, plus the chunk's windowed or accumulated decayed attention);
+        the chunk's own (windowed, pooled) part; with `accumulate`, the attention accumulated over every
+        query (else None). Without `window_share` the context is ranked by the stored scores."""
         t = chunk.q.shape[2]
         if self.window_size is None:
             fresh, queries = accumulated_scores(chunk, decay=self.decay), t
@@ -231,27 +232,19 @@ class ZSMerge(CompressionMethod):
             # the pooled window standardised onto its spread (what the last queries, e.g. a question, ask for).
             total = chunk.key_score * self.decay**t + accumulated_scores(chunk, decay=self.decay)
             blend = total + on_the_scale_of(total, fresh, torch.isfinite(chunk.key_logw), self.window_weight)
-            return blend, (None if self.window_share is None else total)
-        return chunk.key_score * self.decay**t + fresh, None
+            return blend, fresh, total
+        return chunk.key_score * self.decay**t + fresh, fresh, None
 
-    def _window_picks(self, chunk: "PrefillChunk", accumulated: torch.Tensor, ctx_cand: torch.Tensor,
-                      n_context: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
+    def _window_picks(self, chunk: "PrefillChunk", accumulated: torch.Tensor, window: torch.Tensor,
+                      ctx_cand: torch.Tensor, n_context: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
         """[B, Hkv, S] the context tokens kept for the window: of each sequence's n_context [B, 1, 1] context
         slots, 1 - `window_share` go to the highest accumulated attention and the share to the tokens the
         pooled window scores highest among the others (so a sink both signals rank first costs the share
         nothing)."""
-        assert self.window_size is not None and self.window_share is not None
+        assert self.window_share is not None
         n_pick = (n_context.float() * self.window_share).long()  # [B, 1, 1]
-        nth = torch.arange(ctx_cand.shape[-1], device=ctx_cand.device)[None, None, :]
-
-        def top(rank: torch.Tensor, n: torch.Tensor, tie: torch.Tensor | None) -> torch.Tensor:
-            order = rank_order(rank, chunk.key_pos, tie)
-            chosen = (nth < n) & (rank.gather(-1, order) > NEG_INF)
-            return torch.zeros_like(ctx_cand).scatter(-1, order, chosen)
-
-        heavy = top(accumulated.masked_fill(~ctx_cand, NEG_INF), n_context - n_pick, None)
-        window = window_scores(chunk, self.window_size, self.decay, self.kernel_size, self.pooling)
-        return top(window.masked_fill(~ctx_cand | heavy, NEG_INF), n_pick, own)
+        heavy = top_mask(accumulated.masked_fill(~ctx_cand, NEG_INF), chunk.key_pos, n_context - n_pick)
+        return top_mask(window.masked_fill(~ctx_cand | heavy, NEG_INF), chunk.key_pos, n_pick, own)
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         b, hkv, s = chunk.key_logw.shape
@@ -264,7 +257,7 @@ class ZSMerge(CompressionMethod):
         valid = torch.isfinite(chunk.key_logw)
         exact = valid & ~is_residual
         in_ring = exact & recent_mask(chunk, slots.state["proximity"])
-        score, selection = self._scores(chunk)
+        score, window, accumulated = self._scores(chunk)
 
         # Context: the top-scored exact tokens outside the ring, into slots residual .. ring_start-1.
         ctx_cand = exact & ~in_ring
@@ -275,11 +268,12 @@ class ZSMerge(CompressionMethod):
         # max-pooling gave its score (at a few context slots, e.g. 2% of a short prompt, the attention sink
         # itself was dropped for its two neighbours).
         own = window_scores(chunk, self.window_size, self.decay) if self.window_size is not None else None
-        if selection is None:
+        if self.window_share is None:
             ctx_rank = score.masked_fill(~ctx_cand, NEG_INF)
-        else:  # the window's share first, then the highest accumulated attention
-            picks = self._window_picks(chunk, selection, ctx_cand, ring_start - residual, own)
-            ctx_rank = selection.masked_fill(picks, float("inf")).masked_fill(~ctx_cand, NEG_INF)
+        else:  # the window's picks, then the highest accumulated attention (the picks' complement)
+            assert accumulated is not None  # window_share requires accumulate (checked in __post_init__)
+            picks = self._window_picks(chunk, accumulated, window, ctx_cand, ring_start - residual, own)
+            ctx_rank = accumulated.masked_fill(picks, float("inf")).masked_fill(~ctx_cand, NEG_INF)
         n_ctx = min(s, slots.capacity)
         top = rank_order(ctx_rank, chunk.key_pos, own)[..., :n_ctx]
         rank = torch.arange(n_ctx, device=dev)[None, None, :]
