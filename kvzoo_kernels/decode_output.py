@@ -93,7 +93,8 @@ def store_output_cpu(q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tens
                      slot_bias: torch.Tensor) -> torch.Tensor:
     """out [B, Hq, D] of `store_attention_reference` for CPU tensors: one call of the fused kernel over the
     store, a group's query heads as rows of its KV head. Not split into pieces: with nothing to fold in, the
-    whole rows measured 5-15% faster than pieces at 1k-8k slots (tools/bench_decode_paths.py --compare split)."""
+    whole rows measured 5-15% faster than pieces at 1k-8k slots (tools/RESULTS.md; `bench_decode_paths.py
+    --compare split` at commit d56c658, when this op still split; the tool's split arms now time the fold)."""
     b, hq, d = q.shape
     hkv = k_slots.shape[1]
     qg = q.reshape(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
