@@ -16,35 +16,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
 
 import torch
 
 from kvzoo import load
-from kvzoo.cache.registry import parse_compression
 from kvzoo.default_model import ensure_default_model
-from kvzoo.eval.bench import _load_hf, random_prompts
-from kvzoo.generate import make_decode_step
-from kvzoo.likelihood import prefill_cache
+from kvzoo.eval.bench import _load_hf, hf_stepper, kvzoo_stepper, random_prompts
 from kvzoo.loading import parse_dtype
-
-
-def hf_arm(hf, prompt: list[int], steps: int) -> Callable[[int], None]:  # noqa: ANN001
-    """One transformers decode step at position len(prompt) + i, after a real prefill."""
-    from transformers import StaticCache
-
-    t = len(prompt)
-    cache = StaticCache(config=hf.config, max_cache_len=t + steps + 1)
-    out = hf(torch.tensor([prompt]), past_key_values=cache, use_cache=True, cache_position=torch.arange(t))
-    token = out.logits[:, -1:].argmax(-1)
-    return lambda i: hf(token, past_key_values=cache, use_cache=True, cache_position=torch.tensor([t + i]))
-
-
-def kvzoo_arm(model, spec: str, prompt: list[int], steps: int, compile: bool) -> Callable[[int], None]:  # noqa: ANN001
-    cache, logits = prefill_cache(model, [prompt], parse_compression(spec), steps + 1)
-    step = make_decode_step(model, compile)
-    token = logits.argmax(-1)[:, None]
-    return lambda i: step(token, torch.tensor([[len(prompt) + i]]), cache)
 
 
 def main() -> None:
@@ -61,13 +39,13 @@ def main() -> None:
     print(f"default model, {args.dtype}, {torch.get_num_threads()} threads, transformers StaticCache as reference; "
           "decode ms/token, median of steps taken in turn (ratio = transformers / kvzoo: above 1, kvzoo faster)")
     for context in (int(c) for c in args.contexts.split(",")):
-        prompt = random_prompts(model.config.vocab_size, context, 1)[0]
+        prompts = random_prompts(model.config.vocab_size, context, 1)
         total = args.warmup + args.steps
         with torch.inference_mode():
-            arms = {"transformers": hf_arm(hf, prompt, total)}
+            arms = {"transformers": hf_stepper(hf, "static", prompts, total)[0]}
             for spec in specs:
-                arms[f"{spec} eager"] = kvzoo_arm(model, spec, prompt, total, False)
-                arms[f"{spec} compiled"] = kvzoo_arm(model, spec, prompt, total, True)
+                arms[f"{spec} eager"] = kvzoo_stepper(model, spec, prompts, total, False)[0]
+                arms[f"{spec} compiled"] = kvzoo_stepper(model, spec, prompts, total, True)[0]
             times: dict[str, list[float]] = {name: [] for name in arms}
             for i in range(total):
                 for name, step in arms.items():

@@ -94,48 +94,56 @@ def _timed_steps(run_step, warmup: int, steps: int) -> tuple[float, float | None
     return 1000 * statistics.median(times), first
 
 
-def bench_kvzoo(model: Any, spec: str, prompts: list[list[int]], warmup: int, steps: int, compile: bool) -> BenchRow:
+def kvzoo_stepper(model: Any, spec: str, prompts: list[list[int]], steps: int, compile: bool) -> tuple[Any, Any]:
+    """(step(i): decode step i after the prompts, the cache) with room for `steps` steps."""
     from kvzoo.cache.registry import parse_compression
     from kvzoo.generate import make_decode_step
     from kvzoo.likelihood import prefill_cache
 
-    method = parse_compression(spec)
+    cache, logits = prefill_cache(model, prompts, parse_compression(spec), steps)
+    step = make_decode_step(model, compile)
+    token = logits.argmax(-1)[:, None]
+    start = torch.tensor([len(p) for p in prompts])[:, None]
+    return (lambda i: step(token, start + i, cache)), cache
+
+
+def bench_kvzoo(model: Any, spec: str, prompts: list[list[int]], warmup: int, steps: int, compile: bool) -> BenchRow:
     with torch.inference_mode(), RssPeak() as rss:
         t0 = time.perf_counter()
-        cache, logits = prefill_cache(model, prompts, method, warmup + steps)
+        run_step, cache = kvzoo_stepper(model, spec, prompts, warmup + steps, compile)
         prefill_s = time.perf_counter() - t0
-        step = make_decode_step(model, compile)
-        token = logits.argmax(-1)[:, None]
-        start = torch.tensor([len(p) for p in prompts])[:, None]
-        decode_ms, first = _timed_steps(lambda i: step(token, start + i, cache), warmup, steps)
+        decode_ms, first = _timed_steps(run_step, warmup, steps)
     # Compile time: the first call compiles; a plain step costs decode_ms, so the rest is compilation.
     compile_s = max(first - decode_ms / 1000, 0.0) if compile and first is not None else None
     return BenchRow("kvzoo", spec, len(prompts[0]), len(prompts), _dtype_name(model), compile, prefill_s,
                     decode_ms, cache.nbytes(), rss.peak / 2**20, compile_s)
 
 
-def bench_hf(hf: Any, kind: str, prompts: list[list[int]], warmup: int, steps: int) -> BenchRow:
-    """transformers with a DynamicCache or a StaticCache: the same prompt, the same number of steps."""
+def hf_stepper(hf: Any, kind: str, prompts: list[list[int]], steps: int) -> tuple[Any, Any]:
+    """(step(i): transformers' decode step i after the prompts, its DynamicCache or StaticCache)."""
     from transformers import DynamicCache, StaticCache
 
     ids = torch.tensor(prompts)
-    b, t = ids.shape
+    t = ids.shape[1]
+    if kind == "static":
+        cache = StaticCache(config=hf.config, max_cache_len=t + steps)
+    else:
+        cache = DynamicCache(config=hf.config)
+    out = hf(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(t))
+    token = out.logits[:, -1:].argmax(-1)
+    return (lambda i: hf(token, past_key_values=cache, use_cache=True, cache_position=torch.tensor([t + i]))), cache
+
+
+def bench_hf(hf: Any, kind: str, prompts: list[list[int]], warmup: int, steps: int) -> BenchRow:
+    """transformers with a DynamicCache or a StaticCache: the same prompt, the same number of steps."""
     with torch.inference_mode(), RssPeak() as rss:
-        if kind == "static":
-            cache = StaticCache(config=hf.config, max_cache_len=t + warmup + steps)
-        else:
-            cache = DynamicCache(config=hf.config)
         t0 = time.perf_counter()
-        out = hf(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(t))
+        run_step, cache = hf_stepper(hf, kind, prompts, warmup + steps)
         prefill_s = time.perf_counter() - t0
-        token = out.logits[:, -1:].argmax(-1)
-
-        def step(i: int) -> None:
-            hf(token, past_key_values=cache, use_cache=True, cache_position=torch.tensor([t + i]))
-
-        decode_ms, _ = _timed_steps(step, warmup, steps)
+        decode_ms, _ = _timed_steps(run_step, warmup, steps)
     kv = sum(x.numel() * x.element_size() for layer in cache.layers for x in (layer.keys, layer.values)
              if x is not None)
+    b, t = len(prompts), len(prompts[0])
     return BenchRow(f"hf-{kind}", "full", t, b, str(hf.dtype).removeprefix("torch."), False, prefill_s, decode_ms,
                     kv, rss.peak / 2**20, None)
 
