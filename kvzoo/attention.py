@@ -18,6 +18,15 @@ from kvzoo_kernels.chunk_attention import chunk_attention
 
 
 @dataclass
+class DeferredUpdate:
+    """One layer's decode-step update waiting for the others (`ForwardContext.deferred`)."""
+
+    k_new: torch.Tensor  # [B, Hkv, D]
+    v_new: torch.Tensor
+    probs: torch.Tensor | None  # [B, Hq, C + 1], or None for methods that do not read them
+
+
+@dataclass
 class ForwardContext:
     """Per-forward inputs shared by all layers, plus the store of the layer being run (`for_layer`)."""
 
@@ -31,6 +40,10 @@ class ForwardContext:
     # The running layer's slot store (set per layer by `for_layer`). The decode step reads the store from
     # here, never by layer number, so one compiled decoder block serves every layer (see kvzoo/compile.py).
     slots: LayerSlots | None = None
+    # Eager decode of a row-wise method (`CompressionMethod.decode_step_rowwise`) over stacked stores: each
+    # layer leaves its update here and the model applies them all at once after the last layer
+    # (`apply_deferred_updates`). None: each layer updates its own store.
+    deferred: list[DeferredUpdate] | None = None
 
     def for_layer(self, layer_idx: int) -> "ForwardContext":
         """This context with layer `layer_idx`'s store (itself when there is no cache)."""
@@ -87,8 +100,31 @@ def _decode(
         return store_attention(q[:, :, 0], slots.k, slots.v, bias)[:, :, None]
     out, probs = decode_attention(q[:, :, 0], slots.k, slots.v, bias, k_new, v_new,
                                   with_probs=method.reads_decode_probs)
-    method.decode_step(layer_idx, slots, k_new, v_new, pos, probs)
+    if ctx.deferred is not None:
+        ctx.deferred.append(DeferredUpdate(k_new, v_new, probs))
+    else:
+        method.decode_step(layer_idx, slots, k_new, v_new, pos, probs)
     return out[:, :, None]
+
+
+def defer_decode_updates(cache: KVCache) -> list[DeferredUpdate] | None:
+    """An empty list to collect a decode step's updates in when the cache's method can run them for every
+    layer at once (row-wise, after attending, on stacked stores), else None."""
+    method = cache.method
+    if not method.decode_step_rowwise or method.decode_writes_first or cache.stacked_layers() is None:
+        return None
+    return []
+
+
+def apply_deferred_updates(cache: KVCache, positions: torch.Tensor, updates: list[DeferredUpdate]) -> None:
+    """Run the method's decode step once over every layer's store (layers as rows of `stacked_layers`) with
+    the layers' updates in layer order; positions [B, 1]."""
+    stacked = cache.stacked_layers()
+    assert stacked is not None and len(updates) == len(cache.layers)
+    probs = [u.probs for u in updates]
+    cache.method.decode_step(
+        -1, stacked, torch.cat([u.k_new for u in updates]), torch.cat([u.v_new for u in updates]),
+        positions[:, 0].repeat(len(updates)), None if probs[0] is None else torch.cat(probs))
 
 
 def _decode_bias(slots: LayerSlots, alpha: float, pos: torch.Tensor, window: int | None) -> torch.Tensor:

@@ -38,6 +38,11 @@ class CompressionMethod:
     # attends over the store alone, which equals attending over [store ; new token] and is one fused kernel
     # call with nothing to fold in (`kvzoo_kernels.decode_attention.store_attention`).
     decode_writes_first: bool = False
+    # True for methods whose `decode_step` treats every (sequence) row alike and on its own, never reads
+    # `layer_idx` and never writes `budget` or `state`: eager decode then runs it once per step on every
+    # layer's store at once (`KVCache.stacked_layers`: layers become rows), after the last layer's attention.
+    # The result is the same, since a layer's update is only read by that layer's next step.
+    decode_step_rowwise: bool = False
 
     @property
     def attention_alpha(self) -> float:
@@ -66,17 +71,21 @@ class CompressionMethod:
     ) -> KVCache:
         """Allocate every layer's slot store; capacities are fixed here, before the first decode step."""
         headroom = self.decode_headroom(max_new_tokens)
-        layers = []
-        for budgets in self.prefill_budgets(cfg, prompt_lens):
-            prefill_budget = torch.tensor(budgets, dtype=torch.int64)
-            slots = LayerSlots.empty(
-                len(prompt_lens), cfg.num_kv_heads, max(budgets) + headroom, cfg.head_dim,
-                prefill_budget + headroom, dtype, device,
-            )
-            slots.state["prefill_budget"] = prefill_budget.to(device)
+        prefill_budgets = [torch.tensor(budgets, dtype=torch.int64) for budgets in self.prefill_budgets(cfg, prompt_lens)]
+        capacities = [int(budgets.max()) + headroom for budgets in prefill_budgets]
+        stack = None
+        if len(set(capacities)) == 1:  # one allocation (`SlotStack`): row-wise decode updates batch the layers
+            stack, layers = LayerSlots.empty_stack([budgets + headroom for budgets in prefill_budgets],
+                                                   cfg.num_kv_heads, capacities[0], cfg.head_dim, dtype, device)
+        else:
+            layers = [LayerSlots.empty(len(prompt_lens), cfg.num_kv_heads, capacity, cfg.head_dim,
+                                       budgets + headroom, dtype, device)
+                      for budgets, capacity in zip(prefill_budgets, capacities)]
+        for slots, budgets in zip(layers, prefill_budgets):
+            slots.state["prefill_budget"] = budgets.to(device)
             slots.state["prompt_len"] = torch.tensor(prompt_lens, dtype=torch.int64, device=device)
-            layers.append(slots)
-        return KVCache(layers=layers, method=self, max_position=max(prompt_lens, default=0) + max_new_tokens)
+        return KVCache(layers=layers, method=self, max_position=max(prompt_lens, default=0) + max_new_tokens,
+                       stack=stack)
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         raise NotImplementedError
@@ -136,6 +145,7 @@ class PrefillOnlyMethod(CompressionMethod):
 
     decode_cap: int | None
     reads_decode_probs = False  # generated tokens are appended whatever attention did
+    decode_step_rowwise = True
 
     @property
     def decode_writes_first(self) -> bool:  # type: ignore[override]

@@ -33,6 +33,8 @@ class H2O(ScoredSelection):
     prompt, filled while decoding, then one eviction per step.
     """
 
+    decode_step_rowwise = True
+
     budget: Budget = 0.2
     recent_ratio: float = 0.5
     normalise: bool = False

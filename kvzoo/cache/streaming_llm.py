@@ -33,6 +33,7 @@ class StreamingLLM(ScoredSelection):
     budget: Budget = 516
     sinks: int = 4
     reads_decode_probs = False  # eviction by position only
+    decode_step_rowwise = True
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "StreamingLLM")

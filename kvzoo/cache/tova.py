@@ -26,6 +26,8 @@ class TOVA(ScoredSelection):
     Budget rule (`budgets.resolve_budget`): at least 1 slot; a constant-size layout even for a shorter
     prompt, filled while decoding."""
 
+    decode_step_rowwise = True
+
     budget: Budget = 0.2
 
     def __post_init__(self) -> None:

@@ -87,6 +87,8 @@ class ZSMergeLayout:
 class ZSMerge(CompressionMethod):
     """Zero-shot KV merging with head-level granularity and compensated (alpha * log w) attention."""
 
+    decode_step_rowwise = True
+
     budget: Budget = 0.2
     proximity: Budget = 0.5  # B_p: fraction of the budget (float) or slots (int); at least 2
     residual: Budget = 0.02  # B_r: fraction of B - B_p (float) or slots (int); at least 1

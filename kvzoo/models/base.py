@@ -16,7 +16,7 @@ from torch import nn
 
 from kvzoo import generate as gen
 from kvzoo import likelihood
-from kvzoo.attention import ForwardContext
+from kvzoo.attention import ForwardContext, apply_deferred_updates, defer_decode_updates
 from kvzoo.cache.slots import KVCache
 from kvzoo.compile import BlockRunner, call_block
 from kvzoo.config import ModelConfig
@@ -99,9 +99,13 @@ class CausalLM(nn.Module):
             decode=decode,
             window=self.config.sliding_window,
             has_padding=has_padding,
+            # Eager only: a compiled block keeps each layer's update inside its graph, where it is fused.
+            deferred=defer_decode_updates(cache) if decode and cache is not None and run_block is call_block else None,
         )
         for i, block in enumerate(self.blocks()):
             x = run_block(block, x, ctx.for_layer(i))
+        if ctx.deferred is not None:
+            apply_deferred_updates(cache, positions, ctx.deferred)
         if cache is not None and not decode:
             cache.tokens_seen += input_ids.shape[1]
         if last_only:

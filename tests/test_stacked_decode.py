@@ -1,0 +1,115 @@
+"""Stacked stores and the layer-batched decode update (kvzoo.cache.slots.SlotStack): eager decode of a row-wise
+method runs its update once per step over every layer's store, after the last layer's attention. It must give
+exactly what updating each layer right after its own attention gives, and fall back to that wherever the
+layers are not one allocation any more."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kvzoo
+from kvzoo.cache import SnapKV
+from kvzoo.cache.slots import KVCache
+from tests.method_cases import DECODE_TIME, MethodCase
+from tests.method_helpers import drive_model
+
+TOL = 1e-5  # fp32 logits: the same arithmetic, batched over layers (observed equal)
+PROMPTS = [[5, 9, 3, 7, 1, 8, 2, 6, 4, 11, 12, 13, 14], [3, 1, 4, 1, 5, 9], [2, 7, 1, 8, 2, 8, 1, 8, 2]]
+STEPS = 12
+
+# Every decode-time method, and a prefill-only one whose capped decode evicts (attend-then-fold).
+CASES = [*DECODE_TIME, MethodCase("SnapKV-capped", lambda b: SnapKV(budget=b, window_size=2, decode_cap=3), False)]
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoint):
+    loaded = {}
+
+    def get(name: str):
+        if name not in loaded:
+            loaded[name] = kvzoo.load(tiny_checkpoint(name)[1])
+        return loaded[name]
+
+    return get
+
+
+def _recorded_layers(method, monkeypatch) -> list[int]:
+    """Record the layer_idx of every decode_step call of `method` (-1: all layers at once)."""
+    calls: list[int] = []
+    step = method.decode_step
+
+    def record(layer_idx, *args):
+        calls.append(layer_idx)
+        return step(layer_idx, *args)
+
+    monkeypatch.setattr(method, "decode_step", record)
+    return calls
+
+
+@pytest.mark.parametrize("layout", ["llama-gqa", "falcon-mha"])
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_the_layer_batched_update_equals_one_update_per_layer(models, case, layout, monkeypatch):
+    model = models(layout)
+    layers = model.config.num_layers
+    method = case.make(0.5)
+    calls = _recorded_layers(method, monkeypatch)
+    stacked = drive_model(model, PROMPTS, method, STEPS)
+    decode_calls = calls[-STEPS:]
+    assert decode_calls == [-1] * STEPS, "the eager decode did not batch the layers' updates"
+    calls.clear()
+    with monkeypatch.context() as m:
+        m.setattr(KVCache, "stacked_layers", lambda self: None)  # as if the layers were separate stores
+        per_layer = drive_model(model, PROMPTS, method, STEPS)
+    assert calls[-STEPS * layers:] == list(range(layers)) * STEPS
+    for step, (a, b) in enumerate(zip(stacked.snapshots, per_layer.snapshots)):
+        for layer, (mine, theirs) in enumerate(zip(a.layers, b.layers)):
+            for name in ("pos", "logw", "budget"):
+                assert torch.equal(mine[name], theirs[name]), f"step {step}, layer {layer}: {name}"
+            for name in ("k", "v", "score"):
+                torch.testing.assert_close(mine[name], theirs[name], atol=TOL, rtol=TOL)
+    for a, b in zip(stacked.logits, per_layer.logits):
+        torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
+    assert stacked.tokens == per_layer.tokens
+
+
+def test_stacked_layers_are_rows_of_one_allocation(models):
+    model = models("llama-gqa")
+    method = DECODE_TIME[0].make(0.5)
+    cache = method.make_cache(model.config, [13, 6], 4, torch.float32, "cpu")
+    whole = cache.stacked_layers()
+    assert whole is not None
+    b = 2
+    for i, layer in enumerate(cache.layers):
+        layer.k[1, 0, 2, 3] = 100.0 + i  # a write to a layer is a write to its rows of the stack
+        assert whole.k[i * b + 1, 0, 2, 3] == 100.0 + i
+        assert torch.equal(whole.budget[i * b:(i + 1) * b], layer.budget)
+        assert torch.equal(whole.state["prompt_len"][i * b:(i + 1) * b], layer.state["prompt_len"])
+
+
+def test_a_fork_is_stacked_again_and_a_replaced_layer_falls_back(models):
+    model = models("llama-gqa")
+    cache = DECODE_TIME[0].make(0.5).make_cache(model.config, [13], 4, torch.float32, "cpu")
+    cache.layers[1].k[0, 0, 0, 0] = 7.0
+    fork = cache.fork(headroom=3, batch=2)
+    whole = fork.stacked_layers()
+    assert whole is not None and whole.k.shape[0] == 2 * model.config.num_layers
+    assert whole.k.shape[2] == cache.layers[0].capacity + 3
+    assert torch.equal(fork.layers[1].k[:, 0, 0, 0], torch.tensor([7.0, 7.0]))
+    assert fork.stack is not None and fork.stack.k.data_ptr() != cache.stack.k.data_ptr()  # its own copy
+
+    fork.layers[0] = fork.layers[0].fork(0, 1)  # e.g. a method shrinking a layer at end_prefill
+    assert fork.stacked_layers() is None
+    fork = cache.fork()
+    fork.layers[0].state["shared"] = torch.tensor(True)  # 0-dim state cannot be split into rows
+    assert fork.stacked_layers() is None
+
+
+def test_layers_of_different_capacities_are_not_stacked(models):
+    from kvzoo.cache import PyramidKV
+
+    model = models("llama-gqa")
+    cache = PyramidKV(budget=0.5, window_size=2).make_cache(model.config, [40], 4, torch.float32, "cpu")
+    assert len({layer.capacity for layer in cache.layers}) > 1
+    assert cache.stack is None and cache.stacked_layers() is None
+    assert cache.fork().stack is None
