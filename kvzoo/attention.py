@@ -111,7 +111,7 @@ def defer_decode_updates(cache: KVCache) -> list[DeferredUpdate] | None:
     """An empty list to collect a decode step's updates in when the cache's method can run them for every
     layer at once (row-wise, after attending, on stacked stores), else None."""
     method = cache.method
-    if not method.decode_step_rowwise or method.decode_writes_first or cache.stacked_layers() is None:
+    if not method.decode_step_rowwise or method.decode_writes_first or not cache.is_stacked():
         return None
     return []
 

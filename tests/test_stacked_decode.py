@@ -59,7 +59,7 @@ def test_the_layer_batched_update_equals_one_update_per_layer(models, case, layo
     assert decode_calls == [-1] * STEPS, "the eager decode did not batch the layers' updates"
     calls.clear()
     with monkeypatch.context() as m:
-        m.setattr(KVCache, "stacked_layers", lambda self: None)  # as if the layers were separate stores
+        m.setattr(KVCache, "is_stacked", lambda self: False)  # as if the layers were separate stores
         per_layer = drive_model(model, PROMPTS, method, STEPS)
     assert calls[-STEPS * layers:] == list(range(layers)) * STEPS
     for step, (a, b) in enumerate(zip(stacked.snapshots, per_layer.snapshots)):

@@ -259,20 +259,28 @@ class KVCache:
             stack=stack,
         )
 
+    def is_stacked(self) -> bool:
+        """Whether `stacked_layers` has the layers as rows (host-side identity checks only, no tensor op)."""
+        stack = self.stack
+        if stack is None or len(stack.views) != len(self.layers):
+            return False
+        names = list(self.layers[0].state)
+        for layer, views in zip(self.layers, stack.views):
+            if not all(mine is theirs for mine, theirs in zip(layer.fields(), views)):
+                return False
+            if list(layer.state) != names or any(t.dim() == 0 for t in layer.state.values()):
+                return False
+        return True
+
     def stacked_layers(self) -> LayerSlots | None:
         """Every layer's store as one LayerSlots of L * B rows, layer-major (row l * B + b is sequence b of
         layer l; budget and per-sequence state concatenated likewise), or None when the layers are not the
         views of one `stack` any more or some state is shared (0-dim) rather than per sequence.
         Writes to its slots are writes to the layers'; its budget and state are copies (read-only)."""
         stack = self.stack
-        if stack is None or len(stack.views) != len(self.layers):
+        if stack is None or not self.is_stacked():
             return None
         names = list(self.layers[0].state)
-        for layer, views in zip(self.layers, stack.views):
-            if not all(mine is theirs for mine, theirs in zip(layer.fields(), views)):
-                return None
-            if list(layer.state) != names or any(t.dim() == 0 for t in layer.state.values()):
-                return None
         return LayerSlots(stack.k, stack.v, stack.logw, stack.score, stack.pos,
                           budget=torch.cat([layer.budget for layer in self.layers]),
                           state={name: torch.cat([layer.state[name] for layer in self.layers]) for name in names})
