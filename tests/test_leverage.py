@@ -161,3 +161,31 @@ def test_zsmerge_window_share_is_not_spent_on_a_heavy_hitter():
                      window_weight=0.0, window_share=0.25)  # 1 of the 4 context slots
     kept = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist()
     assert 2 in kept and 20 in kept, kept
+
+
+def test_zsmerge_combine_max_keeps_the_largest_attention_shares():
+    """combine="max": the context is the top of max(accumulated / its sum, pooled window / its sum), computed
+    here from the attention probabilities' definition (float64), and differs from what either signal alone or
+    their sum of shares keeps on this input."""
+    from kvzoo.cache.zsmerge import ZSMerge
+    from tests.method_helpers import drive_synthetic, pool_1d, random_qkv, reference_probs
+
+    n, w, kernel, context = 40, 8, 3, 4
+    qkv = random_qkv(1, 1, 1, 1, n, seed=7, scale=1.5)
+    probs = reference_probs(qkv.q[0][0], qkv.k[0][0, 0], list(range(n)), list(range(n)), None)[0]  # [n, n]
+    accumulated = probs.sum(0)
+    own = probs[n - w:].sum(0)
+    window = torch.cat([pool_1d(own[: n - w], kernel, "max"), own[n - w:]])  # pooled before the window
+    share = torch.maximum(accumulated / accumulated.sum(), window / window.sum())
+
+    def top(score: torch.Tensor) -> set[int]:
+        """The `context` best of positions 0 .. n-4 (the last 3 are the proximity ring); equal scores (a
+        pooled peak's neighbours) ordered by the token's own window score."""
+        return set(sorted(range(n - 3), key=lambda j: (score[j].item(), own[j].item()), reverse=True)[:context])
+
+    method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0, accumulate=True,
+                     combine="max")
+    kept = set(drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist())
+    assert kept == top(share)
+    others = [accumulated, window, accumulated / accumulated.sum() + window / window.sum()]
+    assert all(top(score) != kept for score in others), "the input does not tell the rules apart"

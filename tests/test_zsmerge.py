@@ -274,6 +274,9 @@ def test_score_recursion_without_eviction():
         (dict(accumulate=True, window_weight=-1.0), r"window_weight must be a number >= 0, got -1.0"),
         (dict(window_share=0.25), r"window_share must be None or a fraction in \[0, 1\] \(with accumulate=True\)"),
         (dict(accumulate=True, window_share=1.5), r"window_share must be None or a fraction in \[0, 1\]"),
+        (dict(accumulate=True, combine="sum"), r"combine must be 'zscore' or 'max', got 'sum'"),
+        (dict(combine="max"), r"combine='max' .* needs accumulate=True and no window_share"),
+        (dict(accumulate=True, combine="max", window_share=0.5), r"needs accumulate=True and no window_share"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, message):

@@ -131,6 +131,18 @@ class ZSMerge(CompressionMethod):
     # 10 / 20% kept, +-0.008-0.011), 0.03-0.04 below the default, but query-aware needle 8 / 17 / 38%
     # against the default's 17 / 50 / 62% (tools/RESULTS.md): not the default.
     window_share: float | None = None
+    # With accumulate: how the two signals make one rank. "zscore": the blend above (window_weight). "max": each
+    # token's larger share of attention, max(accumulated / its sum, pooled window / its sum) over the
+    # candidates: kept when either every prompt query or the last ones give it a large part of their
+    # attention. Both signals are distributions over the same tokens, so no weight is needed, and a head
+    # whose window attention is diffuse spends few slots on it while a head that reads one passage (a
+    # question's answer) keeps it. "accumulate=true,decay=1.0,combine=max" at equal memory on two held-out
+    # sets (16 NLL / 24 needle instances each, seeds 3 and 2): NLL -0.023 / -0.024 / -0.034 and -0.013 /
+    # -0.019 / -0.037 against the default at 5 / 10 / 20% kept (H2O: -0.044 / -0.035 / -0.047 and -0.036 /
+    # -0.029 / -0.048), ahead of every other method; query-aware needle 8 / 29 / 38% and 8 / 29 / 46%
+    # against the default's 8 / 33 / 46% and 17 / 50 / 62% (H2O 8 / 17 / 25% on both). Between the two, so
+    # not the default: the balanced setting (tools/RESULTS.md, "Session 6").
+    combine: str = "zscore"
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "ZSMerge")
@@ -169,6 +181,11 @@ class ZSMerge(CompressionMethod):
         ):
             raise KvzooError(f"ZSMerge: window_share must be None or a fraction in [0, 1] (with accumulate=True), "
                              f"got {self.window_share!r}")
+        if self.combine not in ("zscore", "max"):
+            raise KvzooError(f"ZSMerge: combine must be 'zscore' or 'max', got {self.combine!r}")
+        if self.combine == "max" and (not self.accumulate or self.window_share is not None):
+            raise KvzooError("ZSMerge: combine='max' ranks by the larger of the accumulated and the window's "
+                             "attention shares, so it needs accumulate=True and no window_share")
         if self.leverage_of not in ("keys", "values"):
             raise KvzooError(f"ZSMerge: leverage_of must be 'keys' or 'values', got {self.leverage_of!r}")
         if self.prefill_scale not in ("window", "steady"):
@@ -233,7 +250,13 @@ class ZSMerge(CompressionMethod):
             # Hybrid: attention accumulated over every query (what the continuation reads, H2O's signal) plus
             # the pooled window standardised onto its spread (what the last queries, e.g. a question, ask for).
             total = chunk.key_score * self.decay**t + accumulated_scores(chunk, decay=self.decay)
-            blend = total + on_the_scale_of(total, fresh, torch.isfinite(chunk.key_logw), self.window_weight)
+            valid = torch.isfinite(chunk.key_logw)
+            if self.combine == "max":
+                mass = (total * valid).sum(-1, keepdim=True)  # [B, Hkv, 1]
+                window_mass = (fresh * valid).sum(-1, keepdim=True).clamp(min=1e-30)
+                share = torch.maximum(total / mass.clamp(min=1e-30), fresh / window_mass)
+                return share * mass, fresh, total
+            blend = total + on_the_scale_of(total, fresh, valid, self.window_weight)
             return blend, fresh, total
         return chunk.key_score * self.decay**t + fresh, fresh, None
 
