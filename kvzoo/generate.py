@@ -259,7 +259,7 @@ def prefill(model: "CausalLM", ids: torch.Tensor, positions: torch.Tensor, cache
         for layer in cache.layers:  # the prompt now ends where each sequence's tokens end
             if "prompt_len" in layer.state:
                 layer.state["prompt_len"] = torch.tensor(cache.lengths, device=ids.device)
-        cache.method.end_prefill(cache)  # type: ignore[attr-defined]
+        cache.end_prefill()
     return logits[:, -1]
 
 

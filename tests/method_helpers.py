@@ -70,7 +70,7 @@ def drive_model(model, prompts: list[list[int]], method: CompressionMethod, step
         chunk = prefill_chunk or ids.shape[1]
         for start in range(0, ids.shape[1], chunk):
             logits = model(ids[:, start:start + chunk], positions[:, start:start + chunk], cache=cache)[:, -1]
-        method.end_prefill(cache)
+        cache.end_prefill()
         snaps, all_logits = [snapshot(cache, lens)], [logits]
         next_pos = torch.tensor(lens)[:, None]
         for s in range(steps):
@@ -164,7 +164,7 @@ def drive_synthetic(method: CompressionMethod, qkv: QKV, prompt_lens: list[int],
             for layer in range(layers):
                 attend(layer, _at(qkv.q[layer], pos), _at(qkv.k[layer], pos), _at(qkv.v[layer], pos), ctx)
             cache.tokens_seen += pos.shape[1]
-        method.end_prefill(cache)
+        cache.end_prefill()
         snaps = [snapshot(cache, prompt_lens)]
         for s in range(steps):
             pos = torch.tensor(prompt_lens)[:, None] + s

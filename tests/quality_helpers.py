@@ -64,7 +64,7 @@ def replay_prefill(pre: Prefilled, method: CompressionMethod) -> KVCache:
             chunk.alpha = method.attention_alpha  # prompt tokens all have log w = 0: alpha changes nothing
             method.compress_prefill(layer_idx, cache.layers[layer_idx], chunk)
         cache.tokens_seen = pre.prompt_len
-        method.end_prefill(cache)
+        cache.end_prefill()
     return cache
 
 

@@ -42,7 +42,7 @@ def _prefilled(model, method, prompts: list[list[int]], steps: int, compile: boo
     cache = method.make_cache(model.config, lens, steps, torch.float32, "cpu")
     with torch.inference_mode():
         model(ids, positions, cache=cache, last_only=True)
-    method.end_prefill(cache)
+    cache.end_prefill()
     prepare_decode(model, cache, max(lens) + steps, compile)
     return cache
 

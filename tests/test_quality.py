@@ -120,6 +120,6 @@ def test_zsmerge_chunked_prefill_stays_within_the_bound(quality, ratio):
         for start in range(0, ids.shape[1], CHUNK):
             pre.model(ids[:, start:start + CHUNK], torch.arange(start, min(start + CHUNK, ids.shape[1]))[None],
                       cache=cache)
-    method.end_prefill(cache)
+    cache.end_prefill()
     kl = mean_kl(quality.full, decode_logits(pre, cache, quality.continuation)).item()
     assert kl <= BOUND[ratio], f"chunked ZSMerge at {ratio}: mean KL {kl:.3f} > {BOUND[ratio]}"

@@ -113,3 +113,24 @@ def test_layers_of_different_capacities_are_not_stacked(models):
     assert len({layer.capacity for layer in cache.layers}) > 1
     assert cache.stack is None and cache.stacked_layers() is None
     assert cache.fork().stack is None
+
+
+def test_stores_replaced_at_the_end_of_prefill_release_the_stack(models):
+    """ZigZagKV shrinks every layer to its own budget at the end of prefill: the stack (the stores holding
+    the whole prompt) must not outlive them, or the cache would keep the uncompressed prompt's memory."""
+    import gc
+    import weakref
+
+    from kvzoo.cache import ZigZagKV
+    from kvzoo.generate import prefill
+
+    model = models("llama-gqa")
+    cache = ZigZagKV(budget=0.3, window_size=2).make_cache(model.config, [40], 4, torch.float32, "cpu")
+    assert cache.stack is not None and cache.layers[0].capacity == 40 + 4
+    whole = weakref.ref(cache.stack.k)
+    prompt = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        prefill(model, prompt, torch.arange(40)[None], cache)
+    gc.collect()
+    assert all(layer.capacity < 40 for layer in cache.layers)
+    assert cache.stack is None and whole() is None

@@ -71,7 +71,8 @@ class CompressionMethod:
     ) -> KVCache:
         """Allocate every layer's slot store; capacities are fixed here, before the first decode step."""
         headroom = self.decode_headroom(max_new_tokens)
-        prefill_budgets = [torch.tensor(budgets, dtype=torch.int64) for budgets in self.prefill_budgets(cfg, prompt_lens)]
+        prefill_budgets = [torch.tensor(budgets, dtype=torch.int64)
+                           for budgets in self.prefill_budgets(cfg, prompt_lens)]
         capacities = [int(budgets.max()) + headroom for budgets in prefill_budgets]
         stack = None
         if len(set(capacities)) == 1:  # one allocation (`SlotStack`): row-wise decode updates batch the layers

@@ -259,6 +259,13 @@ class KVCache:
             stack=stack,
         )
 
+    def end_prefill(self) -> None:
+        """The method's end of prefill, which may replace layers (e.g. with smaller stores); the stack is then
+        let go, so that the memory of the stores it replaced is released."""
+        self.method.end_prefill(self)  # type: ignore[attr-defined]
+        if not self.is_stacked():
+            self.stack = None
+
     def is_stacked(self) -> bool:
         """Whether `stacked_layers` has the layers as rows (host-side identity checks only, no tensor op)."""
         stack = self.stack

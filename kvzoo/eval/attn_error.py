@@ -85,7 +85,7 @@ def attention_errors(model: "CausalLM", contexts: list[list[int]], probes: list[
     out = []
     for method, cache in zip(methods, caches):
         cache.tokens_seen = lens[0]
-        method.end_prefill(cache)  # deferred methods (ZigZagKV) compress here
+        cache.end_prefill()  # deferred methods (ZigZagKV) compress here
         errors = [layer_errors(layer, method.attention_alpha, p, cfg.sliding_window)
                   for layer, p in zip(cache.layers, probe.probes)]
         out.append(torch.stack(errors))

@@ -68,5 +68,5 @@ def fanout_prefill(
     logits, tokens_seen = observe_prefill(model, ids, positions, _Fanout(list(zip(methods, caches))))
     for method, cache in zip(methods, caches):
         cache.tokens_seen = tokens_seen
-        method.end_prefill(cache)
+        cache.end_prefill()
     return caches, logits
