@@ -6,7 +6,7 @@ Model files project q/k/v and apply RoPE; from there on all families run this co
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -18,12 +18,14 @@ from kvzoo_kernels.chunk_attention import chunk_attention
 
 
 @dataclass
-class DeferredUpdate:
-    """One layer's decode-step update waiting for the others (`ForwardContext.deferred`)."""
+class DeferredUpdates:
+    """A decode step's per-layer updates waiting for the last layer (`ForwardContext.deferred`), and the store
+    they go into: every layer's as one (`KVCache.stacked_layers`)."""
 
-    k_new: torch.Tensor  # [B, Hkv, D]
-    v_new: torch.Tensor
-    probs: torch.Tensor | None  # [B, Hq, C + 1], or None for methods that do not read them
+    target: LayerSlots  # [L * B, ...] rows
+    k_new: list[torch.Tensor] = field(default_factory=list)  # per layer [B, Hkv, D]
+    v_new: list[torch.Tensor] = field(default_factory=list)
+    probs: list[torch.Tensor | None] = field(default_factory=list)  # per layer [B, Hq, C + 1] or None
 
 
 @dataclass
@@ -43,7 +45,7 @@ class ForwardContext:
     # Eager decode of a row-wise method (`CompressionMethod.decode_step_rowwise`) over stacked stores: each
     # layer leaves its update here and the model applies them all at once after the last layer
     # (`apply_deferred_updates`). None: each layer updates its own store.
-    deferred: list[DeferredUpdate] | None = None
+    deferred: DeferredUpdates | None = None
 
     def for_layer(self, layer_idx: int) -> "ForwardContext":
         """This context with layer `layer_idx`'s store (itself when there is no cache)."""
@@ -101,30 +103,32 @@ def _decode(
     out, probs = decode_attention(q[:, :, 0], slots.k, slots.v, bias, k_new, v_new,
                                   with_probs=method.reads_decode_probs)
     if ctx.deferred is not None:
-        ctx.deferred.append(DeferredUpdate(k_new, v_new, probs))
+        ctx.deferred.k_new.append(k_new)
+        ctx.deferred.v_new.append(v_new)
+        ctx.deferred.probs.append(probs)
     else:
         method.decode_step(layer_idx, slots, k_new, v_new, pos, probs)
     return out[:, :, None]
 
 
-def defer_decode_updates(cache: KVCache) -> list[DeferredUpdate] | None:
-    """An empty list to collect a decode step's updates in when the cache's method can run them for every
-    layer at once (row-wise, after attending, on stacked stores), else None."""
+def defer_decode_updates(cache: KVCache) -> DeferredUpdates | None:
+    """Where to collect a decode step's updates when the cache's method can run them for every layer at once
+    (row-wise, after attending, on stacked stores), else None."""
     method = cache.method
-    if not method.decode_step_rowwise or method.decode_writes_first or not cache.is_stacked():
+    if not method.decode_step_rowwise or method.decode_writes_first:
         return None
-    return []
-
-
-def apply_deferred_updates(cache: KVCache, positions: torch.Tensor, updates: list[DeferredUpdate]) -> None:
-    """Run the method's decode step once over every layer's store (layers as rows of `stacked_layers`) with
-    the layers' updates in layer order; positions [B, 1]."""
     stacked = cache.stacked_layers()
-    assert stacked is not None and len(updates) == len(cache.layers)
-    probs = [u.probs for u in updates]
-    cache.method.decode_step(
-        -1, stacked, torch.cat([u.k_new for u in updates]), torch.cat([u.v_new for u in updates]),
-        positions[:, 0].repeat(len(updates)), None if probs[0] is None else torch.cat(probs))
+    return None if stacked is None else DeferredUpdates(stacked)
+
+
+def apply_deferred_updates(cache: KVCache, positions: torch.Tensor, deferred: DeferredUpdates) -> None:
+    """Run the method's decode step once over every layer's store with the layers' updates in layer order
+    (row l * B + b: sequence b of layer l); positions [B, 1]."""
+    layers = len(deferred.k_new)
+    assert layers == len(cache.layers)
+    probs = None if deferred.probs[0] is None else torch.cat(deferred.probs)  # type: ignore[arg-type]
+    cache.method.decode_step(-1, deferred.target, torch.cat(deferred.k_new), torch.cat(deferred.v_new),
+                             positions[:, 0].repeat(layers), probs)
 
 
 def _decode_bias(slots: LayerSlots, alpha: float, pos: torch.Tensor, window: int | None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random Hugging Face models saved as safetensors checkpoints (the parity oracle)."""
+"""Shared fixtures: tiny random Hugging Face models saved as safetensors checkpoints (the parity oracle), and
+kvzoo models loaded from them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import kvzoo
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -64,5 +67,18 @@ def tiny_checkpoint(tmp_path_factory) -> Callable[[str], tuple[object, Path]]:
             model.save_pretrained(path, safe_serialization=True)
             made[name] = (model, path)
         return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def models(tiny_checkpoint) -> Callable[[str], object]:
+    """name -> the kvzoo model loaded from that tiny checkpoint (once per test module)."""
+    loaded: dict[str, object] = {}
+
+    def get(name: str) -> object:
+        if name not in loaded:
+            loaded[name] = kvzoo.load(tiny_checkpoint(name)[1])
+        return loaded[name]
 
     return get

@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kvzoo
 from kvzoo.cache import FullCache
 from tests.method_cases import METHOD_CASES
 from tests.method_helpers import drive_model
@@ -29,18 +28,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def models(tiny_checkpoint):
-    loaded = {}
-
-    def get(name: str):
-        if name not in loaded:
-            loaded[name] = kvzoo.load(tiny_checkpoint(name)[1])
-        return loaded[name]
-
-    return get
 
 
 def prompt(n: int, seed: int) -> list[int]:

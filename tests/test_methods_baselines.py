@@ -17,7 +17,6 @@ import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-import kvzoo
 from kvzoo import H2O, TOVA, PyramidKV, SnapKV, StreamingLLM
 from kvzoo.cache.budgets import pyramid_budgets
 from kvzoo.errors import KvzooError
@@ -48,18 +47,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def models(tiny_checkpoint):
-    loaded = {}
-
-    def get(name: str):
-        if name not in loaded:
-            loaded[name] = kvzoo.load(tiny_checkpoint(name)[1])
-        return loaded[name]
-
-    return get
 
 
 def prompt(n: int, seed: int) -> list[int]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kvzoo
 from kvzoo.cache import SnapKV
 from kvzoo.cache.slots import KVCache
 from tests.method_cases import DECODE_TIME, MethodCase
@@ -20,18 +19,6 @@ STEPS = 12
 
 # Every decode-time method, and a prefill-only one whose capped decode evicts (attend-then-fold).
 CASES = [*DECODE_TIME, MethodCase("SnapKV-capped", lambda b: SnapKV(budget=b, window_size=2, decode_cap=3), False)]
-
-
-@pytest.fixture(scope="module")
-def models(tiny_checkpoint):
-    loaded = {}
-
-    def get(name: str):
-        if name not in loaded:
-            loaded[name] = kvzoo.load(tiny_checkpoint(name)[1])
-        return loaded[name]
-
-    return get
 
 
 def _recorded_layers(method, monkeypatch) -> list[int]:

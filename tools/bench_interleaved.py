@@ -5,10 +5,12 @@ minutes (a shared one) a row and its reference may be timed at different speeds.
 decode step in turn, so a slow minute hits all of them; medians and ratios to transformers are printed.
 
     python tools/bench_interleaved.py [--contexts 512,2048,8192] [--methods "full;zsmerge:budget=0.05"]
-                                      [--dtype fp32] [--steps 32]
+                                      [--dtype fp32] [--steps 32] [--per-layer]
 
 Arms: transformers (StaticCache) and, for every method, kvzoo eager and compiled, each on its own cache
-prefilled with the same random prompt. Run it alone.
+prefilled with the same random prompt; with `--per-layer` also eager with each layer's decode update run
+after its own attention (the cache's stack dropped: what eager decode did before the layers were batched,
+see `KVCache.stacked_layers`). Run it alone.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--per-layer", action="store_true", help="also time eager decode without the stack")
     args = parser.parse_args()
     specs = [s.strip() for s in args.methods.split(";") if s.strip()]
     model = load(ensure_default_model(progress=True), dtype=parse_dtype(args.dtype))
@@ -46,6 +49,10 @@ def main() -> None:
             for spec in specs:
                 arms[f"{spec} eager"] = kvzoo_stepper(model, spec, prompts, total, False)[0]
                 arms[f"{spec} compiled"] = kvzoo_stepper(model, spec, prompts, total, True)[0]
+                if args.per_layer:
+                    step, cache = kvzoo_stepper(model, spec, prompts, total, False)
+                    cache.stack = None  # every layer updates its own store, after its own attention
+                    arms[f"{spec} eager per layer"] = step
             times: dict[str, list[float]] = {name: [] for name in arms}
             for i in range(total):
                 for name, step in arms.items():

@@ -71,7 +71,7 @@ MUTANTS: list[Mutant] = [
            "visible &= (qp - kp) < window", "visible &= (qp - kp) <= window",
            ("tests/test_model_parity.py",), "sliding window: q_pos - k_pos < W"),
     Mutant("stacked-update-positions-by-layer", "kvzoo/attention.py",
-           "positions[:, 0].repeat(len(updates))", "positions[:, 0].repeat_interleave(len(updates))",
+           "positions[:, 0].repeat(layers)", "positions[:, 0].repeat_interleave(layers)",
            ("tests/test_stacked_decode.py",), "stacked rows are layer-major: row l * B + b is sequence b"),
     # --- shared: selection, scoring, budgets ------------------------------------------------------------
     Mutant("ties-to-older", "kvzoo/cache/selection.py",

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.selection import append_decode_step, keep_top
-from kvzoo.cache.slots import KVCache, LayerSlots
+from kvzoo.cache.slots import KVCache, LayerSlots, allocate_stores
 from kvzoo.errors import KvzooError
 
 if TYPE_CHECKING:
@@ -73,15 +73,10 @@ class CompressionMethod:
         headroom = self.decode_headroom(max_new_tokens)
         prefill_budgets = [torch.tensor(budgets, dtype=torch.int64)
                            for budgets in self.prefill_budgets(cfg, prompt_lens)]
-        capacities = [int(budgets.max()) + headroom for budgets in prefill_budgets]
-        stack = None
-        if len(set(capacities)) == 1:  # one allocation (`SlotStack`): row-wise decode updates batch the layers
-            stack, layers = LayerSlots.empty_stack([budgets + headroom for budgets in prefill_budgets],
-                                                   cfg.num_kv_heads, capacities[0], cfg.head_dim, dtype, device)
-        else:
-            layers = [LayerSlots.empty(len(prompt_lens), cfg.num_kv_heads, capacity, cfg.head_dim,
-                                       budgets + headroom, dtype, device)
-                      for budgets, capacity in zip(prefill_budgets, capacities)]
+        # Equal capacities become one allocation (`SlotStack`): row-wise decode updates then batch the layers.
+        stack, layers = allocate_stores([budgets + headroom for budgets in prefill_budgets],
+                                        [int(budgets.max()) + headroom for budgets in prefill_budgets],
+                                        cfg.num_kv_heads, cfg.head_dim, dtype, device)
         for slots, budgets in zip(layers, prefill_budgets):
             slots.state["prefill_budget"] = budgets.to(device)
             slots.state["prompt_len"] = torch.tensor(prompt_lens, dtype=torch.int64, device=device)

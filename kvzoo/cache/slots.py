@@ -25,6 +25,29 @@ def attention_bias(logw: torch.Tensor, alpha: float) -> torch.Tensor:
     return torch.where(filled, alpha * torch.where(filled, logw, 0.0), NEG_INF)
 
 
+def allocate_stores(
+    budgets: list[torch.Tensor],
+    capacities: list[int],
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> tuple["SlotStack | None", list["LayerSlots"]]:
+    """Empty stores for len(budgets) layers (budgets[l]: [B] slots per sequence, capacities[l] slots per row).
+    Equal capacities are allocated as one (`SlotStack`: layer l's tensors are rows l*B .. (l+1)*B - 1 of the
+    stack's); otherwise each layer has its own tensors and there is no stack."""
+    batch = budgets[0].shape[0]
+    if len(set(capacities)) > 1:
+        return None, [LayerSlots.empty(batch, kv_heads, c, head_dim, b, dtype, device)
+                      for b, c in zip(budgets, capacities)]
+    whole = LayerSlots.empty(len(budgets) * batch, kv_heads, capacities[0], head_dim, torch.cat(budgets), dtype,
+                             device)
+    layers = [LayerSlots(*(t[i * batch:(i + 1) * batch] for t in (*whole.fields(), whole.budget)))
+              for i in range(len(budgets))]
+    views = tuple((*layer.fields(), layer.budget) for layer in layers)
+    return SlotStack(*whole.fields(), whole.budget, views=views), layers
+
+
 def _repeat_rows(x: torch.Tensor, repeats: int) -> torch.Tensor:
     """A copy of x with each row (first dimension) repeated `repeats` times in place."""
     return x.repeat_interleave(repeats, dim=0) if repeats > 1 else x.clone()
@@ -42,7 +65,8 @@ class SlotStack:
     logw: torch.Tensor  # [L * B, Hkv, C]
     score: torch.Tensor
     pos: torch.Tensor
-    views: tuple[tuple[torch.Tensor, ...], ...]  # per layer, the (k, v, logw, score, pos) views handed out
+    budget: torch.Tensor  # [L * B]
+    views: tuple[tuple[torch.Tensor, ...], ...]  # per layer, the (k, v, logw, score, pos, budget) views handed out
 
 
 @dataclass
@@ -77,26 +101,6 @@ class LayerSlots:
             pos=torch.full(shape, -1, dtype=torch.int64, device=device),
             budget=budget.to(device=device, dtype=torch.int64),
         )
-
-    @classmethod
-    def empty_stack(
-        cls,
-        budgets: list[torch.Tensor],
-        kv_heads: int,
-        capacity: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> tuple["SlotStack", list["LayerSlots"]]:
-        """Empty stores of equal capacity for len(budgets) layers (budgets[l]: [B]), allocated as one: layer
-        l's tensors are rows l*B .. (l+1)*B - 1 of the stack's (see `SlotStack`)."""
-        batch = budgets[0].shape[0]
-        whole = cls.empty(len(budgets) * batch, kv_heads, capacity, head_dim, torch.cat(budgets), dtype, device)
-        layers = [
-            cls(*(t[i * batch:(i + 1) * batch] for t in whole.fields()), budget=whole.budget[i * batch:(i + 1) * batch])
-            for i in range(len(budgets))
-        ]
-        return SlotStack(*whole.fields(), views=tuple(layer.fields() for layer in layers)), layers
 
     @property
     def capacity(self) -> int:
@@ -207,7 +211,7 @@ class KVCache:
     # Host-side: the largest position the planned generation reaches (prompt + new tokens); the model's
     # RoPE table is grown to cover it before the first step, so decode steps never read past it.
     max_position: int = 0
-    # The allocation the layers' stores are views of, when they are (`LayerSlots.empty_stack`); layers a
+    # The allocation the layers' stores are views of, when they are (`allocate_stores`); layers a
     # method replaces later (e.g. at `end_prefill`) simply stop being part of it (see `stacked_layers`).
     stack: SlotStack | None = None
 
@@ -240,16 +244,12 @@ class KVCache:
         if isinstance(headroom, bool) or not isinstance(headroom, int) or headroom < 0:
             raise KvzooError(f"fork: headroom must be an integer >= 0, got {headroom!r}")
         repeats = batch // b
-        stack = None
-        if len({layer.capacity for layer in self.layers}) == 1:  # one allocation, as `make_cache` makes it
-            first = self.layers[0]
-            stack, layers = LayerSlots.empty_stack(
-                [layer.fork_budget(headroom, repeats) for layer in self.layers], first.k.shape[1],
-                first.capacity + headroom, first.k.shape[3], first.k.dtype, first.k.device)
-            for mine, new in zip(self.layers, layers):
-                mine.fork_into(new, repeats)
-        else:
-            layers = [layer.fork(headroom, repeats) for layer in self.layers]
+        first = self.layers[0]
+        stack, layers = allocate_stores([layer.fork_budget(headroom, repeats) for layer in self.layers],
+                                        [layer.capacity + headroom for layer in self.layers], first.k.shape[1],
+                                        first.k.shape[3], first.k.dtype, first.k.device)
+        for mine, new in zip(self.layers, layers):
+            mine.fork_into(new, repeats)
         return KVCache(
             layers=layers,
             method=self.method,
@@ -273,7 +273,7 @@ class KVCache:
             return False
         names = list(self.layers[0].state)
         for layer, views in zip(self.layers, stack.views):
-            if not all(mine is theirs for mine, theirs in zip(layer.fields(), views)):
+            if not all(mine is theirs for mine, theirs in zip((*layer.fields(), layer.budget), views)):
                 return False
             if list(layer.state) != names or any(t.dim() == 0 for t in layer.state.values()):
                 return False
@@ -281,16 +281,15 @@ class KVCache:
 
     def stacked_layers(self) -> LayerSlots | None:
         """Every layer's store as one LayerSlots of L * B rows, layer-major (row l * B + b is sequence b of
-        layer l; budget and per-sequence state concatenated likewise), or None when the layers are not the
+        layer l; per-sequence state concatenated likewise), or None when the layers are not the
         views of one `stack` any more or some state is shared (0-dim) rather than per sequence.
-        Writes to its slots are writes to the layers'; its budget and state are copies (read-only)."""
+        Writes to its slots and budget are writes to the layers'; its state is a copy (read-only)."""
         stack = self.stack
         if stack is None or not self.is_stacked():
             return None
-        names = list(self.layers[0].state)
-        return LayerSlots(stack.k, stack.v, stack.logw, stack.score, stack.pos,
-                          budget=torch.cat([layer.budget for layer in self.layers]),
-                          state={name: torch.cat([layer.state[name] for layer in self.layers]) for name in names})
+        return LayerSlots(stack.k, stack.v, stack.logw, stack.score, stack.pos, stack.budget,
+                          state={name: torch.cat([layer.state[name] for layer in self.layers])
+                                 for name in self.layers[0].state})
 
     def save(self, path: "str | os.PathLike[str]", notes: dict[str, Any] | None = None) -> None:
         """Write this cache to a safetensors file with a header saying what it belongs to; `notes` (JSON
