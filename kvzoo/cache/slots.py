@@ -157,22 +157,14 @@ class LayerSlots:
         rows = self._rows(index)
         return self.k[rows], self.v[rows], self.logw[rows], self.score[rows], self.pos[rows]
 
-    def fork(self, headroom: int, repeats: int) -> "LayerSlots":
-        """A copy with `headroom` more empty slots (capacity and budget) per (sequence, head), and every
-        sequence repeated `repeats` times along B (per-sequence state too)."""
-        b, hkv, c, d = self.k.shape
-        new = LayerSlots.empty(b * repeats, hkv, c + headroom, d, self.fork_budget(headroom, repeats), self.k.dtype,
-                               self.k.device)
-        self.fork_into(new, repeats)
-        return new
-
     def fork_budget(self, headroom: int, repeats: int) -> torch.Tensor:
-        """[B * repeats] the budget of `fork(headroom, repeats)`."""
+        """[B * repeats] this store's budget for a copy with `headroom` more slots per row and every sequence
+        repeated `repeats` times (`KVCache.fork`)."""
         return _repeat_rows(self.budget, repeats) + headroom
 
     def fork_into(self, new: "LayerSlots", repeats: int) -> None:
         """Fill the empty store `new` (capacity >= this one's, B * repeats rows, its own budget) with this
-        store's slots and state, every sequence repeated `repeats` times (see `fork`)."""
+        store's slots and state, every sequence repeated `repeats` times (`KVCache.fork`)."""
         b, _, c, _ = self.k.shape
         for mine, theirs in zip(self.fields(), new.fields()):
             theirs[:, :, :c] = _repeat_rows(mine, repeats)
