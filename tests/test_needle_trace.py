@@ -1,0 +1,37 @@
+"""tools/needle_trace.py's two pieces of logic: where the answer's tokens are, and which of them a cache holds."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from kvzoo.eval.tasks import NeedleInstance
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool():  # noqa: ANN201 - the tool module
+    spec = importlib.util.spec_from_file_location("needle_trace", ROOT / "tools" / "needle_trace.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_answer_positions_start_at_the_asked_needle_and_stop_before_the_question():
+    tool = load_tool()
+    # haystack: a decoy code token (7) before the needle, the needle " 7 8" at 3-5, its repeat at 7-8
+    haystack = [1, 7, 2, 9, 7, 8, 3, 7, 8, 4]
+    instance = NeedleInstance("passkey", 12, 0.3, haystack, [7, 5], "78", 3)
+    assert tool.answer_positions(instance, [9, 7, 8]) == [3, 4, 5, 7, 8]
+
+
+def test_kept_map_marks_the_positions_each_layer_and_head_holds():
+    tool = load_tool()
+    layer0 = SimpleNamespace(pos=torch.tensor([[[5, 1, -1], [2, 3, 4]]]))  # [B=1, Hkv=2, C=3]
+    layer1 = SimpleNamespace(pos=torch.tensor([[[-1, -1, -1], [1, 5, 9]]]))
+    cache = SimpleNamespace(layers=[layer0, layer1])
+    assert tool.kept_map(cache, [1, 4, 5]) == "0:X.X/.X. 1:.../X.X"

@@ -1,0 +1,95 @@
+"""Why a method misses a needle: which of the answer's tokens each layer keeps, and what fills the context.
+
+`kvzoo eval --tasks needle` says whether the answer came out; this shows where it was lost. It rebuilds one
+needle instance of the eval (same seed and instance index as in results.json), compresses the query-aware
+prompt (question included) with a method, and prints, per layer and KV head, which occurrences of the
+answer's tokens are still in the cache (X kept, . not), after prefill and after each greedy answer token,
+then the greedy answer.
+
+    python tools/needle_trace.py --seed 3 --instance 5 --method "zsmerge:budget=0.05" [--layers 5,10,20]
+                                 [--steps 6]
+
+`--layers` also lists, for those layers, the prompt positions each KV head holds outside the last 30
+tokens (the context region of most methods), e.g. the attention sinks that fill it at small budgets.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from kvzoo import load
+from kvzoo.cache.registry import parse_compression
+from kvzoo.cache.slots import KVCache
+from kvzoo.default_model import ensure_default_model
+from kvzoo.eval.fanout import fanout_prefill
+from kvzoo.eval.runner import EvalConfig, Runner
+from kvzoo.eval.tasks import NeedleInstance
+from kvzoo.eval.texts import read_source
+from kvzoo.generate import make_decode_step
+
+
+def answer_positions(instance: NeedleInstance, code_tokens: list[int]) -> list[int]:
+    """Haystack positions, from the asked needle on, holding one of the answer's tokens."""
+    prompt = instance.prompt
+    return [p for p in range(instance.needle_start, len(instance.haystack)) if prompt[p] in code_tokens]
+
+
+def kept_map(cache: KVCache, positions: list[int]) -> str:
+    """'layer:head0/head1/...' with X where the cache holds the position's token (exactly or as a merged
+    slot's representative), per layer."""
+    rows = []
+    for layer, slots in enumerate(cache.layers):
+        pos = slots.pos[0]  # [Hkv, C]
+        heads = ["".join("X" if bool((pos[h] == p).any()) else "." for p in positions) for h in range(pos.shape[0])]
+        rows.append(f"{layer}:" + "/".join(heads))
+    return " ".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0, help="the eval's --seed")
+    parser.add_argument("--instance", type=int, required=True, help="the needle's index in the eval's results")
+    parser.add_argument("--method", required=True, help="a compression spec, e.g. 'zsmerge:budget=0.05'")
+    parser.add_argument("--lengths", default="1024,2048", help="the eval's --needle-lengths")
+    parser.add_argument("--layers", default="", help="layers whose context positions are listed")
+    parser.add_argument("--steps", type=int, default=6, help="greedy answer tokens")
+    args = parser.parse_args()
+
+    model = load(ensure_default_model(progress=True))
+    tok = model.require_tokenizer()
+    corpus = tok.encode(read_source(None), add_special_tokens=False)
+    config = EvalConfig(methods=["full"], budgets=[0.05], tasks=["needle"], seed=args.seed, needle_repeats=1,
+                        needle_lengths=[int(x) for x in args.lengths.split(",")])
+    needles = Runner(model, config, corpus, progress=False)._needles()
+    if not 0 <= args.instance < len(needles):
+        raise SystemExit(f"--instance {args.instance}: the eval has needles 0 .. {len(needles) - 1} for these lengths")
+    instance = needles[args.instance]
+    code_tokens = tok.encode(" " + instance.answer, add_special_tokens=False)
+    positions = answer_positions(instance, code_tokens)
+    prompt = instance.prompt
+    print(f"{instance.kind}, {len(prompt)} tokens, depth {instance.depth}, answer {instance.answer!r} at "
+          f"positions {positions}")
+
+    caches, logits = fanout_prefill(model, [prompt], [parse_compression(args.method)], args.steps)
+    cache = caches[0]
+    cache.end_prefill()
+    print("prefill", kept_map(cache, positions))
+    for layer in [int(x) for x in args.layers.split(",") if x]:
+        held = [sorted(p for p in cache.layers[layer].pos[0, h].tolist() if 0 <= p < len(prompt) - 30)
+                for h in range(cache.layers[layer].pos.shape[1])]
+        print(f"layer {layer} holds (before the last 30 tokens):", held)
+    step = make_decode_step(model, compile=False)
+    tokens = [logits.argmax(-1)]
+    start = torch.tensor([len(prompt)])
+    with torch.inference_mode():
+        for i in range(args.steps - 1):
+            logits = step(tokens[-1][:, None], (start + i)[:, None], cache)
+            tokens.append(logits.argmax(-1))
+            print(f"after {tok.decode(tokens[-2].tolist())!r}", kept_map(cache, positions))
+    print("answer:", repr(tok.decode(torch.cat(tokens).tolist())))
+
+
+if __name__ == "__main__":
+    main()
