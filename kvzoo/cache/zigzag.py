@@ -67,7 +67,12 @@ class ZigZagKV(WindowSelection):
     kernel_size: int = 7
     pooling: str = "max"
     tau: float = 0.9  # attention mass MBA must retain
-    bound_ratio: float = 0.2  # B_bound = bound_ratio * B_avg
+    bound_ratio: float = 0.2  # B_bound = bound_ratio * B_avg (1.0: every layer B_avg, uniform)
+    # Rank each layer's tokens by the larger of their share of that head's (pooled) window attention and the
+    # largest share any head of any layer gives them: a token one layer's retrieval head reads is kept in
+    # every layer, since an answer copied from the context is read through all of them (the question finds
+    # it in a few late layers only). Not the paper's; see the measured effect in tools/RESULTS.md, "Session 7".
+    cross_layer: bool = False
 
     supports_chunked_prefill = False  # allocation needs every layer's LMBA over the whole prompt
 
@@ -78,6 +83,8 @@ class ZigZagKV(WindowSelection):
         ratio = self.bound_ratio
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
             raise KvzooError(f"ZigZagKV: bound_ratio must be in [0, 1], got {ratio!r}")
+        if not isinstance(self.cross_layer, bool):
+            raise KvzooError(f"ZigZagKV: cross_layer must be True or False, got {self.cross_layer!r}")
 
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
         for n in prompt_lens:
@@ -120,9 +127,35 @@ class ZigZagKV(WindowSelection):
         lmba = torch.stack([layer.state.pop("lmba") for layer in cache.layers]).T.tolist()  # [B][L]
         prompt_lens = cache.layers[0].state["prompt_len"].tolist()
         per_sequence = [self.layer_budgets(x, n) for x, n in zip(lmba, prompt_lens)]
+        widest = widest_shares(cache.layers) if self.cross_layer else None
         for layer_idx, slots in enumerate(cache.layers):
             keep = torch.tensor([b[layer_idx] for b in per_sequence], device=slots.pos.device)
-            rank = slots.score.masked_fill(recent_mask(slot_candidates(slots), self.window_size), float("inf"))
+            rank = slots.score
+            if widest is not None:
+                at_slot = widest[:, None, :].expand(-1, slots.pos.shape[1], -1).gather(-1, slots.pos.clamp(min=0))
+                rank = torch.maximum(score_shares(slots), at_slot)
+            rank = rank.masked_fill(recent_mask(slot_candidates(slots), self.window_size), float("inf"))
             # Equal pooled scores: the earlier slot first (compress_prefill stored them peak before neighbours).
             earlier = -torch.arange(slots.capacity, device=rank.device, dtype=rank.dtype).expand_as(rank)
             cache.layers[layer_idx] = shrink_slots(slots, rank, keep, tie=earlier)
+
+
+def score_shares(slots: LayerSlots) -> torch.Tensor:
+    """[B, Hkv, C] each filled slot's score as a share of its head's total (0 for empty slots)."""
+    score = slots.score.masked_fill(~slots.filled, 0.0)
+    return score / score.sum(-1, keepdim=True).clamp(min=1e-30)
+
+
+def widest_shares(layers: list[LayerSlots]) -> torch.Tensor:
+    """[B, P] for every prompt position, the largest `score_shares` any head of any layer gives its token."""
+    n_pos = max(int(slots.pos.max()) for slots in layers) + 1
+    widest = None
+    for slots in layers:
+        b, hkv, _ = slots.pos.shape
+        spill = torch.where(slots.filled, slots.pos, n_pos)  # empty slots land in a dropped column
+        per_head = torch.zeros(b, hkv, n_pos + 1, device=slots.pos.device).scatter_reduce(
+            -1, spill, score_shares(slots), "amax")
+        layer_max = per_head[..., :n_pos].amax(1)
+        widest = layer_max if widest is None else torch.maximum(widest, layer_max)
+    assert widest is not None
+    return widest
