@@ -436,39 +436,6 @@ def test_zigzag_with_bound_equal_to_average_is_snapkv(run):
             assert torch.equal(_sorted_contents(a, bi, h)[0], _sorted_contents(b, bi, h)[0])
 
 
-def test_zigzag_cross_layer_keeps_what_any_layer_reads_most():
-    """cross_layer=True: each layer keeps the window plus the top of max(its own share of the window's
-    attention, the largest share any layer gives the token), computed here from the attention probabilities
-    (float64). Layer 1's window reads token 20 and layer 0's does not, so only with cross_layer does layer 0
-    keep it."""
-    from tests.method_helpers import drive_synthetic, random_qkv, reference_probs
-
-    n, w, context = 40, 8, 4
-    qkv = random_qkv(1, 2, 1, 1, n, seed=3, scale=1.0)
-    b = torch.eye(8)[1]
-    qkv.k[1][0, 0, 20] = 12 * b
-    qkv.q[1][0, 0, n - w:] += 0.25 * b
-    shares = []
-    for layer in range(2):
-        probs = reference_probs(qkv.q[layer][0], qkv.k[layer][0, 0], list(range(n)), list(range(n)), None)[0]
-        window = probs[n - w:].sum(0)
-        shares.append(window / window.sum())
-    widest = torch.maximum(shares[0], shares[1])
-
-    def kept(cross_layer: bool) -> list[set[int]]:
-        method = ZigZagKV(budget=w + context, window_size=w, kernel_size=1, bound_ratio=1.0, cross_layer=cross_layer)
-        layers = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers
-        return [set(x["pos"][0, 0][x["pos"][0, 0] >= 0].tolist()) for x in layers]
-
-    def expected(rank: torch.Tensor) -> set[int]:
-        return set(range(n - w, n)) | set(sorted(range(n - w), key=lambda j: rank[j].item(), reverse=True)[:context])
-
-    alone, across = kept(False), kept(True)
-    assert alone == [expected(shares[0]), expected(shares[1])]
-    assert across == [expected(torch.maximum(shares[0], widest)), expected(torch.maximum(shares[1], widest))]
-    assert 20 in alone[1] and 20 not in alone[0] and 20 in across[0], (alone, across)
-
-
 def test_zigzag_refuses_chunked_prefill(run):
     with pytest.raises(KvzooError, match="prefill_chunk"):
         run("llama-gqa", method=ZigZagKV(), prefill_chunk=8)

@@ -45,7 +45,7 @@ import torch
 
 from kvzoo.cache.budgets import Budget, min_budget_attention, zigzag_budgets
 from kvzoo.cache.scoring import window_scores
-from kvzoo.cache.selection import keep_top, recent_mask, shrink_slots, slot_candidates
+from kvzoo.cache.selection import keep_top, recent_mask, score_shares, shrink_slots, slot_candidates, widest_shares
 from kvzoo.cache.slots import KVCache, LayerSlots
 from kvzoo.cache.snapkv import WindowSelection
 from kvzoo.errors import KvzooError
@@ -139,23 +139,3 @@ class ZigZagKV(WindowSelection):
             earlier = -torch.arange(slots.capacity, device=rank.device, dtype=rank.dtype).expand_as(rank)
             cache.layers[layer_idx] = shrink_slots(slots, rank, keep, tie=earlier)
 
-
-def score_shares(slots: LayerSlots) -> torch.Tensor:
-    """[B, Hkv, C] each filled slot's score as a share of its head's total (0 for empty slots)."""
-    score = slots.score.masked_fill(~slots.filled, 0.0)
-    return score / score.sum(-1, keepdim=True).clamp(min=1e-30)
-
-
-def widest_shares(layers: list[LayerSlots]) -> torch.Tensor:
-    """[B, P] for every prompt position, the largest `score_shares` any head of any layer gives its token."""
-    n_pos = max(int(slots.pos.max()) for slots in layers) + 1
-    widest = None
-    for slots in layers:
-        b, hkv, _ = slots.pos.shape
-        spill = torch.where(slots.filled, slots.pos, n_pos)  # empty slots land in a dropped column
-        per_head = torch.zeros(b, hkv, n_pos + 1, device=slots.pos.device).scatter_reduce(
-            -1, spill, score_shares(slots), "amax")
-        layer_max = per_head[..., :n_pos].amax(1)
-        widest = layer_max if widest is None else torch.maximum(widest, layer_max)
-    assert widest is not None
-    return widest

@@ -57,8 +57,8 @@ import torch
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
 from kvzoo.cache.scoring import accumulated_scores, leverage_scores, on_the_scale_of, window_scores
-from kvzoo.cache.selection import rank_order, recent_mask, top_mask
-from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
+from kvzoo.cache.selection import rank_order, recent_mask, score_shares, slot_candidates, top_mask, widest_shares
+from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots, allocate_stores
 from kvzoo.errors import KvzooError
 from kvzoo_kernels.zsmerge_update import most_similar, zsmerge_update
 
@@ -143,6 +143,12 @@ class ZSMerge(CompressionMethod):
     # against the default's 8 / 33 / 46% and 17 / 50 / 62% (H2O 8 / 17 / 25% on both). Between the two, so
     # not the default: the balanced setting (tools/RESULTS.md, "Session 6").
     combine: str = "zscore"
+    # Rank each layer's context candidates by the larger of their share of that head's stored score and the
+    # largest share any head of any layer gives them (see ZigZagKV.cross_layer): a token a late retrieval
+    # head reads is kept in every layer, since an answer copied from the context is read through all of
+    # them. Every layer keeps the whole prompt until the end of prefill (the peak memory of the full cache,
+    # and no chunked prefill), then each layer is compressed as usual with that rank.
+    cross_layer: bool = False
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "ZSMerge")
@@ -186,6 +192,11 @@ class ZSMerge(CompressionMethod):
         if self.combine == "max" and (not self.accumulate or self.window_share is not None):
             raise KvzooError("ZSMerge: combine='max' ranks by the larger of the accumulated and the window's "
                              "attention shares, so it needs accumulate=True and no window_share")
+        if not isinstance(self.cross_layer, bool):
+            raise KvzooError(f"ZSMerge: cross_layer must be True or False, got {self.cross_layer!r}")
+        if self.cross_layer and (self.leverage or self.window_share is not None):
+            raise KvzooError("ZSMerge: cross_layer ranks by attention shares alone, so it takes neither leverage "
+                             "nor window_share")
         if self.leverage_of not in ("keys", "values"):
             raise KvzooError(f"ZSMerge: leverage_of must be 'keys' or 'values', got {self.leverage_of!r}")
         if self.prefill_scale not in ("window", "steady"):
@@ -217,7 +228,13 @@ class ZSMerge(CompressionMethod):
             layout = self._split(layout.budget + 1)
         return layout
 
+    @property
+    def supports_chunked_prefill(self) -> bool:  # type: ignore[override]
+        return not self.cross_layer  # the cross-layer rank needs every layer's scores over the whole prompt
+
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
+        if self.cross_layer:  # the whole prompt until end_prefill
+            return [[max(n, self.layout(n).budget) for n in prompt_lens]] * cfg.num_layers
         return [[self.layout(n).budget for n in prompt_lens]] * cfg.num_layers
 
     def make_cache(self, cfg: "ModelConfig", prompt_lens: list[int], max_new_tokens: int,
@@ -272,6 +289,24 @@ class ZSMerge(CompressionMethod):
         return top_mask(window.masked_fill(~ctx_cand | heavy, NEG_INF), chunk.key_pos, n_pick, own)
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
+        if "cross_layer_tie" in slots.state:  # a second chunk before end_prefill
+            raise KvzooError("ZSMerge(cross_layer=True) ranks every layer's tokens over the whole prompt, so it "
+                             "cannot compress a prompt fed in chunks; generate without prefill_chunk")
+        score, window, accumulated = self._scores(chunk)
+        if self.cross_layer and chunk.keys.shape[2] == chunk.k.shape[2]:  # a prompt on a fresh cache
+            # Keep every token with its scores; end_prefill compresses with the cross-layer rank.
+            slots.replace_all(chunk.keys, chunk.values, chunk.key_logw, score, chunk.key_pos)
+            tie = window_scores(chunk, self.window_size, self.decay) if self.window_size is not None else score
+            slots.state["cross_layer_tie"] = tie
+            return
+        self._compress(slots, chunk, score, window, accumulated)
+
+    def _compress(self, slots: LayerSlots, chunk: "PrefillChunk", score: torch.Tensor,
+                  window: torch.Tensor | None, accumulated: torch.Tensor | None, rank: torch.Tensor | None = None,
+                  tie: torch.Tensor | None = None) -> None:
+        """Ring, context and residual merge of the candidates into `slots`, ranking the context by `rank`
+        [B, Hkv, S] (default: the stored `score`, or the window share's picks) with equal ranks ordered by
+        `tie` (default: the window's own unpooled scores)."""
         b, hkv, s = chunk.key_logw.shape
         dev = chunk.keys.device
         residual, proximity = slots.state["residual"][:, None, None], slots.state["proximity"][:, None, None]
@@ -282,7 +317,6 @@ class ZSMerge(CompressionMethod):
         valid = torch.isfinite(chunk.key_logw)
         exact = valid & ~is_residual
         in_ring = exact & recent_mask(chunk, slots.state["proximity"])
-        score, window, accumulated = self._scores(chunk)
 
         # Context: the top-scored exact tokens outside the ring, into slots residual .. ring_start-1.
         ctx_cand = exact & ~in_ring
@@ -292,11 +326,15 @@ class ZSMerge(CompressionMethod):
         # Among equal pooled scores the token's own score decides: a peak is kept before the neighbours that
         # max-pooling gave its score (at a few context slots, e.g. 2% of a short prompt, the attention sink
         # itself was dropped for its two neighbours).
-        own = window_scores(chunk, self.window_size, self.decay) if self.window_size is not None else None
-        if self.window_share is None:
+        own = tie
+        if own is None and self.window_size is not None:
+            own = window_scores(chunk, self.window_size, self.decay)
+        if rank is not None:
+            ctx_rank = rank.masked_fill(~ctx_cand, NEG_INF)
+        elif self.window_share is None:
             ctx_rank = score.masked_fill(~ctx_cand, NEG_INF)
         else:  # the window's picks, then the highest accumulated attention (the picks' complement)
-            assert accumulated is not None  # window_share requires accumulate (checked in __post_init__)
+            assert accumulated is not None and window is not None  # window_share needs accumulate (__post_init__)
             picks = self._window_picks(chunk, accumulated, window, ctx_cand, ring_start - residual, own)
             ctx_rank = accumulated.masked_fill(picks, float("inf")).masked_fill(~ctx_cand, NEG_INF)
         n_ctx = min(s, slots.capacity)
@@ -389,6 +427,30 @@ class ZSMerge(CompressionMethod):
             sc.copy_(torch.where(merged, sc.scatter_add(-1, tgt, score * leftover), sc))
         newest = pos.scatter_reduce(-1, tgt, chunk.key_pos.masked_fill(~leftover, -1), "amax")
         pos.copy_(torch.where(merged, newest, pos))
+
+    def end_prefill(self, cache: KVCache) -> None:
+        """With cross_layer: compress every layer's whole prompt into its layout, ranking the context by
+        max(the token's share of its head's score, the largest share any layer's head gives it); the new stores
+        are stacked again (one allocation, so decode steps still batch the layers)."""
+        if not self.cross_layer or "cross_layer_tie" not in cache.layers[0].state:
+            return
+        widest = widest_shares(cache.layers)  # [B, P]
+        first = cache.layers[0]
+        budgets = torch.tensor([self.layout(int(n)).budget for n in first.state["prompt_len"].tolist()],
+                               device=first.pos.device)
+        b, hkv, _, d = first.k.shape
+        stack, stores = allocate_stores([budgets] * len(cache.layers), [int(budgets.max())] * len(cache.layers),
+                                        hkv, d, first.k.dtype, first.k.device)
+        for layer_idx, (old, new) in enumerate(zip(cache.layers, stores)):
+            tie = old.state.pop("cross_layer_tie")
+            new.state = {**old.state, "prefill_budget": budgets}
+            at_slot = widest[:, None, :].expand(-1, hkv, -1).gather(-1, old.pos.clamp(min=0))
+            rank = torch.maximum(score_shares(old), at_slot)
+            candidates = slot_candidates(old)
+            candidates.k, candidates.v = old.k, old.v  # every slot is a fresh candidate (none is a residual)
+            self._compress(new, candidates, old.score, None, None, rank=rank, tie=tie)
+            cache.layers[layer_idx] = new
+        cache.stack = stack
 
     # --- decode ---------------------------------------------------------------------------------------
     def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,

@@ -1,0 +1,107 @@
+"""The cross-layer rank (ZigZagKV and ZSMerge `cross_layer=True`): each layer ranks its tokens by the larger of
+its own share of the window's attention and the largest share any layer's head gives them, checked against
+that definition computed from float64 attention probabilities, and ZSMerge's deferred compression against
+its per-layer one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvzoo.cache import ZigZagKV
+from kvzoo.cache.zsmerge import ZSMerge
+from kvzoo.errors import KvzooError
+from tests.method_helpers import QKV, drive_synthetic, random_qkv, reference_probs
+
+
+def layer_one_reads_token_20(n: int, w: int) -> QKV:
+    """Two layers, one KV head: layer 1's last w queries read token 20 (p ~ 0.3 each), layer 0's do not."""
+    qkv = random_qkv(1, 2, 1, 1, n, seed=3, scale=1.0)
+    b = torch.eye(8)[1]
+    qkv.k[1][0, 0, 20] = 12 * b
+    qkv.q[1][0, 0, n - w:] += 0.25 * b
+    return qkv
+
+
+def window_shares(qkv: QKV, layer: int, n: int, w: int, decay: float) -> torch.Tensor:
+    """[n] the last w queries' attention to every token, weighted decay^age (age 0 = the last query), as a
+    share of its total: what a head's window score gives each token, from the definition."""
+    probs = reference_probs(qkv.q[layer][0], qkv.k[layer][0, 0], list(range(n)), list(range(n)), None)[0]
+    ages = torch.arange(w - 1, -1, -1, dtype=torch.float64)
+    window = (probs[n - w:] * (decay**ages)[:, None]).sum(0)
+    return window / window.sum()
+
+
+def top_positions(rank: torch.Tensor, candidates: int, k: int) -> set[int]:
+    """The k best of positions 0 .. candidates-1 by rank."""
+    return set(sorted(range(candidates), key=lambda j: rank[j].item(), reverse=True)[:k])
+
+
+def test_zigzag_cross_layer_keeps_what_any_layer_reads_most():
+    """cross_layer=True: each layer keeps the window plus the top of max(its own share of the window's
+    attention, the largest share any layer gives the token), computed here from the attention probabilities
+    (float64). Layer 1's window reads token 20 and layer 0's does not, so only with cross_layer does layer 0
+    keep it."""
+    n, w, context = 40, 8, 4
+    qkv = layer_one_reads_token_20(n, w)
+    shares = [window_shares(qkv, layer, n, w, decay=1.0) for layer in range(2)]
+    widest = torch.maximum(shares[0], shares[1])
+
+    def kept(cross_layer: bool) -> list[set[int]]:
+        method = ZigZagKV(budget=w + context, window_size=w, kernel_size=1, bound_ratio=1.0, cross_layer=cross_layer)
+        layers = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers
+        return [set(x["pos"][0, 0][x["pos"][0, 0] >= 0].tolist()) for x in layers]
+
+    def expected(rank: torch.Tensor) -> set[int]:
+        return set(range(n - w, n)) | set(sorted(range(n - w), key=lambda j: rank[j].item(), reverse=True)[:context])
+
+    alone, across = kept(False), kept(True)
+    assert alone == [expected(shares[0]), expected(shares[1])]
+    assert across == [expected(torch.maximum(shares[0], widest)), expected(torch.maximum(shares[1], widest))]
+    assert 20 in alone[1] and 20 not in alone[0] and 20 in across[0], (alone, across)
+
+
+def test_zsmerge_cross_layer_context_is_the_top_of_the_widest_share():
+    """ZSMerge(cross_layer=True): the context slots hold the top of max(own share of the decayed window score,
+    widest share over the layers) among the tokens before the ring; without it layer 0 does not keep token 20."""
+    n, w, context = 40, 8, 4
+    qkv = layer_one_reads_token_20(n, w)
+    shares = [window_shares(qkv, layer, n, w, decay=0.98) for layer in range(2)]
+    widest = torch.maximum(shares[0], shares[1])
+
+    def kept(cross_layer: bool) -> list[set[int]]:
+        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, cross_layer=cross_layer)
+        layers = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers  # slots: [residual | 4 context | 3 ring]
+        return [set(x["pos"][0, 0, 1:1 + context].tolist()) for x in layers]
+
+    alone, across = kept(False), kept(True)
+    assert alone == [top_positions(shares[0], n - 3, context), top_positions(shares[1], n - 3, context)]
+    assert across == [top_positions(torch.maximum(s, widest), n - 3, context) for s in shares]
+    assert 20 in alone[1] and 20 not in alone[0] and 20 in across[0], (alone, across)
+
+
+@pytest.mark.parametrize("spec", [dict(), dict(accumulate=True, decay=1.0, combine="max")])
+def test_zsmerge_cross_layer_with_one_layer_is_the_per_layer_compression(spec):
+    """With one layer of one KV head the widest share is the head's own, so the deferred compression at the
+    end of prefill must store exactly what compressing during prefill stores (ring, context, residual merge,
+    scores), for a left-padded batch, and decode the same; the stores are one stacked allocation again."""
+    qkv = random_qkv(2, 1, 1, 3, 64, seed=11)
+    per_layer = drive_synthetic(ZSMerge(budget=12, **spec), qkv, [60, 45], 3)
+    deferred = drive_synthetic(ZSMerge(budget=12, cross_layer=True, **spec), qkv, [60, 45], 3)
+    for a, b in zip(per_layer.snapshots, deferred.snapshots):
+        for la, lb in zip(a.layers, b.layers):
+            assert torch.equal(la["pos"], lb["pos"])
+            for name in ("k", "v", "logw", "score"):
+                torch.testing.assert_close(la[name], lb[name], atol=1e-6, rtol=1e-6)
+    assert deferred.cache.is_stacked() and deferred.cache.nbytes() == per_layer.cache.nbytes()
+
+
+def test_zsmerge_cross_layer_refuses_a_prompt_in_chunks_and_bad_settings():
+    qkv = random_qkv(1, 2, 1, 1, 40, seed=0)
+    with pytest.raises(KvzooError, match="prefill_chunk"):
+        drive_synthetic(ZSMerge(budget=8, cross_layer=True), qkv, [40], 0, prefill_chunk=16)
+    assert not ZSMerge(cross_layer=True).supports_chunked_prefill and ZSMerge().supports_chunked_prefill
+    for bad, message in ((dict(cross_layer=1), "cross_layer must be True or False"),
+                         (dict(cross_layer=True, leverage=0.5), "neither leverage nor window_share")):
+        with pytest.raises(KvzooError, match=message):
+            ZSMerge(**bad)
