@@ -180,3 +180,9 @@ def widest_shares(layers: list[LayerSlots]) -> torch.Tensor:
         widest = layer_max if widest is None else torch.maximum(widest, layer_max)
     assert widest is not None
     return widest
+
+
+def cross_layer_rank(slots: LayerSlots, widest: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, C] max(each slot's `score_shares`, the `widest_shares` [B, P] of its token)."""
+    at_slot = widest[:, None, :].expand(-1, slots.pos.shape[1], -1).gather(-1, slots.pos.clamp(min=0))
+    return torch.maximum(score_shares(slots), at_slot)

@@ -45,7 +45,8 @@ import torch
 
 from kvzoo.cache.budgets import Budget, min_budget_attention, zigzag_budgets
 from kvzoo.cache.scoring import window_scores
-from kvzoo.cache.selection import keep_top, recent_mask, score_shares, shrink_slots, slot_candidates, widest_shares
+from kvzoo.cache.selection import (cross_layer_rank, keep_top, recent_mask, shrink_slots, slot_candidates,
+                                   widest_shares)
 from kvzoo.cache.slots import KVCache, LayerSlots
 from kvzoo.cache.snapkv import WindowSelection
 from kvzoo.errors import KvzooError
@@ -135,10 +136,7 @@ class ZigZagKV(WindowSelection):
         widest = widest_shares(cache.layers) if self.cross_layer else None
         for layer_idx, slots in enumerate(cache.layers):
             keep = torch.tensor([b[layer_idx] for b in per_sequence], device=slots.pos.device)
-            rank = slots.score
-            if widest is not None:
-                at_slot = widest[:, None, :].expand(-1, slots.pos.shape[1], -1).gather(-1, slots.pos.clamp(min=0))
-                rank = torch.maximum(score_shares(slots), at_slot)
+            rank = slots.score if widest is None else cross_layer_rank(slots, widest)
             rank = rank.masked_fill(recent_mask(slot_candidates(slots), self.window_size), float("inf"))
             # Equal pooled scores: the earlier slot first (compress_prefill stored them peak before neighbours).
             earlier = -torch.arange(slots.capacity, device=rank.device, dtype=rank.dtype).expand_as(rank)

@@ -57,7 +57,8 @@ import torch
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
 from kvzoo.cache.scoring import accumulated_scores, leverage_scores, on_the_scale_of, window_scores
-from kvzoo.cache.selection import rank_order, recent_mask, score_shares, slot_candidates, top_mask, widest_shares
+from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, slot_candidates, top_mask,
+                                   widest_shares)
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots, allocate_stores
 from kvzoo.errors import KvzooError
 from kvzoo_kernels.zsmerge_update import most_similar, zsmerge_update
@@ -438,14 +439,13 @@ class ZSMerge(CompressionMethod):
         first = cache.layers[0]
         budgets = torch.tensor([self.layout(int(n)).budget for n in first.state["prompt_len"].tolist()],
                                device=first.pos.device)
-        b, hkv, _, d = first.k.shape
+        _, hkv, _, d = first.k.shape
         stack, stores = allocate_stores([budgets] * len(cache.layers), [int(budgets.max())] * len(cache.layers),
                                         hkv, d, first.k.dtype, first.k.device)
         for layer_idx, (old, new) in enumerate(zip(cache.layers, stores)):
             tie = old.state.pop("cross_layer_tie")
             new.state = {**old.state, "prefill_budget": budgets}
-            at_slot = widest[:, None, :].expand(-1, hkv, -1).gather(-1, old.pos.clamp(min=0))
-            rank = torch.maximum(score_shares(old), at_slot)
+            rank = cross_layer_rank(old, widest)
             candidates = slot_candidates(old)
             candidates.k, candidates.v = old.k, old.v  # every slot is a fresh candidate (none is a residual)
             self._compress(new, candidates, old.score, None, None, rank=rank, tie=tie)
