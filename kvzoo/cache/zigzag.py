@@ -72,12 +72,12 @@ class ZigZagKV(WindowSelection):
     # Rank each layer's tokens by the larger of their share of that head's (pooled) window attention and the
     # largest share any head of any layer gives them: a token one layer's retrieval head reads is kept in
     # every layer, since an answer copied from the context is read through all of them (the question finds
-    # it in a few late layers only). Not the paper's. With uniform budgets (bound_ratio=1.0) it retrieves
-    # 8 / 29 / 54% of 24 held-out query-aware needles at 5 / 10 / 20% kept (PyramidKV 12 / 33 / 50%, the
-    # full cache 67%) and 12 / 21 / 25% asked after compression (every method without it 8-17%), for
-    # +0.004 / +0.011 NLL on 16 development contexts; with the uncertainty allocation it loses needles
-    # (4 / 4 / 17%): the layers held near the bound spend their few slots on what other layers read
-    # (tools/RESULTS.md, "Session 7").
+    # it in a few late layers only). Not the paper's, and not the default: with uniform budgets
+    # (bound_ratio=1.0) it retrieved 7 / 9 of 12 development needles at 10 / 20% kept (3 / 7 without) for
+    # +0.004 / +0.011 NLL, but on 24 held-out ones 8 / 29 / 54% at 5 / 10 / 20% against 17 / 42 / 50%
+    # without (12 / 21 / 25% against 17 / 12 / 17% asked after compression); with the uncertainty
+    # allocation it loses needles (4 / 4 / 17%): the layers held near the bound spend their few slots on
+    # what other layers read most (tools/RESULTS.md, "Session 7").
     cross_layer: bool = False
 
     supports_chunked_prefill = False  # allocation needs every layer's LMBA over the whole prompt
