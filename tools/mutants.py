@@ -261,8 +261,11 @@ MUTANTS: list[Mutant] = [
            (KVMERGER,), "heavy hitters = the largest A_t"),
     # --- ZigZagKV ---------------------------------------------------------------------------------------
     Mutant("zigzag-keeps-lowest", "kvzoo/cache/zigzag.py",
-           "rank = slots.score.masked_fill(recent_mask", "rank = (-slots.score).masked_fill(recent_mask",
+           "rank = slots.score if widest is None", "rank = -slots.score if widest is None",
            (EQUATIONS,), "SnapKV selection within the layer budget"),
+    Mutant("cross-layer-rank-own-only", "kvzoo/cache/selection.py",
+           "return torch.maximum(score_shares(slots), at_slot)", "return score_shares(slots)",
+           ("tests/test_cross_layer.py",), "cross_layer: max(own share, widest share of any layer)"),
     Mutant("zigzag-window-not-kept", "kvzoo/cache/zigzag.py",
            "recent_mask(slot_candidates(slots), self.window_size)", "recent_mask(slot_candidates(slots), 0)",
            (EQUATIONS,), "the observation window is always kept"),
