@@ -63,7 +63,7 @@ MUTANTS: list[Mutant] = [
     Mutant("decode-new-token-ignored", "kvzoo_kernels/decode_attention.py",
            "out = out + probs[..., -1:].to(v_new.dtype) * v_new[:, :, None, :]",
            "out = out + 0 * probs[..., -1:].to(v_new.dtype) * v_new[:, :, None, :]",
-           ("tests/test_model_parity.py",), "the decode query attends to its own token"),
+           ("tests/test_model_parity.py", "tests/test_method_cases.py"), "the decode query attends to its own token"),
     Mutant("decode-window-off-by-one", "kvzoo/attention.py",
            "pos[:, None, None] - slots.pos >= window", "pos[:, None, None] - slots.pos > window",
            ("tests/test_model_parity.py",), "sliding window: q_pos - k_pos < W"),
