@@ -62,7 +62,7 @@ def main() -> None:
     corpus = tok.encode(read_source(None), add_special_tokens=False)
     config = EvalConfig(methods=["full"], budgets=[0.05], tasks=["needle"], seed=args.seed, needle_repeats=1,
                         needle_lengths=[int(x) for x in args.lengths.split(",")])
-    needles = Runner(model, config, corpus, progress=False)._needles()
+    needles = Runner(model, config, corpus, progress=False).needles()
     if not 0 <= args.instance < len(needles):
         raise SystemExit(f"--instance {args.instance}: the eval has needles 0 .. {len(needles) - 1} for these lengths")
     instance = needles[args.instance]
@@ -73,8 +73,7 @@ def main() -> None:
           f"positions {positions}")
 
     caches, logits = fanout_prefill(model, [prompt], [parse_compression(args.method)], args.steps)
-    cache = caches[0]
-    cache.end_prefill()
+    cache = caches[0]  # fanout_prefill has run the method's end of prefill
     print("prefill", kept_map(cache, positions))
     for layer in [int(x) for x in args.layers.split(",") if x]:
         held = [sorted(p for p in cache.layers[layer].pos[0, h].tolist() if 0 <= p < len(prompt) - 30)

@@ -169,7 +169,7 @@ def score_shares(slots: LayerSlots) -> torch.Tensor:
 
 def widest_shares(layers: list[LayerSlots]) -> torch.Tensor:
     """[B, P] for every prompt position, the largest `score_shares` any head of any layer gives its token."""
-    n_pos = max(int(slots.pos.max()) for slots in layers) + 1
+    n_pos = int(layers[0].state["prompt_len"].max())  # positions are below it: one host read, not one per layer
     widest = None
     for slots in layers:
         b, hkv, _ = slots.pos.shape

@@ -205,7 +205,7 @@ class Runner:
         if "attn_error" in cfg.tasks:
             jobs.append(("attn_error", lambda bar: self._attn_error(text, bar), math.ceil(cfg.n / cfg.batch_size)))
         if "needle" in cfg.tasks:
-            needles = self._needles()
+            needles = self.needles()
             jobs.append(("needle", lambda bar: self._needle(needles, bar), 2 * len(self._needle_batches(needles))))
         for name, job, steps in jobs:
             bar = ProgressBar(steps * len(self.cases), f"eval {name}", enabled=self.progress)
@@ -265,7 +265,8 @@ class Runner:
                     self.done(bar, case.label)
 
     # --- needle ------------------------------------------------------------------------------------------
-    def _needles(self) -> list[T.NeedleInstance]:
+    def needles(self) -> list[T.NeedleInstance]:
+        """The needle instances of this config (seeded), in the order of the results' instance numbers."""
         cfg = self.config
         tok = self.model.require_tokenizer()
         out = []
