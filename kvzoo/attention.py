@@ -83,7 +83,8 @@ def _prefill_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Forwa
                    slots: LayerSlots | None, used: int) -> PrefillChunk:
     cache = ctx.cache
     alpha = cache.method.attention_alpha if cache is not None else 0.0
-    return make_prefill_chunk(q, k, v, ctx.positions, slots if used > 0 else None, used, alpha, ctx.window)
+    return make_prefill_chunk(q, k, v, ctx.positions, slots if used > 0 else None, used, alpha, ctx.window,
+                              rope=None if ctx.cos is None else (ctx.cos, ctx.sin))
 
 
 def _decode(

@@ -111,7 +111,8 @@ def test_needle_codes_differ_between_seeds(model, corpus):
 def test_fanout_caches_equal_separate_prefills(tiny_checkpoint):
     model = kvzoo.load(tiny_checkpoint("llama-gqa")[1])
     prompts = [list(range(3, 103)), list(range(20, 100))]
-    cases = method_cases(["streamingllm", "h2o", "tova", "snapkv", "pyramidkv", "zsmerge", "kvmerger", "zigzag"],
+    cases = method_cases(["streamingllm", "h2o", "tova", "snapkv", "pyramidkv", "zsmerge", "kvmerger", "zigzag",
+                          "compactor"],
                          [0.5])
     caches, logits = fanout_prefill(model, prompts, [c.method for c in cases], headroom=3)
     for case, cache in zip(cases, caches):

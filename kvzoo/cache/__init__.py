@@ -1,6 +1,7 @@
 """The slot cache and the compression methods that manage it."""
 
 from kvzoo.cache.base import CompressionMethod
+from kvzoo.cache.compactor import Compactor
 from kvzoo.cache.full import FullCache
 from kvzoo.cache.h2o import H2O
 from kvzoo.cache.kvmerger import KVMerger
@@ -13,6 +14,6 @@ from kvzoo.cache.zigzag import ZigZagKV
 from kvzoo.cache.zsmerge import ZSMerge
 
 __all__ = [
-    "CompressionMethod", "FullCache", "H2O", "KVCache", "KVMerger", "LayerSlots", "PyramidKV", "SnapKV",
+    "CompressionMethod", "Compactor", "FullCache", "H2O", "KVCache", "KVMerger", "LayerSlots", "PyramidKV", "SnapKV",
     "StreamingLLM", "TOVA", "ZigZagKV", "ZSMerge",
 ]

@@ -29,6 +29,9 @@ class PrefillChunk:
     # Derived statistics (e.g. column sums of the attention) computed once per chunk and shared by every
     # method that reads the same chunk (several methods fed by one prefill, see kvzoo.eval.fanout).
     memo: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    # cos, sin [B, 1, T, D] that rotated the chunk's q and k (None: no rotary embedding), so a method can read
+    # the pre-RoPE keys, whose geometry does not depend on position (scoring.pre_rope_keys).
+    rope: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def key_bias(self) -> torch.Tensor:
@@ -44,6 +47,7 @@ def make_prefill_chunk(
     used: int,
     alpha: float,
     window: int | None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> PrefillChunk:
     """The candidates a chunk's queries attend to: the first `used` slots, then the chunk's own tokens."""
     b, hkv, t, _ = k.shape
@@ -51,7 +55,7 @@ def make_prefill_chunk(
     chunk_logw = torch.where(chunk_pos >= 0, 0.0, float("-inf"))
     chunk_score = torch.zeros_like(chunk_logw)
     if slots is None or used == 0:
-        return PrefillChunk(q, k, v, positions, k, v, chunk_pos, chunk_logw, chunk_score, window, alpha)
+        return PrefillChunk(q, k, v, positions, k, v, chunk_pos, chunk_logw, chunk_score, window, alpha, rope=rope)
     return PrefillChunk(
         q, k, v, positions,
         keys=torch.cat([slots.k[:, :, :used], k], dim=2),
@@ -61,4 +65,5 @@ def make_prefill_chunk(
         key_score=torch.cat([slots.score[:, :, :used], chunk_score], dim=2),
         window=window,
         alpha=alpha,
+        rope=rope,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from kvzoo.cache.base import CompressionMethod
+from kvzoo.cache.compactor import Compactor
 from kvzoo.cache.full import FullCache
 from kvzoo.cache.h2o import H2O
 from kvzoo.cache.kvmerger import KVMerger
@@ -21,6 +22,7 @@ METHODS: dict[str, type[CompressionMethod]] = {
     "streamingllm": StreamingLLM,
     "h2o": H2O,
     "snapkv": SnapKV,
+    "compactor": Compactor,
     "pyramidkv": PyramidKV,
     "tova": TOVA,
     "zsmerge": ZSMerge,

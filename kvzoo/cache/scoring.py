@@ -1,5 +1,6 @@
 """Importance statistics shared by the methods: observation-window attention (SnapKV, PyramidKV, ZigZagKV,
-ZSMerge), accumulated attention over all prompt queries (H2O, KVMerger), and their GQA reduction.
+ZSMerge), accumulated attention over all prompt queries (H2O, KVMerger), their GQA reduction, and the
+query-agnostic leverage and non-causal block attention (Compactor, ZSMerge).
 
 None of these materialises a full [T, T] attention matrix: the window is a few queries, and accumulated
 scores are summed block by block.
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from kvzoo.layers import apply_rope
 from kvzoo_kernels.window_scores import weighted_column_sums
 
 if TYPE_CHECKING:
@@ -116,26 +118,84 @@ def accumulated_scores(chunk: "PrefillChunk", decay: float = 1.0, normalise: boo
     return scores
 
 
+def hat_diagonal(x: torch.Tensor, valid: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Ridge leverage [B, H, S] of every valid row of x [B, H, S, D] among the valid rows:
+    h_j = x_j^T (X^T X + eps tr(X^T X)/D I)^-1 x_j on rows centred by their mean (0 for invalid rows)."""
+    x = x.float() * valid[..., None]
+    count = valid.sum(-1, keepdim=True).clamp(min=1)[..., None]  # [B, H, 1, 1]
+    centred = (x - x.sum(2, keepdim=True) / count) * valid[..., None]
+    gram = centred.transpose(-1, -2) @ centred  # [B, H, D, D]
+    d = gram.shape[-1]
+    ridge = eps * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=1e-12) / d  # [B, H]
+    gram = gram + ridge[..., None, None] * torch.eye(d, device=gram.device)
+    solved = torch.linalg.solve(gram, centred.transpose(-1, -2)).transpose(-1, -2)  # [B, H, S, D]
+    return (centred * solved).sum(-1).masked_fill(~valid, 0.0)
+
+
 def leverage_scores(chunk: "PrefillChunk", kernel: int | None = None, eps: float = 1e-4,
                     of: str = "keys") -> torch.Tensor:
-    """Statistical leverage of every candidate's key among the candidates' keys, per KV head [B, Hkv, S] fp32:
-    h_j = k_j^T (K^T K + eps tr(K^T K)/D I)^-1 k_j on keys centred by their mean (a shift common to all keys
-    moves every logit of a query equally, so attention never sees it). h_j is near 1 for a key no combination
-    of the others reproduces and near 0 for a key in a crowded direction: what merging cannot stand in for,
-    whatever the queries will be (Compactor's query-agnostic signal). Empty candidates score 0; `kernel`
-    max-pools by position like the window scores, so a unique token's neighbours (the rest of a number)
-    come with it. `of="values"` measures the values instead (what a merged slot's average loses)."""
+    """Statistical leverage of every candidate's key among the candidates' keys, per KV head [B, Hkv, S] fp32
+    (`hat_diagonal`; keys are centred because a shift common to all keys moves every logit of a query equally,
+    so attention never sees it). h_j is near 1 for a key no combination of the others reproduces and near 0
+    for a key in a crowded direction: what merging cannot stand in for, whatever the queries will be
+    (Compactor's query-agnostic signal). Empty candidates score 0; `kernel` max-pools by position like the
+    window scores, so a unique token's neighbours (the rest of a number) come with it. `of="values"` measures
+    the values instead (what a merged slot's average loses)."""
     valid = torch.isfinite(chunk.key_logw)  # [B, Hkv, S]
-    keys = (chunk.keys if of == "keys" else chunk.values).float() * valid[..., None]
-    count = valid.sum(-1, keepdim=True).clamp(min=1)[..., None]  # [B, Hkv, 1, 1]
-    centred = (keys - keys.sum(2, keepdim=True) / count) * valid[..., None]
-    gram = centred.transpose(-1, -2) @ centred  # [B, Hkv, D, D]
-    d = gram.shape[-1]
-    ridge = eps * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp(min=1e-12) / d  # [B, Hkv]
-    gram = gram + ridge[..., None, None] * torch.eye(d, device=gram.device)
-    solved = torch.linalg.solve(gram, centred.transpose(-1, -2)).transpose(-1, -2)  # [B, Hkv, S, D]
-    lev = (centred * solved).sum(-1).masked_fill(~valid, 0.0)
+    lev = hat_diagonal(chunk.keys if of == "keys" else chunk.values, valid, eps)
     return pool_by_position(lev, chunk.key_pos, valid, kernel, "max")
+
+
+def pre_rope_keys(chunk: "PrefillChunk") -> torch.Tensor:
+    """The chunk's own keys [B, Hkv, T, D] before the rotary embedding (rotated back by their angles; RoPE is
+    a rotation, so -sin undoes it), or as they are when the chunk carries no tables."""
+    if chunk.rope is None:
+        return chunk.k
+    cos, sin = chunk.rope
+    return apply_rope(chunk.k, cos, -sin)
+
+
+def noncausal_block_scores(chunk: "PrefillChunk", block: int, scale: float) -> torch.Tensor:
+    """[B, Hkv, T] fp32: the attention each of the chunk's tokens receives from every query of its position
+    block (position // block), earlier and later ones alike, with logits q.k * scale; summed over the
+    queries, mean over a KV head's query heads. Unlike causal column sums, a token is not favoured for being
+    early (seen by more queries): each is judged by the text around it. Padding neither gives nor receives.
+
+    Queries are taken `block` at a time against the keys at most `block` indices away (a block is `block`
+    consecutive positions, and a row's positions are consecutive), so the cost is 3 T block dot products."""
+    q, k = chunk.q.float(), chunk.k.float()
+    b, hq, t, _ = q.shape
+    hkv = k.shape[1]
+    k = k.repeat_interleave(hq // hkv, dim=1)  # [B, Hq, T, D]
+    valid = chunk.q_pos >= 0  # [B, T]
+    block_of = torch.where(valid, chunk.q_pos.div(block, rounding_mode="floor"), -1)
+    sums = torch.zeros(b, hq, t, device=q.device)
+    for start in range(0, t, block):
+        stop = min(start + block, t)
+        lo, hi = max(0, start - block + 1), min(t, stop + block - 1)
+        logits = q[:, :, start:stop] @ k[:, :, lo:hi].transpose(-1, -2) * scale  # [B, Hq, s, n]
+        # Padding is block -1: no valid query reaches it, and padding queries are masked out.
+        same = (block_of[:, start:stop, None] == block_of[:, None, lo:hi]) & valid[:, start:stop, None]
+        probs = torch.softmax(logits.masked_fill(~same[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
+        sums[..., lo:hi] += probs.sum(2)
+    return group_mean(sums, hkv)
+
+
+def compactor_scores(chunk: "PrefillChunk", blend: torch.Tensor | float, block: int = 256, scale: float = 1.0,
+                     kernel: int = 3) -> torch.Tensor:
+    """Compactor's query-agnostic importance (Chari & Van Durme, arXiv 2507.08143) of the chunk's tokens:
+    zscore(non-causal block attention * |v|, average-pooled over `kernel` positions) + blend *
+    zscore(leverage of the pre-RoPE keys), standardised per (sequence, KV head); blend [B, 1, 1] or a float.
+    Candidates before the chunk (slots in use) keep their stored score. Returns [B, Hkv, S] fp32, -inf at
+    padding."""
+    t = chunk.k.shape[2]
+    own_pos = chunk.key_pos[..., -t:]  # [B, Hkv, T]
+    valid = own_pos >= 0
+    attention = noncausal_block_scores(chunk, block, scale) * chunk.v.float().norm(dim=-1)
+    attention = pool_by_position(attention, own_pos, valid, kernel, "avg")
+    leverage = hat_diagonal(pre_rope_keys(chunk), valid)
+    own = (zscore(attention, valid) + blend * zscore(leverage, valid)).masked_fill(~valid, float("-inf"))
+    return torch.cat([chunk.key_score[..., :-t], own], dim=-1)
 
 
 def row_mean_std(x: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,81 @@
+"""Compactor (Chari & Van Durme, "Compactor: Calibrated Query-Agnostic KV Cache Compression with Approximate
+Leverage Scores", arXiv 2507.08143), as kvpress' CompactorPress runs it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvzoo.cache.base import PrefillOnlyMethod, ScoredSelection
+from kvzoo.cache.budgets import Budget, check_budget, resolve_budget
+from kvzoo.cache.scoring import compactor_scores
+from kvzoo.cache.selection import recent_mask
+from kvzoo.cache.slots import LayerSlots
+from kvzoo.errors import KvzooError
+
+if TYPE_CHECKING:
+    from kvzoo.cache.chunk import PrefillChunk
+    from kvzoo.config import ModelConfig
+
+
+@dataclass
+class Compactor(ScoredSelection, PrefillOnlyMethod):
+    """Prefill-only selection by a query-agnostic score: what the text around a token reads from it, plus how
+    unlike every other key it is (`scoring.compactor_scores`):
+
+        score = zscore(non-causal attention within `block`-position blocks * |v|, avg-pooled over `kernel_size`)
+                + blend * zscore(leverage of the pre-RoPE keys)
+
+    The attention logits are q.k * `scale` (1.0: unscaled, as the official code and kvpress; sharper than the
+    model's 1/sqrt(D)), `blend` defaults to the fraction of the prompt dropped (kvpress' heuristic: the
+    smaller the budget, the more a token's uniqueness counts), and the first `sinks` and last `recent`
+    tokens are always kept. Leverage is exact (ridge) rather than kvpress' Gaussian sketch. Nothing reads the
+    question, so a document compressed once serves any later question (`kvzoo.conversation`).
+    Budget rule (`budgets.resolve_budget`): at least `sinks + recent` slots, at most the prompt; decode appends
+    up to `decode_cap` generated tokens (None: all).
+    """
+
+    budget: Budget = 0.2
+    sinks: int = 8
+    recent: int = 4
+    block: int = 256
+    scale: float = 1.0
+    blend: float | None = None
+    kernel_size: int = 3
+    decode_cap: int | None = None
+
+    def __post_init__(self) -> None:
+        check_budget(self.budget, "Compactor")
+        for name, least in (("sinks", 0), ("recent", 0), ("block", 1), ("kernel_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise KvzooError(f"Compactor: {name} must be an integer >= {least}, got {value!r}")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or self.scale <= 0:
+            raise KvzooError(f"Compactor: scale must be a number > 0, got {self.scale!r}")
+        if self.blend is not None and (isinstance(self.blend, bool) or not isinstance(self.blend, (int, float))
+                                       or self.blend < 0):
+            raise KvzooError(f"Compactor: blend must be None or a number >= 0, got {self.blend!r}")
+        self.check_decode_cap()
+
+    def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
+        minimum = max(1, self.sinks + self.recent)
+        return [[resolve_budget(self.budget, n, minimum=minimum, cap_at_prompt=True) for n in prompt_lens]] \
+            * cfg.num_layers
+
+    def _blend(self, slots: LayerSlots) -> torch.Tensor | float:
+        """The leverage weight: `blend`, or the fraction of each sequence's prompt that is dropped [B, 1, 1]."""
+        if self.blend is not None:
+            return float(self.blend)
+        kept = slots.state["prefill_budget"].float() / slots.state["prompt_len"].clamp(min=1).float()
+        return (1.0 - kept).clamp(min=0.0)[:, None, None]
+
+    def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
+        return compactor_scores(chunk, self._blend(slots), self.block, float(self.scale), self.kernel_size)
+
+    def protected(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
+        return recent_mask(chunk, self.recent) | ((chunk.key_pos >= 0) & (chunk.key_pos < self.sinks))
+
+    def prefill_keep(self, slots: LayerSlots) -> torch.Tensor:
+        return slots.state["prefill_budget"]

@@ -1,0 +1,116 @@
+"""Compactor's query-agnostic scoring (kvzoo.cache.scoring: non-causal block attention, leverage of the pre-RoPE
+keys) against dense float64 definitions, and the Compactor method's kept set against the formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from kvzoo import Compactor
+from kvzoo.cache.chunk import make_prefill_chunk
+from kvzoo.cache.scoring import noncausal_block_scores, pre_rope_keys
+from kvzoo.errors import KvzooError
+from kvzoo.layers import apply_rope, rotary_cos_sin
+from tests.method_helpers import drive_synthetic, pool_1d, random_qkv
+
+SLACK = 1e-5  # top-k comparisons of fp32 scores built from z-scores of sums of probabilities
+
+
+def dense_block_attention(q: torch.Tensor, k: torch.Tensor, positions: list[int], block: int,
+                          scale: float) -> torch.Tensor:
+    """One sequence, float64: q [Hq, T, D], k [Hkv, T, D] -> [Hkv, T] column sums of the softmax of every valid
+    query over the valid keys of its own block (position // block), then the mean over a KV head's queries."""
+    hq, t, _ = q.shape
+    hkv = k.shape[0]
+    out = torch.zeros(hq, t, dtype=torch.float64)
+    for h in range(hq):
+        for i, pi in enumerate(positions):
+            if pi < 0:
+                continue
+            keys = [j for j, pj in enumerate(positions) if pj >= 0 and pj // block == pi // block]
+            logits = torch.stack([q[h, i].double() @ k[h * hkv // hq, j].double() * scale for j in keys])
+            out[h, keys] += torch.softmax(logits, 0)
+    return out.reshape(hkv, hq // hkv, t).mean(1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 6), st.sampled_from([1, 3, 8, 64]), st.integers(0, 2**16))
+def test_noncausal_block_scores_are_the_column_sums_of_attention_within_position_blocks(t, pad, block, seed):
+    """Each valid query attends, with logits q.k * scale and no causal mask, to the valid keys whose position
+    is in its own block; a key's score is the sum over those queries, averaged over its query heads. The
+    second sequence is left-padded, so its blocks do not line up with the tensor's indices."""
+    g = torch.Generator().manual_seed(seed)
+    hkv, groups, d, n = 2, 3, 4, t + pad
+    q = torch.randn(2, hkv * groups, n, d, generator=g)
+    k, v = torch.randn(2, hkv, n, d, generator=g), torch.randn(2, hkv, n, d, generator=g)
+    positions = torch.stack([torch.arange(n), torch.arange(n) - pad]).clamp(min=-1)
+    got = noncausal_block_scores(make_prefill_chunk(q, k, v, positions, None, 0, 0.0, None), block, 0.7)
+    for row in range(2):
+        expected = dense_block_attention(q[row], k[row], positions[row].tolist(), block, 0.7)
+        torch.testing.assert_close(got[row].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pre_rope_keys_undo_the_rotation_wherever_the_text_starts():
+    """A chunk holds keys rotated by their positions; pre_rope_keys rotates them back to the projections, at
+    any offset of the text (the same token gets the same pre-RoPE key wherever it stands)."""
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randn(1, 2, 24, 8, generator=g)
+    for offset in (0, 37):
+        positions = torch.arange(24)[None] + offset
+        cos, sin = rotary_cos_sin(positions, 8, 10000.0, 1.0, torch.float32)
+        k = apply_rope(raw, cos, sin)
+        assert (k - raw).abs().max() > 0.1
+        chunk = make_prefill_chunk(torch.randn(1, 2, 24, 8, generator=g), k, k, positions, None, 0, 0.0, None,
+                                   rope=(cos, sin))
+        torch.testing.assert_close(pre_rope_keys(chunk), raw, rtol=1e-5, atol=1e-5)
+
+
+def zscore(x: torch.Tensor) -> torch.Tensor:
+    return (x - x.mean()) / x.std(unbiased=False)
+
+
+def reference_scores(qkv, n: int, block: int, scale: float, kernel: int, blend: float) -> torch.Tensor:
+    """[Hkv, n] the Compactor score of one unpadded sequence (layer 0), float64, from the definition."""
+    q, k, v = (x[0][0, :, :n].double() for x in (qkv.q, qkv.k, qkv.v))
+    attention = dense_block_attention(q, k, list(range(n)), block, scale) * v.norm(dim=-1)
+    attention = pool_1d(attention, kernel, "avg")
+    centred = k - k.mean(1, keepdim=True)
+    gram = centred.transpose(-1, -2) @ centred
+    ridge = 1e-4 * gram.diagonal(dim1=-2, dim2=-1).sum(-1) / k.shape[-1]
+    inverse = torch.linalg.inv(gram + ridge[:, None, None] * torch.eye(k.shape[-1], dtype=torch.float64))
+    leverage = torch.einsum("hsd,hde,hse->hs", centred, inverse, centred)
+    return torch.stack([zscore(attention[h]) + blend * zscore(leverage[h]) for h in range(k.shape[0])])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(6, 40), st.integers(1, 2), st.integers(1, 3), st.integers(0, 2**16), st.integers(2, 30),
+       st.sampled_from([4, 16, 256]), st.sampled_from([1, 3]), st.sampled_from([None, 0.5]))
+def test_compactor_keeps_sinks_recent_and_the_top_of_its_score(n, kv_heads, groups, seed, budget, block, kernel,
+                                                               blend):
+    """Selection of one sequence: the first `sinks` and last `recent` tokens, then the top of
+    zscore(pooled block attention * |v|) + blend * zscore(leverage) (blend: the dropped fraction of the
+    prompt when not given), `budget` slots in all; decoding appends."""
+    sinks, recent = 2, 1
+    assume(sinks + recent < budget < n)
+    qkv = random_qkv(1, 1, kv_heads, groups, n + 1, seed=seed)  # the prompt, then one decoded token
+    method = Compactor(budget=budget, sinks=sinks, recent=recent, block=block, kernel_size=kernel, blend=blend)
+    trace = drive_synthetic(method, qkv, [n], 1)
+    weight = 1.0 - budget / n if blend is None else blend
+    ref = reference_scores(qkv, n, block, 1.0, kernel, weight)
+    middle = list(range(sinks, n - recent))
+    for h in range(kv_heads):
+        kept = set(trace.snapshots[0].kept(0, 0, h))
+        assert len(kept) == budget and {0, 1, n - 1} <= kept, f"head {h}: kept {sorted(kept)}"
+        chosen = [ref[h, p].item() for p in middle if p in kept]
+        dropped = [ref[h, p].item() for p in middle if p not in kept]
+        assert min(chosen) >= max(dropped) - SLACK, f"head {h}: kept {sorted(kept)}, scores {ref[h].tolist()}"
+        assert set(trace.snapshots[1].kept(0, 0, h)) == kept | {n}
+
+
+@pytest.mark.parametrize("field, value", [("sinks", -1), ("block", 0), ("scale", 0.0), ("blend", -0.5),
+                                          ("kernel_size", 1.5), ("decode_cap", 0)])
+def test_compactor_refuses_bad_settings_by_name(field, value):
+    with pytest.raises(KvzooError, match=field):
+        Compactor(**{field: value})
