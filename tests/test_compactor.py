@@ -8,7 +8,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from kvzoo import Compactor
+from kvzoo import Compactor, ZSMerge
 from kvzoo.cache.chunk import make_prefill_chunk
 from kvzoo.cache.scoring import noncausal_block_scores, pre_rope_keys
 from kvzoo.errors import KvzooError
@@ -114,3 +114,28 @@ def test_compactor_keeps_sinks_recent_and_the_top_of_its_score(n, kv_heads, grou
 def test_compactor_refuses_bad_settings_by_name(field, value):
     with pytest.raises(KvzooError, match=field):
         Compactor(**{field: value})
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(30, 48), st.integers(1, 2), st.integers(1, 3), st.integers(0, 2**16), st.integers(20, 26))
+def test_zsmerge_compactor_context_is_the_top_of_compactor_score(n, kv_heads, groups, seed, budget):
+    """ZSMerge(context_rank="compactor"): the ring holds the newest tokens, the first 8 tokens take context
+    slots first, and the other context slots go to the top of Compactor's score (blend: the dropped fraction
+    of the prompt) among the tokens before the ring; what is left merges into the residual slot."""
+    qkv = random_qkv(1, 1, kv_heads, groups, n, seed=seed)
+    method = ZSMerge(budget=budget, context_rank="compactor")
+    layout = method.layout(n)
+    trace = drive_synthetic(method, qkv, [n], 0)
+    ref = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - budget / n)
+    snap = trace.snapshots[0].layers[0]
+    ring = set(range(n - layout.proximity, n))
+    older = [p for p in range(8, n - layout.proximity)]
+    for h in range(kv_heads):
+        exact = torch.isfinite(snap["logw"][0, h]) & (snap["logw"][0, h] == 0)
+        held = set(snap["pos"][0, h][exact].tolist())
+        assert ring <= held and set(range(8)) <= held, f"head {h}: held {sorted(held)}"
+        context = held - ring - set(range(8))
+        assert len(context) == layout.context - 8, f"head {h}: context {sorted(context)}"
+        chosen = [ref[h, p].item() for p in older if p in context]
+        dropped = [ref[h, p].item() for p in older if p not in context]
+        assert min(chosen) >= max(dropped) - SLACK, f"head {h}: context {sorted(context)}"

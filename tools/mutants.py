@@ -272,6 +272,18 @@ MUTANTS: list[Mutant] = [
     Mutant("zigzag-tau-ignored", "kvzoo/cache/zigzag.py",
            "return min_budget_attention(per_head, self.tau)", "return min_budget_attention(per_head, 1.0)",
            (EQUATIONS,), "LMBA at tau"),
+    Mutant("compactor-causal", "kvzoo/cache/scoring.py",
+           "same = (block_of[:, start:stop, None] == block_of[:, None, lo:hi]) & valid[:, start:stop, None]",
+           "same = (block_of[:, start:stop, None] == block_of[:, None, lo:hi]) & valid[:, start:stop, None]\n"
+           "        same &= torch.arange(start, stop)[:, None] >= torch.arange(lo, hi)[None, :]",
+           ("tests/test_compactor.py",), "Compactor's block attention is non-causal: later queries count too"),
+    Mutant("compactor-post-rope-leverage", "kvzoo/cache/scoring.py",
+           "return apply_rope(chunk.k, cos, -sin)", "return chunk.k",
+           ("tests/test_compactor.py",), "Compactor's leverage is of the pre-RoPE keys"),
+    Mutant("compactor-leverage-unweighted", "kvzoo/cache/scoring.py",
+           "own = (zscore(attention, valid) + blend * zscore(leverage, valid))",
+           "own = (zscore(attention, valid) + zscore(leverage, valid))",
+           ("tests/test_compactor.py",), "Compactor blends leverage by the dropped fraction of the prompt"),
 ]
 
 

@@ -56,7 +56,8 @@ import torch
 
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
-from kvzoo.cache.scoring import accumulated_scores, leverage_scores, on_the_scale_of, window_scores
+from kvzoo.cache.scoring import (accumulated_scores, compactor_scores, leverage_scores, on_the_scale_of,
+                                 window_scores)
 from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, slot_candidates, top_mask,
                                    widest_shares)
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots, allocate_stores
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
 
 MIN_PROXIMITY = 2  # as the reference code: max(2, tail)
 MIN_RESIDUAL = 1
+COMPACTOR_SINKS = 8  # with context_rank="compactor": always kept first, as Compactor(sinks=8)
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,11 @@ class ZSMerge(CompressionMethod):
     # 20% (equal memory), but on 24 held-out needles 12 / 29 / 46% at 5 / 10 / 20% kept, as the default's
     # 8 / 33 / 46% (tools/RESULTS.md, "Session 7").
     cross_layer: bool = False
+    # What picks the context tokens at prefill: "score" (the stored attention scores above) or "compactor"
+    # (scoring.compactor_scores: non-causal block attention times value norm plus the leverage of the pre-RoPE
+    # keys, blended by the dropped fraction of the prompt, the first COMPACTOR_SINKS tokens first; as the
+    # Compactor baseline). The stored scores, and so every decode-time choice, stay the attention scores.
+    context_rank: str = "score"
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "ZSMerge")
@@ -201,6 +208,12 @@ class ZSMerge(CompressionMethod):
         if self.cross_layer and (self.leverage or self.window_share is not None):
             raise KvzooError("ZSMerge: cross_layer ranks by attention shares alone, so it takes neither leverage "
                              "nor window_share")
+        if self.context_rank not in ("score", "compactor"):
+            raise KvzooError(f"ZSMerge: context_rank must be 'score' or 'compactor', got {self.context_rank!r}")
+        if self.context_rank == "compactor" and (self.leverage or self.window_share is not None or self.cross_layer
+                                                 or self.combine != "zscore" or self.accumulate):
+            raise KvzooError("ZSMerge: context_rank='compactor' ranks the context by Compactor's score alone, so it "
+                             "takes none of leverage, window_share, cross_layer, combine='max' or accumulate")
         if self.leverage_of not in ("keys", "values"):
             raise KvzooError(f"ZSMerge: leverage_of must be 'keys' or 'values', got {self.leverage_of!r}")
         if self.prefill_scale not in ("window", "steady"):
@@ -303,7 +316,15 @@ class ZSMerge(CompressionMethod):
             tie = window_scores(chunk, self.window_size, self.decay) if self.window_size is not None else score
             slots.state["cross_layer_tie"] = tie
             return
-        self._compress(slots, chunk, score, window, accumulated)
+        rank = self._compactor_rank(slots, chunk) if self.context_rank == "compactor" else None
+        self._compress(slots, chunk, score, window, accumulated, rank=rank)
+
+    def _compactor_rank(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
+        """[B, Hkv, S] Compactor's score of the candidates (the first COMPACTOR_SINKS positions first), blended
+        by the fraction of each prompt the layout drops."""
+        kept = slots.budget.float() / slots.state["prompt_len"].clamp(min=1).float()
+        rank = compactor_scores(chunk, (1.0 - kept).clamp(min=0.0)[:, None, None])
+        return rank.masked_fill((chunk.key_pos >= 0) & (chunk.key_pos < COMPACTOR_SINKS), float("inf"))
 
     def _compress(self, slots: LayerSlots, chunk: "PrefillChunk", score: torch.Tensor,
                   window: torch.Tensor | None, accumulated: torch.Tensor | None, rank: torch.Tensor | None = None,
