@@ -20,6 +20,15 @@ if TYPE_CHECKING:
     from kvzoo.config import ModelConfig
 
 
+SINKS = 8  # the first tokens always kept (attention sinks), as the official code
+
+
+def dropped_fraction(kept: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
+    """[B, 1, 1] the fraction of each prompt not kept, from slots kept [B] and prompt lengths [B]: Compactor's
+    default leverage weight (the smaller the budget, the more a token's uniqueness counts)."""
+    return (1.0 - kept.float() / prompt_len.clamp(min=1).float()).clamp(min=0.0)[:, None, None]
+
+
 @dataclass
 class Compactor(ScoredSelection, PrefillOnlyMethod):
     """Prefill-only selection by a query-agnostic score: what the text around a token reads from it, plus how
@@ -38,7 +47,7 @@ class Compactor(ScoredSelection, PrefillOnlyMethod):
     """
 
     budget: Budget = 0.2
-    sinks: int = 8
+    sinks: int = SINKS
     recent: int = 4
     block: int = 256
     scale: float = 1.0
@@ -68,8 +77,7 @@ class Compactor(ScoredSelection, PrefillOnlyMethod):
         """The leverage weight: `blend`, or the fraction of each sequence's prompt that is dropped [B, 1, 1]."""
         if self.blend is not None:
             return float(self.blend)
-        kept = slots.state["prefill_budget"].float() / slots.state["prompt_len"].clamp(min=1).float()
-        return (1.0 - kept).clamp(min=0.0)[:, None, None]
+        return dropped_fraction(slots.state["prefill_budget"], slots.state["prompt_len"])
 
     def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         return compactor_scores(chunk, self._blend(slots), self.block, float(self.scale), self.kernel_size)

@@ -56,6 +56,7 @@ import torch
 
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
+from kvzoo.cache.compactor import SINKS, dropped_fraction
 from kvzoo.cache.scoring import (accumulated_scores, compactor_scores, leverage_scores, on_the_scale_of,
                                  window_scores)
 from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, slot_candidates, top_mask,
@@ -70,7 +71,6 @@ if TYPE_CHECKING:
 
 MIN_PROXIMITY = 2  # as the reference code: max(2, tail)
 MIN_RESIDUAL = 1
-COMPACTOR_SINKS = 8  # with context_rank="compactor": always kept first, as Compactor(sinks=8)
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ class ZSMerge(CompressionMethod):
     cross_layer: bool = False
     # What picks the context tokens at prefill: "score" (the stored attention scores above) or "compactor"
     # (scoring.compactor_scores: non-causal block attention times value norm plus the leverage of the pre-RoPE
-    # keys, blended by the dropped fraction of the prompt, the first COMPACTOR_SINKS tokens first; as the
+    # keys, blended by the dropped fraction of the prompt, the first `compactor.SINKS` tokens first; as the
     # Compactor baseline). The stored scores, and so every decode-time choice, stay the attention scores.
     context_rank: str = "score"
 
@@ -320,11 +320,10 @@ class ZSMerge(CompressionMethod):
         self._compress(slots, chunk, score, window, accumulated, rank=rank)
 
     def _compactor_rank(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
-        """[B, Hkv, S] Compactor's score of the candidates (the first COMPACTOR_SINKS positions first), blended
+        """[B, Hkv, S] Compactor's score of the candidates (the first SINKS positions first), blended
         by the fraction of each prompt the layout drops."""
-        kept = slots.budget.float() / slots.state["prompt_len"].clamp(min=1).float()
-        rank = compactor_scores(chunk, (1.0 - kept).clamp(min=0.0)[:, None, None])
-        return rank.masked_fill((chunk.key_pos >= 0) & (chunk.key_pos < COMPACTOR_SINKS), float("inf"))
+        rank = compactor_scores(chunk, dropped_fraction(slots.budget, slots.state["prompt_len"]))
+        return rank.masked_fill((chunk.key_pos >= 0) & (chunk.key_pos < SINKS), float("inf"))
 
     def _compress(self, slots: LayerSlots, chunk: "PrefillChunk", score: torch.Tensor,
                   window: torch.Tensor | None, accumulated: torch.Tensor | None, rank: torch.Tensor | None = None,
