@@ -159,6 +159,8 @@ class ZSMerge(CompressionMethod):
     # (scoring.compactor_scores: non-causal block attention times value norm plus the leverage of the pre-RoPE
     # keys, blended by the dropped fraction of the prompt, the first `compactor.SINKS` tokens first; as the
     # Compactor baseline). The stored scores, and so every decode-time choice, stay the attention scores.
+    # Known limit: a prompt fed in chunks ranks the earlier chunks' kept slots by their stored attention
+    # scores against the new chunk's Compactor scores (different scales); measured only on one-shot prefill.
     context_rank: str = "score"
 
     def __post_init__(self) -> None:
