@@ -35,7 +35,7 @@ def dense_block_attention(q: torch.Tensor, k: torch.Tensor, positions: list[int]
     return out.reshape(hkv, hq // hkv, t).mean(1)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(st.integers(1, 40), st.integers(0, 6), st.sampled_from([1, 3, 8, 64]), st.integers(0, 2**16))
 def test_noncausal_block_scores_are_the_column_sums_of_attention_within_position_blocks(t, pad, block, seed):
     """Each valid query attends, with logits q.k * scale and no causal mask, to the valid keys whose position
@@ -84,7 +84,7 @@ def reference_scores(qkv, n: int, block: int, scale: float, kernel: int, blend: 
     return torch.stack([zscore(attention[h]) + blend * zscore(leverage[h]) for h in range(k.shape[0])])
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(st.integers(6, 40), st.integers(1, 2), st.integers(1, 3), st.integers(0, 2**16), st.integers(2, 30),
        st.sampled_from([4, 16, 256]), st.sampled_from([1, 3]), st.sampled_from([None, 0.5]))
 def test_compactor_keeps_sinks_recent_and_the_top_of_its_score(n, kv_heads, groups, seed, budget, block, kernel,
@@ -116,7 +116,7 @@ def test_compactor_refuses_bad_settings_by_name(field, value):
         Compactor(**{field: value})
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(st.integers(30, 48), st.integers(1, 2), st.integers(1, 3), st.integers(0, 2**16), st.integers(20, 26))
 def test_zsmerge_compactor_context_is_the_top_of_compactor_score(n, kv_heads, groups, seed, budget):
     """ZSMerge(context_rank="compactor"): the ring holds the newest tokens, the first 8 tokens take context
