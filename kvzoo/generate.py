@@ -312,8 +312,8 @@ def prepare(model: "CausalLM", prompt_ids: list[list[int]], max_new_tokens: int,
         _check_request(model, prompt_ids, max_new_tokens, prefill_chunk, method)
         if prefill_chunk is not None and not method.supports_chunked_prefill:
             raise KvzooError(
-                f"{type(method).__name__} allocates its budgets from every layer's statistics over the whole "
-                "prompt, so it cannot compress chunk by chunk: leave prefill_chunk unset"
+                f"{type(method).__name__} ranks or allocates from statistics over the whole prompt at once "
+                "(see its supports_chunked_prefill), so it cannot compress chunk by chunk: leave prefill_chunk unset"
             )
         work = new_cache(model, lens, max_new_tokens, method)
         start = None

@@ -136,8 +136,8 @@ MUTANTS: list[Mutant] = [
            "slots.write(index, k_new, v_new, zeros, zeros, index)", "slots.write(index, k_new, k_new, zeros, zeros, index)",
            ("tests/test_model_parity.py",), "slot = the token's own key and value"),
     # --- StreamingLLM -----------------------------------------------------------------------------------
-    Mutant("streaming-one-sink-more", "kvzoo/cache/streaming_llm.py",
-           "(chunk.key_pos >= 0) & (chunk.key_pos < self.sinks)", "(chunk.key_pos >= 0) & (chunk.key_pos <= self.sinks)",
+    Mutant("streaming-one-sink-more", "kvzoo/cache/selection.py",
+           "(chunk.key_pos >= 0) & (chunk.key_pos < sinks)", "(chunk.key_pos >= 0) & (chunk.key_pos <= sinks)",
            (f"{BASELINES}::test_streaming_llm_keeps_sinks_and_recent",), "sinks = positions 0 .. sinks-1"),
     Mutant("streaming-evicts-newest", "kvzoo/cache/streaming_llm.py",
            "oldest = argmin_where(slots.pos.float(), slots.filled & (slots.pos >= self.sinks))",

@@ -11,7 +11,7 @@ import torch
 from kvzoo.cache.base import PrefillOnlyMethod, ScoredSelection
 from kvzoo.cache.budgets import Budget, check_budget, resolve_budget
 from kvzoo.cache.scoring import compactor_scores
-from kvzoo.cache.selection import recent_mask
+from kvzoo.cache.selection import recent_mask, sink_mask
 from kvzoo.cache.slots import LayerSlots
 from kvzoo.errors import KvzooError
 
@@ -83,7 +83,7 @@ class Compactor(ScoredSelection, PrefillOnlyMethod):
         return compactor_scores(chunk, self._blend(slots), self.block, float(self.scale), self.kernel_size)
 
     def protected(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
-        return recent_mask(chunk, self.recent) | ((chunk.key_pos >= 0) & (chunk.key_pos < self.sinks))
+        return recent_mask(chunk, self.recent) | sink_mask(chunk, self.sinks)
 
     def prefill_keep(self, slots: LayerSlots) -> torch.Tensor:
         return slots.state["prefill_budget"]

@@ -78,6 +78,11 @@ def recent_mask(chunk: "PrefillChunk", recent: torch.Tensor | int) -> torch.Tens
     return (chunk.key_pos >= 0) & (chunk.key_pos > last[:, None, None] - recent_t)
 
 
+def sink_mask(chunk: "PrefillChunk", sinks: int) -> torch.Tensor:
+    """[B, Hkv, S] candidates among the first `sinks` positions of their sequence (attention sinks)."""
+    return (chunk.key_pos >= 0) & (chunk.key_pos < sinks)
+
+
 def slot_index(slots: LayerSlots) -> torch.Tensor:
     """[C] slot numbers, for masks."""
     return torch.arange(slots.capacity, device=slots.logw.device)

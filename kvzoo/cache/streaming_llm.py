@@ -9,7 +9,7 @@ import torch
 
 from kvzoo.cache.base import ScoredSelection
 from kvzoo.cache.budgets import Budget, check_budget, resolve_budget
-from kvzoo.cache.selection import argmin_where, place_or_evict
+from kvzoo.cache.selection import argmin_where, place_or_evict, sink_mask
 from kvzoo.cache.slots import LayerSlots
 from kvzoo.errors import KvzooError
 
@@ -47,7 +47,7 @@ class StreamingLLM(ScoredSelection):
         return chunk.key_pos.float()  # newer before older
 
     def protected(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
-        return (chunk.key_pos >= 0) & (chunk.key_pos < self.sinks)
+        return sink_mask(chunk, self.sinks)
 
     def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
                     pos_new: torch.Tensor, probs: torch.Tensor | None) -> None:

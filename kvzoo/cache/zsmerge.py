@@ -59,7 +59,7 @@ from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
 from kvzoo.cache.compactor import SINKS, dropped_fraction
 from kvzoo.cache.scoring import (accumulated_scores, compactor_scores, leverage_scores, on_the_scale_of,
                                  window_scores)
-from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, slot_candidates, top_mask,
+from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, sink_mask, slot_candidates, top_mask,
                                    widest_shares)
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots, allocate_stores
 from kvzoo.errors import KvzooError
@@ -159,8 +159,8 @@ class ZSMerge(CompressionMethod):
     # (scoring.compactor_scores: non-causal block attention times value norm plus the leverage of the pre-RoPE
     # keys, blended by the dropped fraction of the prompt, the first `compactor.SINKS` tokens first; as the
     # Compactor baseline). The stored scores, and so every decode-time choice, stay the attention scores.
-    # Known limit: a prompt fed in chunks ranks the earlier chunks' kept slots by their stored attention
-    # scores against the new chunk's Compactor scores (different scales); measured only on one-shot prefill.
+    # Compactor's scores are standardised over one chunk and the slots keep attention scores, so the two
+    # cannot rank each other: generation with `prefill_chunk` is refused (`supports_chunked_prefill`).
     context_rank: str = "score"
 
     def __post_init__(self) -> None:
@@ -249,7 +249,9 @@ class ZSMerge(CompressionMethod):
 
     @property
     def supports_chunked_prefill(self) -> bool:  # type: ignore[override]
-        return not self.cross_layer  # the cross-layer rank needs every layer's scores over the whole prompt
+        # The cross-layer rank needs every layer's scores over the whole prompt; Compactor's rank standardises
+        # over the chunk, which the kept slots' attention scores are not comparable with.
+        return not self.cross_layer and self.context_rank != "compactor"
 
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
         if self.cross_layer:  # the whole prompt until end_prefill
@@ -325,7 +327,7 @@ class ZSMerge(CompressionMethod):
         """[B, Hkv, S] Compactor's score of the candidates (the first SINKS positions first), blended
         by the fraction of each prompt the layout drops."""
         rank = compactor_scores(chunk, dropped_fraction(slots.budget, slots.state["prompt_len"]))
-        return rank.masked_fill((chunk.key_pos >= 0) & (chunk.key_pos < SINKS), float("inf"))
+        return rank.masked_fill(sink_mask(chunk, SINKS), float("inf"))
 
     def _compress(self, slots: LayerSlots, chunk: "PrefillChunk", score: torch.Tensor,
                   window: torch.Tensor | None, accumulated: torch.Tensor | None, rank: torch.Tensor | None = None,
