@@ -102,6 +102,6 @@ def test_zsmerge_cross_layer_refuses_a_prompt_in_chunks_and_bad_settings():
         drive_synthetic(ZSMerge(budget=8, cross_layer=True), qkv, [40], 0, prefill_chunk=16)
     assert not ZSMerge(cross_layer=True).supports_chunked_prefill and ZSMerge().supports_chunked_prefill
     for bad, message in ((dict(cross_layer=1), "cross_layer must be True or False"),
-                         (dict(cross_layer=True, leverage=0.5), "neither leverage nor window_share")):
+                         (dict(cross_layer=True, leverage=0.5), "none of leverage, leverage_share and window_share")):
         with pytest.raises(KvzooError, match=message):
             ZSMerge(**bad)

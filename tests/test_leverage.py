@@ -163,29 +163,67 @@ def test_zsmerge_window_share_is_not_spent_on_a_heavy_hitter():
     assert 2 in kept and 20 in kept, kept
 
 
+def _attention_shares(qkv, n: int, w: int, kernel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(accumulated / its sum, pooled window / its sum, the window's own unpooled scores), float64, for one
+    sequence and one head, from the attention probabilities' definition."""
+    from tests.method_helpers import pool_1d, reference_probs
+
+    probs = reference_probs(qkv.q[0][0], qkv.k[0][0, 0], list(range(n)), list(range(n)), None)[0]  # [n, n]
+    accumulated = probs.sum(0)
+    own = probs[n - w:].sum(0)
+    window = torch.cat([pool_1d(own[: n - w], kernel, "max"), own[n - w:]])  # pooled before the window
+    return accumulated / accumulated.sum(), window / window.sum(), own
+
+
+def _top(score: torch.Tensor, own: torch.Tensor, n: int, context: int) -> set[int]:
+    """The `context` best of positions 0 .. n-4 (the last 3 are the proximity ring); equal scores (a pooled
+    peak's neighbours) ordered by the token's own window score."""
+    return set(sorted(range(n - 3), key=lambda j: (score[j].item(), own[j].item()), reverse=True)[:context])
+
+
 def test_zsmerge_combine_max_keeps_the_largest_attention_shares():
     """combine="max": the context is the top of max(accumulated / its sum, pooled window / its sum), computed
     here from the attention probabilities' definition (float64), and differs from what either signal alone or
     their sum of shares keeps on this input."""
     from kvzoo.cache.zsmerge import ZSMerge
-    from tests.method_helpers import drive_synthetic, pool_1d, random_qkv, reference_probs
+    from tests.method_helpers import drive_synthetic, random_qkv
 
     n, w, kernel, context = 40, 8, 3, 4
     qkv = random_qkv(1, 1, 1, 1, n, seed=7, scale=1.5)
-    probs = reference_probs(qkv.q[0][0], qkv.k[0][0, 0], list(range(n)), list(range(n)), None)[0]  # [n, n]
-    accumulated = probs.sum(0)
-    own = probs[n - w:].sum(0)
-    window = torch.cat([pool_1d(own[: n - w], kernel, "max"), own[n - w:]])  # pooled before the window
-    share = torch.maximum(accumulated / accumulated.sum(), window / window.sum())
-
-    def top(score: torch.Tensor) -> set[int]:
-        """The `context` best of positions 0 .. n-4 (the last 3 are the proximity ring); equal scores (a
-        pooled peak's neighbours) ordered by the token's own window score."""
-        return set(sorted(range(n - 3), key=lambda j: (score[j].item(), own[j].item()), reverse=True)[:context])
-
+    accumulated, window, own = _attention_shares(qkv, n, w, kernel)
     method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0, accumulate=True,
                      combine="max")
     kept = set(drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist())
-    assert kept == top(share)
-    others = [accumulated, window, accumulated / accumulated.sum() + window / window.sum()]
-    assert all(top(score) != kept for score in others), "the input does not tell the rules apart"
+    assert kept == _top(torch.maximum(accumulated, window), own, n, context)
+    others = [accumulated, window, accumulated + window]
+    assert all(_top(score, own, n, context) != kept for score in others), "the input does not tell the rules apart"
+
+
+def test_zsmerge_leverage_share_keeps_a_key_nobody_reads():
+    """leverage_share=True: a third share, each key's ridge leverage among the prompt's keys over their sum
+    (float64 reference: h = diag(X (X^T X + r I)^-1 X^T), X the centred keys, r = 1e-4 tr(X^T X) / D). Every
+    key but one lies in a 4-dimensional subspace the queries read; the one outside it (leverage near 1, so
+    a share near 1 / 5) is read by no query and is kept only with the third share, and the kept set is the
+    top of max(the three shares)."""
+    from kvzoo.cache.zsmerge import ZSMerge
+    from tests.method_helpers import drive_synthetic, random_qkv
+
+    n, w, kernel, context, unique = 40, 8, 3, 4, 15
+    qkv = random_qkv(1, 1, 1, 1, n, seed=7, scale=1.5)
+    keys = qkv.k[0]  # [1, 1, n, 8]
+    keys[..., 4:] = 0.0
+    keys[0, 0, unique, 6] = 3.0
+    qkv.q[0][..., 6] = 0.0  # no query reads the unique direction
+    accumulated, window, own = _attention_shares(qkv, n, w, kernel)
+    x = keys[0, 0].double()
+    x = x - x.mean(0)
+    gram = x.T @ x
+    ridge = 1e-4 * torch.trace(gram) / x.shape[1]
+    leverage = torch.diagonal(x @ torch.linalg.inv(gram + ridge * torch.eye(x.shape[1], dtype=x.dtype)) @ x.T)
+    share = torch.maximum(torch.maximum(accumulated, window), leverage / leverage.sum())
+    spec = dict(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0, accumulate=True, combine="max")
+    kept = set(drive_synthetic(ZSMerge(**spec, leverage_share=True), qkv, [n], 0).snapshots[0].layers[0]["pos"]
+               [0, 0, 1:5].tolist())
+    without = set(drive_synthetic(ZSMerge(**spec), qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist())
+    assert kept == _top(share, own, n, context)
+    assert unique in kept and unique not in without, (kept, without)

@@ -277,6 +277,8 @@ def test_score_recursion_without_eviction():
         (dict(accumulate=True, combine="sum"), r"combine must be 'zscore' or 'max', got 'sum'"),
         (dict(combine="max"), r"combine='max' .* needs accumulate=True and no window_share"),
         (dict(accumulate=True, combine="max", window_share=0.5), r"needs accumulate=True and no window_share"),
+        (dict(leverage_share=1), r"leverage_share must be True or False, got 1"),
+        (dict(accumulate=True, leverage_share=True), r"leverage_share is a third share in combine='max'"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, message):

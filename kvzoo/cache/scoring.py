@@ -155,6 +155,15 @@ def pre_rope_keys(chunk: "PrefillChunk") -> torch.Tensor:
     return apply_rope(chunk.k, cos, -sin)
 
 
+def own_key_leverage(chunk: "PrefillChunk") -> torch.Tensor:
+    """[B, Hkv, T] fp32: the ridge leverage (`hat_diagonal`) of each of the chunk's own tokens among the chunk's
+    pre-RoPE keys (Compactor's query-agnostic signal: near 1 for a key no combination of the others
+    reproduces); 0 at padding. Pre-RoPE, because the rotation makes a repeated key look new at every
+    position."""
+    valid = chunk.key_pos[..., -chunk.k.shape[2]:] >= 0
+    return hat_diagonal(pre_rope_keys(chunk), valid)
+
+
 def noncausal_block_scores(chunk: "PrefillChunk", block: int, scale: float) -> torch.Tensor:
     """[B, Hkv, T] fp32: the attention each of the chunk's tokens receives from every query of its position
     block (position // block), earlier and later ones alike, with logits q.k * scale; summed over the
@@ -193,8 +202,7 @@ def compactor_scores(chunk: "PrefillChunk", blend: torch.Tensor | float, block: 
     valid = own_pos >= 0
     attention = noncausal_block_scores(chunk, block, scale) * chunk.v.float().norm(dim=-1)
     attention = pool_by_position(attention, own_pos, valid, kernel, "avg")
-    leverage = hat_diagonal(pre_rope_keys(chunk), valid)
-    own = (zscore(attention, valid) + blend * zscore(leverage, valid)).masked_fill(~valid, float("-inf"))
+    own = (zscore(attention, valid) + blend * zscore(own_key_leverage(chunk), valid)).masked_fill(~valid, float("-inf"))
     return torch.cat([chunk.key_score[..., :-t], own], dim=-1)
 
 

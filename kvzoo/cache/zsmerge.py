@@ -58,7 +58,7 @@ from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
 from kvzoo.cache.compactor import SINKS, dropped_fraction
 from kvzoo.cache.scoring import (accumulated_scores, compactor_scores, leverage_scores, on_the_scale_of,
-                                 window_scores)
+                                 own_key_leverage, window_scores)
 from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, sink_mask, slot_candidates, top_mask,
                                    widest_shares)
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots, allocate_stores
@@ -146,6 +146,12 @@ class ZSMerge(CompressionMethod):
     # against the default's 8 / 33 / 46% and 17 / 50 / 62% (H2O 8 / 17 / 25% on both). Between the two, so
     # not the default: the balanced setting (tools/RESULTS.md, "Session 6").
     combine: str = "zscore"
+    # With combine="max": a third share, each token's leverage among the pre-RoPE keys of its prompt chunk over
+    # the chunk's sum of leverages (scoring.own_key_leverage, Compactor's query-agnostic signal): a token no
+    # combination of the others reproduces (a number, a name) is kept although no query has read it yet, and
+    # it stores that share times the attention mass, so decode steps weigh it on the attention scale. Keys
+    # kept from earlier chunks compete by their stored scores (share 0 here).
+    leverage_share: bool = False
     # Rank each layer's context candidates by the larger of their share of that head's stored score and the
     # largest share any head of any layer gives them (see ZigZagKV.cross_layer): a token a late retrieval
     # head reads is kept in every layer, since an answer copied from the context is read through all of
@@ -207,9 +213,13 @@ class ZSMerge(CompressionMethod):
                              "attention shares, so it needs accumulate=True and no window_share")
         if not isinstance(self.cross_layer, bool):
             raise KvzooError(f"ZSMerge: cross_layer must be True or False, got {self.cross_layer!r}")
-        if self.cross_layer and (self.leverage or self.window_share is not None):
-            raise KvzooError("ZSMerge: cross_layer ranks by attention shares alone, so it takes neither leverage "
-                             "nor window_share")
+        if not isinstance(self.leverage_share, bool):
+            raise KvzooError(f"ZSMerge: leverage_share must be True or False, got {self.leverage_share!r}")
+        if self.leverage_share and self.combine != "max":
+            raise KvzooError("ZSMerge: leverage_share is a third share in combine='max' (with accumulate=True)")
+        if self.cross_layer and (self.leverage or self.window_share is not None or self.leverage_share):
+            raise KvzooError("ZSMerge: cross_layer ranks by attention shares alone, so it takes none of leverage, "
+                             "leverage_share and window_share")
         if self.context_rank not in ("score", "compactor"):
             raise KvzooError(f"ZSMerge: context_rank must be 'score' or 'compactor', got {self.context_rank!r}")
         if self.context_rank == "compactor" and (self.leverage or self.window_share is not None or self.cross_layer
@@ -293,6 +303,10 @@ class ZSMerge(CompressionMethod):
                 mass = (total * valid).sum(-1, keepdim=True)  # [B, Hkv, 1]
                 window_mass = (fresh * valid).sum(-1, keepdim=True).clamp(min=1e-30)
                 share = torch.maximum(total / mass.clamp(min=1e-30), fresh / window_mass)
+                if self.leverage_share:
+                    own = own_key_leverage(chunk)  # [B, Hkv, T]
+                    leverage = torch.cat([torch.zeros_like(total[..., : total.shape[-1] - t]), own], dim=-1)
+                    share = torch.maximum(share, leverage / leverage.sum(-1, keepdim=True).clamp(min=1e-30))
                 return share * mass, fresh, total
             blend = total + on_the_scale_of(total, fresh, valid, self.window_weight)
             return blend, fresh, total
