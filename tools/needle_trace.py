@@ -7,7 +7,10 @@ answer's tokens are still in the cache (X kept, . not), after prefill and after 
 then the greedy answer.
 
     python tools/needle_trace.py --seed 3 --instance 5 --method "zsmerge:budget=0.05" [--layers 5,10,20]
-                                 [--steps 6]
+                                 [--steps 6] [--agnostic]
+
+`--agnostic` traces the query-agnostic layout instead: the haystack alone is compressed, then the question is
+fed token by token through decode steps (as `kvzoo eval` does), and the map is printed after it too.
 
 `--layers` also lists, for those layers, the prompt positions each KV head holds outside the last 30
 tokens (the context region of most methods), e.g. the attention sinks that fill it at small budgets.
@@ -55,6 +58,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,2048", help="the eval's --needle-lengths")
     parser.add_argument("--layers", default="", help="layers whose context positions are listed")
     parser.add_argument("--steps", type=int, default=6, help="greedy answer tokens")
+    parser.add_argument("--agnostic", action="store_true", help="compress the haystack, then ask the question")
     args = parser.parse_args()
 
     model = load(ensure_default_model(progress=True))
@@ -68,11 +72,12 @@ def main() -> None:
     instance = needles[args.instance]
     code_tokens = tok.encode(" " + instance.answer, add_special_tokens=False)
     positions = answer_positions(instance, code_tokens)
-    prompt = instance.prompt
+    prompt = instance.haystack if args.agnostic else instance.prompt
     print(f"{instance.kind}, {len(prompt)} tokens, depth {instance.depth}, answer {instance.answer!r} at "
           f"positions {positions}")
 
-    caches, logits = fanout_prefill(model, [prompt], [parse_compression(args.method)], args.steps)
+    headroom = args.steps + (len(instance.question) if args.agnostic else 0)
+    caches, logits = fanout_prefill(model, [prompt], [parse_compression(args.method)], headroom)
     cache = caches[0]  # fanout_prefill has run the method's end of prefill
     print("prefill", kept_map(cache, positions))
     for layer in [int(x) for x in args.layers.split(",") if x]:
@@ -80,8 +85,14 @@ def main() -> None:
                 for h in range(cache.layers[layer].pos.shape[1])]
         print(f"layer {layer} holds (before the last 30 tokens):", held)
     step = make_decode_step(model, compile=False)
-    tokens = [logits.argmax(-1)]
     start = torch.tensor([len(prompt)])
+    with torch.inference_mode():
+        if args.agnostic:  # the question through decode steps; the answer starts after it
+            for i, token in enumerate(instance.question):
+                logits = step(torch.tensor([[token]]), (start + i)[:, None], cache)
+            start = start + len(instance.question)
+            print("after the question", kept_map(cache, positions))
+    tokens = [logits.argmax(-1)]
     with torch.inference_mode():
         for i in range(args.steps - 1):
             logits = step(tokens[-1][:, None], (start + i)[:, None], cache)
