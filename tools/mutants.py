@@ -284,6 +284,10 @@ MUTANTS: list[Mutant] = [
            "own = (zscore(attention, valid) + blend * zscore(leverage, valid))",
            "own = (zscore(attention, valid) + zscore(leverage, valid))",
            ("tests/test_compactor.py",), "Compactor blends leverage by the dropped fraction of the prompt"),
+    Mutant("zsmerge-leverage-share-ignored", "kvzoo/cache/zsmerge.py",
+           "share = torch.maximum(share, leverage / leverage.sum(-1, keepdim=True).clamp(min=1e-30))",
+           "share = share",
+           ("tests/test_leverage.py",), "leverage_share adds the keys' leverage as a third share"),
 ]
 
 

@@ -202,7 +202,8 @@ def compactor_scores(chunk: "PrefillChunk", blend: torch.Tensor | float, block: 
     valid = own_pos >= 0
     attention = noncausal_block_scores(chunk, block, scale) * chunk.v.float().norm(dim=-1)
     attention = pool_by_position(attention, own_pos, valid, kernel, "avg")
-    own = (zscore(attention, valid) + blend * zscore(own_key_leverage(chunk), valid)).masked_fill(~valid, float("-inf"))
+    leverage = own_key_leverage(chunk)
+    own = (zscore(attention, valid) + blend * zscore(leverage, valid)).masked_fill(~valid, float("-inf"))
     return torch.cat([chunk.key_score[..., :-t], own], dim=-1)
 
 
