@@ -31,6 +31,7 @@ from kvzoo.eval.runner import EvalConfig, Runner
 from kvzoo.eval.tasks import NeedleInstance
 from kvzoo.eval.texts import read_source
 from kvzoo.generate import make_decode_step
+from kvzoo.likelihood import teacher_force
 
 
 def answer_positions(instance: NeedleInstance, code_tokens: list[int]) -> list[int]:
@@ -87,13 +88,11 @@ def main() -> None:
     step = make_decode_step(model, compile=False)
     start = torch.tensor([len(prompt)])
     with torch.inference_mode():
-        if args.agnostic:  # the question through decode steps; the answer starts after it
-            for i, token in enumerate(instance.question):
-                logits = step(torch.tensor([[token]]), (start + i)[:, None], cache)
+        if args.agnostic:  # the question through decode steps, as the eval feeds it; the answer starts after it
+            _, logits = teacher_force(step, cache, logits, torch.tensor([instance.question]), start)
             start = start + len(instance.question)
             print("after the question", kept_map(cache, positions))
-    tokens = [logits.argmax(-1)]
-    with torch.inference_mode():
+        tokens = [logits.argmax(-1)]
         for i in range(args.steps - 1):
             logits = step(tokens[-1][:, None], (start + i)[:, None], cache)
             tokens.append(logits.argmax(-1))

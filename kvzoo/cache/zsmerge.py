@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
@@ -311,8 +312,8 @@ class ZSMerge(CompressionMethod):
                 window_mass = (fresh * valid).sum(-1, keepdim=True).clamp(min=1e-30)
                 share = torch.maximum(total / mass.clamp(min=1e-30), fresh / window_mass)
                 if self.leverage_share:
-                    own = own_key_leverage(chunk)  # [B, Hkv, T]
-                    leverage = torch.cat([torch.zeros_like(total[..., : total.shape[-1] - t]), own], dim=-1)
+                    # [B, Hkv, S]: the chunk's own tokens; slots kept from earlier chunks take 0
+                    leverage = F.pad(own_key_leverage(chunk), (total.shape[-1] - t, 0))
                     share = torch.maximum(share, leverage / leverage.sum(-1, keepdim=True).clamp(min=1e-30))
                 return share * mass, fresh, total
             blend = total + on_the_scale_of(total, fresh, valid, self.window_weight)
