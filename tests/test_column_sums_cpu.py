@@ -27,7 +27,7 @@ def _prompt(b: int, hq: int, hkv: int, t: int, d: int, sharp: float, seed: int, 
 @given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), st.integers(1, 40), st.sampled_from([4, 16, 64]),
        st.sampled_from([0.3, 1.0, 3.0]), st.sampled_from(["ones", "decay", "window", "sparse"]), st.integers(0, 2**16))
 def test_fast_path_equals_the_reference(b, hkv, groups, t, d, sharp, weighting, seed):
-    """Every weighting the methods use: all ones (H2O, KVMerger), decayed (ZSMerge window_size=None), the last
+    """Every weighting the methods use: all ones (H2O, KVMerger), decayed (ZSMerge rank="accumulated"), the last
     few queries only (an observation window, zero weight elsewhere), and random zeros."""
     q, k, q_pos, key_pos, key_bias = _prompt(b, hkv * groups, hkv, t, d, sharp, seed)
     ages = torch.arange(t - 1, -1, -1, dtype=torch.float32)

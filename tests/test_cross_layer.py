@@ -80,7 +80,7 @@ def test_zsmerge_cross_layer_context_is_the_top_of_the_widest_share():
     assert 20 in alone[1] and 20 not in alone[0] and 20 in across[0], (alone, across)
 
 
-@pytest.mark.parametrize("spec", [dict(), dict(accumulate=True, decay=1.0, combine="max")])
+@pytest.mark.parametrize("spec", [dict(rank="window"), dict(rank="attention_shares", decay=1.0)])
 def test_zsmerge_cross_layer_with_one_layer_is_the_per_layer_compression(spec):
     """With one layer of one KV head the widest share is the head's own, so the deferred compression at the
     end of prefill must store exactly what compressing during prefill stores (ring, context, residual merge,
@@ -102,6 +102,7 @@ def test_zsmerge_cross_layer_refuses_a_prompt_in_chunks_and_bad_settings():
         drive_synthetic(ZSMerge(budget=8, cross_layer=True), qkv, [40], 0, prefill_chunk=16)
     assert not ZSMerge(cross_layer=True).supports_chunked_prefill and ZSMerge().supports_chunked_prefill
     for bad, message in ((dict(cross_layer=1), "cross_layer must be True or False"),
-                         (dict(cross_layer=True, leverage=0.5), "none of leverage, leverage_share and window_share")):
+                         (dict(cross_layer=True, leverage=0.5), "neither leverage nor rank='split' or 'shares'"),
+                         (dict(cross_layer=True, rank="shares"), "neither leverage nor rank='split' or 'shares'")):
         with pytest.raises(KvzooError, match=message):
             ZSMerge(**bad)

@@ -77,8 +77,8 @@ def test_zsmerge_keeps_a_unique_key_nobody_attended_to():
 
 
 def test_zsmerge_accumulate_keeps_what_earlier_queries_read():
-    """accumulate=True adds the attention of every prompt query to the window's: a key the first queries read
-    heavily and the last 8 avoid is kept, where the window alone drops it."""
+    """rank="blend" adds the attention of every prompt query to the window's: a key the first queries read
+    heavily and the last 8 avoid is kept, where rank="window" drops it."""
     from kvzoo.cache.zsmerge import ZSMerge
     from tests.method_helpers import drive_synthetic, random_qkv
 
@@ -90,16 +90,16 @@ def test_zsmerge_accumulate_keeps_what_earlier_queries_read():
     qkv.q[0][0, 0, 6:n - 8] = 2 * a
     qkv.q[0][0, 0, n - 8:] = 2 * b
     kept = {}
-    for accumulate in (False, True):
-        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, decay=1.0, accumulate=accumulate)
+    for rank in ("window", "blend"):
+        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, decay=1.0, rank=rank)
         s = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]
-        kept[accumulate] = s["pos"][0, 0, 1:5].tolist()  # slots: [residual | 4 context | 3 proximity]
-    assert 5 not in kept[False] and 5 in kept[True], kept
-    assert 10 in kept[False] and 10 in kept[True], kept
+        kept[rank] = s["pos"][0, 0, 1:5].tolist()  # slots: [residual | 4 context | 3 proximity]
+    assert 5 not in kept["window"] and 5 in kept["blend"], kept
+    assert 10 in kept["window"] and 10 in kept["blend"], kept
 
 
 def test_zsmerge_window_share_keeps_the_window_peak_and_fills_the_rest_by_accumulated_attention():
-    """window_share: that share of the context slots (here 2 of 4) goes to the tokens the window reads most,
+    """rank="split": window_share of the context slots (here 2 of 4) goes to the tokens the window reads most,
     the rest to the highest accumulated attention; with share 0 the window's token competes on accumulated
     attention alone and loses to the early tokens and to tokens every query reads a little."""
     from kvzoo.cache.zsmerge import ZSMerge
@@ -115,7 +115,7 @@ def test_zsmerge_window_share_keeps_the_window_peak_and_fills_the_rest_by_accumu
     qkv.q[0][0, 0, n - 8:] += 0.25 * b
     kept = {}
     for share in (0.0, 0.5):
-        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, decay=1.0, accumulate=True,
+        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, decay=1.0, rank="split",
                          window_weight=0.0, window_share=share)
         s = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]
         kept[share] = sorted(s["pos"][0, 0, 1:5].tolist())  # slots: [residual | 4 context | 3 proximity]
@@ -124,20 +124,20 @@ def test_zsmerge_window_share_keeps_the_window_peak_and_fills_the_rest_by_accumu
 
 
 def test_zsmerge_window_weight_zero_ranks_by_accumulated_attention_alone():
-    """accumulate=True with window_weight=0 keeps exactly what scoring by accumulated attention alone keeps
-    (window_size=None, paper Eq. 5 with decay 1): the window term is the only difference."""
+    """rank="blend" with window_weight=0 keeps exactly what scoring by accumulated attention alone keeps
+    (rank="accumulated", paper Eq. 5 with decay 1): the window term is the only difference."""
     from kvzoo.cache.zsmerge import ZSMerge
     from tests.method_helpers import drive_synthetic, random_qkv
 
     qkv = random_qkv(2, 2, 2, 1, 64, seed=7)  # 60 prompt positions + 3 decode steps
-    hybrid = ZSMerge(budget=12, decay=1.0, accumulate=True, window_weight=0.0)
-    accumulated = ZSMerge(budget=12, decay=1.0, window_size=None)
+    hybrid = ZSMerge(budget=12, decay=1.0, rank="blend", window_weight=0.0)
+    accumulated = ZSMerge(budget=12, decay=1.0, rank="accumulated")
     for a, b in zip(drive_synthetic(hybrid, qkv, [60, 45], 3).snapshots,
                     drive_synthetic(accumulated, qkv, [60, 45], 3).snapshots):
         for la, lb in zip(a.layers, b.layers):
             assert torch.equal(la["pos"], lb["pos"])
             torch.testing.assert_close(la["k"], lb["k"], atol=1e-6, rtol=1e-6)
-    weighted = drive_synthetic(ZSMerge(budget=12, decay=1.0, accumulate=True), qkv, [60, 45], 3).snapshots
+    weighted = drive_synthetic(ZSMerge(budget=12, decay=1.0, rank="blend"), qkv, [60, 45], 3).snapshots
     assert any(not torch.equal(la["pos"], lb["pos"]) for la, lb in zip(weighted[0].layers,
                                                                     drive_synthetic(accumulated, qkv, [60, 45], 3)
                                                                     .snapshots[0].layers))
@@ -157,7 +157,7 @@ def test_zsmerge_window_share_is_not_spent_on_a_heavy_hitter():
     qkv.k[0][0, 0, 20] = 12 * b  # read by the window's 8 queries only
     qkv.q[0][0, 0, :] = 0.5 * a
     qkv.q[0][0, 0, n - 8:] += 0.25 * b
-    method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, decay=1.0, accumulate=True,
+    method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, decay=1.0, rank="split",
                      window_weight=0.0, window_share=0.25)  # 1 of the 4 context slots
     kept = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist()
     assert 2 in kept and 20 in kept, kept
@@ -182,7 +182,7 @@ def _top(score: torch.Tensor, own: torch.Tensor, n: int, context: int) -> set[in
 
 
 def test_zsmerge_combine_max_keeps_the_largest_attention_shares():
-    """combine="max": the context is the top of max(accumulated / its sum, pooled window / its sum), computed
+    """rank="attention_shares": the context is the top of max(accumulated / its sum, pooled window / its sum), computed
     here from the attention probabilities' definition (float64), and differs from what either signal alone or
     their sum of shares keeps on this input."""
     from kvzoo.cache.zsmerge import ZSMerge
@@ -191,8 +191,7 @@ def test_zsmerge_combine_max_keeps_the_largest_attention_shares():
     n, w, kernel, context = 40, 8, 3, 4
     qkv = random_qkv(1, 1, 1, 1, n, seed=7, scale=1.5)
     accumulated, window, own = _attention_shares(qkv, n, w, kernel)
-    method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0, accumulate=True,
-                     combine="max")
+    method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0, rank="attention_shares")
     kept = set(drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist())
     assert kept == _top(torch.maximum(accumulated, window), own, n, context)
     others = [accumulated, window, accumulated + window]
@@ -200,7 +199,7 @@ def test_zsmerge_combine_max_keeps_the_largest_attention_shares():
 
 
 def test_zsmerge_leverage_share_keeps_a_key_nobody_reads():
-    """leverage_share=True: a third share, each key's ridge leverage among the prompt's keys over their sum
+    """rank="shares": a third share, each key's ridge leverage among the prompt's keys over their sum
     (float64 reference: h = diag(X (X^T X + r I)^-1 X^T), X the centred keys, r = 1e-4 tr(X^T X) / D). Every
     key but one lies in a 4-dimensional subspace the queries read; the one outside it (leverage near 1, so
     a share near 1 / 5) is read by no query and is kept only with the third share, and the kept set is the
@@ -221,9 +220,9 @@ def test_zsmerge_leverage_share_keeps_a_key_nobody_reads():
     ridge = 1e-4 * torch.trace(gram) / x.shape[1]
     leverage = torch.diagonal(x @ torch.linalg.inv(gram + ridge * torch.eye(x.shape[1], dtype=x.dtype)) @ x.T)
     share = torch.maximum(torch.maximum(accumulated, window), leverage / leverage.sum())
-    spec = dict(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0, accumulate=True, combine="max")
-    kept = set(drive_synthetic(ZSMerge(**spec, leverage_share=True), qkv, [n], 0).snapshots[0].layers[0]["pos"]
+    spec = dict(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0)
+    kept = set(drive_synthetic(ZSMerge(**spec, rank="shares"), qkv, [n], 0).snapshots[0].layers[0]["pos"]
                [0, 0, 1:5].tolist())
-    without = set(drive_synthetic(ZSMerge(**spec), qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist())
+    without = set(drive_synthetic(ZSMerge(**spec, rank="attention_shares"), qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist())
     assert kept == _top(share, own, n, context)
     assert unique in kept and unique not in without, (kept, without)

@@ -287,7 +287,7 @@ MUTANTS: list[Mutant] = [
     Mutant("zsmerge-leverage-share-ignored", "kvzoo/cache/zsmerge.py",
            "share = torch.maximum(share, leverage / leverage.sum(-1, keepdim=True).clamp(min=1e-30))",
            "share = share",
-           ("tests/test_leverage.py",), "leverage_share adds the keys' leverage as a third share"),
+           ("tests/test_leverage.py",), "rank='shares' adds the keys' leverage as a third share"),
 ]
 
 

@@ -12,8 +12,9 @@ Per (layer, sequence, KV head) the B slots are split into three regions, at fixe
   gets the attention bias alpha * log w (Eq. 8), exact for identical keys when alpha = 1.
 
 Ambiguities (METHODS.md 1.6) resolved as recommended:
-- A2 prefill scoring: default = observation window of the last `window_size` queries with decay and
-  max-pool (latest code); `window_size=None` = decayed sum over every prompt query, no pooling (paper Eq. 5).
+- A2 prefill scoring: `rank="window"` = observation window of the last `window_size` queries with decay and
+  max-pool (latest code); `rank="accumulated"` = decayed sum over every prompt query, no pooling (paper
+  Eq. 5). Further ranks blend the window with the accumulated attention (`rank`, below).
 - A3: the ring holds exactly B_p tokens (paper), not B_p - 1 (code).
 - A4: the token leaving the ring competes with C: the lowest-scored of C ∪ {leaving} is merged (paper).
 - A5: a residual slot's score is the max of its members' (`score_update="max"`; "sum" available).
@@ -72,6 +73,8 @@ if TYPE_CHECKING:
 
 MIN_PROXIMITY = 2  # as the reference code: max(2, tail)
 MIN_RESIDUAL = 1
+RANKS = ("window", "accumulated", "blend", "split", "attention_shares", "shares")  # see ZSMerge.rank
+WINDOW_RANKS = ("window", "accumulated")  # the paper's: one attention signal, no blend (context_rank, tie)
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ class ZSMerge(CompressionMethod):
     residual: Budget = 0.02  # B_r: fraction of B - B_p (float) or slots (int); at least 1
     alpha: float = 0.5  # paper: 1.0 (see A10 above)
     decay: float = 0.98
-    window_size: int | None = 8
+    window_size: int = 8  # the window's queries (every rank but "accumulated")
     kernel_size: int = 7  # paper: 5 (see "Measured effect" above)
     pooling: str = "max"
     metric: str = "dot"  # residual slot choice: "dot" (Eq. 6) or "l2"
@@ -116,50 +119,39 @@ class ZSMerge(CompressionMethod):
     # displace ones the continuation attends to: +0.15 NLL at 5%, +0.075 at 20% (tools/RESULTS.md).
     leverage: float = 0.0
     leverage_of: str = "keys"  # or "values"
-    # Rank by the attention accumulated over every prompt query (as H2O; with decay=1.0 undecayed) plus
-    # the standardised pooled window scores; the stored scores are on the accumulated scale. Needs a window
-    # (window_size=None already scores by accumulated attention alone). With decay=1.0, on 16 held-out
-    # instances at equal memory: 0.000 / -0.014 / -0.027 NLL against the default at 5 / 10 / 20% kept;
-    # query-aware needle 12 / 42 / 46% of 24 against the default's 17 / 50 / 62% (tools/RESULTS.md).
-    accumulate: bool = False
-    # With accumulate: the weight of the standardised window in that rank (zscore(accumulated) +
-    # window_weight * zscore(pooled window)); 0 ranks by accumulated attention alone (H2O's signal). On 16
-    # development instances NLL falls steadily as the weight does (1 / 0.5 / 0.25 / 0: +0.222 / +0.210 /
-    # +0.205 / +0.185 at 5% kept, equal memory): every bit of window displaces what the continuation reads.
-    window_weight: float = 1.0
-    # With accumulate: instead of one blended rank, 1 - window_share of the context slots go to the highest
-    # accumulated attention (what every query read) and the share to the tokens the window attends to most
-    # among the rest (pooled; what the last queries, e.g. a question, ask for); stored scores are the blend
-    # above. None: the blended rank. "accumulate=true,decay=1.0,window_share=0.25" is the continuation
-    # setting: level with H2O at equal memory on 16 held-out instances (+0.004 / 0.000 / +0.009 NLL at 5 /
-    # 10 / 20% kept, +-0.008-0.011), 0.03-0.04 below the default, but query-aware needle 8 / 17 / 38%
-    # against the default's 17 / 50 / 62% (tools/RESULTS.md): not the default.
-    window_share: float | None = None
-    # With accumulate: how the two signals make one rank. "zscore": the blend above (window_weight). "max": each
-    # token's larger share of attention, max(accumulated / its sum, pooled window / its sum) over the
-    # candidates: kept when either every prompt query or the last ones give it a large part of their
-    # attention. Both signals are distributions over the same tokens, so no weight is needed, and a head
-    # whose window attention is diffuse spends few slots on it while a head that reads one passage (a
-    # question's answer) keeps it. "accumulate=true,decay=1.0,combine=max" at equal memory on two held-out
-    # sets (16 NLL / 24 needle instances each, seeds 3 and 2): NLL -0.023 / -0.024 / -0.034 and -0.013 /
-    # -0.019 / -0.037 against the default at 5 / 10 / 20% kept (H2O: -0.044 / -0.035 / -0.047 and -0.036 /
-    # -0.029 / -0.048), ahead of every other method; query-aware needle 8 / 29 / 38% and 8 / 29 / 46%
-    # against the default's 8 / 33 / 46% and 17 / 50 / 62% (H2O 8 / 17 / 25% on both). Between the two, so
-    # not the default: the balanced setting (tools/RESULTS.md, "Session 6").
-    combine: str = "zscore"
-    # With combine="max": a third share, each token's leverage among the pre-RoPE keys of its prompt chunk over
-    # the chunk's sum of leverages (scoring.own_key_leverage, Compactor's query-agnostic signal): a token no
-    # combination of the others reproduces (a number, a name) is kept although no query has read it yet, and
-    # it stores that share times the attention mass, so decode steps weigh it on the attention scale. Keys
-    # kept from earlier chunks compete by their stored scores (share 0 here).
-    # "accumulate=true,decay=1.0,combine=max,leverage_share=true": the most query-aware needles of any ZSMerge
-    # setting, at the default's NLL on the development instances (tools/RESULTS.md, "Session 9"): needle
-    # 6 / 6 / 7 of 12 at 5 / 10 / 20% kept (default 3 / 5 / 4) and 17 / 42 / 54% of 24 held-out ones (default
-    # 8 / 33 / 46%; on a second held-out set 17 / 42 / 42% against 12 / 33 / 46%); NLL -0.002 +- 0.014 /
-    # -0.010 +- 0.013 against the default at 5 / 20% (equal memory).
-    # Held out (16 contexts): NLL +0.233 / +0.174 / +0.123 at 5 / 10 / 20% kept against the default's +0.239 /
-    # +0.177 / +0.133. The candidate default (see tools/RESULTS.md for why it is not one yet).
-    leverage_share: bool = False
+    # What ranks the prompt's context tokens (`RANKS`; paper: "window"). Every rank but "accumulated" reads the
+    # pooled window of the last `window_size` queries; those with "accumulated attention" add the attention of
+    # every prompt query (H2O's signal; undecayed with decay=1.0). Measured on held-out texts at equal memory
+    # (tools/RESULTS.md, sessions 5-9; 16 NLL / 24 needle instances per set):
+    # - "window": the stored decayed window sum (paper's latest code, A2).
+    # - "accumulated": the decayed sum over every prompt query, no pooling (paper Eq. 5).
+    # - "blend": zscore(accumulated) + window_weight * zscore(pooled window), stored on the accumulated scale.
+    #   With decay=1.0: 0.000 / -0.014 / -0.027 NLL against "window" at 5 / 10 / 20% kept; query-aware needle
+    #   12 / 42 / 46% against "window"'s 17 / 50 / 62%. On development instances NLL falls steadily with the
+    #   window_weight (1 / 0.5 / 0.25 / 0: +0.222 / +0.210 / +0.205 / +0.185 at 5%).
+    # - "split": 1 - window_share of the context slots to the highest accumulated attention, the share to the
+    #   tokens the pooled window reads most among the rest; stored scores are the blend. window_share=0.25,
+    #   decay=1.0 is the continuation setting: level with H2O (+0.004 / 0.000 / +0.009 NLL), 0.03-0.04 below
+    #   "window", but query-aware needle 8 / 17 / 38%.
+    # - "attention_shares": each token's larger share of attention, max(accumulated / its sum, pooled window /
+    #   its sum) over the candidates: kept when either every prompt query or the last ones give it a large part
+    #   of their attention. Both are distributions over the same tokens, so no weight is needed, and a head
+    #   whose window attention is diffuse spends few slots on it while one that reads a single passage (a
+    #   question's answer) keeps it; the stored score is the share times the accumulated mass. With decay=1.0
+    #   on two held-out sets: NLL -0.023 / -0.024 / -0.034 and -0.013 / -0.019 / -0.037 against "window" (H2O:
+    #   -0.044 / -0.035 / -0.047 and -0.036 / -0.029 / -0.048); needle 8 / 29 / 38% and 8 / 29 / 46% against
+    #   "window"'s 8 / 33 / 46% and 17 / 50 / 62%.
+    # - "shares": "attention_shares" with a third share, each token's leverage among the pre-RoPE keys of its
+    #   prompt chunk over the chunk's sum of leverages (scoring.own_key_leverage, Compactor's query-agnostic
+    #   signal): a token no combination of the others reproduces (a number, a name) is kept although no query
+    #   has read it yet. Keys kept from earlier chunks compete by their stored scores (share 0 here). With
+    #   decay=1.0, against "window": development NLL -0.002 +- 0.014 / -0.010 +- 0.013 at 5 / 20% (paired),
+    #   needle 6 / 6 / 7 of 12 (3 / 5 / 4); held out NLL +0.233 / +0.174 / +0.123 at 5 / 10 / 20% against
+    #   +0.239 / +0.177 / +0.133, needle 17 / 42 / 54% against 8 / 33 / 46% and 17 / 42 / 42% against
+    #   12 / 33 / 46% on a second set.
+    rank: str = "window"
+    window_weight: float = 1.0  # "blend" and "split": the pooled window's weight in the blended score
+    window_share: float = 0.25  # "split": the share of the context slots picked by the pooled window
     # Rank each layer's context candidates by the larger of their share of that head's stored score and the
     # largest share any head of any layer gives them (see ZigZagKV.cross_layer): a token a late retrieval
     # head reads is kept in every layer, since an answer copied from the context is read through all of
@@ -189,8 +181,9 @@ class ZSMerge(CompressionMethod):
             raise KvzooError(f"ZSMerge: alpha must be in [0, 1], got {self.alpha!r}")
         if not isinstance(self.decay, (int, float)) or not 0 < self.decay <= 1:
             raise KvzooError(f"ZSMerge: decay must be in (0, 1], got {self.decay!r}")
-        if self.window_size is not None and (not isinstance(self.window_size, int) or self.window_size < 1):
-            raise KvzooError(f"ZSMerge: window_size must be None or an integer >= 1, got {self.window_size!r}")
+        if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 1:
+            raise KvzooError(f"ZSMerge: window_size must be an integer >= 1, got {self.window_size!r} (the score "
+                             "over every prompt query, no window, is rank='accumulated')")
         if self.pooling not in ("max", "avg"):
             raise KvzooError(f"ZSMerge: pooling must be 'max' or 'avg', got {self.pooling!r}")
         if self.metric not in ("dot", "l2"):
@@ -199,41 +192,27 @@ class ZSMerge(CompressionMethod):
             raise KvzooError(f"ZSMerge: score_update must be 'max' or 'sum', got {self.score_update!r}")
         if isinstance(self.leverage, bool) or not isinstance(self.leverage, (int, float)) or self.leverage < 0:
             raise KvzooError(f"ZSMerge: leverage must be a number >= 0, got {self.leverage!r}")
-        if not isinstance(self.accumulate, bool):
-            raise KvzooError(f"ZSMerge: accumulate must be True or False, got {self.accumulate!r}")
-        if self.accumulate and self.window_size is None:
-            raise KvzooError("ZSMerge: accumulate=True adds the window's scores to the accumulated ones, so it "
-                             "needs a window_size (window_size=None already scores by accumulated attention)")
+        if self.rank not in RANKS:
+            raise KvzooError(f"ZSMerge: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
         if isinstance(self.window_weight, bool) or not isinstance(self.window_weight, (int, float)) or (
             self.window_weight < 0
         ):
             raise KvzooError(f"ZSMerge: window_weight must be a number >= 0, got {self.window_weight!r}")
-        if self.window_share is not None and (
-            isinstance(self.window_share, bool) or not isinstance(self.window_share, (int, float))
-            or not 0 <= self.window_share <= 1 or not self.accumulate
+        if isinstance(self.window_share, bool) or not isinstance(self.window_share, (int, float)) or not (
+            0 <= self.window_share <= 1
         ):
-            raise KvzooError(f"ZSMerge: window_share must be None or a fraction in [0, 1] (with accumulate=True), "
-                             f"got {self.window_share!r}")
-        if self.combine not in ("zscore", "max"):
-            raise KvzooError(f"ZSMerge: combine must be 'zscore' or 'max', got {self.combine!r}")
-        if self.combine == "max" and (not self.accumulate or self.window_share is not None):
-            raise KvzooError("ZSMerge: combine='max' ranks by the larger of the accumulated and the window's "
-                             "attention shares, so it needs accumulate=True and no window_share")
+            raise KvzooError(f"ZSMerge: window_share must be a fraction in [0, 1], got {self.window_share!r}")
         if not isinstance(self.cross_layer, bool):
             raise KvzooError(f"ZSMerge: cross_layer must be True or False, got {self.cross_layer!r}")
-        if not isinstance(self.leverage_share, bool):
-            raise KvzooError(f"ZSMerge: leverage_share must be True or False, got {self.leverage_share!r}")
-        if self.leverage_share and self.combine != "max":
-            raise KvzooError("ZSMerge: leverage_share is a third share in combine='max' (with accumulate=True)")
-        if self.cross_layer and (self.leverage or self.window_share is not None or self.leverage_share):
-            raise KvzooError("ZSMerge: cross_layer ranks by attention shares alone, so it takes none of leverage, "
-                             "leverage_share and window_share")
+        if self.cross_layer and (self.leverage or self.rank in ("split", "shares")):
+            raise KvzooError(f"ZSMerge: cross_layer ranks by attention shares alone, so it takes neither leverage "
+                             f"nor rank='split' or 'shares' (got leverage={self.leverage!r}, rank={self.rank!r})")
         if self.context_rank not in ("score", "compactor"):
             raise KvzooError(f"ZSMerge: context_rank must be 'score' or 'compactor', got {self.context_rank!r}")
-        if self.context_rank == "compactor" and (self.leverage or self.window_share is not None or self.cross_layer
-                                                 or self.combine != "zscore" or self.accumulate):
-            raise KvzooError("ZSMerge: context_rank='compactor' ranks the context by Compactor's score alone, so it "
-                             "takes none of leverage, window_share, cross_layer, combine='max' or accumulate")
+        if self.context_rank == "compactor" and (self.leverage or self.cross_layer or self.rank not in WINDOW_RANKS):
+            raise KvzooError(f"ZSMerge: context_rank='compactor' ranks the context by Compactor's score alone, so it "
+                             f"takes neither leverage nor cross_layer, and its stored scores are rank='window' or "
+                             f"'accumulated' (got rank={self.rank!r})")
         if self.leverage_of not in ("keys", "values"):
             raise KvzooError(f"ZSMerge: leverage_of must be 'keys' or 'values', got {self.leverage_of!r}")
         if self.prefill_scale not in ("window", "steady"):
@@ -243,8 +222,8 @@ class ZSMerge(CompressionMethod):
     def paper(cls, **overrides: object) -> "ZSMerge":
         """The settings of the paper and its reference code (section 1 of METHODS.md): proximity half the
         budget, 2% of the rest residual, alpha = 1, decay 0.98 over an 8-query window, max-pool 5."""
-        paper = {"proximity": 0.5, "residual": 0.02, "alpha": 1.0, "decay": 0.98, "window_size": 8,
-                 "kernel_size": 5, "pooling": "max", "metric": "dot", "score_update": "max"}
+        paper = {"proximity": 0.5, "residual": 0.02, "alpha": 1.0, "decay": 0.98, "rank": "window",
+                 "window_size": 8, "kernel_size": 5, "pooling": "max", "metric": "dot", "score_update": "max"}
         return cls(**{**paper, **overrides})  # type: ignore[arg-type]
 
     @property
@@ -290,11 +269,13 @@ class ZSMerge(CompressionMethod):
     # --- prefill --------------------------------------------------------------------------------------
     def _scores(self, chunk: "PrefillChunk") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(stored, fresh, accumulated), each [B, Hkv, S]: the contribution scores kept with the slots (older
-        slots' scores decayed over the chunk, plus the chunk's windowed or accumulated decayed attention);
-        the chunk's own (windowed, pooled) part; with `accumulate`, the attention accumulated over every
-        query (else None). Without `window_share` the context is ranked by the stored scores."""
+        slots' scores decayed over the chunk, plus the chunk's part as `rank` says); the chunk's own windowed,
+        pooled (or, rank="accumulated", accumulated) attention; the attention accumulated over every query for
+        the ranks that blend it with the window (else None). Except with rank="split" the context is ranked by
+        the stored scores."""
         t = chunk.q.shape[2]
-        if self.window_size is None:
+        older = chunk.key_score * self.decay**t  # [B, Hkv, S]: 0 for the chunk's own tokens
+        if self.rank == "accumulated":
             fresh, queries = accumulated_scores(chunk, decay=self.decay), t
         else:
             fresh = window_scores(chunk, self.window_size, self.decay, self.kernel_size, self.pooling)
@@ -302,23 +283,20 @@ class ZSMerge(CompressionMethod):
         if self.prefill_scale == "steady" and self.decay < 1:
             # sum_{a < queries} decay^a = (1 - decay^queries) / (1 - decay); decode's steady state: 1 / (1 - decay)
             fresh = fresh / (1.0 - self.decay**queries)
-        if self.accumulate and self.window_size is not None:
-            # Hybrid: attention accumulated over every query (what the continuation reads, H2O's signal) plus
-            # the pooled window standardised onto its spread (what the last queries, e.g. a question, ask for).
-            total = chunk.key_score * self.decay**t + accumulated_scores(chunk, decay=self.decay)
-            valid = torch.isfinite(chunk.key_logw)
-            if self.combine == "max":
-                mass = (total * valid).sum(-1, keepdim=True)  # [B, Hkv, 1]
-                window_mass = (fresh * valid).sum(-1, keepdim=True).clamp(min=1e-30)
-                share = torch.maximum(total / mass.clamp(min=1e-30), fresh / window_mass)
-                if self.leverage_share:
-                    # [B, Hkv, S]: the chunk's own tokens; slots kept from earlier chunks take 0
-                    leverage = F.pad(own_key_leverage(chunk), (total.shape[-1] - t, 0))
-                    share = torch.maximum(share, leverage / leverage.sum(-1, keepdim=True).clamp(min=1e-30))
-                return share * mass, fresh, total
-            blend = total + on_the_scale_of(total, fresh, valid, self.window_weight)
-            return blend, fresh, total
-        return chunk.key_score * self.decay**t + fresh, fresh, None
+        if self.rank in WINDOW_RANKS:
+            return older + fresh, fresh, None
+        total = older + accumulated_scores(chunk, decay=self.decay)
+        valid = torch.isfinite(chunk.key_logw)
+        if self.rank in ("blend", "split"):
+            return total + on_the_scale_of(total, fresh, valid, self.window_weight), fresh, total
+        mass = (total * valid).sum(-1, keepdim=True)  # [B, Hkv, 1]
+        window_mass = (fresh * valid).sum(-1, keepdim=True).clamp(min=1e-30)
+        share = torch.maximum(total / mass.clamp(min=1e-30), fresh / window_mass)
+        if self.rank == "shares":
+            # [B, Hkv, S]: the chunk's own tokens; slots kept from earlier chunks take 0
+            leverage = F.pad(own_key_leverage(chunk), (total.shape[-1] - t, 0))
+            share = torch.maximum(share, leverage / leverage.sum(-1, keepdim=True).clamp(min=1e-30))
+        return share * mass, fresh, total
 
     def _window_picks(self, chunk: "PrefillChunk", accumulated: torch.Tensor, window: torch.Tensor,
                       ctx_cand: torch.Tensor, n_context: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
@@ -326,7 +304,6 @@ class ZSMerge(CompressionMethod):
         slots, 1 - `window_share` go to the highest accumulated attention and the share to the tokens the
         pooled window scores highest among the others (so a sink both signals rank first costs the share
         nothing)."""
-        assert self.window_share is not None
         n_pick = (n_context.float() * self.window_share).long()  # [B, 1, 1]
         heavy = top_mask(accumulated.masked_fill(~ctx_cand, NEG_INF), chunk.key_pos, n_context - n_pick)
         return top_mask(window.masked_fill(~ctx_cand | heavy, NEG_INF), chunk.key_pos, n_pick, own)
@@ -339,7 +316,7 @@ class ZSMerge(CompressionMethod):
         if self.cross_layer and chunk.keys.shape[2] == chunk.k.shape[2]:  # a prompt on a fresh cache
             # Keep every token with its scores; end_prefill compresses with the cross-layer rank.
             slots.replace_all(chunk.keys, chunk.values, chunk.key_logw, score, chunk.key_pos)
-            tie = window_scores(chunk, self.window_size, self.decay) if self.window_size is not None else score
+            tie = score if self.rank == "accumulated" else window_scores(chunk, self.window_size, self.decay)
             slots.state["cross_layer_tie"] = tie
             return
         rank = self._compactor_rank(slots, chunk) if self.context_rank == "compactor" else None
@@ -377,14 +354,14 @@ class ZSMerge(CompressionMethod):
         # max-pooling gave its score (at a few context slots, e.g. 2% of a short prompt, the attention sink
         # itself was dropped for its two neighbours).
         own = tie
-        if own is None and self.window_size is not None:
+        if own is None and self.rank != "accumulated":
             own = window_scores(chunk, self.window_size, self.decay)
         if rank is not None:
             ctx_rank = rank.masked_fill(~ctx_cand, NEG_INF)
-        elif self.window_share is None:
+        elif self.rank != "split":
             ctx_rank = score.masked_fill(~ctx_cand, NEG_INF)
         else:  # the window's picks, then the highest accumulated attention (the picks' complement)
-            assert accumulated is not None and window is not None  # window_share needs accumulate (__post_init__)
+            assert accumulated is not None and window is not None  # rank="split" blends both (_scores)
             picks = self._window_picks(chunk, accumulated, window, ctx_cand, ring_start - residual, own)
             ctx_rank = accumulated.masked_fill(picks, float("inf")).masked_fill(~ctx_cand, NEG_INF)
         n_ctx = min(s, slots.capacity)

@@ -76,7 +76,7 @@ class EvalConfig:
 class MethodCase:
     """One column of the results: a method at a budget (the full cache has none)."""
 
-    label: str  # e.g. "zsmerge" or "zsmerge:window_size=none"
+    label: str  # e.g. "zsmerge" or "zsmerge:rank=accumulated"
     budget: float | None
     method: CompressionMethod
 
