@@ -28,8 +28,12 @@ $(TEST_STAMP): $(RUNTIME_STAMP)
 
 venv: $(TEST_STAMP)
 
+# Two workers (each with its share of the cores, tests/conftest.py): the suite is mostly single-threaded
+# compilation and small tensors, so two processes nearly halve it on a 2-core machine.
+TEST_WORKERS ?= 2
+
 test: $(TEST_STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n $(TEST_WORKERS)
 
 demo: $(RUNTIME_STAMP)
 	$(PY) -m kvzoo.cli demo
