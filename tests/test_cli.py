@@ -114,7 +114,9 @@ def test_compress_then_ask(default_model_dir, tmp_path, capsys):
 def test_chat_over_a_document(default_model_dir, tmp_path, monkeypatch, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text("The lighthouse on Marrow Point was painted green in 1921. Its keeper was named Idris Fenn.")
-    lines = iter(["Who was the keeper of the lighthouse?"])
+    # A question the full cache answers from the document (asked "Who was the keeper?", the model itself
+    # answers "the 19th-century keeper ..." without a name, compressed or not).
+    lines = iter(["What was the name of the lighthouse keeper?"])
 
     def fake_input(prompt: str) -> str:
         try:

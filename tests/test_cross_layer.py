@@ -70,7 +70,8 @@ def test_zsmerge_cross_layer_context_is_the_top_of_the_widest_share():
     widest = torch.maximum(shares[0], shares[1])
 
     def kept(cross_layer: bool) -> list[set[int]]:
-        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, cross_layer=cross_layer)
+        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, decay=0.98, rank="window",
+                         cross_layer=cross_layer)
         layers = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers  # slots: [residual | 4 context | 3 ring]
         return [set(x["pos"][0, 0, 1:1 + context].tolist()) for x in layers]
 
@@ -99,10 +100,11 @@ def test_zsmerge_cross_layer_with_one_layer_is_the_per_layer_compression(spec):
 def test_zsmerge_cross_layer_refuses_a_prompt_in_chunks_and_bad_settings():
     qkv = random_qkv(1, 2, 1, 1, 40, seed=0)
     with pytest.raises(KvzooError, match="prefill_chunk"):
-        drive_synthetic(ZSMerge(budget=8, cross_layer=True), qkv, [40], 0, prefill_chunk=16)
-    assert not ZSMerge(cross_layer=True).supports_chunked_prefill and ZSMerge().supports_chunked_prefill
+        drive_synthetic(ZSMerge(budget=8, rank="window", cross_layer=True), qkv, [40], 0, prefill_chunk=16)
+    assert not ZSMerge(rank="window", cross_layer=True).supports_chunked_prefill
+    assert ZSMerge().supports_chunked_prefill
     for bad, message in ((dict(cross_layer=1), "cross_layer must be True or False"),
-                         (dict(cross_layer=True, leverage=0.5), "neither leverage nor rank='split' or 'shares'"),
-                         (dict(cross_layer=True, rank="shares"), "neither leverage nor rank='split' or 'shares'")):
+                         (dict(cross_layer=True, rank="window", leverage=0.5), "neither leverage nor rank='split' or 'shares'"),
+                         (dict(cross_layer=True), "neither leverage nor rank='split' or 'shares'")):
         with pytest.raises(KvzooError, match=message):
             ZSMerge(**bad)

@@ -102,8 +102,8 @@ def test_bad_prompts(smol, tiny_checkpoint):
         tiny.generate_ids([1, 2, 3] * 20, max_new_tokens=1, compression=kvzoo.ZigZagKV(budget=16),
                           prefill_chunk=8)
     with pytest.raises(KvzooError, match="ZSMerge .* cannot compress chunk by chunk"):
-        tiny.generate_ids([1, 2, 3] * 20, max_new_tokens=1, compression=kvzoo.ZSMerge(budget=24, context_rank="compactor"),
-                          prefill_chunk=8)
+        tiny.generate_ids([1, 2, 3] * 20, max_new_tokens=1, prefill_chunk=8,
+                          compression=kvzoo.ZSMerge(budget=24, rank="window", context_rank="compactor"))
 
 
 def test_max_new_tokens_zero_generates_nothing(smol):

@@ -70,7 +70,7 @@ def test_zsmerge_keeps_a_unique_key_nobody_attended_to():
     qkv.q[0][..., 6] = 0.0  # which no query looks at
     kept = {}
     for weight in (0.0, 1.0):
-        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, leverage=weight)
+        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, rank="window", leverage=weight)
         s = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]
         kept[weight] = s["pos"][0, 0, 1:5].tolist()  # slots: [residual | 4 context | 3 proximity]
     assert 9 not in kept[0.0] and 9 in kept[1.0], kept
@@ -223,6 +223,33 @@ def test_zsmerge_leverage_share_keeps_a_key_nobody_reads():
     spec = dict(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0)
     kept = set(drive_synthetic(ZSMerge(**spec, rank="shares"), qkv, [n], 0).snapshots[0].layers[0]["pos"]
                [0, 0, 1:5].tolist())
-    without = set(drive_synthetic(ZSMerge(**spec, rank="attention_shares"), qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist())
+    without = set(drive_synthetic(ZSMerge(**spec, rank="attention_shares"), qkv, [n], 0).snapshots[0].layers[0]
+                  ["pos"][0, 0, 1:5].tolist())
     assert kept == _top(share, own, n, context)
     assert unique in kept and unique not in without, (kept, without)
+
+
+def test_zsmerge_shares_a_short_chunk_does_not_outrank_what_every_query_reads():
+    """rank="shares" on a prompt fed in chunks: a later chunk's tokens split only the chunk's part of the
+    candidates' leverage (its tokens over all candidates), so six new keys nobody reads (each unique, so each
+    with leverage near 5/6, a share of about 1/6 within the chunk) do not displace the 8 tokens every query
+    reads (attention share about 1/8 each); with the whole share they would take the 3 context slots their
+    leverage ranks above 1/8."""
+    from kvzoo.cache.zsmerge import ZSMerge
+    from tests.method_helpers import drive_synthetic, random_qkv
+
+    n, first = 46, 40
+    qkv = random_qkv(1, 1, 1, 1, n, seed=5, scale=0.1)
+    eye = torch.eye(8)
+    read = [2, 7, 11, 16, 21, 26, 30, 34]
+    for j in read:
+        qkv.k[0][0, 0, j] += 6 * eye[0]
+    qkv.q[0][0, 0, :] = eye[0]  # every query reads the 8 keys along e0
+    for i, j in enumerate(range(first, n)):
+        qkv.k[0][0, 0, j] = 3 * eye[2 + i]  # the second chunk: 6 orthogonal keys no query reads
+    method = ZSMerge(budget=12, proximity=3, residual=1, kernel_size=1, rank="shares")  # 8 context slots
+    one_chunk = drive_synthetic(method, qkv, [first], 0).snapshots[0].layers[0]["pos"][0, 0, 1:9].tolist()
+    assert sorted(one_chunk) == read  # the first chunk alone keeps what every query reads
+    two_chunks = drive_synthetic(method, qkv, [n], 0, prefill_chunk=first).snapshots[0].layers[0]["pos"]
+    assert sorted(two_chunks[0, 0, 1:9].tolist()) == read, two_chunks[0, 0].tolist()
+    assert sorted(two_chunks[0, 0, 9:].tolist()) == [n - 3, n - 2, n - 1]  # the ring

@@ -157,7 +157,8 @@ def zsmerge_prefill_cases(draw):
         budget = proximity + residual + 1
     n = draw(st.integers(budget + 1, 40))
     kv_heads, groups = draw(st.integers(1, 2)), draw(st.integers(1, 3))
-    return (ZSMerge(budget=budget, proximity=proximity, residual=residual, decay=draw(st.sampled_from([0.5, 0.9])),
+    return (ZSMerge(budget=budget, proximity=proximity, residual=residual, rank="window",
+                    decay=draw(st.sampled_from([0.5, 0.9])),
                     window_size=draw(st.integers(2, 6)), kernel_size=draw(st.sampled_from([1, 3, 5])),
                     prefill_scale=draw(st.sampled_from(["window", "steady"]))),
             n, random_qkv(1, 1, kv_heads, groups, n, seed=draw(st.integers(0, 2**16))),

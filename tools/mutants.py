@@ -285,9 +285,13 @@ MUTANTS: list[Mutant] = [
            "own = (zscore(attention, valid) + zscore(leverage, valid))",
            ("tests/test_compactor.py",), "Compactor blends leverage by the dropped fraction of the prompt"),
     Mutant("zsmerge-leverage-share-ignored", "kvzoo/cache/zsmerge.py",
-           "share = torch.maximum(share, leverage / leverage.sum(-1, keepdim=True).clamp(min=1e-30))",
+           "share = torch.maximum(share, self._leverage_share(chunk, valid))",
            "share = share",
            ("tests/test_leverage.py",), "rank='shares' adds the keys' leverage as a third share"),
+    Mutant("zsmerge-leverage-share-of-a-chunk-unweighted", "kvzoo/cache/zsmerge.py",
+           "return leverage / leverage.sum(-1, keepdim=True).clamp(min=1e-30) * part",
+           "return leverage / leverage.sum(-1, keepdim=True).clamp(min=1e-30)",
+           ("tests/test_leverage.py",), "a later chunk's tokens split only the chunk's part of the leverage share"),
 ]
 
 
