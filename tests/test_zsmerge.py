@@ -362,7 +362,7 @@ def test_a_max_pooled_peak_is_kept_before_its_neighbours(kernel_size):
     direction = torch.randn(qkv.k[0].shape[-1], generator=torch.Generator().manual_seed(2))
     qkv.q[0][:] = direction
     qkv.k[0][0, 0, 0] = 8 * direction  # the sink
-    method = ZSMerge(budget=6, proximity=3, residual=1, kernel_size=kernel_size)
+    method = ZSMerge(budget=6, proximity=3, residual=1, kernel_size=kernel_size, rank="window")  # pooled ties
     s = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]
     context = s["pos"][0, 0, 1:3].tolist()  # slots: [residual | 2 context | 3 proximity]
     assert 0 in context, f"context holds {context}"
