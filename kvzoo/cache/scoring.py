@@ -118,6 +118,16 @@ def accumulated_scores(chunk: "PrefillChunk", decay: float = 1.0, normalise: boo
     return scores
 
 
+def attention_shares(accumulated: torch.Tensor, window: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, S] each candidate's larger share of attention, max(accumulated / its sum, window / its sum),
+    the sums over the `valid` candidates: large when every query or the last ones (the window, e.g. a
+    question) give the token a large part of their attention. Both are distributions over the same tokens, so
+    no weight is needed, and a head whose window attention is diffuse spends few slots on it."""
+    accumulated_mass = (accumulated * valid).sum(-1, keepdim=True).clamp(min=1e-30)
+    window_mass = (window * valid).sum(-1, keepdim=True).clamp(min=1e-30)
+    return torch.maximum(accumulated / accumulated_mass, window / window_mass)
+
+
 def hat_diagonal(x: torch.Tensor, valid: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """Ridge leverage [B, H, S] of every valid row of x [B, H, S, D] among the valid rows:
     h_j = x_j^T (X^T X + eps tr(X^T X)/D I)^-1 x_j on rows centred by their mean (0 for invalid rows)."""

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.budgets import Budget, min_budget_attention, zigzag_budgets
-from kvzoo.cache.scoring import window_scores
+from kvzoo.cache.scoring import accumulated_scores, attention_shares
 from kvzoo.cache.selection import (cross_layer_rank, keep_top, recent_mask, shrink_slots, slot_candidates,
                                    widest_shares)
 from kvzoo.cache.slots import KVCache, LayerSlots
@@ -55,6 +55,9 @@ from kvzoo_kernels.attention import attention_probs
 if TYPE_CHECKING:
     from kvzoo.cache.chunk import PrefillChunk
     from kvzoo.config import ModelConfig
+
+
+RANKS = ("window", "attention_shares")  # see ZigZagKV.rank
 
 
 @dataclass
@@ -79,6 +82,12 @@ class ZigZagKV(WindowSelection):
     # allocation it loses needles (4 / 4 / 17%): the layers held near the bound spend their few slots on
     # what other layers read most (tools/RESULTS.md, "Session 7").
     cross_layer: bool = False
+    # What ranks a layer's tokens within its budget: "window" (the paper's, SnapKV's selection: the pooled
+    # attention of the observation window) or "attention_shares" (`scoring.attention_shares`: the larger of a
+    # token's share of the attention accumulated over every prompt query and its share of the pooled
+    # window's), so a token the whole prompt reads (what a continuation reads next) competes with what the
+    # last queries (a question) read, without a weight between them. The allocation (LMBA) is unchanged.
+    rank: str = "window"
 
     supports_chunked_prefill = False  # allocation needs every layer's LMBA over the whole prompt
 
@@ -91,6 +100,8 @@ class ZigZagKV(WindowSelection):
             raise KvzooError(f"ZigZagKV: bound_ratio must be in [0, 1], got {ratio!r}")
         if not isinstance(self.cross_layer, bool):
             raise KvzooError(f"ZigZagKV: cross_layer must be True or False, got {self.cross_layer!r}")
+        if self.rank not in RANKS:
+            raise KvzooError(f"ZigZagKV: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
 
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
         for n in prompt_lens:
@@ -107,12 +118,19 @@ class ZigZagKV(WindowSelection):
             # After allocation (a prompt continuing a stored cache): SnapKV selection within the layer's budget.
             super().compress_prefill(layer_idx, slots, chunk)
             return
-        scores = window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling)
+        scores = self.prefill_scores(slots, chunk)
         # Keeps every token, in rank order with pooled ties broken by the own score (`prefill_tiebreak`), so
         # that the slot order is the tie-break `end_prefill` needs.
         keep_top(slots, chunk, scores, slots.state["prefill_budget"], stored_score=scores,
                  tie=self.prefill_tiebreak(slots, chunk))
         slots.state["lmba"] = self._lmba(chunk)
+
+    def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
+        """[B, Hkv, S] the rank of the candidates (`rank`)."""
+        window = super().prefill_scores(slots, chunk)
+        if self.rank == "window":
+            return window
+        return attention_shares(accumulated_scores(chunk), window, torch.isfinite(chunk.key_logw))
 
     def _lmba(self, chunk: "PrefillChunk") -> torch.Tensor:
         """[B] fp32: mean over query heads of MBA(tau) of the observation window's summed attention."""

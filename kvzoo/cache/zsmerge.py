@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
 from kvzoo.cache.compactor import SINKS, dropped_fraction
-from kvzoo.cache.scoring import (accumulated_scores, compactor_scores, leverage_scores, on_the_scale_of,
+from kvzoo.cache.scoring import (accumulated_scores, attention_shares, compactor_scores, leverage_scores, on_the_scale_of,
                                  own_key_leverage, window_scores)
 from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, sink_mask, slot_candidates, top_mask,
                                    widest_shares)
@@ -298,9 +298,8 @@ class ZSMerge(CompressionMethod):
         valid = torch.isfinite(chunk.key_logw)
         if self.rank in ("blend", "split"):
             return total + on_the_scale_of(total, fresh, valid, self.window_weight), fresh, total
-        mass = (total * valid).sum(-1, keepdim=True)  # [B, Hkv, 1]
-        window_mass = (fresh * valid).sum(-1, keepdim=True).clamp(min=1e-30)
-        share = torch.maximum(total / mass.clamp(min=1e-30), fresh / window_mass)
+        mass = (total * valid).sum(-1, keepdim=True)  # [B, Hkv, 1]: stored scores are shares of this mass
+        share = attention_shares(total, fresh, valid)
         if self.rank == "shares":
             share = torch.maximum(share, self._leverage_share(chunk, valid))
         return share * mass, fresh, total
