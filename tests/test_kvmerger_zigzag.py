@@ -456,6 +456,7 @@ def test_zigzag_refuses_chunked_prefill(run):
         (lambda: ZigZagKV(tau=0.0), "tau must be in"),
         (lambda: ZigZagKV(tau=1.5), "tau must be in"),
         (lambda: ZigZagKV(bound_ratio=2.0), "bound_ratio must be in"),
+        (lambda: ZigZagKV(rank="shares"), "rank must be one of 'window', 'attention_shares', got 'shares'"),
         (lambda: ZigZagKV(window_size=0), "window_size"),
         (lambda: ZigZagKV(cross_layer=1), "cross_layer must be True or False"),
     ],

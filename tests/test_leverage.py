@@ -253,3 +253,25 @@ def test_zsmerge_shares_a_short_chunk_does_not_outrank_what_every_query_reads():
     two_chunks = drive_synthetic(method, qkv, [n], 0, prefill_chunk=first).snapshots[0].layers[0]["pos"]
     assert sorted(two_chunks[0, 0, 1:9].tolist()) == read, two_chunks[0, 0].tolist()
     assert sorted(two_chunks[0, 0, 9:].tolist()) == [n - 3, n - 2, n - 1]  # the ring
+
+
+def test_zigzag_attention_shares_keeps_the_top_of_the_larger_share():
+    """ZigZagKV(rank="attention_shares") with uniform budgets (bound_ratio=1.0): the layer keeps its
+    observation window and the top of max(accumulated / its sum, pooled window / its sum) among the older
+    tokens, computed from the attention probabilities' definition (float64), as ZSMerge's rank does; on this
+    input the paper's window rank keeps a different set."""
+    from kvzoo.cache.zigzag import ZigZagKV
+    from tests.method_helpers import drive_synthetic, random_qkv
+
+    n, w, kernel, context = 40, 8, 3, 4
+    qkv = random_qkv(1, 1, 1, 1, n, seed=7, scale=1.5)
+    accumulated, window, own = _attention_shares(qkv, n, w, kernel)
+    share = torch.maximum(accumulated, window)
+    older = sorted(range(n - w), key=lambda j: (share[j].item(), own[j].item()), reverse=True)[:context]
+    kept = {}
+    for rank in ("window", "attention_shares"):
+        method = ZigZagKV(budget=w + context, window_size=w, kernel_size=kernel, bound_ratio=1.0, rank=rank)
+        pos = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0]
+        kept[rank] = set(pos[pos >= 0].tolist())
+    assert kept["attention_shares"] == set(older) | set(range(n - w, n)), kept
+    assert kept["window"] != kept["attention_shares"], "the input does not tell the ranks apart"
