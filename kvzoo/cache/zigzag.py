@@ -87,6 +87,9 @@ class ZigZagKV(WindowSelection):
     # token's share of the attention accumulated over every prompt query and its share of the pooled
     # window's), so a token the whole prompt reads (what a continuation reads next) competes with what the
     # last queries (a question) read, without a weight between them. The allocation (LMBA) is unchanged.
+    # Not the default: on 16 development contexts it narrows the NLL gap to SnapKV (+0.078 +- 0.041 / +0.020
+    # +- 0.026 at 5 / 20% kept, against "window"'s +0.096 / +0.062) but retrieves fewer of 24 held-out
+    # query-aware needles (0 / 4 / 21% at 5 / 10 / 20% against 0 / 8 / 38%; tools/RESULTS.md, "Session 11").
     rank: str = "window"
 
     supports_chunked_prefill = False  # allocation needs every layer's LMBA over the whole prompt
