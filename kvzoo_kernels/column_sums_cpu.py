@@ -16,9 +16,10 @@ sliding window, no slot bias):
    "i >= j" into the causal mask the kernel has.
 
 Both passes are O(T^2) compute with O(T) memory, fused. Only the logsumexp output is read, so the values fed
-to the kernel are any contiguous tensor of the right shape (the keys themselves): a broadcast (stride-0) zero
-tensor, the obvious choice, made each pass 2-3x slower on torch 2.13's CPU kernel (1024 tokens, 9 heads). Measured ~3x faster than the block reference at 2k and 8k tokens (H2O, KVMerger
-prefill; tools/RESULTS.md).
+to the kernel are any contiguous tensor of the right shape (each pass's own keys): a broadcast (stride-0) zero
+tensor, the obvious choice, made each pass 2-3x slower on torch 2.13's CPU kernel (1024 tokens, 9 heads).
+Measured ~3x faster than the block reference at 2k and 8k tokens with the zero values (H2O, KVMerger
+prefill; tools/RESULTS.md), about twice that since.
 """
 
 from __future__ import annotations
