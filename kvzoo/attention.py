@@ -72,7 +72,9 @@ def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ct
         out = chunk_attention(q, chunk.keys, chunk.values, chunk.q_pos, chunk.key_pos, chunk.key_bias, ctx.window,
                               n_slots=chunk.keys.shape[2] - t)
     else:
-        out = causal_attention(q, k, v)
+        out, lse = causal_attention(q, k, v)
+        if chunk is not None:
+            chunk.row_lse = lse
     if cache is not None:
         assert chunk is not None
         cache.method.compress_prefill(layer_idx, slots, chunk)

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 # Re-exported: the dispatcher (torch reference on CPU, Triton on CUDA) lives with its kernel.
 from kvzoo_kernels.decode_attention import decode_attention  # noqa: F401
 
+_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # what SDPA runs on the CPU
+
 # Queries per block in prefill: bounds the [B, Hq, block, S] logits/mask memory for long prompts.
 QUERY_BLOCK = 256
 
@@ -96,9 +98,16 @@ def prefill_attention(
     return torch.cat(outs, dim=2)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Fast path for a whole unpadded prompt with no cache and no window: plain causal SDPA."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fast path for a whole unpadded prompt with no cache and no window: plain causal attention.
+
+    Returns the output [B, Hq, T, D] and, on the CPU, each query's log partition function lse [B, Hq, T] fp32
+    (log sum_j exp(q_i . k_j / sqrt(D)) over the keys it sees), which the flash kernel computes anyway and
+    the accumulated-attention statistic needs (kvzoo_kernels/column_sums_cpu.py); None elsewhere."""
+    if q.device.type == "cpu":
+        out, lse = _cpu_flash(q, k, v, is_causal=True, scale=1.0 / math.sqrt(q.shape[-1]))  # GQA: Hq % Hkv == 0
+        return out, lse
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1]), None
 
 
 def attention_probs(

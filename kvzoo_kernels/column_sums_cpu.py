@@ -8,7 +8,8 @@ where lse_i is query i's log partition function. Materialising p block by block 
 [queries x keys] in memory. Instead, for a fresh prompt (keys = the prompt's own tokens, no padding, no
 sliding window, no slot bias):
 
-1. lse_i comes from one causal flash-attention pass (the CPU kernel returns each row's logsumexp);
+1. lse_i comes from one causal flash-attention pass (the CPU kernel returns each row's logsumexp), or from
+   the model's own attention over the same prompt, which is that pass (`row_lse`);
 2. the column sum is itself a logsumexp, of key j's "row" over the queries that see it:
    log colsum[j] = logsumexp_{i >= j} (k_j . q_i / sqrt(D) + log w_i - lse_i). That is a flash-attention
    pass with keys as queries and queries as keys; the per-query term log w_i - lse_i rides in an extra
@@ -46,14 +47,23 @@ def fits_causal_fast_path(
     return bool((key_bias == 0).all()) and bool((query_weights >= 0).all())
 
 
-def causal_column_sums(q: torch.Tensor, k: torch.Tensor, query_weights: torch.Tensor) -> torch.Tensor:
+def causal_column_sums(q: torch.Tensor, k: torch.Tensor, query_weights: torch.Tensor,
+                       row_lse: torch.Tensor | None = None) -> torch.Tensor:
     """sum_i w_i * softmax(causal q k^T / sqrt(D))[i, j] -> [B, Hq, T] fp32, for q [B, Hq, T, D],
-    k [B, Hkv, T, D] (GQA: Hq a multiple of Hkv), w [B, T]; computed in fp32 like the reference."""
+    k [B, Hkv, T, D] (GQA: Hq a multiple of Hkv), w [B, T]; computed in fp32 like the reference.
+
+    `row_lse` [B, Hq, T]: the queries' log partition functions if the caller has them (the model's own causal
+    attention returns them, kvzoo_kernels.attention.causal_attention), which saves pass 1. Read only for fp32
+    q, where it is the same computation; lower-precision inputs are upcast and pass 1 runs in fp32."""
     b, hq, t, d = q.shape
     scale = 1.0 / math.sqrt(d)
+    reuse_lse = row_lse is not None and q.dtype == torch.float32
     q = q.float()
     k = k.float().repeat_interleave(hq // k.shape[1], dim=1)  # [B, Hq, T, D]
-    _, lse = _flash(q, k, k, is_causal=True, scale=scale)  # [B, Hq, T]; the output (values = k) is unused
+    if reuse_lse:
+        lse = row_lse.float()
+    else:
+        _, lse = _flash(q, k, k, is_causal=True, scale=scale)  # [B, Hq, T]; the output (values = k) is unused
     log_w = torch.where(query_weights > 0, query_weights.clamp(min=1e-38).log(), _NO_WEIGHT)[:, None, :].float()
     offset = (log_w - lse) / scale  # [B, Hq, T], times sqrt(D) so that the kernel's scale gives it back
     rows = torch.cat([k, torch.ones_like(k[..., :1])], dim=-1).flip(2)  # keys act as queries, last first

@@ -63,14 +63,16 @@ def weighted_column_sums(
     key_bias: torch.Tensor,
     window: int | None,
     query_weights: torch.Tensor,
+    row_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`weighted_column_sums_reference`'s contract; Triton on CUDA tensors (see kvzoo_kernels.dispatch); on
-    the CPU, a fresh causal prompt takes two fused attention passes (kvzoo_kernels.column_sums_cpu) unless
-    KVZOO_KERNELS=torch asks for the reference."""
+    the CPU, a fresh causal prompt takes two fused attention passes (kvzoo_kernels.column_sums_cpu), one if
+    the queries' log partition functions `row_lse` [B, Hq, T] are given, unless KVZOO_KERNELS=torch asks for
+    the reference."""
     if use_triton(q):
         return weighted_column_sums_triton(q, k, q_pos, key_pos, key_bias, window, query_weights)
     if kernels_setting() != "torch" and fits_causal_fast_path(q, k, q_pos, key_pos, key_bias, window, query_weights):
-        return causal_column_sums(q, k, query_weights)
+        return causal_column_sums(q, k, query_weights, row_lse)
     return weighted_column_sums_reference(q, k, q_pos, key_pos, key_bias, window, query_weights)
 
 

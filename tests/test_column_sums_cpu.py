@@ -7,11 +7,18 @@ softmax rows, so the two differ by float rounding of O(T) terms: 1e-4 relative, 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvzoo.cache.chunk import make_prefill_chunk
+from kvzoo.attention import ForwardContext, attend
+from kvzoo.cache.chunk import PrefillChunk, make_prefill_chunk
+from kvzoo.cache.full import FullCache
+from kvzoo.cache.scoring import accumulated_scores, group_mean
+from kvzoo_kernels import column_sums_cpu
+from kvzoo_kernels.attention import causal_attention
 from kvzoo_kernels.column_sums_cpu import causal_column_sums, fits_causal_fast_path
+from tests.method_helpers import FakeConfig
 from kvzoo_kernels.window_scores import weighted_column_sums, weighted_column_sums_reference
 
 
@@ -73,3 +80,49 @@ def test_a_fresh_prompt_chunk_takes_the_fast_path():
     q, k, q_pos, _, _ = _prompt(1, 6, 3, 20, 8, 1.0, 2)
     chunk = make_prefill_chunk(q, k, k, q_pos, None, 0, 1.0, None)
     assert fits_causal_fast_path(q, chunk.keys, chunk.q_pos, chunk.key_pos, chunk.key_bias, None, torch.ones(1, 20))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), st.integers(1, 40), st.sampled_from([16, 64]),
+       st.sampled_from([0.3, 3.0]), st.integers(0, 2**16))
+def test_the_model_attention_gives_the_row_lse_the_column_sums_reuse(b, hkv, groups, t, d, sharp, seed):
+    """causal_attention's output is plain causal SDPA (GQA included) and its lse is each query's log partition
+    function; column sums fed that lse equal the reference (pass 1 skipped)."""
+    q, k, q_pos, key_pos, key_bias = _prompt(b, hkv * groups, hkv, t, d, sharp, seed)
+    v = torch.randn(b, hkv, t, d, generator=torch.Generator().manual_seed(seed + 1))
+    out, lse = causal_attention(q, k, v)
+    expected_out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
+    torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-6)
+    logits = (q @ k.repeat_interleave(groups, dim=1).transpose(-1, -2)) / d**0.5  # [B, Hq, T, T]
+    logits = logits.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+    assert lse is not None
+    torch.testing.assert_close(lse, logits.logsumexp(-1), rtol=1e-5, atol=1e-5)
+    weights = torch.ones(b, t)
+    expected = weighted_column_sums_reference(q, k, q_pos, key_pos, key_bias, None, weights)
+    torch.testing.assert_close(causal_column_sums(q, k, weights, lse), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_prompt_chunk_carries_the_row_lse_and_the_column_sums_run_one_pass(monkeypatch):
+    """attend() leaves the model attention's lse on the chunk; accumulated_scores then runs one flash pass
+    (keys against queries), not two, and still equals the reference."""
+    q, k, q_pos, key_pos, key_bias = _prompt(1, 6, 3, 24, 16, 1.0, 3)
+    seen: list[PrefillChunk] = []
+
+    class Recorder(FullCache):
+        def compress_prefill(self, layer_idx, slots, chunk):  # noqa: ANN001, ANN202
+            seen.append(chunk)
+            return super().compress_prefill(layer_idx, slots, chunk)
+
+    cache = Recorder().make_cache(FakeConfig(num_layers=1, num_kv_heads=3, head_dim=16), [24], 0, torch.float32,
+                                  "cpu")
+    ctx = ForwardContext(q_pos, None, None, cache, decode=False, window=None, has_padding=False)
+    attend(0, q, k, k, ctx.for_layer(0))
+    (chunk,) = seen
+    assert chunk.row_lse is not None and chunk.row_lse.shape == (1, 6, 24)
+    calls = []
+    real = column_sums_cpu._flash
+    monkeypatch.setattr(column_sums_cpu, "_flash", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    scores = accumulated_scores(chunk)
+    assert len(calls) == 1
+    expected = weighted_column_sums_reference(q, k, q_pos, key_pos, key_bias, None, torch.ones(1, 24))
+    torch.testing.assert_close(scores, group_mean(expected, 3), rtol=1e-4, atol=1e-6)

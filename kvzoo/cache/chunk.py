@@ -32,6 +32,10 @@ class PrefillChunk:
     # cos, sin [B, 1, T, D] that rotated the chunk's q and k (None: no rotary embedding), so a method can read
     # the pre-RoPE keys, whose geometry does not depend on position (scoring.pre_rope_keys).
     rope: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    # [B, Hq, T] fp32 log partition function of each query's attention over the candidates, when the attention
+    # kernel returned it (a fresh causal prompt on the CPU): the accumulated-attention statistic reuses it
+    # instead of running that attention again (kvzoo_kernels/column_sums_cpu.py). None: not known.
+    row_lse: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def key_bias(self) -> torch.Tensor:

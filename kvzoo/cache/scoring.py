@@ -62,11 +62,12 @@ def pool_by_position(
 
 
 def _column_sums(chunk: "PrefillChunk", key: tuple, q: torch.Tensor, q_pos: torch.Tensor,
-                 weights: torch.Tensor) -> torch.Tensor:
-    """weighted_column_sums of these queries over the chunk's candidates [B, Hq, S], once per chunk and key."""
+                 weights: torch.Tensor, row_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """weighted_column_sums of these queries over the chunk's candidates [B, Hq, S], once per chunk and key
+    (`row_lse`: these queries' log partition functions, when known)."""
     if key not in chunk.memo:
         chunk.memo[key] = weighted_column_sums(q, chunk.keys, q_pos, chunk.key_pos, chunk.key_bias, chunk.window,
-                                               weights)
+                                               weights, row_lse)
     return chunk.memo[key]
 
 
@@ -103,7 +104,7 @@ def accumulated_scores(chunk: "PrefillChunk", decay: float = 1.0, normalise: boo
     ages = torch.arange(t - 1, -1, -1, device=chunk.q.device, dtype=torch.float32)
     valid = (chunk.q_pos >= 0).float()
     weights = (decay**ages)[None] * valid
-    sums = _column_sums(chunk, ("all", decay), chunk.q, chunk.q_pos, weights)
+    sums = _column_sums(chunk, ("all", decay), chunk.q, chunk.q_pos, weights, chunk.row_lse)
     scores = group_mean(sums, chunk.keys.shape[1])
     if normalise:
         # A chunk's valid queries have consecutive positions, so the queries that see key j number
