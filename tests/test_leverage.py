@@ -275,3 +275,34 @@ def test_zigzag_attention_shares_keeps_the_top_of_the_larger_share():
         kept[rank] = set(pos[pos >= 0].tolist())
     assert kept["attention_shares"] == set(older) | set(range(n - w, n)), kept
     assert kept["window"] != kept["attention_shares"], "the input does not tell the ranks apart"
+
+
+def test_kvmerger_attention_shares_keeps_the_top_of_the_larger_share_verbatim():
+    """KVMerger(rank="attention_shares"): the heavy hitters are the top of max(accumulated / its sum, pooled
+    window / its sum) among the tokens older than the recent window (definitions, float64), and each is kept
+    verbatim (its own slot, log w = 0); with the paper's rank (A_t alone) some of them are merged away."""
+    from kvzoo.cache.kvmerger import KVMerger
+    from tests.method_helpers import drive_synthetic, random_qkv
+
+    n, w, kernel, budget = 40, 8, 3, 14  # recent window int(0.34 * 14) = 4, heavy hitters int(0.24 * 14) = 3
+    qkv = random_qkv(1, 1, 1, 1, n, seed=1, scale=1.5)
+    accumulated, window, _ = _attention_shares(qkv, n, w, kernel)
+    share = torch.maximum(accumulated, window)
+    heavy = set(sorted(range(n - 4), key=lambda j: share[j].item(), reverse=True)[:3])
+    verbatim = {}
+    for rank in ("attention_shares", "accumulated"):
+        method = KVMerger(budget=budget, rank=rank, window_size=w, kernel_size=kernel)
+        layer = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]
+        single = layer["logw"][0, 0] == 0
+        verbatim[rank] = set(layer["pos"][0, 0][single].tolist())
+    assert heavy <= verbatim["attention_shares"], (heavy, verbatim)
+    assert not heavy <= verbatim["accumulated"], "the input does not tell the ranks apart"
+
+
+@pytest.mark.parametrize("field, bad", [("rank", "window"), ("window_size", 0), ("kernel_size", 2.5)])
+def test_kvmerger_rank_settings_are_checked(field, bad):
+    from kvzoo.cache.kvmerger import KVMerger
+    from kvzoo.errors import KvzooError
+
+    with pytest.raises(KvzooError, match=f"KVMerger: {field}"):
+        KVMerger(**{field: bad})
