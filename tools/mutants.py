@@ -74,6 +74,9 @@ MUTANTS: list[Mutant] = [
            "positions[:, 0].repeat(layers)", "positions[:, 0].repeat_interleave(layers)",
            ("tests/test_stacked_decode.py",), "stacked rows are layer-major: row l * B + b is sequence b"),
     # --- shared: selection, scoring, budgets ------------------------------------------------------------
+    Mutant("column-sums-reused-lse-of-other-rows", "kvzoo_kernels/column_sums_cpu.py",
+           "lse = row_lse.float()", "lse = row_lse.float().flip(-1)",
+           ("tests/test_column_sums_cpu.py",), "accumulated attention reuses each query's own log partition"),
     Mutant("ties-to-older", "kvzoo/cache/selection.py",
            "order = key_pos.argsort(dim=-1, descending=True, stable=True)",
            "order = key_pos.argsort(dim=-1, descending=False, stable=True)",
@@ -259,6 +262,9 @@ MUTANTS: list[Mutant] = [
            "rank = _ranks(score.float().masked_fill(~older, NEG_INF), descending=True)",
            "rank = _ranks((-score.float()).masked_fill(~older, NEG_INF), descending=True)",
            (KVMERGER,), "heavy hitters = the largest A_t"),
+    Mutant("kvmerger-heavy-ignores-window", "kvzoo/cache/kvmerger.py",
+           "return attention_shares(accumulated, window, torch.isfinite(chunk.key_logw))", "return accumulated",
+           ("tests/test_leverage.py",), "rank='attention_shares': heavy hitters by max(accumulated, window) share"),
     # --- ZigZagKV ---------------------------------------------------------------------------------------
     Mutant("zigzag-keeps-lowest", "kvzoo/cache/zigzag.py",
            "rank = slots.score if widest is None", "rank = -slots.score if widest is None",
