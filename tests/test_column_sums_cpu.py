@@ -18,8 +18,8 @@ from kvzoo.cache.scoring import accumulated_scores, group_mean
 from kvzoo_kernels import column_sums_cpu
 from kvzoo_kernels.attention import causal_attention
 from kvzoo_kernels.column_sums_cpu import causal_column_sums, fits_causal_fast_path
-from tests.method_helpers import FakeConfig
 from kvzoo_kernels.window_scores import weighted_column_sums, weighted_column_sums_reference
+from tests.method_helpers import FakeConfig
 
 
 def _prompt(b: int, hq: int, hkv: int, t: int, d: int, sharp: float, seed: int, dtype=torch.float32):  # noqa: ANN001, ANN202

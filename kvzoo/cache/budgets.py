@@ -14,6 +14,14 @@ from kvzoo.errors import KvzooError
 Budget = float | int
 
 
+def check_counts(config: object, method: str, names: Sequence[str]) -> None:
+    """Each of `config`'s fields `names` is an integer >= 1 (a window length, a pooling kernel)."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise KvzooError(f"{method}: {name} must be an integer >= 1, got {value!r}")
+
+
 def check_budget(budget: Budget, method: str, name: str = "budget") -> None:
     """A float in (0, 1) is a ratio of the prompt length; an int >= 1 is a number of tokens per KV head."""
     if isinstance(budget, bool):

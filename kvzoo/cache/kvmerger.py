@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 
 from kvzoo.cache.base import PrefillOnlyMethod
-from kvzoo.cache.budgets import Budget, check_budget, resolve_budget
+from kvzoo.cache.budgets import Budget, check_budget, check_counts, resolve_budget
 from kvzoo.cache.scoring import accumulated_scores, attention_shares, window_scores
 from kvzoo.cache.selection import keep_top, recent_mask, shrink_slots
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
@@ -288,10 +288,7 @@ class KVMerger(PrefillOnlyMethod):
             raise KvzooError(f"KVMerger: alpha must be a finite number, got {self.alpha!r}")
         if self.rank not in RANKS:
             raise KvzooError(f"KVMerger: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
-        for name in ("window_size", "kernel_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise KvzooError(f"KVMerger: {name} must be an integer >= 1, got {value!r}")
+        check_counts(self, "KVMerger", ("window_size", "kernel_size"))
         self.check_decode_cap()
 
     @classmethod

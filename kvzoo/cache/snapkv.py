@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.base import PrefillOnlyMethod, ScoredSelection
-from kvzoo.cache.budgets import Budget, check_budget, resolve_budget
+from kvzoo.cache.budgets import Budget, check_budget, check_counts, resolve_budget
 from kvzoo.cache.scoring import window_scores
 from kvzoo.cache.selection import recent_mask
 from kvzoo.cache.slots import LayerSlots
@@ -37,10 +37,7 @@ class WindowSelection(ScoredSelection, PrefillOnlyMethod):
     def __post_init__(self) -> None:
         name = type(self).__name__
         check_budget(self.budget, name)
-        for field_name in ("window_size", "kernel_size"):
-            value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise KvzooError(f"{name}: {field_name} must be an integer >= 1, got {value!r}")
+        check_counts(self, name, ("window_size", "kernel_size"))
         if self.pooling not in ("avg", "max"):
             raise KvzooError(f"{name}: pooling must be 'avg' or 'max', got {self.pooling!r}")
         self.check_decode_cap()
