@@ -29,7 +29,8 @@ Ambiguities (METHODS.md 1.6) resolved as recommended:
   evicting (0): alpha < 1 lends part of that mass back to the exact slots.
 Defaults: budget 0.2 of the prompt (code), B_p = 0.5 B (paper's recommendation), B_r = 0.02 (B - B_p)
 (paper; at least 1), rank "shares" (paper "window"), decay 1.0 (paper 0.98), window 8, max-pool 7 (paper 5),
-dot-product slot choice (Eq. 6), alpha 0.5 (paper 1), no leverage term.
+dot-product slot choice (Eq. 6), alpha 0.5 (paper 1), no leverage term; a kept slot stores its accumulated
+attention, the standing it was ranked by kept beside it for later prompt chunks (`decode_score`).
 
 Measured effect of the defaults that differ from the paper (tools/RESULTS.md; SmolLM2-135M, 16 2048-token
 contexts, 128 teacher-forced tokens, equal memory, paired differences; needle: 12 development or 24 held-out
@@ -42,6 +43,9 @@ instances):
   kept (development 6 / 6 / 7 of 12 against 3 / 5 / 4; held out 17 / 42 / 54% against 8 / 33 / 46% and
   17 / 42 / 42% against 12 / 33 / 46%); needles asked after compression unchanged. H2O still leads NLL by
   0.01-0.04.
+- decode_score "accumulated" (session 13): a token kept for its window or leverage share is evicted in decode
+  when the attention it gets falls below the token leaving the ring's: NLL 0.015 +- 0.005 lower at 5% kept
+  (held out; 0.006 / 0.002 at 10 / 20%), the same needles; see `decode_score`.
 - alpha 0.5 instead of 1 lowers the continuation NLL increase by 0.019 +- 0.009 at 5% kept, 0.007 +- 0.005
   at 10%, 0.001 +- 0.002 at 20% (alpha = 0 measures the same) and leaves needle retrieval unchanged; on 16
   held-out instances (seed 2) it is neutral: 0.007 +- 0.008 better at 5%, 0.004 +- 0.003 worse at 20%.
@@ -84,6 +88,8 @@ MIN_PROXIMITY = 2  # as the reference code: max(2, tail)
 MIN_RESIDUAL = 1
 RANKS = ("window", "accumulated", "blend", "split", "attention_shares", "shares")  # see ZSMerge.rank
 WINDOW_RANKS = ("window", "accumulated")  # the paper's: one attention signal, no blend (context_rank, tie)
+SHARE_RANKS = ("attention_shares", "shares")  # rank by the largest share (see ZSMerge.decode_score)
+DECODE_SCORES = ("accumulated", "standing")
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,18 @@ class ZSMergeLayout:
     @property
     def context(self) -> int:
         return self.budget - self.proximity - self.residual
+
+
+@dataclass(frozen=True)
+class ResidualMerge:
+    """Where a prefill's leftover tokens went (`ZSMerge._merge_groups`): leftover [B, Hkv, S] bool, target
+    [B, Hkv, S] residual slot (C, the dummy, for the rest), merged / was_filled [B, Hkv, C+1] the slots that
+    took members / held tokens before."""
+
+    leftover: torch.Tensor
+    target: torch.Tensor
+    merged: torch.Tensor
+    was_filled: torch.Tensor
 
 
 @dataclass
@@ -146,19 +164,36 @@ class ZSMerge(CompressionMethod):
     #   its sum) over the candidates: kept when either every prompt query or the last ones give it a large part
     #   of their attention. Both are distributions over the same tokens, so no weight is needed, and a head
     #   whose window attention is diffuse spends few slots on it while one that reads a single passage (a
-    #   question's answer) keeps it; the stored score is the share times the accumulated mass. With decay=1.0
+    #   question's answer) keeps it; its standing is the share times the accumulated mass (`decode_score`). With decay=1.0
     #   on two held-out sets: NLL -0.023 / -0.024 / -0.034 and -0.013 / -0.019 / -0.037 against "window" (H2O:
     #   -0.044 / -0.035 / -0.047 and -0.036 / -0.029 / -0.048); needle 8 / 29 / 38% and 8 / 29 / 46% against
     #   "window"'s 8 / 33 / 46% and 17 / 50 / 62%.
     # - "shares": "attention_shares" with a third share, each token's leverage among the pre-RoPE keys of its
     #   prompt chunk over the chunk's sum of leverages (scoring.own_key_leverage, Compactor's query-agnostic
     #   signal): a token no combination of the others reproduces (a number, a name) is kept although no query
-    #   has read it yet. Keys kept from earlier chunks compete by their stored scores (share 0 here). With
+    #   has read it yet. Keys kept from earlier chunks compete by their standings (share 0 here). With
     #   decay=1.0, against "window": development NLL -0.002 +- 0.014 / -0.010 +- 0.013 at 5 / 20% (paired),
     #   needle 6 / 6 / 7 of 12 (3 / 5 / 4); held out NLL +0.233 / +0.174 / +0.123 at 5 / 10 / 20% against
     #   +0.239 / +0.177 / +0.133, needle 17 / 42 / 54% against 8 / 33 / 46% and 17 / 42 / 42% against
     #   12 / 33 / 46% on a second set.
     rank: str = "shares"  # paper: "window"
+    # What a kept slot's score is with a share rank: the number every decode step adds the slot's attention to,
+    # and by which the lowest of context ∪ {token leaving the ring} is merged.
+    # - "accumulated" (default): the token's attention summed over every query so far (H2O's statistic). The
+    #   standing it was ranked by (largest share x mass) is kept beside it (state["standing"], 8 bytes a slot)
+    #   so that a later prompt chunk ranks the slots exactly as "standing" does; a decode step that moves a
+    #   token lets its standing lapse. Tokens kept for the window's or the leverage's share then compete in
+    #   decode on the attention they actually get.
+    # - "standing" (sessions 9-12): the slot stores its standing, so such a token outranks, at every decode step,
+    #   tokens the continuation reads, and is never given up.
+    # Measured (tools/RESULTS.md, "Session 13"; equal memory, paired): "accumulated" lowers the continuation NLL
+    # increase by 0.015 +- 0.005 / 0.006 +- 0.004 / 0.002 +- 0.003 at 5 / 10 / 20% kept on 16 held-out
+    # contexts (development: 0.018 +- 0.006 / 0.002 +- 0.003 at 5 / 20%), with the same 48 held-out needles in
+    # both layouts; `make demo` (a stored document cache asked six questions later) answers 4 of 6 at 50%
+    # instead of 5 (the same at 80%), so a document cache meant for questions about rare facts may prefer
+    # "standing". Storing max(accumulated, leverage share x mass) (protecting only what the leverage kept)
+    # keeps the demo at 5/6 but gives the gain back (held out -0.007 +- 0.007 / -0.001 / +0.002).
+    decode_score: str = "accumulated"
     window_weight: float = 1.0  # "blend" and "split": the pooled window's weight in the blended score
     window_share: float = 0.25  # "split": the share of the context slots picked by the pooled window
     # Rank each layer's context candidates by the larger of their share of that head's stored score and the
@@ -224,6 +259,9 @@ class ZSMerge(CompressionMethod):
                              f"'accumulated' (got rank={self.rank!r})")
         if self.leverage_of not in ("keys", "values"):
             raise KvzooError(f"ZSMerge: leverage_of must be 'keys' or 'values', got {self.leverage_of!r}")
+        if self.decode_score not in DECODE_SCORES:
+            raise KvzooError(f"ZSMerge: decode_score must be one of {', '.join(map(repr, DECODE_SCORES))}, got "
+                             f"{self.decode_score!r}")
         if self.prefill_scale not in ("window", "steady"):
             raise KvzooError(f"ZSMerge: prefill_scale must be 'window' or 'steady', got {self.prefill_scale!r}")
 
@@ -234,6 +272,11 @@ class ZSMerge(CompressionMethod):
         paper = {"proximity": 0.5, "residual": 0.02, "alpha": 1.0, "decay": 0.98, "rank": "window",
                  "window_size": 8, "kernel_size": 5, "pooling": "max", "metric": "dot", "score_update": "max"}
         return cls(**{**paper, **overrides})  # type: ignore[arg-type]
+
+    @property
+    def _splits_standing(self) -> bool:
+        """Whether slots store the accumulated attention with the standing beside it (`decode_score`)."""
+        return self.rank in SHARE_RANKS and self.decode_score == "accumulated"
 
     @property
     def attention_alpha(self) -> float:
@@ -273,15 +316,20 @@ class ZSMerge(CompressionMethod):
         for slots in cache.layers:
             slots.state["residual"] = residual  # [B] slots 0 .. residual-1 are R
             slots.state["proximity"] = proximity  # [B] ring = budget - proximity .. budget-1
+            if self._splits_standing:  # allocated up front: the cache's memory is constant from the start
+                slots.state["standing"] = torch.zeros_like(slots.score)  # [B, Hkv, C] (see `_compress`)
+                slots.state["standing_pos"] = torch.full_like(slots.pos, -1, dtype=torch.int32)  # [B, Hkv, C]
         return cache
 
     # --- prefill --------------------------------------------------------------------------------------
-    def _scores(self, chunk: "PrefillChunk") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(stored, fresh, accumulated), each [B, Hkv, S]: the contribution scores kept with the slots (older
-        slots' scores decayed over the chunk, plus the chunk's part as `rank` says); the chunk's own windowed,
-        pooled (or, rank="accumulated", accumulated) attention; the attention accumulated over every query for
-        the ranks that blend it with the window (else None). Except with rank="split" the context is ranked by
-        the stored scores."""
+    def _scores(self, chunk: "PrefillChunk", bonus: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(standing, fresh, accumulated), each [B, Hkv, S]: the contribution scores that rank the context
+        (older slots' scores decayed over the chunk, plus the chunk's part as `rank` says); the chunk's own
+        windowed, pooled (or, rank="accumulated", accumulated) attention; the attention accumulated over every
+        query (older slots' stored scores included) for the ranks that read it (else None). Except with
+        rank="split" the context is ranked by the standing. `bonus` [B, Hkv, S]: what the share ranks add to
+        an older slot's stored score to get its standing (`_standing_bonus`)."""
         t = chunk.q.shape[2]
         older = chunk.key_score * self.decay**t  # [B, Hkv, S]: 0 for the chunk's own tokens
         if self.rank == "accumulated":
@@ -298,11 +346,26 @@ class ZSMerge(CompressionMethod):
         valid = torch.isfinite(chunk.key_logw)
         if self.rank in ("blend", "split"):
             return total + on_the_scale_of(total, fresh, valid, self.window_weight), fresh, total
-        mass = (total * valid).sum(-1, keepdim=True)  # [B, Hkv, 1]: stored scores are shares of this mass
-        share = attention_shares(total, fresh, valid)
+        standing = total if bonus is None else total + bonus * self.decay**t
+        mass = (standing * valid).sum(-1, keepdim=True)  # [B, Hkv, 1]: the standings are shares of this mass
+        share = attention_shares(standing, fresh, valid)
         if self.rank == "shares":
             share = torch.maximum(share, self._leverage_share(chunk, valid))
         return share * mass, fresh, total
+
+    @staticmethod
+    def _standing_bonus(slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor | None:
+        """[B, Hkv, S] what each candidate's standing adds to its stored (accumulated-attention) score: the
+        `standing` state of the slots the last prefill chunk wrote, for a slot still holding the token it
+        was granted to (decode steps move tokens and merge; a moved slot's bonus lapses), 0 for the chunk's
+        own tokens; None before any slot was written."""
+        if "standing" not in slots.state:
+            return None
+        t = chunk.k.shape[2]
+        used = chunk.keys.shape[2] - t
+        bonus, granted_to = slots.state["standing"][..., :used], slots.state["standing_pos"][..., :used]
+        held = granted_to == chunk.key_pos[..., : granted_to.shape[-1]]  # [B, Hkv, <= used]
+        return F.pad(bonus * held, (0, chunk.keys.shape[2] - granted_to.shape[-1]))
 
     @staticmethod
     def _leverage_share(chunk: "PrefillChunk", valid: torch.Tensor) -> torch.Tensor:
@@ -331,15 +394,22 @@ class ZSMerge(CompressionMethod):
         if "cross_layer_tie" in slots.state:  # a second chunk before end_prefill
             raise KvzooError("ZSMerge(cross_layer=True) ranks every layer's tokens over the whole prompt, so it "
                              "cannot compress a prompt fed in chunks; generate without prefill_chunk")
-        score, window, accumulated = self._scores(chunk)
+        score, window, accumulated = self._scores(chunk, self._standing_bonus(slots, chunk))
+        # The share ranks keep a token for its largest share, but its slot's score is what decode steps add
+        # each query's attention to and evict by: the accumulated attention, with the standing kept beside it
+        # for a later prompt chunk (see `rank`).
+        stored = accumulated if self._splits_standing else None
         if self.cross_layer and chunk.keys.shape[2] == chunk.k.shape[2]:  # a prompt on a fresh cache
-            # Keep every token with its scores; end_prefill compresses with the cross-layer rank.
+            # Keep every token with its standing as score (what the cross-layer rank reads); end_prefill
+            # compresses with that rank and stores `stored`.
             slots.replace_all(chunk.keys, chunk.values, chunk.key_logw, score, chunk.key_pos)
             tie = score if self.rank == "accumulated" else window_scores(chunk, self.window_size, self.decay)
             slots.state["cross_layer_tie"] = tie
+            if stored is not None:
+                slots.state["cross_layer_stored"] = stored
             return
         rank = self._compactor_rank(slots, chunk) if self.context_rank == "compactor" else None
-        self._compress(slots, chunk, score, window, accumulated, rank=rank)
+        self._compress(slots, chunk, score, window, accumulated, rank=rank, stored=stored)
 
     def _compactor_rank(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         """[B, Hkv, S] Compactor's score of the candidates (the first SINKS positions first), blended
@@ -349,10 +419,12 @@ class ZSMerge(CompressionMethod):
 
     def _compress(self, slots: LayerSlots, chunk: "PrefillChunk", score: torch.Tensor,
                   window: torch.Tensor | None, accumulated: torch.Tensor | None, rank: torch.Tensor | None = None,
-                  tie: torch.Tensor | None = None) -> None:
+                  tie: torch.Tensor | None = None, stored: torch.Tensor | None = None) -> None:
         """Ring, context and residual merge of the candidates into `slots`, ranking the context by `rank`
-        [B, Hkv, S] (default: the stored `score`, or the window share's picks) with equal ranks ordered by
-        `tie` (default: the window's own unpooled scores)."""
+        [B, Hkv, S] (default: `score`, or the window share's picks) with equal ranks ordered by `tie`
+        (default: the window's own unpooled scores). The slots store `stored` [B, Hkv, S] as their score
+        (default: `score`); when given, each slot's score - stored is kept in state["standing"] (with
+        the position it belongs to in state["standing_pos"]) for the next chunk's ranking."""
         b, hkv, s = chunk.key_logw.shape
         dev = chunk.keys.device
         residual, proximity = slots.state["residual"][:, None, None], slots.state["proximity"][:, None, None]
@@ -398,10 +470,17 @@ class ZSMerge(CompressionMethod):
         target = torch.where(is_residual & valid, cand, target)
         group = self._residual_groups(chunk, leftover, is_residual, residual)
 
-        k_new, v_new, logw_new, score_new, pos_new = self._scatter_slots(chunk, score, target, dummy)
-        self._merge_groups(chunk, score, leftover, group, k_new, v_new, logw_new, score_new, pos_new)
+        kept_score = score if stored is None else stored
+        k_new, v_new, logw_new, score_new, pos_new = self._scatter_slots(chunk, kept_score, target, dummy)
+        merge = self._merge_groups(chunk, leftover, group, k_new, v_new, logw_new, pos_new)
+        self._merge_scores(score_new, kept_score, merge)
         slots.replace_all(k_new[:, :, :dummy], v_new[:, :, :dummy], logw_new[..., :dummy],
                           score_new[..., :dummy], pos_new[..., :dummy])
+        if stored is not None:  # the standing of every slot, a residual slot's from its members' (as its score)
+            standing = torch.zeros_like(score_new).scatter(-1, target, score)
+            self._merge_scores(standing, score, merge)
+            slots.state["standing"] = (standing - score_new)[..., :dummy]  # [B, Hkv, C]
+            slots.state["standing_pos"] = slots.pos.to(torch.int32)  # [B, Hkv, C]
 
     def _scatter_slots(self, chunk: "PrefillChunk", score: torch.Tensor, target: torch.Tensor, dummy: int):  # noqa: ANN202
         """Fresh [B, Hkv, C+1(, D)] slot tensors with every verbatim candidate written at its target."""
@@ -448,10 +527,10 @@ class ZSMerge(CompressionMethod):
         """For each query key [B, Hkv, N, D], the index of the closest allowed key (by `metric`)."""
         return most_similar(queries, keys, allowed, self.metric)
 
-    def _merge_groups(self, chunk: "PrefillChunk", score: torch.Tensor, leftover: torch.Tensor,
-                      group: torch.Tensor, k: torch.Tensor, v: torch.Tensor, logw: torch.Tensor,
-                      sc: torch.Tensor, pos: torch.Tensor) -> None:
-        """Count-weighted merge of leftover tokens into their residual slots, in place on the fresh tensors."""
+    def _merge_groups(self, chunk: "PrefillChunk", leftover: torch.Tensor, group: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, logw: torch.Tensor, pos: torch.Tensor) -> "ResidualMerge":
+        """Count-weighted merge of leftover tokens into their residual slots, in place on the fresh tensors;
+        returns where each went, for `_merge_scores`."""
         b, hkv, s, d = chunk.keys.shape
         dummy = k.shape[2] - 1
         tgt = torch.where(leftover, group, dummy)
@@ -464,15 +543,20 @@ class ZSMerge(CompressionMethod):
         k.copy_(torch.where(merged[..., None], (sum_k / safe_w).to(k.dtype), k))
         v.copy_(torch.where(merged[..., None], (sum_v / safe_w).to(v.dtype), v))
         logw.copy_(torch.where(merged, w.log(), logw))
-        member_score = score.masked_fill(~leftover, NEG_INF)
-        if self.score_update == "max":
-            best = torch.full_like(sc, NEG_INF).scatter_reduce(-1, tgt, member_score, "amax")
-            old = torch.where(w_old > 0, sc, NEG_INF)
-            sc.copy_(torch.where(merged, torch.maximum(best, old), sc))
-        else:
-            sc.copy_(torch.where(merged, sc.scatter_add(-1, tgt, score * leftover), sc))
         newest = pos.scatter_reduce(-1, tgt, chunk.key_pos.masked_fill(~leftover, -1), "amax")
         pos.copy_(torch.where(merged, newest, pos))
+        return ResidualMerge(leftover, tgt, merged, w_old > 0)
+
+    def _merge_scores(self, sc: torch.Tensor, score: torch.Tensor, merge: "ResidualMerge") -> None:
+        """A merged residual slot's score [B, Hkv, C+1] from its members' `score` [B, Hkv, S]
+        (`score_update`: the max of the old and the members', or their sum), in place."""
+        member_score = score.masked_fill(~merge.leftover, NEG_INF)
+        if self.score_update == "max":
+            best = torch.full_like(sc, NEG_INF).scatter_reduce(-1, merge.target, member_score, "amax")
+            old = torch.where(merge.was_filled, sc, NEG_INF)
+            sc.copy_(torch.where(merge.merged, torch.maximum(best, old), sc))
+        else:
+            sc.copy_(torch.where(merge.merged, sc.scatter_add(-1, merge.target, score * merge.leftover), sc))
 
     def end_prefill(self, cache: KVCache) -> None:
         """With cross_layer: compress every layer's whole prompt into its layout, ranking the context by
@@ -488,12 +572,12 @@ class ZSMerge(CompressionMethod):
         stack, stores = allocate_stores([budgets] * len(cache.layers), [int(budgets.max())] * len(cache.layers),
                                         hkv, d, first.k.dtype, first.k.device)
         for layer_idx, (old, new) in enumerate(zip(cache.layers, stores)):
-            tie = old.state.pop("cross_layer_tie")
+            tie, stored = old.state.pop("cross_layer_tie"), old.state.pop("cross_layer_stored", None)
             new.state = {**old.state, "prefill_budget": budgets}
             rank = cross_layer_rank(old, widest)
             candidates = slot_candidates(old)
             candidates.k, candidates.v = old.k, old.v  # every slot is a fresh candidate (none is a residual)
-            self._compress(new, candidates, old.score, None, None, rank=rank, tie=tie)
+            self._compress(new, candidates, old.score, None, None, rank=rank, tie=tie, stored=stored)
             cache.layers[layer_idx] = new
         cache.stack = stack
 

@@ -1,0 +1,92 @@
+"""ZSMerge's share ranks keep two numbers per slot: the score decode steps add attention to and evict by (the
+accumulated attention, H2O's statistic) and the standing the prompt's context was ranked by (the largest share
+times the attention mass), kept beside it for a later prompt chunk."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvzoo.cache.chunk import make_prefill_chunk
+from kvzoo.cache.zsmerge import ZSMerge
+from tests.method_helpers import drive_synthetic, random_qkv, reference_probs
+
+
+def _unique_key_prompt(n: int):
+    """One head, n tokens: every key but `unique` lies in a 4-dimensional subspace the queries read; `unique`
+    points where no query looks, so it is kept for its leverage share alone (as in test_leverage.py)."""
+    qkv = random_qkv(1, 1, 1, 1, n, seed=7, scale=1.5)
+    qkv.k[0][..., 4:] = 0.0
+    qkv.k[0][0, 0, 15, 6] = 3.0
+    qkv.q[0][..., 6] = 0.0
+    return qkv, 15
+
+
+@pytest.mark.parametrize("rank", ["shares", "attention_shares"])
+def test_slots_store_the_accumulated_attention_and_the_standing_beside_it(rank):
+    """After a one-chunk prompt every verbatim slot's score is the token's attention summed over every prompt
+    query (float64 reference from the softmax definition), and state["standing"] + score is what ranked it:
+    for the token kept for its leverage the standing is far above its accumulated attention."""
+    n = 40
+    qkv, unique = _unique_key_prompt(n)
+    method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=3, decay=1.0, rank=rank)
+    slots = drive_synthetic(method, qkv, [n], 0).cache.layers[0]
+    accumulated = reference_probs(qkv.q[0][0], qkv.k[0][0, 0], list(range(n)), list(range(n)), None)[0].sum(0)
+    exact = slots.logw[0, 0] == 0  # verbatim slots: the context and the ring
+    positions = slots.pos[0, 0][exact]
+    torch.testing.assert_close(slots.score[0, 0][exact].double(), accumulated[positions], rtol=1e-5, atol=1e-6)
+    standing = slots.state["standing"][0, 0]
+    assert bool((standing >= 0).all())
+    assert torch.equal(slots.state["standing_pos"][0, 0], slots.pos[0, 0].to(torch.int32))
+    if rank == "shares":
+        kept_for_leverage = int((slots.pos[0, 0] == unique).nonzero())
+        assert standing[kept_for_leverage] > 5 * slots.score[0, 0, kept_for_leverage], (standing, slots.score)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(20, 60), first=st.integers(6, 40), seed=st.integers(0, 10_000),
+       rank=st.sampled_from(["shares", "attention_shares"]))
+def test_a_later_prompt_chunk_ranks_older_slots_by_their_standing(n, first, seed, rank):
+    """A prompt fed in chunks keeps, chunk after chunk, the tokens it keeps with decode_score="standing" (each
+    slot's score is its standing): what a slot stores for decode steps does not change a later chunk's choice. (Slot order within
+    the context follows the rank, whose near-ties the two sums, standing = score + (standing - score), may
+    round apart in float32: compared as sets, by position.)"""
+    first = min(first, n - 1)
+    qkv = random_qkv(1, 1, 2, 2, n, seed=seed)
+    method = ZSMerge(budget=10, proximity=3, residual=1, kernel_size=3, rank=rank)
+    split = drive_synthetic(method, qkv, [n], 0, prefill_chunk=first).cache
+    merged = drive_synthetic(dataclasses.replace(method, decode_score="standing"), qkv, [n], 0,
+                             prefill_chunk=first).cache
+    assert "standing" not in merged.layers[0].state
+    for mine, theirs in zip(split.layers, merged.layers):
+        order_mine, order_theirs = mine.pos.argsort(-1), theirs.pos.argsort(-1)
+        assert torch.equal(mine.pos.gather(-1, order_mine), theirs.pos.gather(-1, order_theirs))
+        assert torch.equal(mine.logw.gather(-1, order_mine), theirs.logw.gather(-1, order_theirs))
+        standing = (mine.score + mine.state["standing"]).gather(-1, order_mine)
+        exact = mine.logw.gather(-1, order_mine) == 0
+        torch.testing.assert_close(standing[exact], theirs.score.gather(-1, order_theirs)[exact])
+
+
+def test_the_standing_lapses_when_a_decode_step_moves_a_slot():
+    """Decode steps move tokens between slots and merge them; a later chunk adds a slot's standing only while
+    the slot still holds the token it was granted to (positions compared), and 0 for the chunk's own tokens."""
+    n, steps = 40, 6
+    qkv, _ = _unique_key_prompt(n + steps + 2)
+    method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=3, decay=1.0, rank="shares")
+    trace = drive_synthetic(method, qkv, [n], steps)
+    slots = trace.cache.layers[0]
+    granted = trace.snapshots[0].layers[0]["pos"]  # positions after prefill
+    moved = slots.pos != granted
+    assert bool(moved.any()) and bool((~moved & (slots.state["standing"] > 0)).any())
+    t = 2
+    chunk = make_prefill_chunk(qkv.q[0][:, :, n + steps:], qkv.k[0][:, :, n + steps:], qkv.v[0][:, :, n + steps:],
+                               torch.arange(n + steps, n + steps + t)[None], slots, slots.capacity,
+                               method.attention_alpha, None)
+    bonus = ZSMerge._standing_bonus(slots, chunk)
+    assert bonus is not None
+    expected = torch.cat([slots.state["standing"].masked_fill(moved, 0.0), torch.zeros(1, 1, t)], dim=-1)
+    assert torch.equal(bonus, expected)
