@@ -76,6 +76,14 @@ def _pad_capacity(slots: LayerSlots, capacity: int) -> list[torch.Tensor]:
             f(slots.pos, pad, value=-1)]
 
 
+def _pad_state(t: torch.Tensor, slots: int, capacity: int) -> torch.Tensor:
+    """Per-slot state [B, Hkv, slots] (ZSMerge's standing) padded to `capacity` as empty slots are: 0, and -1
+    for integer positions; per-sequence state [B] as it is."""
+    if t.dim() != 3 or t.shape[-1] != slots:
+        return t
+    return torch.nn.functional.pad(t, (0, capacity - slots), value=0 if t.is_floating_point() else -1)
+
+
 def stack_caches(caches: list[KVCache]) -> KVCache:
     """Caches of one sequence each (same method, same model) -> one batched cache; shorter capacities are
     padded with empty slots (log w = -inf, pos = -1), which attention and every method ignore."""
@@ -86,7 +94,8 @@ def stack_caches(caches: list[KVCache]) -> KVCache:
         k, v, logw, score, pos = (torch.cat(xs) for xs in zip(*parts))
         state = {}
         for key, first in per_layer[0].state.items():
-            state[key] = torch.cat([s.state[key] for s in per_layer]) if first.dim() else first
+            state[key] = torch.cat([_pad_state(s.state[key], s.capacity, capacity) for s in per_layer]) \
+                if first.dim() else first
         layers.append(LayerSlots(k, v, logw, score, pos, torch.cat([s.budget for s in per_layer]), state))
     return KVCache(layers=layers, method=caches[0].method, tokens_seen=caches[0].tokens_seen)
 

@@ -41,10 +41,11 @@ def test_info_reports_kv_bytes_per_token(default_model_dir, capsys):
     per_token = 2 * layers * kv_heads * head_dim * 4  # k and v, fp32
     assert f"KV cache bytes per token (uncompressed, float32): {per_token:,}" in out
     # The compressed cache, from the config alone: int(0.05 * 2048) = 102 slots per KV head and layer, each
-    # with a key and a value (fp32) and its fp32 log-count, fp32 score and int64 position (kvzoo/cache/slots.py);
-    # plus a few per-sequence int64 counters per layer (budgets, ZSMerge's region sizes): under 64 bytes.
+    # with a key and a value (fp32) and its fp32 log-count, fp32 score and int64 position (kvzoo/cache/slots.py),
+    # and ZSMerge's fp32 standing and the int32 position it belongs to (decode_score="accumulated"); plus a few
+    # per-sequence int64 counters per layer (budgets, ZSMerge's region sizes): under 64 bytes.
     slots = 102
-    expected = layers * kv_heads * slots * (2 * head_dim * 4 + 4 + 4 + 8)
+    expected = layers * kv_heads * slots * (2 * head_dim * 4 + 4 + 4 + 8 + 4 + 4)
     line = next(x for x in out.splitlines() if x.startswith("zsmerge:budget=0.05 for a 2048-token prompt"))
     reported = int(re.search(r"([\d,]+) bytes", line).group(1).replace(",", ""))
     assert expected <= reported <= expected + 64 * layers, f"{line!r}: expected about {expected:,} bytes"

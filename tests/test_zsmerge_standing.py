@@ -90,3 +90,31 @@ def test_the_standing_lapses_when_a_decode_step_moves_a_slot():
     assert bonus is not None
     expected = torch.cat([slots.state["standing"].masked_fill(moved, 0.0), torch.zeros(1, 1, t)], dim=-1)
     assert torch.equal(bonus, expected)
+
+
+def test_a_later_prompt_stores_the_earlier_slots_standing():
+    """A chunk that starts where the last prefill ended (a question to a stored document) stores the slots kept
+    before it with their standing, as decode_score="standing" does (so the decode steps that write the answer
+    do not give up a fact kept for its leverage first), and its own tokens with their accumulated attention."""
+    n, t = 40, 6
+    qkv, unique = _unique_key_prompt(n + t)
+    caches = {}
+    for decode_score in ("accumulated", "standing"):
+        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=3, decay=1.0, rank="shares",
+                         decode_score=decode_score)
+        slots = drive_synthetic(method, qkv, [n], 0).cache.layers[0]  # the document: prompt_len = n
+        assert unique in slots.pos[0, 0].tolist()
+        new = slice(n, n + t)
+        chunk = make_prefill_chunk(qkv.q[0][:, :, new], qkv.k[0][:, :, new], qkv.v[0][:, :, new],
+                                   torch.arange(n, n + t)[None], slots, slots.capacity, method.attention_alpha, None)
+        method.compress_prefill(0, slots, chunk)
+        caches[decode_score] = slots
+    split, standing = caches["accumulated"], caches["standing"]
+    assert torch.equal(split.pos, standing.pos)
+    earlier = (split.pos < n) & (split.logw == 0)
+    assert bool(earlier.any()) and bool((split.pos >= n).any())
+    torch.testing.assert_close(split.score[earlier], standing.score[earlier])
+    assert bool((split.state["standing"][earlier] == 0).all())
+    own = (split.pos >= n) & (split.logw == 0)
+    torch.testing.assert_close((split.score + split.state["standing"])[own], standing.score[own])
+    assert bool((split.state["standing"][own] > 0).any())  # and they did store something else

@@ -354,6 +354,22 @@ class ZSMerge(CompressionMethod):
         return share * mass, fresh, total
 
     @staticmethod
+    def _stored_scores(slots: LayerSlots, chunk: "PrefillChunk", standing: torch.Tensor,
+                       accumulated: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, S] what decode_score="accumulated" stores: the accumulated attention, except that in a chunk
+        of a later prompt (its positions start at or past where the last prefill ended: a question to a
+        stored document, a conversation's next turn) the slots kept before it store their standing. A new
+        prompt may ask about anything the earlier one kept (a fact kept for its leverage), and its answer
+        reads it only when written, so the decode steps that write it must not give it up first."""
+        used = chunk.keys.shape[2] - chunk.k.shape[2]
+        if used == 0:
+            return accumulated
+        first = chunk.q_pos.masked_fill(chunk.q_pos < 0, torch.iinfo(torch.int64).max).min(dim=1).values  # [B]
+        later_prompt = (first >= slots.state["prompt_len"])[:, None, None]  # [B, 1, 1]
+        earlier_slot = torch.arange(chunk.keys.shape[2], device=standing.device) < used  # [S]
+        return torch.where(later_prompt & earlier_slot, standing, accumulated)
+
+    @staticmethod
     def _standing_bonus(slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor | None:
         """[B, Hkv, S] what each candidate's standing adds to its stored (accumulated-attention) score: the
         `standing` state of the slots the last prefill chunk wrote, for a slot still holding the token it
@@ -398,7 +414,7 @@ class ZSMerge(CompressionMethod):
         # The share ranks keep a token for its largest share, but its slot's score is what decode steps add
         # each query's attention to and evict by: the accumulated attention, with the standing kept beside it
         # for a later prompt chunk (see `rank`).
-        stored = accumulated if self._splits_standing else None
+        stored = self._stored_scores(slots, chunk, score, accumulated) if self._splits_standing else None
         if self.cross_layer and chunk.keys.shape[2] == chunk.k.shape[2]:  # a prompt on a fresh cache
             # Keep every token with its standing as score (what the cross-layer rank reads); end_prefill
             # compresses with that rank and stores `stored`.
