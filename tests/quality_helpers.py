@@ -76,12 +76,12 @@ def _pad_capacity(slots: LayerSlots, capacity: int) -> list[torch.Tensor]:
             f(slots.pos, pad, value=-1)]
 
 
-def _pad_state(t: torch.Tensor, slots: int, capacity: int) -> torch.Tensor:
-    """Per-slot state [B, Hkv, slots] (ZSMerge's standing) padded to `capacity` as empty slots are: 0, and -1
-    for integer positions; per-sequence state [B] as it is."""
-    if t.dim() != 3 or t.shape[-1] != slots:
+def _pad_state(t: torch.Tensor, filled_capacity: int, capacity: int) -> torch.Tensor:
+    """Per-slot state [B, Hkv, filled_capacity] (ZSMerge's standing) padded to `capacity` as empty slots are:
+    0, and -1 for integer positions; per-sequence state [B] as it is."""
+    if t.dim() != 3 or t.shape[-1] != filled_capacity:
         return t
-    return torch.nn.functional.pad(t, (0, capacity - slots), value=0 if t.is_floating_point() else -1)
+    return torch.nn.functional.pad(t, (0, capacity - filled_capacity), value=0 if t.is_floating_point() else -1)
 
 
 def stack_caches(caches: list[KVCache]) -> KVCache:

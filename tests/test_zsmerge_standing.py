@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from kvzoo.cache.chunk import make_prefill_chunk
 from kvzoo.cache.zsmerge import ZSMerge
-from tests.method_helpers import drive_synthetic, random_qkv, reference_probs
+from tests.method_helpers import _at, drive_synthetic, random_qkv, reference_probs
 
 
 def _unique_key_prompt(n: int):
@@ -29,7 +29,7 @@ def _unique_key_prompt(n: int):
 @pytest.mark.parametrize("rank", ["shares", "attention_shares"])
 def test_slots_store_the_accumulated_attention_and_the_standing_beside_it(rank):
     """After a one-chunk prompt every verbatim slot's score is the token's attention summed over every prompt
-    query (float64 reference from the softmax definition), and state["standing"] + score is what ranked it:
+    query (float64 reference from the softmax definition), and state["standing_bonus"] + score is what ranked it:
     for the token kept for its leverage the standing is far above its accumulated attention."""
     n = 40
     qkv, unique = _unique_key_prompt(n)
@@ -39,7 +39,7 @@ def test_slots_store_the_accumulated_attention_and_the_standing_beside_it(rank):
     exact = slots.logw[0, 0] == 0  # verbatim slots: the context and the ring
     positions = slots.pos[0, 0][exact]
     torch.testing.assert_close(slots.score[0, 0][exact].double(), accumulated[positions], rtol=1e-5, atol=1e-6)
-    standing = slots.state["standing"][0, 0]
+    standing = slots.state["standing_bonus"][0, 0]
     assert bool((standing >= 0).all())
     assert torch.equal(slots.state["standing_pos"][0, 0], slots.pos[0, 0].to(torch.int32))
     if rank == "shares":
@@ -52,69 +52,90 @@ def test_slots_store_the_accumulated_attention_and_the_standing_beside_it(rank):
        rank=st.sampled_from(["shares", "attention_shares"]))
 def test_a_later_prompt_chunk_ranks_older_slots_by_their_standing(n, first, seed, rank):
     """A prompt fed in chunks keeps, chunk after chunk, the tokens it keeps with decode_score="standing" (each
-    slot's score is its standing): what a slot stores for decode steps does not change a later chunk's choice. (Slot order within
-    the context follows the rank, whose near-ties the two sums, standing = score + (standing - score), may
-    round apart in float32: compared as sets, by position.)"""
+    slot's score is its standing): what a slot stores for decode steps does not change a later chunk's
+    choice. (Slot order within the context follows the rank, whose near-ties the two sums, standing = score
+    + (standing - score), may round apart in float32: compared as sets, by position.)"""
     first = min(first, n - 1)
     qkv = random_qkv(1, 1, 2, 2, n, seed=seed)
     method = ZSMerge(budget=10, proximity=3, residual=1, kernel_size=3, rank=rank)
     split = drive_synthetic(method, qkv, [n], 0, prefill_chunk=first).cache
     merged = drive_synthetic(dataclasses.replace(method, decode_score="standing"), qkv, [n], 0,
                              prefill_chunk=first).cache
-    assert "standing" not in merged.layers[0].state
+    assert "standing_bonus" not in merged.layers[0].state
     for mine, theirs in zip(split.layers, merged.layers):
         order_mine, order_theirs = mine.pos.argsort(-1), theirs.pos.argsort(-1)
         assert torch.equal(mine.pos.gather(-1, order_mine), theirs.pos.gather(-1, order_theirs))
         assert torch.equal(mine.logw.gather(-1, order_mine), theirs.logw.gather(-1, order_theirs))
-        standing = (mine.score + mine.state["standing"]).gather(-1, order_mine)
+        standing = (mine.score + mine.state["standing_bonus"]).gather(-1, order_mine)
         exact = mine.logw.gather(-1, order_mine) == 0
         torch.testing.assert_close(standing[exact], theirs.score.gather(-1, order_theirs)[exact])
 
 
-def test_the_standing_lapses_when_a_decode_step_moves_a_slot():
+@pytest.mark.parametrize("decay", [1.0, 0.9])
+def test_the_standing_lapses_when_a_decode_step_moves_a_slot(decay):
     """Decode steps move tokens between slots and merge them; a later chunk adds a slot's standing only while
-    the slot still holds the token it was granted to (positions compared), and 0 for the chunk's own tokens."""
+    the slot still holds the token it was granted to (positions compared), decayed as its score was over the
+    decode steps since (decay^6 here), and 0 for the chunk's own tokens."""
     n, steps = 40, 6
     qkv, _ = _unique_key_prompt(n + steps + 2)
-    method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=3, decay=1.0, rank="shares")
+    method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=3, decay=decay, rank="shares")
     trace = drive_synthetic(method, qkv, [n], steps)
     slots = trace.cache.layers[0]
     granted = trace.snapshots[0].layers[0]["pos"]  # positions after prefill
     moved = slots.pos != granted
-    assert bool(moved.any()) and bool((~moved & (slots.state["standing"] > 0)).any())
+    assert bool(moved.any()) and bool((~moved & (slots.state["standing_bonus"] > 0)).any())
     t = 2
     chunk = make_prefill_chunk(qkv.q[0][:, :, n + steps:], qkv.k[0][:, :, n + steps:], qkv.v[0][:, :, n + steps:],
                                torch.arange(n + steps, n + steps + t)[None], slots, slots.capacity,
                                method.attention_alpha, None)
-    bonus = ZSMerge._standing_bonus(slots, chunk)
+    bonus = method._standing_bonus(slots, chunk)
     assert bonus is not None
-    expected = torch.cat([slots.state["standing"].masked_fill(moved, 0.0), torch.zeros(1, 1, t)], dim=-1)
-    assert torch.equal(bonus, expected)
+    held = slots.state["standing_bonus"].masked_fill(moved, 0.0) * decay**steps
+    torch.testing.assert_close(bonus, torch.cat([held, torch.zeros(1, 1, t)], dim=-1), rtol=1e-6, atol=0.0)
+
+
+def _later_prompt(method: ZSMerge, qkv, lens: list[int], t: int):
+    """Prefill the documents (left-padded, one chunk), then feed the next t tokens of each as a later prompt
+    (a question to the stored documents): positions n_b .. n_b + t - 1 on the cache whose prompt ended."""
+    slots = drive_synthetic(method, qkv, lens, 0).cache.layers[0]
+    positions = torch.stack([torch.arange(n, n + t) for n in lens])  # [B, t]
+    q, k, v = (_at(x[0], positions) for x in (qkv.q, qkv.k, qkv.v))
+    chunk = make_prefill_chunk(q, k, v, positions, slots, slots.capacity, method.attention_alpha, None)
+    method.compress_prefill(0, slots, chunk)
+    return slots
 
 
 def test_a_later_prompt_stores_the_earlier_slots_standing():
-    """A chunk that starts where the last prefill ended (a question to a stored document) stores the slots kept
-    before it with their standing, as decode_score="standing" does (so the decode steps that write the answer
-    do not give up a fact kept for its leverage first), and its own tokens with their accumulated attention."""
+    """A chunk that starts where the last prefill ended (a question to a stored document; here a left-padded
+    batch of two documents) stores the slots kept before it with their standing, as decode_score="standing"
+    does (so the decode steps that write the answer do not give up a fact kept for its leverage first), and
+    its own tokens with their accumulated attention (standing - score kept beside it)."""
+    n, t = 40, 6
+    qkv = random_qkv(2, 1, 1, 1, n + t, seed=7, scale=1.5)
+    qkv.k[0][..., 4:] = 0.0
+    qkv.k[0][:, 0, 15, 6] = 3.0  # the unique key of _unique_key_prompt, in both documents
+    qkv.q[0][..., 6] = 0.0
+    spec = dict(budget=8, proximity=3, residual=1, kernel_size=3, decay=1.0, rank="shares")
+    split = _later_prompt(ZSMerge(**spec), qkv, [n, n - 5], t)
+    standing = _later_prompt(ZSMerge(**spec, decode_score="standing"), qkv, [n, n - 5], t)
+    assert torch.equal(split.pos, standing.pos)
+    assert (split.pos == 15).any(-1).all(), "the fact kept for its leverage survives the question in both"
+    lens = torch.tensor([n, n - 5])[:, None, None]
+    earlier = (split.pos < lens) & (split.logw == 0)
+    own = (split.pos >= lens) & (split.logw == 0)
+    assert bool(earlier.any(-1).all()) and bool(own.any(-1).all())
+    torch.testing.assert_close(split.score[earlier], standing.score[earlier])
+    assert bool((split.state["standing_bonus"][earlier] == 0).all())
+    torch.testing.assert_close((split.score + split.state["standing_bonus"])[own], standing.score[own])
+    assert bool((split.state["standing_bonus"][own] > 0).any())  # and they did store something else
+
+
+def test_a_later_chunk_of_the_same_prompt_keeps_storing_the_accumulated_attention():
+    """The same tokens fed as the second chunk of one prompt are no later prompt: the fact kept for its leverage
+    in the first chunk still stores less than its standing, the rest kept beside it."""
     n, t = 40, 6
     qkv, unique = _unique_key_prompt(n + t)
-    caches = {}
-    for decode_score in ("accumulated", "standing"):
-        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=3, decay=1.0, rank="shares",
-                         decode_score=decode_score)
-        slots = drive_synthetic(method, qkv, [n], 0).cache.layers[0]  # the document: prompt_len = n
-        assert unique in slots.pos[0, 0].tolist()
-        new = slice(n, n + t)
-        chunk = make_prefill_chunk(qkv.q[0][:, :, new], qkv.k[0][:, :, new], qkv.v[0][:, :, new],
-                                   torch.arange(n, n + t)[None], slots, slots.capacity, method.attention_alpha, None)
-        method.compress_prefill(0, slots, chunk)
-        caches[decode_score] = slots
-    split, standing = caches["accumulated"], caches["standing"]
-    assert torch.equal(split.pos, standing.pos)
-    earlier = (split.pos < n) & (split.logw == 0)
-    assert bool(earlier.any()) and bool((split.pos >= n).any())
-    torch.testing.assert_close(split.score[earlier], standing.score[earlier])
-    assert bool((split.state["standing"][earlier] == 0).all())
-    own = (split.pos >= n) & (split.logw == 0)
-    torch.testing.assert_close((split.score + split.state["standing"])[own], standing.score[own])
-    assert bool((split.state["standing"][own] > 0).any())  # and they did store something else
+    method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=3, decay=1.0, rank="shares")
+    slots = drive_synthetic(method, qkv, [n + t], 0, prefill_chunk=n).cache.layers[0]
+    kept = int((slots.pos[0, 0] == unique).nonzero())
+    assert slots.state["standing_bonus"][0, 0, kept] > slots.score[0, 0, kept]

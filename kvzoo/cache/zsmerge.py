@@ -139,7 +139,8 @@ class ZSMerge(CompressionMethod):
     prefill_scale: str = "window"
     # Weight of the leverage (scoring.leverage_scores) of the keys or values in the choice of prefill context
     # tokens: the context is ranked by zscore(attention score) + leverage * zscore(leverage), and a kept token
-    # stores that standing on the attention scale (so decode steps do not evict it first). 0 = attention
+    # stores that standing on the attention scale (so decode steps do not evict it first; with a share rank
+    # and decode_score="accumulated" the standing is kept beside the score, see `decode_score`). 0 = attention
     # alone (paper). A retrieval setting, not a default: "proximity=0.25,leverage=0.5,leverage_of=values"
     # retrieves a needle asked *after* compression at 20% kept in 50% of 12 development instances (17%
     # without) but in 25% of 24 held-out ones (17% without), and the tokens it keeps for being unique
@@ -164,10 +165,10 @@ class ZSMerge(CompressionMethod):
     #   its sum) over the candidates: kept when either every prompt query or the last ones give it a large part
     #   of their attention. Both are distributions over the same tokens, so no weight is needed, and a head
     #   whose window attention is diffuse spends few slots on it while one that reads a single passage (a
-    #   question's answer) keeps it; its standing is the share times the accumulated mass (`decode_score`). With decay=1.0
-    #   on two held-out sets: NLL -0.023 / -0.024 / -0.034 and -0.013 / -0.019 / -0.037 against "window" (H2O:
-    #   -0.044 / -0.035 / -0.047 and -0.036 / -0.029 / -0.048); needle 8 / 29 / 38% and 8 / 29 / 46% against
-    #   "window"'s 8 / 33 / 46% and 17 / 50 / 62%.
+    #   question's answer) keeps it; its standing is the share times the accumulated mass (`decode_score`).
+    #   With decay=1.0 on two held-out sets: NLL -0.023 / -0.024 / -0.034 and -0.013 / -0.019 / -0.037 against
+    #   "window" (H2O: -0.044 / -0.035 / -0.047 and -0.036 / -0.029 / -0.048); needle 8 / 29 / 38% and
+    #   8 / 29 / 46% against "window"'s 8 / 33 / 46% and 17 / 50 / 62%.
     # - "shares": "attention_shares" with a third share, each token's leverage among the pre-RoPE keys of its
     #   prompt chunk over the chunk's sum of leverages (scoring.own_key_leverage, Compactor's query-agnostic
     #   signal): a token no combination of the others reproduces (a number, a name) is kept although no query
@@ -180,19 +181,21 @@ class ZSMerge(CompressionMethod):
     # What a kept slot's score is with a share rank: the number every decode step adds the slot's attention to,
     # and by which the lowest of context ∪ {token leaving the ring} is merged.
     # - "accumulated" (default): the token's attention summed over every query so far (H2O's statistic). The
-    #   standing it was ranked by (largest share x mass) is kept beside it (state["standing"], 8 bytes a slot)
-    #   so that a later prompt chunk ranks the slots exactly as "standing" does; a decode step that moves a
-    #   token lets its standing lapse. Tokens kept for the window's or the leverage's share then compete in
-    #   decode on the attention they actually get.
-    # - "standing" (sessions 9-12): the slot stores its standing, so such a token outranks, at every decode step,
-    #   tokens the continuation reads, and is never given up.
+    #   standing it was ranked by (largest share x mass) is kept beside it, as standing - score in
+    #   state["standing_bonus"] with the position it belongs to in state["standing_pos"] (8 bytes a slot), so
+    #   that a later chunk of the prompt ranks the slots exactly as "standing" does; a decode step that moves a
+    #   token lets its bonus lapse. Tokens kept for the window's or the leverage's share then compete in decode
+    #   on the attention they actually get while the text goes on. Every chunk of a later prompt (positions at
+    #   or past where the last prefill ended: a question to a stored document, a conversation's next turn)
+    #   stores the earlier slots' standing instead (`_stored_scores`): it may ask about a fact kept for its
+    #   leverage, which the answer reads only when it writes it.
+    # - "standing" (sessions 9-12): every slot stores its standing, so such a token outranks, at every decode
+    #   step, tokens the continuation reads, and is never given up.
     # Measured (tools/RESULTS.md, "Session 13"; equal memory, paired): "accumulated" lowers the continuation NLL
     # increase by 0.015 +- 0.005 / 0.006 +- 0.004 / 0.002 +- 0.003 at 5 / 10 / 20% kept on 16 held-out
-    # contexts (development: 0.018 +- 0.006 / 0.002 +- 0.003 at 5 / 20%), with the same 48 held-out needles in
-    # both layouts; `make demo` (a stored document cache asked six questions later) answers 4 of 6 at 50%
-    # instead of 5 (the same at 80%), so a document cache meant for questions about rare facts may prefer
-    # "standing". Storing max(accumulated, leverage share x mass) (protecting only what the leverage kept)
-    # keeps the demo at 5/6 but gives the gain back (held out -0.007 +- 0.007 / -0.001 / +0.002).
+    # contexts (development: 0.018 +- 0.006 / 0.002 +- 0.003 at 5 / 20%), with the same 48 held-out needles.
+    # Without the later-prompt rule `make demo` (six questions to a stored document) lost one answer at 50%
+    # (4/6) and a short chat over a document lost the name asked for; with it both answer as "standing" does.
     decode_score: str = "accumulated"
     window_weight: float = 1.0  # "blend" and "split": the pooled window's weight in the blended score
     window_share: float = 0.25  # "split": the share of the context slots picked by the pooled window
@@ -317,7 +320,7 @@ class ZSMerge(CompressionMethod):
             slots.state["residual"] = residual  # [B] slots 0 .. residual-1 are R
             slots.state["proximity"] = proximity  # [B] ring = budget - proximity .. budget-1
             if self._splits_standing:  # allocated up front: the cache's memory is constant from the start
-                slots.state["standing"] = torch.zeros_like(slots.score)  # [B, Hkv, C] (see `_compress`)
+                slots.state["standing_bonus"] = torch.zeros_like(slots.score)  # [B, Hkv, C] (see `_compress`)
                 slots.state["standing_pos"] = torch.full_like(slots.pos, -1, dtype=torch.int32)  # [B, Hkv, C]
         return cache
 
@@ -354,40 +357,46 @@ class ZSMerge(CompressionMethod):
         return share * mass, fresh, total
 
     @staticmethod
-    def _stored_scores(slots: LayerSlots, chunk: "PrefillChunk", standing: torch.Tensor,
+    def _first_position(chunk: "PrefillChunk") -> torch.Tensor:
+        """[B] each sequence's first position in the chunk (padding, -1, skipped)."""
+        return chunk.q_pos.masked_fill(chunk.q_pos < 0, torch.iinfo(torch.int64).max).min(dim=1).values
+
+    def _stored_scores(self, slots: LayerSlots, chunk: "PrefillChunk", standing: torch.Tensor,
                        accumulated: torch.Tensor) -> torch.Tensor:
-        """[B, Hkv, S] what decode_score="accumulated" stores: the accumulated attention, except that in a chunk
-        of a later prompt (its positions start at or past where the last prefill ended: a question to a
-        stored document, a conversation's next turn) the slots kept before it store their standing. A new
+        """[B, Hkv, S] what decode_score="accumulated" stores: the accumulated attention, except that in every
+        chunk of a later prompt (positions at or past where the last prefill ended: a question to a stored
+        document, a conversation's next turn) the slots kept before the chunk store their standing. A new
         prompt may ask about anything the earlier one kept (a fact kept for its leverage), and its answer
-        reads it only when written, so the decode steps that write it must not give it up first."""
+        reads it only when it writes it, so the decode steps that write it must not give it up first."""
         used = chunk.keys.shape[2] - chunk.k.shape[2]
         if used == 0:
             return accumulated
-        first = chunk.q_pos.masked_fill(chunk.q_pos < 0, torch.iinfo(torch.int64).max).min(dim=1).values  # [B]
-        later_prompt = (first >= slots.state["prompt_len"])[:, None, None]  # [B, 1, 1]
+        later_prompt = (self._first_position(chunk) >= slots.state["prompt_len"])[:, None, None]  # [B, 1, 1]
         earlier_slot = torch.arange(chunk.keys.shape[2], device=standing.device) < used  # [S]
         return torch.where(later_prompt & earlier_slot, standing, accumulated)
 
-    @staticmethod
-    def _standing_bonus(slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor | None:
+    def _standing_bonus(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor | None:
         """[B, Hkv, S] what each candidate's standing adds to its stored (accumulated-attention) score: the
-        `standing` state of the slots the last prefill chunk wrote, for a slot still holding the token it
-        was granted to (decode steps move tokens and merge; a moved slot's bonus lapses), 0 for the chunk's
-        own tokens; None before any slot was written."""
-        if "standing" not in slots.state:
+        state["standing_bonus"] the last prefill chunk wrote (standing - score), decayed over the decode steps
+        since (the score was), for a slot still holding the token it was granted to (state["standing_pos"]: a
+        decode step that moves a token lets it lapse; a residual slot, whose position a merge of older
+        tokens leaves as it was, may keep it, where it only counts in the head's mass); 0 for the chunk's own
+        tokens. None before any slot was written."""
+        if "standing_bonus" not in slots.state:
             return None
         t = chunk.k.shape[2]
         used = chunk.keys.shape[2] - t
-        bonus, granted_to = slots.state["standing"][..., :used], slots.state["standing_pos"][..., :used]
+        bonus, granted_to = slots.state["standing_bonus"][..., :used], slots.state["standing_pos"][..., :used]
         held = granted_to == chunk.key_pos[..., : granted_to.shape[-1]]  # [B, Hkv, <= used]
-        return F.pad(bonus * held, (0, chunk.keys.shape[2] - granted_to.shape[-1]))
+        steps = (self._first_position(chunk) - slots.state["prompt_len"]).clamp(min=0)  # [B] decode steps since
+        decayed = bonus * held * (self.decay ** steps.double()).float()[:, None, None]
+        return F.pad(decayed, (0, chunk.keys.shape[2] - granted_to.shape[-1]))
 
     @staticmethod
     def _leverage_share(chunk: "PrefillChunk", valid: torch.Tensor) -> torch.Tensor:
         """[B, Hkv, S] each candidate's share of the leverage: the chunk's own tokens split the chunk's part of
         the candidates (its valid tokens over all valid candidates) by their leverage among the chunk's keys;
-        slots kept from earlier chunks take 0 (their standing is in their stored scores). Weighting by the
+        slots kept from earlier chunks take 0 (their standing is their stored score plus its bonus). Weighting by the
         chunk's part keeps a short chunk, whose few keys all look unique (leverage near 1 each), from
         outranking every earlier token: a 25-token question after a document would otherwise take a share
         of 1/25 per token against the document's attention shares of about 1/(all candidates)."""
@@ -413,7 +422,7 @@ class ZSMerge(CompressionMethod):
         score, window, accumulated = self._scores(chunk, self._standing_bonus(slots, chunk))
         # The share ranks keep a token for its largest share, but its slot's score is what decode steps add
         # each query's attention to and evict by: the accumulated attention, with the standing kept beside it
-        # for a later prompt chunk (see `rank`).
+        # for a later prompt chunk (see `decode_score`).
         stored = self._stored_scores(slots, chunk, score, accumulated) if self._splits_standing else None
         if self.cross_layer and chunk.keys.shape[2] == chunk.k.shape[2]:  # a prompt on a fresh cache
             # Keep every token with its standing as score (what the cross-layer rank reads); end_prefill
@@ -439,8 +448,8 @@ class ZSMerge(CompressionMethod):
         """Ring, context and residual merge of the candidates into `slots`, ranking the context by `rank`
         [B, Hkv, S] (default: `score`, or the window share's picks) with equal ranks ordered by `tie`
         (default: the window's own unpooled scores). The slots store `stored` [B, Hkv, S] as their score
-        (default: `score`); when given, each slot's score - stored is kept in state["standing"] (with
-        the position it belongs to in state["standing_pos"]) for the next chunk's ranking."""
+        (default: `score`); when given, each slot's score - stored is kept in state["standing_bonus"] (with
+        the position it belongs to in state["standing_pos"]) for the next chunk's ranking (`decode_score`)."""
         b, hkv, s = chunk.key_logw.shape
         dev = chunk.keys.device
         residual, proximity = slots.state["residual"][:, None, None], slots.state["proximity"][:, None, None]
@@ -495,7 +504,7 @@ class ZSMerge(CompressionMethod):
         if stored is not None:  # the standing of every slot, a residual slot's from its members' (as its score)
             standing = torch.zeros_like(score_new).scatter(-1, target, score)
             self._merge_scores(standing, score, merge)
-            slots.state["standing"] = (standing - score_new)[..., :dummy]  # [B, Hkv, C]
+            slots.state["standing_bonus"] = (standing - score_new)[..., :dummy]  # [B, Hkv, C]
             slots.state["standing_pos"] = slots.pos.to(torch.int32)  # [B, Hkv, C]
 
     def _scatter_slots(self, chunk: "PrefillChunk", score: torch.Tensor, target: torch.Tensor, dummy: int):  # noqa: ANN202
