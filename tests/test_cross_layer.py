@@ -97,6 +97,19 @@ def test_zsmerge_cross_layer_with_one_layer_is_the_per_layer_compression(spec):
     assert deferred.cache.is_stacked() and deferred.cache.nbytes() == per_layer.cache.nbytes()
 
 
+@pytest.mark.parametrize("spec", [dict(rank="window"), dict(rank="attention_shares", decay=1.0)])
+def test_zsmerge_cross_layer_with_a_prompt_shorter_than_the_layout(spec):
+    """A prompt shorter than the smallest layout (3 tokens, 8 slots) is kept whole, as without cross_layer
+    (it crashed in end_prefill: its per-token ranks were shorter than the store)."""
+    qkv = random_qkv(1, 2, 1, 3, 8, seed=11)
+    per_layer = drive_synthetic(ZSMerge(budget=8, **spec), qkv, [3], 2)
+    deferred = drive_synthetic(ZSMerge(budget=8, cross_layer=True, **spec), qkv, [3], 2)
+    for a, b in zip(per_layer.snapshots, deferred.snapshots):
+        for la, lb in zip(a.layers, b.layers):
+            assert torch.equal(la["pos"], lb["pos"])
+            torch.testing.assert_close(la["score"], lb["score"], atol=1e-6, rtol=1e-6)
+
+
 def test_zsmerge_cross_layer_refuses_a_prompt_in_chunks_and_bad_settings():
     qkv = random_qkv(1, 2, 1, 1, 40, seed=0)
     with pytest.raises(KvzooError, match="prefill_chunk"):

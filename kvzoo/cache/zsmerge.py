@@ -429,9 +429,12 @@ class ZSMerge(CompressionMethod):
             # compresses with that rank and stores `stored`.
             slots.replace_all(chunk.keys, chunk.values, chunk.key_logw, score, chunk.key_pos)
             tie = score if self.rank == "accumulated" else window_scores(chunk, self.window_size, self.decay)
-            slots.state["cross_layer_tie"] = tie
+            # One entry per slot, as end_prefill's candidates are (a prompt shorter than the smallest layout
+            # leaves empty slots past its tokens).
+            empty_slots = (0, slots.capacity - tie.shape[-1])
+            slots.state["cross_layer_tie"] = F.pad(tie, empty_slots)
             if stored is not None:
-                slots.state["cross_layer_stored"] = stored
+                slots.state["cross_layer_stored"] = F.pad(stored, empty_slots)
             return
         rank = self._compactor_rank(slots, chunk) if self.context_rank == "compactor" else None
         self._compress(slots, chunk, score, window, accumulated, rank=rank, stored=stored)
