@@ -396,8 +396,8 @@ class ZSMerge(CompressionMethod):
     def _leverage_share(chunk: "PrefillChunk", valid: torch.Tensor) -> torch.Tensor:
         """[B, Hkv, S] each candidate's share of the leverage: the chunk's own tokens split the chunk's part of
         the candidates (its valid tokens over all valid candidates) by their leverage among the chunk's keys;
-        slots kept from earlier chunks take 0 (their standing is their stored score plus its bonus). Weighting by the
-        chunk's part keeps a short chunk, whose few keys all look unique (leverage near 1 each), from
+        slots kept from earlier chunks take 0 (their standing is their stored score plus its bonus). Weighting
+        by the chunk's part keeps a short chunk, whose few keys all look unique (leverage near 1 each), from
         outranking every earlier token: a 25-token question after a document would otherwise take a share
         of 1/25 per token against the document's attention shares of about 1/(all candidates)."""
         t = chunk.k.shape[2]
