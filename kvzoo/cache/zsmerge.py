@@ -322,6 +322,7 @@ class ZSMerge(CompressionMethod):
             if self._splits_standing:  # allocated up front: the cache's memory is constant from the start
                 slots.state["standing_bonus"] = torch.zeros_like(slots.score)  # [B, Hkv, C] (see `_compress`)
                 slots.state["standing_pos"] = torch.full_like(slots.pos, -1, dtype=torch.int32)  # [B, Hkv, C]
+                slots.state["standing_written"] = torch.zeros_like(residual)  # [B] position after that chunk
         return cache
 
     # --- prefill --------------------------------------------------------------------------------------
@@ -378,7 +379,7 @@ class ZSMerge(CompressionMethod):
     def _standing_bonus(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor | None:
         """[B, Hkv, S] what each candidate's standing adds to its stored (accumulated-attention) score: the
         state["standing_bonus"] the last prefill chunk wrote (standing - score), decayed over the decode steps
-        since (the score was), for a slot still holding the token it was granted to (state["standing_pos"]: a
+        since (as the score was; state["standing_written"]: the position after that chunk), for a slot still holding the token it was granted to (state["standing_pos"]: a
         decode step that moves a token lets it lapse; a residual slot, whose position a merge of older
         tokens leaves as it was, may keep it, where it only counts in the head's mass); 0 for the chunk's own
         tokens. None before any slot was written."""
@@ -388,7 +389,7 @@ class ZSMerge(CompressionMethod):
         used = chunk.keys.shape[2] - t
         bonus, granted_to = slots.state["standing_bonus"][..., :used], slots.state["standing_pos"][..., :used]
         held = granted_to == chunk.key_pos[..., : granted_to.shape[-1]]  # [B, Hkv, <= used]
-        steps = (self._first_position(chunk) - slots.state["prompt_len"]).clamp(min=0)  # [B] decode steps since
+        steps = (self._first_position(chunk) - slots.state["standing_written"]).clamp(min=0)  # [B] decode steps
         decayed = bonus * held * (self.decay ** steps.double()).float()[:, None, None]
         return F.pad(decayed, (0, chunk.keys.shape[2] - granted_to.shape[-1]))
 
@@ -509,6 +510,7 @@ class ZSMerge(CompressionMethod):
             self._merge_scores(standing, score, merge)
             slots.state["standing_bonus"] = (standing - score_new)[..., :dummy]  # [B, Hkv, C]
             slots.state["standing_pos"] = slots.pos.to(torch.int32)  # [B, Hkv, C]
+            slots.state["standing_written"] = chunk.q_pos.max(dim=1).values + 1  # [B]
 
     def _scatter_slots(self, chunk: "PrefillChunk", score: torch.Tensor, target: torch.Tensor, dummy: int):  # noqa: ANN202
         """Fresh [B, Hkv, C+1(, D)] slot tensors with every verbatim candidate written at its target."""
