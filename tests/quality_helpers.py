@@ -18,7 +18,7 @@ import torch
 
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.full import FullCache
-from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
+from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots, pad_slot_state
 
 if TYPE_CHECKING:
     from kvzoo.attention import PrefillChunk
@@ -76,14 +76,6 @@ def _pad_capacity(slots: LayerSlots, capacity: int) -> list[torch.Tensor]:
             f(slots.pos, pad, value=-1)]
 
 
-def _pad_state(t: torch.Tensor, filled_capacity: int, capacity: int) -> torch.Tensor:
-    """Per-slot state [B, Hkv, filled_capacity] (ZSMerge's standing) padded to `capacity` as empty slots are:
-    0, and -1 for integer positions; per-sequence state [B] as it is."""
-    if t.dim() != 3 or t.shape[-1] != filled_capacity:
-        return t
-    return torch.nn.functional.pad(t, (0, capacity - filled_capacity), value=0 if t.is_floating_point() else -1)
-
-
 def stack_caches(caches: list[KVCache]) -> KVCache:
     """Caches of one sequence each (same method, same model) -> one batched cache; shorter capacities are
     padded with empty slots (log w = -inf, pos = -1), which attention and every method ignore."""
@@ -94,7 +86,7 @@ def stack_caches(caches: list[KVCache]) -> KVCache:
         k, v, logw, score, pos = (torch.cat(xs) for xs in zip(*parts))
         state = {}
         for key, first in per_layer[0].state.items():
-            state[key] = torch.cat([_pad_state(s.state[key], s.capacity, capacity) for s in per_layer]) \
+            state[key] = torch.cat([pad_slot_state(s.state[key], capacity) for s in per_layer]) \
                 if first.dim() else first
         layers.append(LayerSlots(k, v, logw, score, pos, torch.cat([s.budget for s in per_layer]), state))
     return KVCache(layers=layers, method=caches[0].method, tokens_seen=caches[0].tokens_seen)

@@ -139,3 +139,18 @@ def test_a_later_chunk_of_the_same_prompt_keeps_storing_the_accumulated_attentio
     slots = drive_synthetic(method, qkv, [n + t], 0, prefill_chunk=n).cache.layers[0]
     kept = int((slots.pos[0, 0] == unique).nonzero())
     assert slots.state["standing_bonus"][0, 0, kept] > slots.score[0, 0, kept]
+
+
+def test_a_fork_with_headroom_pads_the_standing_as_empty_slots():
+    """A fork that grows the store (headroom) pads per-slot state as empty slots hold it: bonus 0, position
+    -1; the slots the original holds keep theirs, every sequence repeated."""
+    n = 40
+    qkv, _ = _unique_key_prompt(n)
+    cache = drive_synthetic(ZSMerge(budget=8, proximity=3, residual=1, rank="shares"), qkv, [n], 0).cache
+    fork = cache.fork(headroom=3, batch=2)
+    old, new = cache.layers[0], fork.layers[0]
+    assert new.state["standing_bonus"].shape == new.score.shape
+    c = old.capacity
+    for name, empty in (("standing_bonus", 0), ("standing_pos", -1)):
+        assert torch.equal(new.state[name][:, :, :c], old.state[name].expand(2, -1, -1))
+        assert bool((new.state[name][:, :, c:] == empty).all())

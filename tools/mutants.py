@@ -236,7 +236,7 @@ MUTANTS: list[Mutant] = [
            "return torch.where(earlier_slot, standing, accumulated)",
            ("tests/test_zsmerge_standing.py",), "only a later prompt stores the earlier slots' standing"),
     Mutant("zsmerge-later-chunk-forgets-standing", "kvzoo/cache/zsmerge.py",
-           "held = granted_to == chunk.key_pos[..., : granted_to.shape[-1]]", "held = granted_to < -1",
+           "held = granted_to == chunk.key_pos[..., :used]", "held = granted_to < -1",
            ("tests/test_zsmerge_standing.py",), "a later chunk ranks older slots by their standing"),
     Mutant("zsmerge-decode-merge-halves", ZS_UPDATE,
            "frac_r, frac_s = (w_r / w)[..., None], (w_s / w)[..., None]",

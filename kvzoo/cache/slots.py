@@ -48,6 +48,14 @@ def allocate_stores(
     return SlotStack(*whole.fields(), whole.budget, views=views), layers
 
 
+def pad_slot_state(t: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Per-slot state [B, Hkv, C'] padded to `capacity` slots as empty slots hold it (0; -1 for integer
+    positions); any other state as it is."""
+    if t.dim() != 3 or t.shape[-1] >= capacity:
+        return t
+    return torch.nn.functional.pad(t, (0, capacity - t.shape[-1]), value=0 if t.is_floating_point() else -1)
+
+
 def _repeat_rows(x: torch.Tensor, repeats: int) -> torch.Tensor:
     """A copy of x with each row (first dimension) repeated `repeats` times in place."""
     return x.repeat_interleave(repeats, dim=0) if repeats > 1 else x.clone()
@@ -77,8 +85,9 @@ class LayerSlots:
     score: torch.Tensor  # [B, Hkv, C] fp32: the method's importance statistic (accumulated/decayed attention)
     pos: torch.Tensor  # [B, Hkv, C] int64: position of the slot's token (representative one if merged); -1 empty
     budget: torch.Tensor  # [B] int64: slots sequence b may fill (<= C); the rest stay empty
-    # Method-specific state, e.g. ZSMerge's region sizes; counted in nbytes(). Each entry is either per
-    # sequence (first dimension B, e.g. "prompt_len" [B]) or shared (0-dim): `fork` relies on it.
+    # Method-specific state, e.g. ZSMerge's region sizes; counted in nbytes(). Each entry is per sequence
+    # (first dimension B, e.g. "prompt_len" [B]), per slot ([B, Hkv, C], e.g. ZSMerge's standing; a fork that
+    # grows the store pads it as empty slots are, `pad_slot_state`) or shared (0-dim): `fork` relies on it.
     state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
@@ -168,8 +177,8 @@ class LayerSlots:
         b, _, c, _ = self.k.shape
         for mine, theirs in zip(self.fields(), new.fields()):
             theirs[:, :, :c] = _repeat_rows(mine, repeats)
-        new.state = {name: _repeat_rows(t, repeats) if t.dim() > 0 and t.shape[0] == b else t.clone()
-                     for name, t in self.state.items()}
+        new.state = {name: pad_slot_state(_repeat_rows(t, repeats), new.capacity) if t.dim() > 0 and t.shape[0] == b
+                     else t.clone() for name, t in self.state.items()}
 
     def replace_all(self, k: torch.Tensor, v: torch.Tensor, logw: torch.Tensor, score: torch.Tensor,
                     pos: torch.Tensor) -> None:

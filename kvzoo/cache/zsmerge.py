@@ -379,19 +379,19 @@ class ZSMerge(CompressionMethod):
     def _standing_bonus(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor | None:
         """[B, Hkv, S] what each candidate's standing adds to its stored (accumulated-attention) score: the
         state["standing_bonus"] the last prefill chunk wrote (standing - score), decayed over the decode steps
-        since (as the score was; state["standing_written"]: the position after that chunk), for a slot still holding the token it was granted to (state["standing_pos"]: a
-        decode step that moves a token lets it lapse; a residual slot, whose position a merge of older
-        tokens leaves as it was, may keep it, where it only counts in the head's mass); 0 for the chunk's own
-        tokens. None before any slot was written."""
+        since (as the score was; state["standing_written"]: the position after that chunk), for a slot still
+        holding the token it was granted to (state["standing_pos"]: a decode step that moves a token lets it
+        lapse; a residual slot, whose position a merge of older tokens leaves as it was, may keep it, where it
+        only counts in the head's mass); 0 for the chunk's own tokens. None before any slot was written."""
         if "standing_bonus" not in slots.state:
             return None
         t = chunk.k.shape[2]
         used = chunk.keys.shape[2] - t
         bonus, granted_to = slots.state["standing_bonus"][..., :used], slots.state["standing_pos"][..., :used]
-        held = granted_to == chunk.key_pos[..., : granted_to.shape[-1]]  # [B, Hkv, <= used]
+        held = granted_to == chunk.key_pos[..., :used]  # [B, Hkv, used]
         steps = (self._first_position(chunk) - slots.state["standing_written"]).clamp(min=0)  # [B] decode steps
         decayed = bonus * held * (self.decay ** steps.double()).float()[:, None, None]
-        return F.pad(decayed, (0, chunk.keys.shape[2] - granted_to.shape[-1]))
+        return F.pad(decayed, (0, t))
 
     @staticmethod
     def _leverage_share(chunk: "PrefillChunk", valid: torch.Tensor) -> torch.Tensor:
