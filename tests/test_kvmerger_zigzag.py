@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import kvzoo
 from kvzoo.cache import KVMerger, SnapKV, ZigZagKV
-from kvzoo.cache.budgets import min_budget_attention, zigzag_budgets
+from kvzoo.cache.budgets import min_budget_attention, min_budget_output, zigzag_budgets
 from kvzoo.cache.kvmerger import (
     adjacent_cosine,
     budget_merging_sets,
@@ -307,6 +307,50 @@ def test_mba_uniform_and_one_hot(s, tau_percent):
     one_hot = torch.zeros(s)
     one_hot[s // 2] = 1.0
     assert int(min_budget_attention(one_hot, tau)) == 1
+
+
+def reference_min_budget_output(probs: torch.Tensor, values: torch.Tensor, order: list[int], eps: float) -> int:
+    """1 + the largest k whose first k keys of `order`, attention renormalised over them, leave the mean relative
+    output error of the queries probs [W, S] (values [S, D]) above eps; a query with no mass on them outputs 0."""
+    full = probs @ values
+    worst = 0
+    for k in range(1, probs.shape[1] + 1):
+        kept = probs[:, order[:k]]
+        mass = kept.sum(-1, keepdim=True)
+        out = torch.where(mass > 0, kept @ values[order[:k]] / mass.clamp(min=1e-300), torch.zeros_like(full))
+        if ((out - full).norm(dim=-1) / full.norm(dim=-1)).mean() > eps:
+            worst = k
+    return min(worst + 1, probs.shape[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 30), st.integers(1, 4), st.integers(0, 2**16), st.sampled_from([0.02, 0.1, 0.3]))
+def test_min_budget_output_against_its_definition(s, w, seed, eps):
+    """ZigZagKV's output budget (uncertainty="output") is 1 + the largest k whose first k keys in the given
+    order leave the window's attention output more than eps off, computed here one k at a time."""
+    g = torch.Generator().manual_seed(seed)
+    probs = (torch.randn(2, 3, w, s, generator=g, dtype=torch.float64) * 2).softmax(-1)
+    values = torch.randn(2, 3, s, 4, generator=g, dtype=torch.float64)
+    order = torch.stack([torch.randperm(s, generator=g) for _ in range(6)]).view(2, 3, s)
+    got = min_budget_output(probs, values, order, eps)
+    for b in range(2):
+        for h in range(3):
+            expected = reference_min_budget_output(probs[b, h], values[b, h], order[b, h].tolist(), eps)
+            assert int(got[b, h]) == expected, f"sequence {b} head {h}"
+
+
+def test_min_budget_output_ignores_padded_queries_and_needs_one_key_for_equal_values():
+    """Equal values: any one key with mass reproduces the output. A padded query (all-zero, or NaN, row)
+    does not count in the mean: the budget is the valid queries' alone."""
+    probs = torch.tensor([[0.5, 0.25, 0.25], [0.2, 0.3, 0.5]], dtype=torch.float64)[None, None]  # [1, 1, 2, 3]
+    order = torch.tensor([[[1, 2, 0]]])
+    same = torch.ones(1, 1, 3, 2, dtype=torch.float64)
+    assert int(min_budget_output(probs, same, order, 0.01)) == 1
+    values = torch.eye(3, dtype=torch.float64)[None, None]
+    alone = int(min_budget_output(probs[:, :, 1:], values, order, 0.1))
+    padded = probs.clone()
+    padded[0, 0, 0] = float("nan")
+    assert int(min_budget_output(padded, values, order, 0.1, torch.tensor([[False, True]]))) == alone == 3
 
 
 # --- end to end on tiny models ----------------------------------------------------------------------------

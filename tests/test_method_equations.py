@@ -343,6 +343,49 @@ def test_zigzag_budgets_and_selection_against_the_definition(n, seed, tau):
             assert_top_k(kept, list(range(n - window)), dict(enumerate(scores[h].tolist())), where)
 
 
+@settings(max_examples=10, deadline=None)
+@given(st.integers(24, 40), st.integers(0, 2**16))
+def test_zigzag_output_uncertainty_against_the_definition(n, seed):
+    """uncertainty="output": LMBO_l = mean over query heads of the fewest keys, taken as the layer keeps them
+    (the window in position order, then by pooled window score), whose attention renormalised over them keeps
+    the window queries' mean relative output error within 1 - tau (computed here one budget at a time); the
+    layer budgets are Eq. 6 of those, and each layer keeps its budget: the window plus the top scores."""
+    layers, window, tau = 3, 4, 0.8
+    qkvs = [random_qkv(1, 1, 2, 2, n, seed=seed + i, scale=s) for i, s in enumerate((0.4, 1.5, 3.0))]
+    qkv = QKV([x.q[0] for x in qkvs], [x.k[0] for x in qkvs], [x.v[0] for x in qkvs], seed)
+    method = ZigZagKV(budget=0.25, window_size=window, kernel_size=3, pooling="avg", tau=tau, uncertainty="output")
+    snap = drive_synthetic(method, qkv, [n], 0).snapshots[0]
+    lmbo, all_scores = [], []
+    for layer in range(layers):
+        scores = pooled_window_scores(qkv, layer, n, window, 3, "avg")
+        all_scores.append(scores)
+        mbo = []
+        for hq in range(4):
+            h = hq // qkv.groups
+            order = list(range(n - window, n)) + sorted(range(n - window), key=lambda p: -float(scores[h, p]))
+            q = qkv.q[layer][0, hq:hq + 1, n - window:n]
+            probs = reference_probs(q, qkv.k[layer][0, h, :n], list(range(n - window, n)), list(range(n)), None)[0]
+            values = qkv.v[layer][0, h, :n].double()
+            full = probs @ values
+            worst = 0
+            for k in range(1, n + 1):
+                kept = probs[:, order[:k]]
+                out = kept @ values[order[:k]] / kept.sum(-1, keepdim=True)
+                if ((out - full).norm(dim=-1) / full.norm(dim=-1)).mean() > 1 - tau:
+                    worst = k
+            mbo.append(min(worst + 1, n))
+        lmbo.append(sum(mbo) / 4)
+    avg = int(0.25 * n)
+    budgets = zigzag_budgets(lmbo, avg, int(0.2 * avg), window, n)
+    for layer in range(layers):
+        for h in range(2):
+            kept = set(snap.kept(layer, 0, h))
+            where = f"layer {layer} head {h} (LMBO {lmbo}, budgets {budgets})"
+            assert len(kept) == budgets[layer], f"{where}: keeps {len(kept)}"
+            assert set(range(n - window, n)) <= kept, f"{where}: window dropped"
+            assert_top_k(kept, list(range(n - window)), dict(enumerate(all_scores[layer][h].tolist())), where)
+
+
 # --- SnapKV under a sliding window ---------------------------------------------------------------------------
 
 @settings(max_examples=30, deadline=None)

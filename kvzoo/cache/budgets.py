@@ -104,6 +104,40 @@ def min_budget_attention(attn: torch.Tensor, tau: float) -> torch.Tensor:
     return (short.sum(dim=-1) + 1).clamp(max=attn.shape[-1])
 
 
+def min_budget_output(probs: torch.Tensor, values: torch.Tensor, order: torch.Tensor, eps: float,
+                      query_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The fewest keys, taken in `order`, whose attention output stays within relative error `eps` of the
+    full one (ZigZagKV's LMBO, METHODS.md 3.1, as a budget rule), per row.
+
+    probs: [B, H, W, S] attention of W queries (each row sums to 1 over its valid keys); values: [B, H, S, D];
+    order: [B, H, S] the keys in the order a selection keeps them (first: kept first). With the k first
+    keys kept, a query's output is its attention renormalised over them times their values, and
+    e_k = mean over the W queries (those `query_valid` [B, W] marks, default all) of ||o_k - o|| / ||o||.
+    Returns [B, H] int64: 1 + the largest k with e_k > eps (so every larger budget keeps the error within
+    eps, e_S = 0), at least 1. A query with no attention on the k keys outputs 0 there. Sums in float64.
+    Queries are taken one head at a time, so the cumulated numerators cost B * W * S * D floats.
+    """
+    if not 0 <= eps < 1:
+        raise ValueError(f"eps must be in [0, 1), got {eps!r}")
+    s = probs.shape[-1]
+    if query_valid is None:
+        query_valid = torch.ones(probs.shape[0], probs.shape[2], dtype=torch.bool, device=probs.device)
+    weight = query_valid.double() / query_valid.sum(-1, keepdim=True).clamp(min=1)  # [B, W]
+    out = torch.empty(probs.shape[:2], dtype=torch.int64, device=probs.device)
+    for h in range(probs.shape[1]):
+        in_order = order[:, h, None, :].expand(-1, probs.shape[2], -1)
+        p = probs[:, h].double().nan_to_num(0.0).gather(-1, in_order)  # [B, W, S]
+        v = values[:, h].double().gather(1, order[:, h, :, None].expand(-1, -1, values.shape[-1]))  # [B, S, D]
+        full = torch.einsum("bws,bsd->bwd", p, v)  # [B, W, D]
+        # [B, W, S, D]: each query's output over the first k keys, for every k
+        kept = (p[..., None] * v[:, None]).cumsum(dim=2) / p.cumsum(-1)[..., None].clamp(min=1e-300)
+        err = (kept - full[:, :, None]).norm(dim=-1) / full.norm(dim=-1, keepdim=True).clamp(min=1e-300)
+        over = (err * weight[..., None]).sum(dim=1) > eps  # [B, S]: e_k > eps at index k - 1
+        last = torch.where(over, torch.arange(1, s + 1, device=over.device), 0).max(dim=-1).values  # [B]
+        out[:, h] = (last + 1).clamp(max=s)
+    return out
+
+
 def zigzag_budgets(lmba: Sequence[float], avg_budget: int, bound: int, low: int, high: int) -> list[int]:
     """ZigZagKV's layer budgets (Eq. 6 as reconstructed in METHODS.md 3.1, clamped and rounded, 3.2 step 3).
 

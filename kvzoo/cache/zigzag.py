@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvzoo.cache.budgets import Budget, min_budget_attention, zigzag_budgets
+from kvzoo.cache.budgets import Budget, min_budget_attention, min_budget_output, zigzag_budgets
 from kvzoo.cache.scoring import accumulated_scores, attention_shares
 from kvzoo.cache.selection import (cross_layer_rank, keep_top, recent_mask, shrink_slots, slot_candidates,
                                    widest_shares)
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 
 
 RANKS = ("window", "attention_shares")  # see ZigZagKV.rank
+UNCERTAINTIES = ("attention", "output")  # see ZigZagKV.uncertainty
 
 
 @dataclass
@@ -91,6 +92,13 @@ class ZigZagKV(WindowSelection):
     # +- 0.026 at 5 / 20% kept, against "window"'s +0.096 / +0.062) but retrieves fewer of 24 held-out
     # query-aware needles (0 / 4 / 21% at 5 / 10 / 20% against 0 / 8 / 38%; tools/RESULTS.md, "Session 11").
     rank: str = "window"
+    # What a layer's uncertainty counts: "attention" (the paper's LMBA: the fewest keys holding `tau` of the
+    # window's attention mass) or "output" (the paper's LMBO, which it only analyses: the fewest keys, taken
+    # in the layer's own selection order, that keep the window's attention output within relative error
+    # 1 - tau of the full one, `budgets.min_budget_output`). Attention mass ignores the values: a layer
+    # whose attention is spread over tokens with similar values (layer 0, reading its neighbourhood) needs
+    # many keys for 90% of the mass but few for 90% of the output.
+    uncertainty: str = "attention"
 
     supports_chunked_prefill = False  # allocation needs every layer's LMBA over the whole prompt
 
@@ -103,6 +111,9 @@ class ZigZagKV(WindowSelection):
             raise KvzooError(f"ZigZagKV: bound_ratio must be in [0, 1], got {ratio!r}")
         if not isinstance(self.cross_layer, bool):
             raise KvzooError(f"ZigZagKV: cross_layer must be True or False, got {self.cross_layer!r}")
+        if self.uncertainty not in UNCERTAINTIES:
+            raise KvzooError(f"ZigZagKV: uncertainty must be one of {', '.join(map(repr, UNCERTAINTIES))}, "
+                             f"got {self.uncertainty!r}")
         if self.rank not in RANKS:
             raise KvzooError(f"ZigZagKV: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
 
@@ -126,7 +137,7 @@ class ZigZagKV(WindowSelection):
         # that the slot order is the tie-break `end_prefill` needs.
         keep_top(slots, chunk, scores, slots.state["prefill_budget"], stored_score=scores,
                  tie=self.prefill_tiebreak(slots, chunk))
-        slots.state["lmba"] = self._lmba(chunk)
+        slots.state["lmba"] = self._lmba(chunk, scores)
 
     def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         """[B, Hkv, S] the rank of the candidates (`rank`)."""
@@ -135,13 +146,21 @@ class ZigZagKV(WindowSelection):
             return window
         return attention_shares(accumulated_scores(chunk), window, torch.isfinite(chunk.key_logw))
 
-    def _lmba(self, chunk: "PrefillChunk") -> torch.Tensor:
-        """[B] fp32: mean over query heads of MBA(tau) of the observation window's summed attention."""
+    def _lmba(self, chunk: "PrefillChunk", rank: torch.Tensor) -> torch.Tensor:
+        """[B] fp32: the layer's uncertainty, the mean over query heads of MBA(tau) of the observation window's
+        summed attention, or (uncertainty="output") of the keys, in `rank` [B, Hkv, S] order after the window,
+        that keep the window's attention output within 1 - tau."""
         w = min(self.window_size, chunk.q.shape[2])
         q_pos = chunk.q_pos[:, -w:]
         probs = attention_probs(chunk.q[:, :, -w:], chunk.keys, q_pos, chunk.key_pos, chunk.key_bias, chunk.window)
-        per_head = torch.einsum("bhts,bt->bhs", probs, (q_pos >= 0).float())  # [B, Hq, S]
-        return min_budget_attention(per_head, self.tau).float().mean(dim=1)
+        if self.uncertainty == "attention":
+            per_head = torch.einsum("bhts,bt->bhs", probs, (q_pos >= 0).float())  # [B, Hq, S]
+            return min_budget_attention(per_head, self.tau).float().mean(dim=1)
+        group = chunk.q.shape[1] // chunk.k.shape[1]
+        first = rank.masked_fill(recent_mask(chunk, self.window_size), float("inf"))  # end_prefill keeps the window
+        order = first.argsort(dim=-1, descending=True, stable=True).repeat_interleave(group, dim=1)  # [B, Hq, S]
+        values = chunk.values.repeat_interleave(group, dim=1)
+        return min_budget_output(probs, values, order, 1.0 - self.tau, q_pos >= 0).float().mean(dim=1)
 
     def layer_budgets(self, lmba: list[float], prompt_len: int) -> list[int]:
         """Per-layer budgets of one sequence from its layers' LMBA."""
