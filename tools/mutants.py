@@ -292,6 +292,12 @@ MUTANTS: list[Mutant] = [
     Mutant("zigzag-tau-ignored", "kvzoo/cache/zigzag.py",
            "return min_budget_attention(per_head, self.tau)", "return min_budget_attention(per_head, 1.0)",
            (EQUATIONS,), "LMBA at tau"),
+    Mutant("zigzag-output-uncertainty-is-attention", "kvzoo/cache/zigzag.py",
+           'if self.uncertainty == "attention":', "if True:",
+           (EQUATIONS,), "uncertainty='output': LMBO from the attention output, not LMBA"),
+    Mutant("zigzag-output-budget-window-not-first", "kvzoo/cache/zigzag.py",
+           'first = rank.masked_fill(recent_mask(chunk, self.window_size), float("inf"))', "first = rank",
+           (EQUATIONS,), "LMBO counts keys in the order the layer keeps them: the window first"),
     Mutant("compactor-causal", "kvzoo/cache/scoring.py",
            "same = (block_of[:, start:stop, None] == block_of[:, None, lo:hi]) & valid[:, start:stop, None]",
            "same = (block_of[:, start:stop, None] == block_of[:, None, lo:hi]) & valid[:, start:stop, None]\n"
