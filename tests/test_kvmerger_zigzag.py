@@ -333,6 +333,7 @@ def test_min_budget_output_against_its_definition(s, w, seed, eps):
     values = torch.randn(2, 3, s, 4, generator=g, dtype=torch.float64)
     order = torch.stack([torch.randperm(s, generator=g) for _ in range(6)]).view(2, 3, s)
     got = min_budget_output(probs, values, order, eps)
+    assert torch.equal(min_budget_output(probs, values, order, eps, block=3), got), "blocks of 3 keys"
     for b in range(2):
         for h in range(3):
             expected = reference_min_budget_output(probs[b, h], values[b, h], order[b, h].tolist(), eps)

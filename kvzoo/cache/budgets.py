@@ -105,7 +105,7 @@ def min_budget_attention(attn: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def min_budget_output(probs: torch.Tensor, values: torch.Tensor, order: torch.Tensor, eps: float,
-                      query_valid: torch.Tensor | None = None) -> torch.Tensor:
+                      query_valid: torch.Tensor | None = None, block: int | None = None) -> torch.Tensor:
     """The fewest keys, taken in `order`, whose attention output stays within relative error `eps` of the
     full one (ZigZagKV's LMBO, METHODS.md 3.1, as a budget rule), per row.
 
@@ -114,28 +114,38 @@ def min_budget_output(probs: torch.Tensor, values: torch.Tensor, order: torch.Te
     keys kept, a query's output is its attention renormalised over them times their values, and
     e_k = mean over the W queries (those `query_valid` [B, W] marks, default all) of ||o_k - o|| / ||o||.
     Returns [B, H] int64: 1 + the largest k with e_k > eps (so every larger budget keeps the error within
-    eps, e_S = 0), at least 1. A query with no attention on the k keys outputs 0 there. Sums in float64.
-    Queries are taken one head at a time, so the cumulated numerators cost B * W * S * D floats.
+    eps, e_S = 0), at least 1. A query with no attention on the k keys outputs 0 there. Sums in float64,
+    over blocks of `block` keys (default: about 16 MB of float64 each) with the running sums carried between
+    them, so memory stays bounded for any S.
     """
     if not 0 <= eps < 1:
         raise ValueError(f"eps must be in [0, 1), got {eps!r}")
-    s = probs.shape[-1]
+    b, h, w, s = probs.shape
+    d = values.shape[-1]
     if query_valid is None:
-        query_valid = torch.ones(probs.shape[0], probs.shape[2], dtype=torch.bool, device=probs.device)
-    weight = query_valid.double() / query_valid.sum(-1, keepdim=True).clamp(min=1)  # [B, W]
-    out = torch.empty(probs.shape[:2], dtype=torch.int64, device=probs.device)
-    for h in range(probs.shape[1]):
-        in_order = order[:, h, None, :].expand(-1, probs.shape[2], -1)
-        p = probs[:, h].double().nan_to_num(0.0).gather(-1, in_order)  # [B, W, S]
-        v = values[:, h].double().gather(1, order[:, h, :, None].expand(-1, -1, values.shape[-1]))  # [B, S, D]
-        full = torch.einsum("bws,bsd->bwd", p, v)  # [B, W, D]
-        # [B, W, S, D]: each query's output over the first k keys, for every k
-        kept = (p[..., None] * v[:, None]).cumsum(dim=2) / p.cumsum(-1)[..., None].clamp(min=1e-300)
-        err = (kept - full[:, :, None]).norm(dim=-1) / full.norm(dim=-1, keepdim=True).clamp(min=1e-300)
-        over = (err * weight[..., None]).sum(dim=1) > eps  # [B, S]: e_k > eps at index k - 1
-        last = torch.where(over, torch.arange(1, s + 1, device=over.device), 0).max(dim=-1).values  # [B]
-        out[:, h] = (last + 1).clamp(max=s)
-    return out
+        query_valid = torch.ones(b, w, dtype=torch.bool, device=probs.device)
+    weight = (query_valid.double() / query_valid.sum(-1, keepdim=True).clamp(min=1))[:, None, :, None]  # [B, 1, W, 1]
+    p = probs.double().nan_to_num(0.0).gather(-1, order[:, :, None, :].expand(b, h, w, s))  # [B, H, W, S]
+    v = values.double().gather(2, order[..., None].expand(b, h, s, d))  # [B, H, S, D]
+    full = p @ v  # [B, H, W, D]
+    full_norm = full.norm(dim=-1, keepdim=True).clamp(min=1e-300)  # [B, H, W, 1]
+    numerator = torch.zeros_like(full)  # [B, H, W, D]: sum of p_j v_j over the keys before the block
+    mass = torch.zeros(b, h, w, 1, dtype=torch.float64, device=probs.device)
+    last_over = torch.zeros(b, h, dtype=torch.int64, device=probs.device)
+    if block is None:
+        block = max(1, min(s, (1 << 21) // max(1, b * h * w * d)))
+    for start in range(0, s, block):
+        stop = min(start + block, s)
+        pb = p[..., start:stop]  # [B, H, W, n]
+        # [B, H, W, n, D]: each query's output over the first k keys, for the block's k
+        sums = numerator[..., None, :] + (pb[..., None] * v[:, :, None, start:stop]).cumsum(dim=3)
+        masses = mass + pb.cumsum(dim=-1)  # [B, H, W, n]
+        err = (sums / masses[..., None].clamp(min=1e-300) - full[..., None, :]).norm(dim=-1) / full_norm
+        over = (err * weight).sum(dim=2) > eps  # [B, H, n]: e_k > eps
+        k = torch.arange(start + 1, stop + 1, device=probs.device)
+        last_over = torch.maximum(last_over, torch.where(over, k, 0).max(dim=-1).values)
+        numerator, mass = sums[..., -1, :], masses[..., -1:]
+    return (last_over + 1).clamp(max=s)
 
 
 def zigzag_budgets(lmba: Sequence[float], avg_budget: int, bound: int, low: int, high: int) -> list[int]:
