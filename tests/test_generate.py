@@ -150,7 +150,8 @@ def test_a_paper_spec_starts_from_the_paper_settings():
     assert parse_compression("zsmerge.paper:budget=0.05") == kvzoo.ZSMerge.paper(budget=0.05)
     assert parse_compression("KVMerger.paper") == kvzoo.KVMerger.paper()
     assert parse_compression("zsmerge.paper").alpha == 1.0 != kvzoo.ZSMerge().alpha
-    with pytest.raises(KvzooError, match=r"'h2o.paper': H2O has no variant 'paper'; '.paper' .* kvmerger, zsmerge"):
+    assert parse_compression("zigzag.paper:tau=0.8") == kvzoo.ZigZagKV(uncertainty="attention", tau=0.8)
+    with pytest.raises(KvzooError, match=r"'h2o.paper': H2O has no variant 'paper'; '.paper' .* kvmerger, zigzag, zsmerge"):
         parse_compression("h2o.paper")
     with pytest.raises(KvzooError, match=r"ZSMerge has no variant 'best'"):
         parse_compression("zsmerge.best:budget=0.1")

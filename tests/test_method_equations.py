@@ -320,14 +320,14 @@ def reference_mba(attn: torch.Tensor, tau: float) -> int:
 @settings(max_examples=20, deadline=None)
 @given(st.integers(24, 48), st.integers(0, 2**16), st.sampled_from([0.3, 0.6]))
 def test_zigzag_budgets_and_selection_against_the_definition(n, seed, tau):
-    """METHODS.md 3.1-3.2 over 3 layers with attention of different sharpness: LMBA_l = mean over query heads
-    of MBA(tau) of the observation window's summed attention; layer budgets B_l from Eq. 6 with
+    """ZigZagKV.paper(), METHODS.md 3.1-3.2 over 3 layers with attention of different sharpness: LMBA_l = mean
+    over query heads of MBA(tau) of the observation window's summed attention; layer budgets B_l from Eq. 6 with
     B_avg = int(0.25 n), B_bound = int(0.2 B_avg), clamped to [window, n] (zigzag_budgets, tested on its own);
     each layer keeps B_l tokens per KV head: the window plus the top of the avg-pooled window scores."""
     layers, window = 3, 4
     qkvs = [random_qkv(1, 1, 2, 2, n, seed=seed + i, scale=s) for i, s in enumerate((0.4, 1.5, 3.0))]
     qkv = QKV([x.q[0] for x in qkvs], [x.k[0] for x in qkvs], [x.v[0] for x in qkvs], seed)
-    method = ZigZagKV(budget=0.25, window_size=window, kernel_size=3, pooling="avg", tau=tau)
+    method = ZigZagKV.paper(budget=0.25, window_size=window, kernel_size=3, pooling="avg", tau=tau)
     snap = drive_synthetic(method, qkv, [n], 0).snapshots[0]
     lmba = [sum(reference_mba(row, tau) for row in window_attention(qkv, layer, n, window)) / 4
             for layer in range(layers)]
@@ -346,14 +346,14 @@ def test_zigzag_budgets_and_selection_against_the_definition(n, seed, tau):
 @settings(max_examples=10, deadline=None)
 @given(st.integers(24, 40), st.integers(0, 2**16))
 def test_zigzag_output_uncertainty_against_the_definition(n, seed):
-    """uncertainty="output": LMBO_l = mean over query heads of the fewest keys, taken as the layer keeps them
+    """The default uncertainty="output": LMBO_l = mean over query heads of the fewest keys, taken as the layer keeps them
     (the window in position order, then by pooled window score), whose attention renormalised over them keeps
     the window queries' mean relative output error within 1 - tau (computed here one budget at a time); the
     layer budgets are Eq. 6 of those, and each layer keeps its budget: the window plus the top scores."""
     layers, window, tau = 3, 4, 0.8
     qkvs = [random_qkv(1, 1, 2, 2, n, seed=seed + i, scale=s) for i, s in enumerate((0.4, 1.5, 3.0))]
     qkv = QKV([x.q[0] for x in qkvs], [x.k[0] for x in qkvs], [x.v[0] for x in qkvs], seed)
-    method = ZigZagKV(budget=0.25, window_size=window, kernel_size=3, pooling="avg", tau=tau, uncertainty="output")
+    method = ZigZagKV(budget=0.25, window_size=window, kernel_size=3, pooling="avg", tau=tau)  # the default
     snap = drive_synthetic(method, qkv, [n], 0).snapshots[0]
     lmbo, all_scores = [], []
     for layer in range(layers):
