@@ -103,8 +103,9 @@ class ZigZagKV(WindowSelection):
     # spreads its attention over its neighbourhood, needs half the prompt for 90% of the mass and got all of
     # it (2048 of 30 x 410 slots at 20% kept), but its output is kept to 10% by a quarter; the output rule
     # allocates flatter. Measured (tools/RESULTS.md, "Session 14"; SmolLM2-135M): continuation NLL -0.021 +-
-    # 0.005 / -0.025 +- 0.013 at 5 / 20% kept against "attention" (16 development contexts); query-aware
-    # needles 3 / 8 / 10 against 0 / 6 / 9 of the first 12 held-out ones at 5 / 10 / 20%. It costs prefill
+    # 0.005 / -0.025 +- 0.013 at 5 / 20% kept against "attention" (16 development contexts), -0.033 / -0.040 /
+    # -0.015 at 5 / 10 / 20% (8 held-out ones); query-aware needles 3 / 8 / 10 against 0 / 6 / 9 of the first
+    # 12 held-out ones at 5 / 10 / 20%. It costs prefill
     # time (the cumulated outputs of the window's queries over every budget: about +30% for ZigZagKV's
     # prefill of 4 x 2048 tokens).
     uncertainty: str = "output"
