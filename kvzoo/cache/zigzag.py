@@ -6,13 +6,15 @@ each layer's *uncertainty*: a layer whose attention is diffuse needs more tokens
 attention mass, so it gets more of the total.
 
 - MBA_{l,h}: the fewest keys holding `tau` of query head h's observation-window attention mass
-  (`budgets.min_budget_attention`); LMBA_l: its mean over the layer's query heads.
+  (`budgets.min_budget_attention`); LMBA_l: its mean over the layer's query heads. The default replaces
+  it by LMBO_l, the same mean of the fewest keys that keep head h's window output within 1 - tau
+  (`uncertainty`, `budgets.min_budget_output`).
 - B_l = B_bound + (B_avg - B_bound) * L * LMBA_l / sum_k LMBA_k (`budgets.zigzag_budgets`), so the layers
   share exactly L * B_avg slots per KV head and none gets fewer than B_bound = bound_ratio * B_avg.
 
-The allocation needs every layer's LMBA, so compression waits for the end of prefill: `make_cache` gives
+The allocation needs every layer's uncertainty, so compression waits for the end of prefill: `make_cache` gives
 every layer room for the whole prompt (plus decode headroom), `compress_prefill` keeps the whole prompt and
-records the layer's window scores and LMBA, and `end_prefill` allocates, selects, and reallocates each
+records the layer's window scores and uncertainty, and `end_prefill` allocates, selects, and reallocates each
 layer's tensors down to its own capacity (max over the batch of B_l, plus headroom), so `cache.nbytes()` is
 the compressed size. Deferring is exact: selection changes no prefill activation (METHODS.md 3.2). The cost
 is peak memory: the full prompt's cache exists until the end of prefill. For the same reason
@@ -66,7 +68,8 @@ UNCERTAINTIES = ("attention", "output")  # see ZigZagKV.uncertainty
 
 @dataclass
 class ZigZagKV(WindowSelection):
-    """Observation-window selection with layer budgets from layer uncertainty (LMBA); see the module doc.
+    """Observation-window selection with layer budgets from layer uncertainty (LMBO, or the paper's LMBA);
+    see the module doc.
     Budget rule: B_avg is at least `window_size` slots and at most the prompt (a prompt no longer than it is
     kept whole in every layer)."""
 
@@ -90,7 +93,7 @@ class ZigZagKV(WindowSelection):
     # attention of the observation window) or "attention_shares" (`scoring.attention_shares`: the larger of a
     # token's share of the attention accumulated over every prompt query and its share of the pooled
     # window's), so a token the whole prompt reads (what a continuation reads next) competes with what the
-    # last queries (a question) read, without a weight between them. The allocation (LMBA) is unchanged.
+    # last queries (a question) read, without a weight between them. The allocation is unchanged.
     # Not the default: on 16 development contexts it narrows the NLL gap to SnapKV (+0.078 +- 0.041 / +0.020
     # +- 0.026 at 5 / 20% kept, against "window"'s +0.096 / +0.062) but retrieves fewer of 24 held-out
     # query-aware needles (0 / 4 / 21% at 5 / 10 / 20% against 0 / 8 / 38%; tools/RESULTS.md, "Session 11").
@@ -110,7 +113,7 @@ class ZigZagKV(WindowSelection):
     # prefill of 4 x 2048 tokens).
     uncertainty: str = "output"
 
-    supports_chunked_prefill = False  # allocation needs every layer's LMBA over the whole prompt
+    supports_chunked_prefill = False  # allocation needs every layer's uncertainty over the whole prompt
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -152,7 +155,7 @@ class ZigZagKV(WindowSelection):
         # that the slot order is the tie-break `end_prefill` needs.
         keep_top(slots, chunk, scores, slots.state["prefill_budget"], stored_score=scores,
                  tie=self.prefill_tiebreak(slots, chunk))
-        slots.state["lmba"] = self._lmba(chunk, scores)
+        slots.state["lmba"] = self._uncertainty(chunk, scores)
 
     def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         """[B, Hkv, S] the rank of the candidates (`rank`)."""
@@ -161,7 +164,7 @@ class ZigZagKV(WindowSelection):
             return window
         return attention_shares(accumulated_scores(chunk), window, torch.isfinite(chunk.key_logw))
 
-    def _lmba(self, chunk: "PrefillChunk", rank: torch.Tensor) -> torch.Tensor:
+    def _uncertainty(self, chunk: "PrefillChunk", rank: torch.Tensor) -> torch.Tensor:
         """[B] fp32: the layer's uncertainty, the mean over query heads of MBA(tau) of the observation window's
         summed attention, or (uncertainty="output") of the keys, in `rank` [B, Hkv, S] order after the window,
         that keep the window's attention output within 1 - tau."""
@@ -178,7 +181,7 @@ class ZigZagKV(WindowSelection):
         return min_budget_output(probs, values, order, 1.0 - self.tau, q_pos >= 0).float().mean(dim=1)
 
     def layer_budgets(self, lmba: list[float], prompt_len: int) -> list[int]:
-        """Per-layer budgets of one sequence from its layers' LMBA."""
+        """Per-layer budgets of one sequence from its layers' uncertainty (LMBO or LMBA)."""
         avg = self.sequence_budget(prompt_len)
         return zigzag_budgets(lmba, avg, int(self.bound_ratio * avg), min(self.window_size, prompt_len), prompt_len)
 
