@@ -249,3 +249,17 @@ def ratio_or_tokens(budget: float | int, prompt_len: int) -> int:
     """The documented resolution of a budget: a float is that fraction of the prompt (at least 1 slot),
     an int is a number of slots."""
     return max(1, int(budget * prompt_len)) if isinstance(budget, float) else budget
+
+
+def reference_min_budget_output(probs: torch.Tensor, values: torch.Tensor, order: list[int], eps: float) -> int:
+    """1 + the largest k whose first k keys of `order`, attention renormalised over them, leave the mean relative
+    output error of the queries probs [W, S] (values [S, D]) above eps; a query with no mass on them outputs 0."""
+    full = probs @ values
+    worst = 0
+    for k in range(1, probs.shape[1] + 1):
+        kept = probs[:, order[:k]]
+        mass = kept.sum(-1, keepdim=True)
+        out = torch.where(mass > 0, kept @ values[order[:k]] / mass.clamp(min=1e-300), torch.zeros_like(full))
+        if ((out - full).norm(dim=-1) / full.norm(dim=-1)).mean() > eps:
+            worst = k
+    return min(worst + 1, probs.shape[1])

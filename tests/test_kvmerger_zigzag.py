@@ -28,6 +28,7 @@ from kvzoo.errors import KvzooError
 from kvzoo_kernels.attention import decode_attention
 
 from conftest import build_hf_model
+from tests.method_helpers import reference_min_budget_output
 
 MODELS = ["llama-gqa", "mistral-window", "falcon-7b-style"]
 NUM_LAYERS = 4  # so that KVMerger's default skip_layers (0, 1, -1) leaves a layer to compress
@@ -307,20 +308,6 @@ def test_mba_uniform_and_one_hot(s, tau_percent):
     one_hot = torch.zeros(s)
     one_hot[s // 2] = 1.0
     assert int(min_budget_attention(one_hot, tau)) == 1
-
-
-def reference_min_budget_output(probs: torch.Tensor, values: torch.Tensor, order: list[int], eps: float) -> int:
-    """1 + the largest k whose first k keys of `order`, attention renormalised over them, leave the mean relative
-    output error of the queries probs [W, S] (values [S, D]) above eps; a query with no mass on them outputs 0."""
-    full = probs @ values
-    worst = 0
-    for k in range(1, probs.shape[1] + 1):
-        kept = probs[:, order[:k]]
-        mass = kept.sum(-1, keepdim=True)
-        out = torch.where(mass > 0, kept @ values[order[:k]] / mass.clamp(min=1e-300), torch.zeros_like(full))
-        if ((out - full).norm(dim=-1) / full.norm(dim=-1)).mean() > eps:
-            worst = k
-    return min(worst + 1, probs.shape[1])
 
 
 @settings(max_examples=40, deadline=None)

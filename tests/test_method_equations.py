@@ -20,7 +20,8 @@ from kvzoo.cache import TOVA, KVMerger, SnapKV, ZigZagKV, ZSMerge
 from kvzoo.cache.budgets import zigzag_budgets
 from kvzoo.cache.full import FullCache
 from kvzoo.cache.slots import KVCache, LayerSlots
-from tests.method_helpers import QKV, drive_synthetic, pool_1d, random_qkv, reference_probs
+from tests.method_helpers import (QKV, drive_synthetic, pool_1d, random_qkv, reference_min_budget_output,
+                                  reference_probs)
 
 TOL = 1e-5  # fp32 keys/values from the same inputs, different summation order
 SLACK = 1e-6  # score comparisons at a top-k boundary
@@ -346,8 +347,8 @@ def test_zigzag_budgets_and_selection_against_the_definition(n, seed, tau):
 @settings(max_examples=10, deadline=None)
 @given(st.integers(24, 40), st.integers(0, 2**16))
 def test_zigzag_output_uncertainty_against_the_definition(n, seed):
-    """The default uncertainty="output": LMBO_l = mean over query heads of the fewest keys, taken as the layer keeps them
-    (the window in position order, then by pooled window score), whose attention renormalised over them keeps
+    """The default uncertainty="output": LMBO_l = mean over query heads of the fewest keys, taken as the layer
+    keeps them (the window in position order, then by pooled window score), whose attention renormalised over them keeps
     the window queries' mean relative output error within 1 - tau (computed here one budget at a time); the
     layer budgets are Eq. 6 of those, and each layer keeps its budget: the window plus the top scores."""
     layers, window, tau = 3, 4, 0.8
@@ -365,15 +366,7 @@ def test_zigzag_output_uncertainty_against_the_definition(n, seed):
             order = list(range(n - window, n)) + sorted(range(n - window), key=lambda p: -float(scores[h, p]))
             q = qkv.q[layer][0, hq:hq + 1, n - window:n]
             probs = reference_probs(q, qkv.k[layer][0, h, :n], list(range(n - window, n)), list(range(n)), None)[0]
-            values = qkv.v[layer][0, h, :n].double()
-            full = probs @ values
-            worst = 0
-            for k in range(1, n + 1):
-                kept = probs[:, order[:k]]
-                out = kept @ values[order[:k]] / kept.sum(-1, keepdim=True)
-                if ((out - full).norm(dim=-1) / full.norm(dim=-1)).mean() > 1 - tau:
-                    worst = k
-            mbo.append(min(worst + 1, n))
+            mbo.append(reference_min_budget_output(probs, qkv.v[layer][0, h, :n].double(), order, 1 - tau))
         lmbo.append(sum(mbo) / 4)
     avg = int(0.25 * n)
     budgets = zigzag_budgets(lmbo, avg, int(0.2 * avg), window, n)

@@ -108,9 +108,9 @@ class ZigZagKV(WindowSelection):
     # allocates flatter. Measured (tools/RESULTS.md, "Session 14"; SmolLM2-135M): continuation NLL -0.021 +-
     # 0.005 / -0.025 +- 0.013 at 5 / 20% kept against "attention" (16 development contexts), -0.033 / -0.040 /
     # -0.015 at 5 / 10 / 20% (8 held-out ones); query-aware needles 3 / 8 / 10 against 0 / 6 / 9 of the first
-    # 12 held-out ones at 5 / 10 / 20%. It costs prefill
-    # time (the cumulated outputs of the window's queries over every budget: about +30% for ZigZagKV's
-    # prefill of 4 x 2048 tokens).
+    # 12 held-out ones at 5 / 10 / 20%. It costs prefill time (the cumulated outputs of the window's queries
+    # over every budget): ZigZagKV's prefill of 4 x 2048 tokens took 37-41 s against 24-30 s (alone, two
+    # threads, the two alternating).
     uncertainty: str = "output"
 
     supports_chunked_prefill = False  # allocation needs every layer's uncertainty over the whole prompt
