@@ -163,7 +163,8 @@ def test_zsmerge_window_share_is_not_spent_on_a_heavy_hitter():
     assert 2 in kept and 20 in kept, kept
 
 
-def _attention_shares(qkv, n: int, w: int, kernel: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attention_shares(qkv, n: int, w: int, kernel: int, pooling: str = "max",
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(accumulated / its sum, pooled window / its sum, the window's own unpooled scores), float64, for one
     sequence and one head, from the attention probabilities' definition."""
     from tests.method_helpers import pool_1d, reference_probs
@@ -171,7 +172,7 @@ def _attention_shares(qkv, n: int, w: int, kernel: int) -> tuple[torch.Tensor, t
     probs = reference_probs(qkv.q[0][0], qkv.k[0][0, 0], list(range(n)), list(range(n)), None)[0]  # [n, n]
     accumulated = probs.sum(0)
     own = probs[n - w:].sum(0)
-    window = torch.cat([pool_1d(own[: n - w], kernel, "max"), own[n - w:]])  # pooled before the window
+    window = torch.cat([pool_1d(own[: n - w], kernel, pooling), own[n - w:]])  # pooled before the window
     return accumulated / accumulated.sum(), window / window.sum(), own
 
 
@@ -277,21 +278,23 @@ def test_zigzag_attention_shares_keeps_the_top_of_the_larger_share():
     assert kept["window"] != kept["attention_shares"], "the input does not tell the ranks apart"
 
 
-def test_kvmerger_attention_shares_keeps_the_top_of_the_larger_share_verbatim():
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_kvmerger_attention_shares_keeps_the_top_of_the_larger_share_verbatim(pooling):
     """KVMerger(rank="attention_shares"): the heavy hitters are the top of max(accumulated / its sum, pooled
-    window / its sum) among the tokens older than the recent window (definitions, float64), and each is kept
-    verbatim (its own slot, log w = 0); with the paper's rank (A_t alone) some of them are merged away."""
+    window / its sum) among the tokens older than the recent window (definitions, float64, with the window's
+    max- or average-pooling), and each is kept verbatim (its own slot, log w = 0); with the paper's rank
+    (A_t alone) some of them are merged away."""
     from kvzoo.cache.kvmerger import KVMerger
     from tests.method_helpers import drive_synthetic, random_qkv
 
     n, w, kernel, budget = 40, 8, 3, 14  # recent window int(0.34 * 14) = 4, heavy hitters int(0.24 * 14) = 3
     qkv = random_qkv(1, 1, 1, 1, n, seed=1, scale=1.5)
-    accumulated, window, _ = _attention_shares(qkv, n, w, kernel)
+    accumulated, window, _ = _attention_shares(qkv, n, w, kernel, pooling)
     share = torch.maximum(accumulated, window)
     heavy = set(sorted(range(n - 4), key=lambda j: share[j].item(), reverse=True)[:3])
     verbatim = {}
     for rank in ("attention_shares", "accumulated"):
-        method = KVMerger(budget=budget, rank=rank, window_size=w, kernel_size=kernel)
+        method = KVMerger(budget=budget, rank=rank, window_size=w, kernel_size=kernel, pooling=pooling)
         layer = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]
         single = layer["logw"][0, 0] == 0
         verbatim[rank] = set(layer["pos"][0, 0][single].tolist())
@@ -299,7 +302,8 @@ def test_kvmerger_attention_shares_keeps_the_top_of_the_larger_share_verbatim():
     assert not heavy <= verbatim["accumulated"], "the input does not tell the ranks apart"
 
 
-@pytest.mark.parametrize("field, bad", [("rank", "window"), ("window_size", 0), ("kernel_size", 2.5)])
+@pytest.mark.parametrize("field, bad", [("rank", "window"), ("window_size", 0), ("kernel_size", 2.5),
+                                        ("pooling", "mean")])
 def test_kvmerger_rank_settings_are_checked(field, bad):
     from kvzoo.cache.kvmerger import KVMerger
     from kvzoo.errors import KvzooError

@@ -311,15 +311,15 @@ MUTANTS: list[Mutant] = [
            "own = (zscore(attention, valid) + zscore(leverage, valid))",
            ("tests/test_compactor.py",), "Compactor blends leverage by the dropped fraction of the prompt"),
     Mutant("zsmerge-leverage-share-ignored", "kvzoo/cache/zsmerge.py",
-           "share = torch.maximum(share, self._leverage_share(chunk, valid))",
+           "share = torch.maximum(share, self._chunk_share(own_key_leverage(chunk), valid))",
            "share = share",
            ("tests/test_leverage.py",), "rank='shares' adds the keys' leverage as a third share"),
     Mutant("zigzag-attention-shares-ignored", "kvzoo/cache/zigzag.py",
            "return attention_shares(accumulated_scores(chunk), window, torch.isfinite(chunk.key_logw))",
            "return window", ("tests/test_leverage.py",), "ZigZagKV rank='attention_shares' ranks by both shares"),
     Mutant("zsmerge-leverage-share-of-a-chunk-unweighted", "kvzoo/cache/zsmerge.py",
-           "return leverage / leverage.sum(-1, keepdim=True).clamp(min=1e-30) * part",
-           "return leverage / leverage.sum(-1, keepdim=True).clamp(min=1e-30)",
+           "return own / own.sum(-1, keepdim=True).clamp(min=1e-30) * part",
+           "return own / own.sum(-1, keepdim=True).clamp(min=1e-30)",
            ("tests/test_leverage.py",), "a later chunk's tokens split only the chunk's part of the leverage share"),
 ]
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 
 SINKS = 8  # the first tokens always kept (attention sinks), as the official code
+BLOCK = 256  # positions whose queries score each other's keys (non-causal), as the official code
 
 
 def dropped_fraction(kept: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ class Compactor(ScoredSelection, PrefillOnlyMethod):
     budget: Budget = 0.2
     sinks: int = SINKS
     recent: int = 4
-    block: int = 256
+    block: int = BLOCK
     scale: float = 1.0
     blend: float | None = None
     kernel_size: int = 3

@@ -262,7 +262,8 @@ class KVMerger(PrefillOnlyMethod):
     # merged. Pivots and merged slots' scores stay A_t. See "Measured" in the module doc.
     rank: str = "attention_shares"  # paper: "accumulated"
     window_size: int = 8  # rank="attention_shares": the window's queries
-    kernel_size: int = 7  # rank="attention_shares": max-pool of the window's scores over positions
+    kernel_size: int = 7  # rank="attention_shares": pooling of the window's scores over positions
+    pooling: str = "max"  # rank="attention_shares": "max" or "avg" (SnapKV's) over `kernel_size` positions
 
     def __post_init__(self) -> None:
         if self.budget is not None:
@@ -289,6 +290,8 @@ class KVMerger(PrefillOnlyMethod):
         if self.rank not in RANKS:
             raise KvzooError(f"KVMerger: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
         check_counts(self, "KVMerger", ("window_size", "kernel_size"))
+        if self.pooling not in ("max", "avg"):
+            raise KvzooError(f"KVMerger: pooling must be 'max' or 'avg', got {self.pooling!r}")
         self.check_decode_cap()
 
     @classmethod
@@ -367,7 +370,7 @@ class KVMerger(PrefillOnlyMethod):
         """[B, Hkv, S] what ranks the heavy hitters (`rank`), from the candidates' A_t [B, Hkv, S]."""
         if self.rank == "accumulated":
             return accumulated
-        window = window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling="max")
+        window = window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling)
         return attention_shares(accumulated, window, torch.isfinite(chunk.key_logw))
 
     @staticmethod

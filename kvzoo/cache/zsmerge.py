@@ -71,9 +71,10 @@ import torch.nn.functional as F
 
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
-from kvzoo.cache.compactor import SINKS, dropped_fraction
-from kvzoo.cache.scoring import (accumulated_scores, attention_shares, compactor_scores, leverage_scores, on_the_scale_of,
-                                 own_key_leverage, window_scores)
+from kvzoo.cache.compactor import BLOCK, SINKS, dropped_fraction
+from kvzoo.cache.scoring import (accumulated_scores, attention_shares, compactor_scores, leverage_scores,
+                                 noncausal_block_scores, on_the_scale_of, own_key_leverage, pool_by_position,
+                                 window_scores)
 from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, sink_mask, slot_candidates, top_mask,
                                    widest_shares)
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots, allocate_stores
@@ -86,9 +87,9 @@ if TYPE_CHECKING:
 
 MIN_PROXIMITY = 2  # as the reference code: max(2, tail)
 MIN_RESIDUAL = 1
-RANKS = ("window", "accumulated", "blend", "split", "attention_shares", "shares")  # see ZSMerge.rank
+RANKS = ("window", "accumulated", "blend", "split", "attention_shares", "shares", "block_shares")  # see ZSMerge.rank
 WINDOW_RANKS = ("window", "accumulated")  # the paper's: one attention signal, no blend (context_rank, tie)
-SHARE_RANKS = ("attention_shares", "shares")  # rank by the largest share (see ZSMerge.decode_score)
+SHARE_RANKS = ("attention_shares", "shares", "block_shares")  # rank by the largest share (see ZSMerge.decode_score)
 DECODE_SCORES = ("accumulated", "standing")
 
 
@@ -353,8 +354,13 @@ class ZSMerge(CompressionMethod):
         standing = total if bonus is None else total + bonus * self.decay**t
         mass = (standing * valid).sum(-1, keepdim=True)  # [B, Hkv, 1]: the standings are shares of this mass
         share = attention_shares(standing, fresh, valid)
-        if self.rank == "shares":
-            share = torch.maximum(share, self._leverage_share(chunk, valid))
+        if self.rank in ("shares", "block_shares"):
+            share = torch.maximum(share, self._chunk_share(own_key_leverage(chunk), valid))
+        if self.rank == "block_shares":
+            block = noncausal_block_scores(chunk, BLOCK, scale=1.0) * chunk.v.float().norm(dim=-1)  # [B, Hkv, T]
+            block = pool_by_position(block, chunk.key_pos[..., -chunk.k.shape[2]:], valid[..., -chunk.k.shape[2]:],
+                                     3, "avg")
+            share = torch.maximum(share, self._chunk_share(block, valid))
         return share * mass, fresh, total
 
     @staticmethod
@@ -394,17 +400,19 @@ class ZSMerge(CompressionMethod):
         return F.pad(decayed, (0, t))
 
     @staticmethod
-    def _leverage_share(chunk: "PrefillChunk", valid: torch.Tensor) -> torch.Tensor:
-        """[B, Hkv, S] each candidate's share of the leverage: the chunk's own tokens split the chunk's part of
-        the candidates (its valid tokens over all valid candidates) by their leverage among the chunk's keys;
-        slots kept from earlier chunks take 0 (their standing is their stored score plus its bonus). Weighting
-        by the chunk's part keeps a short chunk, whose few keys all look unique (leverage near 1 each), from
-        outranking every earlier token: a 25-token question after a document would otherwise take a share
-        of 1/25 per token against the document's attention shares of about 1/(all candidates)."""
-        t = chunk.k.shape[2]
-        leverage = F.pad(own_key_leverage(chunk), (valid.shape[-1] - t, 0))  # [B, Hkv, S]
+    def _chunk_share(own: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, S] each candidate's share of a query-agnostic signal `own` [B, Hkv, T] >= 0 of the chunk's
+        own tokens (their leverage among the chunk's keys; the attention the text around them gives them):
+        the chunk's tokens split the chunk's part of the candidates (its valid tokens over all valid
+        candidates) in proportion to `own`; slots kept from earlier chunks take 0 (their standing is their
+        stored score plus its bonus). Weighting by the chunk's part keeps a short chunk, whose few keys all
+        look unique (leverage near 1 each), from outranking every earlier token: a 25-token question after a
+        document would otherwise take a share of 1/25 per token against the document's attention shares of
+        about 1/(all candidates)."""
+        t = own.shape[-1]
+        own = F.pad(own, (valid.shape[-1] - t, 0))  # [B, Hkv, S]
         part = valid[..., -t:].sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)  # [B, Hkv, 1]
-        return leverage / leverage.sum(-1, keepdim=True).clamp(min=1e-30) * part
+        return own / own.sum(-1, keepdim=True).clamp(min=1e-30) * part
 
     def _window_picks(self, chunk: "PrefillChunk", accumulated: torch.Tensor, window: torch.Tensor,
                       ctx_cand: torch.Tensor, n_context: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
