@@ -182,6 +182,16 @@ def _top(score: torch.Tensor, own: torch.Tensor, n: int, context: int) -> set[in
     return set(sorted(range(n - 3), key=lambda j: (score[j].item(), own[j].item()), reverse=True)[:context])
 
 
+def _leverage(keys: torch.Tensor) -> torch.Tensor:
+    """Ridge leverage [n] of keys [n, D] (float64): h = diag(X (X^T X + r I)^-1 X^T), X the centred keys,
+    r = 1e-4 tr(X^T X) / D."""
+    x = keys.double()
+    x = x - x.mean(0)
+    gram = x.T @ x
+    ridge = 1e-4 * torch.trace(gram) / x.shape[1]
+    return torch.diagonal(x @ torch.linalg.inv(gram + ridge * torch.eye(x.shape[1], dtype=x.dtype)) @ x.T)
+
+
 def test_zsmerge_combine_max_keeps_the_largest_attention_shares():
     """rank="attention_shares": the context is the top of max(accumulated / its sum, pooled window / its sum), computed
     here from the attention probabilities' definition (float64), and differs from what either signal alone or
@@ -215,11 +225,7 @@ def test_zsmerge_leverage_share_keeps_a_key_nobody_reads():
     keys[0, 0, unique, 6] = 3.0
     qkv.q[0][..., 6] = 0.0  # no query reads the unique direction
     accumulated, window, own = _attention_shares(qkv, n, w, kernel)
-    x = keys[0, 0].double()
-    x = x - x.mean(0)
-    gram = x.T @ x
-    ridge = 1e-4 * torch.trace(gram) / x.shape[1]
-    leverage = torch.diagonal(x @ torch.linalg.inv(gram + ridge * torch.eye(x.shape[1], dtype=x.dtype)) @ x.T)
+    leverage = _leverage(keys[0, 0])
     share = torch.maximum(torch.maximum(accumulated, window), leverage / leverage.sum())
     spec = dict(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0)
     kept = set(drive_synthetic(ZSMerge(**spec, rank="shares"), qkv, [n], 0).snapshots[0].layers[0]["pos"]
@@ -228,6 +234,34 @@ def test_zsmerge_leverage_share_keeps_a_key_nobody_reads():
                   ["pos"][0, 0, 1:5].tolist())
     assert kept == _top(share, own, n, context)
     assert unique in kept and unique not in without, (kept, without)
+
+
+def test_zsmerge_block_shares_adds_what_the_text_around_a_token_reads():
+    """rank="block_shares": a fourth share, the attention each token receives from every query of its
+    256-position block, earlier and later ones alike (unscaled logits q.k, Compactor's), times its value
+    norm, average-pooled over 3 positions, over its sum; computed here from that definition (float64, the
+    40-token prompt is one block) with the other three shares. The kept context is the top of max(the four
+    shares), and on this input differs from rank="shares"'s."""
+    from kvzoo.cache.zsmerge import ZSMerge
+    from tests.method_helpers import drive_synthetic, pool_1d, random_qkv
+
+    n, w, kernel, context = 40, 8, 3, 4
+    qkv = random_qkv(1, 1, 1, 1, n, seed=8, scale=1.5)
+    accumulated, window, own = _attention_shares(qkv, n, w, kernel)
+    q, k, v = qkv.q[0][0, 0].double(), qkv.k[0][0, 0].double(), qkv.v[0][0, 0].double()
+    received = (q @ k.T).softmax(-1).sum(0) * v.norm(dim=-1)  # non-causal: every query reads every key
+    block = pool_1d(received, 3, "avg")
+    leverage = _leverage(qkv.k[0][0, 0])
+    three = torch.maximum(torch.maximum(accumulated, window), leverage / leverage.sum())
+    four = torch.maximum(three, block / block.sum())
+    spec = dict(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0)
+    kept = {}
+    for rank in ("block_shares", "shares"):
+        pos = drive_synthetic(ZSMerge(**spec, rank=rank), qkv, [n], 0).snapshots[0].layers[0]["pos"]
+        kept[rank] = set(pos[0, 0, 1:5].tolist())
+    assert kept["block_shares"] == _top(four, own, n, context), kept
+    assert kept["shares"] == _top(three, own, n, context), kept
+    assert kept["block_shares"] != kept["shares"], "the input does not tell the ranks apart"
 
 
 def test_zsmerge_shares_a_short_chunk_does_not_outrank_what_every_query_reads():
