@@ -305,7 +305,8 @@ def test_zigzag_attention_shares_keeps_the_top_of_the_larger_share():
     older = sorted(range(n - w), key=lambda j: (share[j].item(), own[j].item()), reverse=True)[:context]
     kept = {}
     for rank in ("window", "attention_shares"):
-        method = ZigZagKV(budget=w + context, window_size=w, kernel_size=kernel, bound_ratio=1.0, rank=rank)
+        method = ZigZagKV(budget=w + context, window_size=w, kernel_size=kernel, pooling="max", bound_ratio=1.0,
+                          rank=rank)
         pos = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0]
         kept[rank] = set(pos[pos >= 0].tolist())
     assert kept["attention_shares"] == set(older) | set(range(n - w, n)), kept

@@ -178,6 +178,14 @@ class ZSMerge(CompressionMethod):
     #   needle 6 / 6 / 7 of 12 (3 / 5 / 4); held out NLL +0.233 / +0.174 / +0.123 at 5 / 10 / 20% against
     #   +0.239 / +0.177 / +0.133, needle 17 / 42 / 54% against 8 / 33 / 46% and 17 / 42 / 42% against
     #   12 / 33 / 46% on a second set.
+    # - "block_shares": "shares" with a fourth share, the attention each token receives from every query of its
+    #   256-position block, before and after it, times its value norm (Compactor's query-agnostic attention,
+    #   scoring.noncausal_block_scores, average-pooled over 3 positions), over the chunk's sum: what the text
+    #   around a token reads from it. Not the default: on two held-out sets it lowers the continuation NLL
+    #   (-0.007 +- 0.005 / -0.009 +- 0.003 / -0.006 +- 0.002 and -0.007 +- 0.006 / -0.012 +- 0.004 / -0.004 +-
+    #   0.004 at 5 / 10 / 20% kept) but retrieves fewer query-aware needles (5 / 6 / 12 of 24 against
+    #   6 / 11 / 13) and no more asked after compression (4 of 24 at 20%; Compactor 11; tools/RESULTS.md,
+    #   "Session 15").
     rank: str = "shares"  # paper: "window"
     # What a kept slot's score is with a share rank: the number every decode step adds the slot's attention to,
     # and by which the lowest of context ∪ {token leaving the ring} is merged.
