@@ -48,7 +48,8 @@ def test_zigzag_cross_layer_keeps_what_any_layer_reads_most():
     widest = torch.maximum(shares[0], shares[1])
 
     def kept(cross_layer: bool) -> list[set[int]]:
-        method = ZigZagKV(budget=w + context, window_size=w, kernel_size=1, bound_ratio=1.0, cross_layer=cross_layer)
+        method = ZigZagKV(budget=w + context, window_size=w, kernel_size=1, bound_ratio=1.0, rank="window",
+                          cross_layer=cross_layer)
         layers = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers
         return [set(x["pos"][0, 0][x["pos"][0, 0] >= 0].tolist()) for x in layers]
 

@@ -150,7 +150,10 @@ def test_a_paper_spec_starts_from_the_paper_settings():
     assert parse_compression("zsmerge.paper:budget=0.05") == kvzoo.ZSMerge.paper(budget=0.05)
     assert parse_compression("KVMerger.paper") == kvzoo.KVMerger.paper()
     assert parse_compression("zsmerge.paper").alpha == 1.0 != kvzoo.ZSMerge().alpha
-    assert parse_compression("zigzag.paper:tau=0.8") == kvzoo.ZigZagKV(uncertainty="attention", tau=0.8)
+    zigzag = parse_compression("zigzag.paper:tau=0.8")
+    assert zigzag == kvzoo.ZigZagKV(uncertainty="attention", rank="window", window_size=8, kernel_size=7,
+                                    pooling="max", tau=0.8)
+    assert zigzag != kvzoo.ZigZagKV(tau=0.8)
     with pytest.raises(KvzooError, match=r"'h2o.paper': H2O has no variant 'paper'; '.paper' .* kvmerger, zigzag, zsmerge"):
         parse_compression("h2o.paper")
     with pytest.raises(KvzooError, match=r"ZSMerge has no variant 'best'"):

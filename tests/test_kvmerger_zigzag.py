@@ -460,7 +460,7 @@ def test_zigzag_with_bound_equal_to_average_is_snapkv(run):
     """bound_ratio = 1: every layer gets B_avg, so the selection is SnapKV's with the same window/pooling
     (average pooling: max-pooling makes ties, which the two break in different candidate orders)."""
     kwargs = dict(budget=0.4, window_size=8, kernel_size=5, pooling="avg")
-    zig = run("llama-gqa", 5, method=ZigZagKV(bound_ratio=1.0, **kwargs))
+    zig = run("llama-gqa", 5, method=ZigZagKV(bound_ratio=1.0, rank="window", **kwargs))
     snap = run("llama-gqa", 5, method=SnapKV(**kwargs))
     assert zig.token_ids == snap.token_ids
     for a, b in zip(zig.cache.layers, snap.cache.layers):
@@ -501,4 +501,4 @@ def test_invalid_hyperparameters(make, message):
 def test_invalid_settings_for_the_model(run):
     with pytest.raises(KvzooError, match=r"skip_layers \[4\] out of range for a model with 4 layers"):
         run("llama-gqa", method=KVMerger(skip_layers=(4,)))
-    assert ZigZagKV(budget=5).sequence_budget(40) == 8  # raised to the window (the budget rule)
+    assert ZigZagKV(budget=5).sequence_budget(40) == 32  # raised to the window (the budget rule)

@@ -354,7 +354,8 @@ def test_zigzag_output_uncertainty_against_the_definition(n, seed):
     layers, window, tau = 3, 4, 0.8
     qkvs = [random_qkv(1, 1, 2, 2, n, seed=seed + i, scale=s) for i, s in enumerate((0.4, 1.5, 3.0))]
     qkv = QKV([x.q[0] for x in qkvs], [x.k[0] for x in qkvs], [x.v[0] for x in qkvs], seed)
-    method = ZigZagKV(budget=0.25, window_size=window, kernel_size=3, pooling="avg", tau=tau)  # the default
+    # The default uncertainty, with the paper's rank (the window alone, which this reference computes).
+    method = ZigZagKV(budget=0.25, window_size=window, kernel_size=3, pooling="avg", tau=tau, rank="window")
     snap = drive_synthetic(method, qkv, [n], 0).snapshots[0]
     lmbo, all_scores = [], []
     for layer in range(layers):
