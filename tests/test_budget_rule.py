@@ -25,7 +25,7 @@ NUM_LAYERS = 4
 # Minimum layout of each method with its defaults (from the docstrings): window_size for the window methods,
 # sinks + 1 for StreamingLLM, proximity 2 + residual 1 + one context slot for ZSMerge.
 MINIMUM = {"full": 0, "streamingllm": 5, "h2o": 1, "tova": 1, "zsmerge": 4, "snapkv": 32, "pyramidkv": 8,
-           "zigzag": 8, "kvmerger": 1, "compactor": 12}
+           "zigzag": 32, "kvmerger": 1, "compactor": 12}
 DECODE_TIME = ("streamingllm", "h2o", "tova", "zsmerge")
 PREFILL_ONLY = ("snapkv", "pyramidkv", "zigzag", "kvmerger", "compactor")
 RATIOS = (0.01, 0.05, 0.2, 0.5, 0.99)
