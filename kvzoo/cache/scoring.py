@@ -201,6 +201,16 @@ def noncausal_block_scores(chunk: "PrefillChunk", block: int, scale: float) -> t
     return group_mean(sums, hkv)
 
 
+def block_attention(chunk: "PrefillChunk", block: int = 256, scale: float = 1.0, kernel: int = 3) -> torch.Tensor:
+    """[B, Hkv, T] fp32: Compactor's query-agnostic attention of the chunk's own tokens, what the text around a
+    token reads from it: the attention it receives from every query of its `block`-position block, earlier
+    and later ones (`noncausal_block_scores`, logits q.k * `scale`), times its value norm, average-pooled over
+    `kernel` positions; 0 at padding."""
+    own_pos = chunk.key_pos[..., -chunk.k.shape[2]:]  # [B, Hkv, T]
+    attention = noncausal_block_scores(chunk, block, scale) * chunk.v.float().norm(dim=-1)
+    return pool_by_position(attention, own_pos, own_pos >= 0, kernel, "avg")
+
+
 def compactor_scores(chunk: "PrefillChunk", blend: torch.Tensor | float, block: int = 256, scale: float = 1.0,
                      kernel: int = 3) -> torch.Tensor:
     """Compactor's query-agnostic importance (Chari & Van Durme, arXiv 2507.08143) of the chunk's tokens:
@@ -209,10 +219,8 @@ def compactor_scores(chunk: "PrefillChunk", blend: torch.Tensor | float, block: 
     Candidates before the chunk (slots in use) keep their stored score. Returns [B, Hkv, S] fp32, -inf at
     padding."""
     t = chunk.k.shape[2]
-    own_pos = chunk.key_pos[..., -t:]  # [B, Hkv, T]
-    valid = own_pos >= 0
-    attention = noncausal_block_scores(chunk, block, scale) * chunk.v.float().norm(dim=-1)
-    attention = pool_by_position(attention, own_pos, valid, kernel, "avg")
+    valid = chunk.key_pos[..., -t:] >= 0  # [B, Hkv, T]
+    attention = block_attention(chunk, block, scale, kernel)
     leverage = own_key_leverage(chunk)
     own = (zscore(attention, valid) + blend * zscore(leverage, valid)).masked_fill(~valid, float("-inf"))
     return torch.cat([chunk.key_score[..., :-t], own], dim=-1)

@@ -72,9 +72,8 @@ import torch.nn.functional as F
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
 from kvzoo.cache.compactor import BLOCK, SINKS, dropped_fraction
-from kvzoo.cache.scoring import (accumulated_scores, attention_shares, compactor_scores, leverage_scores,
-                                 noncausal_block_scores, on_the_scale_of, own_key_leverage, pool_by_position,
-                                 window_scores)
+from kvzoo.cache.scoring import (accumulated_scores, attention_shares, block_attention, compactor_scores,
+                                 leverage_scores, on_the_scale_of, own_key_leverage, window_scores)
 from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, sink_mask, slot_candidates, top_mask,
                                    widest_shares)
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots, allocate_stores
@@ -364,11 +363,8 @@ class ZSMerge(CompressionMethod):
         share = attention_shares(standing, fresh, valid)
         if self.rank in ("shares", "block_shares"):
             share = torch.maximum(share, self._chunk_share(own_key_leverage(chunk), valid))
-        if self.rank == "block_shares":
-            block = noncausal_block_scores(chunk, BLOCK, scale=1.0) * chunk.v.float().norm(dim=-1)  # [B, Hkv, T]
-            block = pool_by_position(block, chunk.key_pos[..., -chunk.k.shape[2]:], valid[..., -chunk.k.shape[2]:],
-                                     3, "avg")
-            share = torch.maximum(share, self._chunk_share(block, valid))
+        if self.rank == "block_shares":  # Compactor's defaults: 256-position blocks, unscaled logits, pooled 3
+            share = torch.maximum(share, self._chunk_share(block_attention(chunk, BLOCK), valid))
         return share * mass, fresh, total
 
     @staticmethod
