@@ -263,3 +263,30 @@ def reference_min_budget_output(probs: torch.Tensor, values: torch.Tensor, order
         if ((out - full).norm(dim=-1) / full.norm(dim=-1)).mean() > eps:
             worst = k
     return min(worst + 1, probs.shape[1])
+
+
+def dense_block_attention(q: torch.Tensor, k: torch.Tensor, positions: list[int], block: int,
+                          scale: float) -> torch.Tensor:
+    """One sequence, float64: q [Hq, T, D], k [Hkv, T, D] -> [Hkv, T] column sums of the softmax of every valid
+    query over the valid keys of its own block (position // block), then the mean over a KV head's queries."""
+    hq, t, _ = q.shape
+    hkv = k.shape[0]
+    out = torch.zeros(hq, t, dtype=torch.float64)
+    for h in range(hq):
+        for i, pi in enumerate(positions):
+            if pi < 0:
+                continue
+            keys = [j for j, pj in enumerate(positions) if pj >= 0 and pj // block == pi // block]
+            logits = torch.stack([q[h, i].double() @ k[h * hkv // hq, j].double() * scale for j in keys])
+            out[h, keys] += torch.softmax(logits, 0)
+    return out.reshape(hkv, hq // hkv, t).mean(1)
+
+
+def reference_leverage(keys: torch.Tensor) -> torch.Tensor:
+    """Ridge leverage [n] of keys [n, D] (float64): h = diag(X (X^T X + r I)^-1 X^T), X the centred keys,
+    r = 1e-4 tr(X^T X) / D."""
+    x = keys.double()
+    x = x - x.mean(0)
+    gram = x.T @ x
+    ridge = 1e-4 * torch.trace(gram) / x.shape[1]
+    return torch.diagonal(x @ torch.linalg.inv(gram + ridge * torch.eye(x.shape[1], dtype=x.dtype)) @ x.T)

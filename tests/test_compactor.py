@@ -13,26 +13,9 @@ from kvzoo.cache.chunk import make_prefill_chunk
 from kvzoo.cache.scoring import noncausal_block_scores, pre_rope_keys
 from kvzoo.errors import KvzooError
 from kvzoo.layers import apply_rope, rotary_cos_sin
-from tests.method_helpers import drive_synthetic, pool_1d, random_qkv
+from tests.method_helpers import dense_block_attention, drive_synthetic, pool_1d, random_qkv, reference_leverage
 
 SLACK = 1e-5  # top-k comparisons of fp32 scores built from z-scores of sums of probabilities
-
-
-def dense_block_attention(q: torch.Tensor, k: torch.Tensor, positions: list[int], block: int,
-                          scale: float) -> torch.Tensor:
-    """One sequence, float64: q [Hq, T, D], k [Hkv, T, D] -> [Hkv, T] column sums of the softmax of every valid
-    query over the valid keys of its own block (position // block), then the mean over a KV head's queries."""
-    hq, t, _ = q.shape
-    hkv = k.shape[0]
-    out = torch.zeros(hq, t, dtype=torch.float64)
-    for h in range(hq):
-        for i, pi in enumerate(positions):
-            if pi < 0:
-                continue
-            keys = [j for j, pj in enumerate(positions) if pj >= 0 and pj // block == pi // block]
-            logits = torch.stack([q[h, i].double() @ k[h * hkv // hq, j].double() * scale for j in keys])
-            out[h, keys] += torch.softmax(logits, 0)
-    return out.reshape(hkv, hq // hkv, t).mean(1)
 
 
 @settings(max_examples=12, deadline=None)
@@ -76,11 +59,7 @@ def reference_scores(qkv, n: int, block: int, scale: float, kernel: int, blend: 
     q, k, v = (x[0][0, :, :n].double() for x in (qkv.q, qkv.k, qkv.v))
     attention = dense_block_attention(q, k, list(range(n)), block, scale) * v.norm(dim=-1)
     attention = pool_1d(attention, kernel, "avg")
-    centred = k - k.mean(1, keepdim=True)
-    gram = centred.transpose(-1, -2) @ centred
-    ridge = 1e-4 * gram.diagonal(dim1=-2, dim2=-1).sum(-1) / k.shape[-1]
-    inverse = torch.linalg.inv(gram + ridge[:, None, None] * torch.eye(k.shape[-1], dtype=torch.float64))
-    leverage = torch.einsum("hsd,hde,hse->hs", centred, inverse, centred)
+    leverage = torch.stack([reference_leverage(k[h]) for h in range(k.shape[0])])
     return torch.stack([zscore(attention[h]) + blend * zscore(leverage[h]) for h in range(k.shape[0])])
 
 

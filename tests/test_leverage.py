@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvzoo.cache.scoring import leverage_scores
+from tests.method_helpers import reference_leverage
 
 
 def candidates(keys: torch.Tensor, valid: torch.Tensor | None = None) -> SimpleNamespace:
@@ -33,11 +34,7 @@ def test_leverage_is_the_hat_matrix_diagonal_of_the_centred_keys(s, d, seed):
     valid[..., 0] = False  # an empty slot holding garbage
     keys[..., 0, :] = 1e3
     got = leverage_scores(candidates(keys, valid))[0, 0]
-    x = keys[0, 0, 1:].double()
-    x = x - x.mean(0)
-    gram = x.T @ x
-    ridge = 1e-4 * torch.trace(gram) / d
-    expected = torch.diagonal(x @ torch.linalg.inv(gram + ridge * torch.eye(d, dtype=x.dtype)) @ x.T)
+    expected = reference_leverage(keys[0, 0, 1:])
     assert got[0] == 0 and bool((got >= 0).all()) and bool((got < 1).all())
     torch.testing.assert_close(got[1:].double(), expected, atol=1e-4, rtol=1e-3)
     if s >= 4 * d:
@@ -182,16 +179,6 @@ def _top(score: torch.Tensor, own: torch.Tensor, n: int, context: int) -> set[in
     return set(sorted(range(n - 3), key=lambda j: (score[j].item(), own[j].item()), reverse=True)[:context])
 
 
-def _leverage(keys: torch.Tensor) -> torch.Tensor:
-    """Ridge leverage [n] of keys [n, D] (float64): h = diag(X (X^T X + r I)^-1 X^T), X the centred keys,
-    r = 1e-4 tr(X^T X) / D."""
-    x = keys.double()
-    x = x - x.mean(0)
-    gram = x.T @ x
-    ridge = 1e-4 * torch.trace(gram) / x.shape[1]
-    return torch.diagonal(x @ torch.linalg.inv(gram + ridge * torch.eye(x.shape[1], dtype=x.dtype)) @ x.T)
-
-
 def test_zsmerge_combine_max_keeps_the_largest_attention_shares():
     """rank="attention_shares": the context is the top of max(accumulated / its sum, pooled window / its sum), computed
     here from the attention probabilities' definition (float64), and differs from what either signal alone or
@@ -225,7 +212,7 @@ def test_zsmerge_leverage_share_keeps_a_key_nobody_reads():
     keys[0, 0, unique, 6] = 3.0
     qkv.q[0][..., 6] = 0.0  # no query reads the unique direction
     accumulated, window, own = _attention_shares(qkv, n, w, kernel)
-    leverage = _leverage(keys[0, 0])
+    leverage = reference_leverage(keys[0, 0])
     share = torch.maximum(torch.maximum(accumulated, window), leverage / leverage.sum())
     spec = dict(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0)
     kept = set(drive_synthetic(ZSMerge(**spec, rank="shares"), qkv, [n], 0).snapshots[0].layers[0]["pos"]
@@ -243,15 +230,15 @@ def test_zsmerge_block_shares_adds_what_the_text_around_a_token_reads():
     40-token prompt is one block) with the other three shares. The kept context is the top of max(the four
     shares), and on this input differs from rank="shares"'s."""
     from kvzoo.cache.zsmerge import ZSMerge
-    from tests.method_helpers import drive_synthetic, pool_1d, random_qkv
+    from tests.method_helpers import dense_block_attention, drive_synthetic, pool_1d, random_qkv
 
     n, w, kernel, context = 40, 8, 3, 4
     qkv = random_qkv(1, 1, 1, 1, n, seed=8, scale=1.5)
     accumulated, window, own = _attention_shares(qkv, n, w, kernel)
-    q, k, v = qkv.q[0][0, 0].double(), qkv.k[0][0, 0].double(), qkv.v[0][0, 0].double()
-    received = (q @ k.T).softmax(-1).sum(0) * v.norm(dim=-1)  # non-causal: every query reads every key
+    q, k, v = qkv.q[0][0], qkv.k[0][0], qkv.v[0][0, 0].double()  # [1, n, D]: one head
+    received = dense_block_attention(q, k, list(range(n)), 256, 1.0)[0] * v.norm(dim=-1)  # one block: n < 256
     block = pool_1d(received, 3, "avg")
-    leverage = _leverage(qkv.k[0][0, 0])
+    leverage = reference_leverage(qkv.k[0][0, 0])
     three = torch.maximum(torch.maximum(accumulated, window), leverage / leverage.sum())
     four = torch.maximum(three, block / block.sum())
     spec = dict(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0)

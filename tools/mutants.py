@@ -315,7 +315,7 @@ MUTANTS: list[Mutant] = [
            "share = share",
            ("tests/test_leverage.py",), "rank='shares' adds the keys' leverage as a third share"),
     Mutant("zsmerge-block-share-ignored", "kvzoo/cache/zsmerge.py",
-           "share = torch.maximum(share, self._chunk_share(block_attention(chunk, BLOCK), valid))", "share = share",
+           "share = torch.maximum(share, self._chunk_share(block_attention(chunk), valid))", "share = share",
            ("tests/test_leverage.py",), "rank='block_shares' adds the block attention as a fourth share"),
     Mutant("kvmerger-window-pooling-ignored", "kvzoo/cache/kvmerger.py",
            "kernel=self.kernel_size, pooling=self.pooling)", "kernel=self.kernel_size, pooling=\"max\")",

@@ -22,6 +22,13 @@ def check_counts(config: object, method: str, names: Sequence[str]) -> None:
             raise KvzooError(f"{method}: {name} must be an integer >= 1, got {value!r}")
 
 
+def check_pooling(config: object, method: str) -> None:
+    """`config.pooling` is one of the window scores' poolings over positions (`scoring.pool_by_position`)."""
+    pooling = getattr(config, "pooling")
+    if pooling not in ("max", "avg"):
+        raise KvzooError(f"{method}: pooling must be 'max' or 'avg', got {pooling!r}")
+
+
 def check_budget(budget: Budget, method: str, name: str = "budget") -> None:
     """A float in (0, 1) is a ratio of the prompt length; an int >= 1 is a number of tokens per KV head."""
     if isinstance(budget, bool):

@@ -10,7 +10,7 @@ import torch
 
 from kvzoo.cache.base import PrefillOnlyMethod, ScoredSelection
 from kvzoo.cache.budgets import Budget, check_budget, resolve_budget
-from kvzoo.cache.scoring import compactor_scores
+from kvzoo.cache.scoring import COMPACTOR_BLOCK, compactor_scores
 from kvzoo.cache.selection import recent_mask, sink_mask
 from kvzoo.cache.slots import LayerSlots
 from kvzoo.errors import KvzooError
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 
 SINKS = 8  # the first tokens always kept (attention sinks), as the official code
-BLOCK = 256  # positions whose queries score each other's keys (non-causal), as the official code
 
 
 def dropped_fraction(kept: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
@@ -50,7 +49,7 @@ class Compactor(ScoredSelection, PrefillOnlyMethod):
     budget: Budget = 0.2
     sinks: int = SINKS
     recent: int = 4
-    block: int = BLOCK
+    block: int = COMPACTOR_BLOCK
     scale: float = 1.0
     blend: float | None = None
     kernel_size: int = 3

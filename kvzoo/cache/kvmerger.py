@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 
 from kvzoo.cache.base import PrefillOnlyMethod
-from kvzoo.cache.budgets import Budget, check_budget, check_counts, resolve_budget
+from kvzoo.cache.budgets import Budget, check_budget, check_counts, check_pooling, resolve_budget
 from kvzoo.cache.scoring import accumulated_scores, attention_shares, window_scores
 from kvzoo.cache.selection import keep_top, recent_mask, shrink_slots
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
@@ -290,8 +290,7 @@ class KVMerger(PrefillOnlyMethod):
         if self.rank not in RANKS:
             raise KvzooError(f"KVMerger: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
         check_counts(self, "KVMerger", ("window_size", "kernel_size"))
-        if self.pooling not in ("max", "avg"):
-            raise KvzooError(f"KVMerger: pooling must be 'max' or 'avg', got {self.pooling!r}")
+        check_pooling(self, "KVMerger")
         self.check_decode_cap()
 
     @classmethod

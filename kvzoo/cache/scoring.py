@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from kvzoo.cache.chunk import PrefillChunk
 
 
+
+COMPACTOR_BLOCK = 256  # positions whose queries score each other's keys, non-causally (Compactor's official code)
+
 def group_mean(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """[B, Hq, ...] -> [B, Hkv, ...]: mean over the G query heads that share a KV head."""
     b, hq = x.shape[:2]
@@ -201,7 +204,8 @@ def noncausal_block_scores(chunk: "PrefillChunk", block: int, scale: float) -> t
     return group_mean(sums, hkv)
 
 
-def block_attention(chunk: "PrefillChunk", block: int = 256, scale: float = 1.0, kernel: int = 3) -> torch.Tensor:
+def block_attention(chunk: "PrefillChunk", block: int = COMPACTOR_BLOCK, scale: float = 1.0, kernel: int = 3,
+                    ) -> torch.Tensor:
     """[B, Hkv, T] fp32: Compactor's query-agnostic attention of the chunk's own tokens, what the text around a
     token reads from it: the attention it receives from every query of its `block`-position block, earlier
     and later ones (`noncausal_block_scores`, logits q.k * `scale`), times its value norm, average-pooled over
@@ -211,8 +215,8 @@ def block_attention(chunk: "PrefillChunk", block: int = 256, scale: float = 1.0,
     return pool_by_position(attention, own_pos, own_pos >= 0, kernel, "avg")
 
 
-def compactor_scores(chunk: "PrefillChunk", blend: torch.Tensor | float, block: int = 256, scale: float = 1.0,
-                     kernel: int = 3) -> torch.Tensor:
+def compactor_scores(chunk: "PrefillChunk", blend: torch.Tensor | float, block: int = COMPACTOR_BLOCK,
+                     scale: float = 1.0, kernel: int = 3) -> torch.Tensor:
     """Compactor's query-agnostic importance (Chari & Van Durme, arXiv 2507.08143) of the chunk's tokens:
     zscore(non-causal block attention * |v|, average-pooled over `kernel` positions) + blend *
     zscore(leverage of the pre-RoPE keys), standardised per (sequence, KV head); blend [B, 1, 1] or a float.

@@ -9,11 +9,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.base import PrefillOnlyMethod, ScoredSelection
-from kvzoo.cache.budgets import Budget, check_budget, check_counts, resolve_budget
+from kvzoo.cache.budgets import Budget, check_budget, check_counts, check_pooling, resolve_budget
 from kvzoo.cache.scoring import window_scores
 from kvzoo.cache.selection import recent_mask
 from kvzoo.cache.slots import LayerSlots
-from kvzoo.errors import KvzooError
 
 if TYPE_CHECKING:
     from kvzoo.cache.chunk import PrefillChunk
@@ -38,8 +37,7 @@ class WindowSelection(ScoredSelection, PrefillOnlyMethod):
         name = type(self).__name__
         check_budget(self.budget, name)
         check_counts(self, name, ("window_size", "kernel_size"))
-        if self.pooling not in ("avg", "max"):
-            raise KvzooError(f"{name}: pooling must be 'avg' or 'max', got {self.pooling!r}")
+        check_pooling(self, name)
         self.check_decode_cap()
 
     def sequence_budget(self, prompt_len: int) -> int:

@@ -70,8 +70,8 @@ import torch
 import torch.nn.functional as F
 
 from kvzoo.cache.base import CompressionMethod
-from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, part_tokens
-from kvzoo.cache.compactor import BLOCK, SINKS, dropped_fraction
+from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, check_pooling, part_tokens
+from kvzoo.cache.compactor import SINKS, dropped_fraction
 from kvzoo.cache.scoring import (accumulated_scores, attention_shares, block_attention, compactor_scores,
                                  leverage_scores, on_the_scale_of, own_key_leverage, window_scores)
 from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, sink_mask, slot_candidates, top_mask,
@@ -179,7 +179,7 @@ class ZSMerge(CompressionMethod):
     #   12 / 33 / 46% on a second set.
     # - "block_shares": "shares" with a fourth share, the attention each token receives from every query of its
     #   256-position block, before and after it, times its value norm (Compactor's query-agnostic attention,
-    #   scoring.noncausal_block_scores, average-pooled over 3 positions), over the chunk's sum: what the text
+    #   scoring.block_attention, average-pooled over 3 positions), over the chunk's sum: what the text
     #   around a token reads from it. Not the default: on two held-out sets it lowers the continuation NLL
     #   (-0.007 +- 0.005 / -0.009 +- 0.003 / -0.006 +- 0.002 and -0.007 +- 0.006 / -0.012 +- 0.004 / -0.004 +-
     #   0.004 at 5 / 10 / 20% kept) but retrieves fewer query-aware needles (5 / 6 / 12 of 24 against
@@ -239,8 +239,7 @@ class ZSMerge(CompressionMethod):
         if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 1:
             raise KvzooError(f"ZSMerge: window_size must be an integer >= 1, got {self.window_size!r} (the score "
                              "over every prompt query, no window, is rank='accumulated')")
-        if self.pooling not in ("max", "avg"):
-            raise KvzooError(f"ZSMerge: pooling must be 'max' or 'avg', got {self.pooling!r}")
+        check_pooling(self, "ZSMerge")
         if self.metric not in ("dot", "l2"):
             raise KvzooError(f"ZSMerge: metric must be 'dot' or 'l2', got {self.metric!r}")
         if self.score_update not in ("max", "sum"):
@@ -364,7 +363,7 @@ class ZSMerge(CompressionMethod):
         if self.rank in ("shares", "block_shares"):
             share = torch.maximum(share, self._chunk_share(own_key_leverage(chunk), valid))
         if self.rank == "block_shares":  # Compactor's defaults: 256-position blocks, unscaled logits, pooled 3
-            share = torch.maximum(share, self._chunk_share(block_attention(chunk, BLOCK), valid))
+            share = torch.maximum(share, self._chunk_share(block_attention(chunk), valid))
         return share * mass, fresh, total
 
     @staticmethod
