@@ -112,7 +112,7 @@ def min_budget_attention(attn: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def min_budget_output(probs: torch.Tensor, values: torch.Tensor, order: torch.Tensor, eps: float,
-                      query_valid: torch.Tensor | None = None, block: int | None = None) -> torch.Tensor:
+                      query_valid: torch.Tensor | None = None, block: int = 128) -> torch.Tensor:
     """The fewest keys, taken in `order`, whose attention output stays within relative error `eps` of the
     full one (ZigZagKV's LMBO, METHODS.md 3.1, as a budget rule), per row.
 
@@ -121,9 +121,14 @@ def min_budget_output(probs: torch.Tensor, values: torch.Tensor, order: torch.Te
     keys kept, a query's output is its attention renormalised over them times their values, and
     e_k = mean over the W queries (those `query_valid` [B, W] marks, default all) of ||o_k - o|| / ||o||.
     Returns [B, H] int64: 1 + the largest k with e_k > eps (so every larger budget keeps the error within
-    eps, e_S = 0), at least 1. A query with no attention on the k keys outputs 0 there. Sums in float64,
-    over blocks of `block` keys (default: about 16 MB of float64 each) with the running sums carried between
-    them, so memory stays bounded for any S.
+    eps, e_S = 0), at least 1. A query with no attention on the k keys outputs 0 there.
+
+    How, without materialising the W x S x D prefix outputs: with s_k = sum_{j<=k} p_j v_j and m_k its mass,
+    ||s_k / m_k - o||^2 = ||s_k||^2 / m_k^2 - 2 <s_k, o> / m_k + ||o||^2, where <s_k, o> is a cumulative
+    sum of scalars and ||s_k||^2 = ||s_{k-1}||^2 + p_k (2 <s_{k-1}, v_k> + p_k ||v_k||^2); over a block of
+    `block` keys, <s_{k-1}, v_k> is the carried sum's dot product plus the block's strictly-upper Gram
+    matrix weighted by p (matrix products). Float64 throughout, so the expansion's cancellation (e ~ eps
+    against terms ~ 1) stays ~1e-14; memory is O(W * (D + block)) per row for any S.
     """
     if not 0 <= eps < 1:
         raise ValueError(f"eps must be in [0, 1), got {eps!r}")
@@ -135,23 +140,27 @@ def min_budget_output(probs: torch.Tensor, values: torch.Tensor, order: torch.Te
     p = probs.double().nan_to_num(0.0).gather(-1, order[:, :, None, :].expand(b, h, w, s))  # [B, H, W, S]
     v = values.double().gather(2, order[..., None].expand(b, h, s, d))  # [B, H, S, D]
     full = p @ v  # [B, H, W, D]
-    full_norm = full.norm(dim=-1, keepdim=True).clamp(min=1e-300)  # [B, H, W, 1]
-    numerator = torch.zeros_like(full)  # [B, H, W, D]: sum of p_j v_j over the keys before the block
-    mass = torch.zeros(b, h, w, 1, dtype=torch.float64, device=probs.device)
+    full_sq = (full * full).sum(-1, keepdim=True).clamp(min=1e-300)  # [B, H, W, 1]
+    carried = torch.zeros_like(full)  # [B, H, W, D]: s_k at the end of the blocks so far
+    # [B, H, W, 1] each: m_k, ||s_k||^2 and <s_k, o> at the end of the blocks so far
+    mass, sq, cross = (torch.zeros(b, h, w, 1, dtype=torch.float64, device=probs.device) for _ in range(3))
     last_over = torch.zeros(b, h, dtype=torch.int64, device=probs.device)
-    if block is None:
-        block = max(1, min(s, (1 << 21) // max(1, b * h * w * d)))
     for start in range(0, s, block):
         stop = min(start + block, s)
         pb = p[..., start:stop]  # [B, H, W, n]
-        # [B, H, W, n, D]: each query's output over the first k keys, for the block's k
-        sums = numerator[..., None, :] + (pb[..., None] * v[:, :, None, start:stop]).cumsum(dim=3)
+        vb_t = v[:, :, start:stop].transpose(-1, -2)  # [B, H, D, n]
+        gram = vb_t.transpose(-1, -2) @ vb_t  # [B, H, n, n]
+        before = carried @ vb_t + pb @ gram.triu(1)  # [B, H, W, n]: <s_{k-1}, v_k>
+        sqs = sq + (pb * (2 * before + pb * gram.diagonal(dim1=-2, dim2=-1)[:, :, None])).cumsum(dim=-1)
+        crosses = cross + (pb * (full @ vb_t)).cumsum(dim=-1)  # [B, H, W, n]: <s_k, o>
         masses = mass + pb.cumsum(dim=-1)  # [B, H, W, n]
-        err = (sums / masses[..., None].clamp(min=1e-300) - full[..., None, :]).norm(dim=-1) / full_norm
+        inverse = torch.where(masses > 0, 1 / masses, 0.0)  # no mass: the output is 0, e = 1
+        err = ((sqs * inverse - 2 * crosses) * inverse / full_sq + 1).clamp(min=0).sqrt()
         over = (err * weight).sum(dim=2) > eps  # [B, H, n]: e_k > eps
         k = torch.arange(start + 1, stop + 1, device=probs.device)
         last_over = torch.maximum(last_over, torch.where(over, k, 0).max(dim=-1).values)
-        numerator, mass = sums[..., -1, :], masses[..., -1:]
+        carried = carried + pb @ vb_t.transpose(-1, -2)
+        mass, sq, cross = masses[..., -1:], sqs[..., -1:], crosses[..., -1:]
     return (last_over + 1).clamp(max=s)
 
 
