@@ -112,7 +112,7 @@ def min_budget_attention(attn: torch.Tensor, tau: float) -> torch.Tensor:
 
 
 def min_budget_output(probs: torch.Tensor, values: torch.Tensor, order: torch.Tensor, eps: float,
-                      query_valid: torch.Tensor | None = None, block: int = 128) -> torch.Tensor:
+                      query_valid: torch.Tensor | None = None, block: int = 64) -> torch.Tensor:
     """The fewest keys, taken in `order`, whose attention output stays within relative error `eps` of the
     full one (ZigZagKV's LMBO, METHODS.md 3.1, as a budget rule), per row.
 

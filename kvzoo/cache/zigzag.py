@@ -122,10 +122,10 @@ class ZigZagKV(WindowSelection):
     # allocates flatter. Measured (tools/RESULTS.md, "Session 14"; SmolLM2-135M): continuation NLL -0.021 +-
     # 0.005 / -0.025 +- 0.013 at 5 / 20% kept against "attention" (16 development contexts), -0.033 / -0.040 /
     # -0.015 at 5 / 10 / 20% (8 held-out ones); query-aware needles 3 / 8 / 10 against 0 / 6 / 9 of the first
-    # 12 held-out ones at 5 / 10 / 20%. It costs prefill time (the cumulated outputs of the window's queries
-    # over every budget, float64): with the 32-query window, prefill of 4 x 2048 tokens took 40.2 / 39.2 s
-    # against 12.4 s for `ZigZagKV.paper()` and 14.9 s for SnapKV (`kvzoo bench --batch 4 --contexts 2048`,
-    # one process, nothing else running; tools/RESULTS.md, "Session 15").
+    # 12 held-out ones at 5 / 10 / 20%. It costs prefill time, with the accumulated attention the share rank
+    # reads: prefill of 4 x 2048 tokens took 34.5 / 32.8 s against 21.1 s for `ZigZagKV.paper()` and 21.7 s
+    # for SnapKV (`kvzoo bench --batch 4 --contexts 2048`, one process, nothing else running; the output
+    # rule's part ~5.6 s, the accumulated attention's ~7.3 s; tools/RESULTS.md, "Session 16").
     uncertainty: str = "output"
 
     supports_chunked_prefill = False  # allocation needs every layer's uncertainty over the whole prompt
