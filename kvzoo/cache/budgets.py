@@ -127,8 +127,9 @@ def min_budget_output(probs: torch.Tensor, values: torch.Tensor, order: torch.Te
     ||s_k / m_k - o||^2 = ||s_k||^2 / m_k^2 - 2 <s_k, o> / m_k + ||o||^2, where <s_k, o> is a cumulative
     sum of scalars and ||s_k||^2 = ||s_{k-1}||^2 + p_k (2 <s_{k-1}, v_k> + p_k ||v_k||^2); over a block of
     `block` keys, <s_{k-1}, v_k> is the carried sum's dot product plus the block's strictly-upper Gram
-    matrix weighted by p (matrix products). Float64 throughout, so the expansion's cancellation (e ~ eps
-    against terms ~ 1) stays ~1e-14; memory is O(W * (D + block)) per row for any S.
+    matrix weighted by p (matrix products). Float64 throughout, so the expansion's cancellation (e^2 ~ eps^2
+    from terms ~ ||s_k / m_k||^2 / ||o||^2, about 1 unless the output is orders of magnitude shorter than the
+    values) stays near 1e-14; memory is O(W * (D + block)) per row for any S.
     """
     if not 0 <= eps < 1:
         raise ValueError(f"eps must be in [0, 1), got {eps!r}")
