@@ -325,6 +325,12 @@ def test_min_budget_output_against_its_definition(s, w, seed, eps):
         for h in range(3):
             expected = reference_min_budget_output(probs[b, h], values[b, h], order[b, h].tolist(), eps)
             assert int(got[b, h]) == expected, f"sequence {b} head {h}"
+    # One KV head shared by the three query heads (GQA): each query head against that head's values and order.
+    grouped = min_budget_output(probs, values[:, :1], order[:, :1], eps, block=3)
+    for b in range(2):
+        for h in range(3):
+            expected = reference_min_budget_output(probs[b, h], values[b, 0], order[b, 0].tolist(), eps)
+            assert int(grouped[b, h]) == expected, f"grouped: sequence {b} query head {h}"
 
 
 def test_min_budget_output_ignores_padded_queries_and_needs_one_key_for_equal_values():

@@ -116,12 +116,13 @@ def min_budget_output(probs: torch.Tensor, values: torch.Tensor, order: torch.Te
     """The fewest keys, taken in `order`, whose attention output stays within relative error `eps` of the
     full one (ZigZagKV's LMBO, METHODS.md 3.1, as a budget rule), per row.
 
-    probs: [B, H, W, S] attention of W queries (each row sums to 1 over its valid keys); values: [B, H, S, D];
-    order: [B, H, S] the keys in the order a selection keeps them (first: kept first). With the k first
-    keys kept, a query's output is its attention renormalised over them times their values, and
-    e_k = mean over the W queries (those `query_valid` [B, W] marks, default all) of ||o_k - o|| / ||o||.
-    Returns [B, H] int64: 1 + the largest k with e_k > eps (so every larger budget keeps the error within
-    eps, e_S = 0), at least 1. A query with no attention on the k keys outputs 0 there.
+    probs: [B, Hq, W, S] attention of W queries of each query head (each row sums to 1 over its valid keys);
+    values: [B, Hkv, S, D] and order: [B, Hkv, S] per KV head (Hq a multiple of Hkv: the query heads of a
+    group share their KV head's values and order), order listing the keys as a selection keeps them (first:
+    kept first). With the k first keys kept, a query's output is its attention renormalised over them times
+    their values, and e_k = mean over the W queries (those `query_valid` [B, W] marks, default all) of
+    ||o_k - o|| / ||o||. Returns [B, Hq] int64: 1 + the largest k with e_k > eps (so every larger budget keeps
+    the error within eps, e_S = 0), at least 1. A query with no attention on the k keys outputs 0 there.
 
     How, without materialising the W x S x D prefix outputs: with s_k = sum_{j<=k} p_j v_j and m_k its mass,
     ||s_k / m_k - o||^2 = ||s_k||^2 / m_k^2 - 2 <s_k, o> / m_k + ||o||^2, where <s_k, o> is a cumulative
@@ -129,37 +130,39 @@ def min_budget_output(probs: torch.Tensor, values: torch.Tensor, order: torch.Te
     `block` keys, <s_{k-1}, v_k> is the carried sum's dot product plus the block's strictly-upper Gram
     matrix weighted by p (matrix products). Float64 throughout, so the expansion's cancellation (e^2 ~ eps^2
     from terms ~ ||s_k / m_k||^2 / ||o||^2, about 1 unless the output is orders of magnitude shorter than the
-    values) stays near 1e-14; memory is O(W * (D + block)) per row for any S.
+    values) stays near 1e-14; memory is O(W * (D + block)) per query head for any S.
     """
     if not 0 <= eps < 1:
         raise ValueError(f"eps must be in [0, 1), got {eps!r}")
-    b, h, w, s = probs.shape
-    d = values.shape[-1]
+    b, hq, w, s = probs.shape
+    hkv, d = values.shape[1], values.shape[-1]
+    rows = hq // hkv * w  # a KV head's query rows: its group's W queries each; gathers and Gram matrices once
     if query_valid is None:
         query_valid = torch.ones(b, w, dtype=torch.bool, device=probs.device)
-    weight = (query_valid.double() / query_valid.sum(-1, keepdim=True).clamp(min=1))[:, None, :, None]  # [B, 1, W, 1]
-    p = probs.double().nan_to_num(0.0).gather(-1, order[:, :, None, :].expand(b, h, w, s))  # [B, H, W, S]
-    v = values.double().gather(2, order[..., None].expand(b, h, s, d))  # [B, H, S, D]
-    full = p @ v  # [B, H, W, D]
-    full_sq = (full * full).sum(-1, keepdim=True).clamp(min=1e-300)  # [B, H, W, 1]
-    carried = torch.zeros_like(full)  # [B, H, W, D]: s_k at the end of the blocks so far
-    # [B, H, W, 1] each: m_k, ||s_k||^2 and <s_k, o> at the end of the blocks so far
-    mass, sq, cross = (torch.zeros(b, h, w, 1, dtype=torch.float64, device=probs.device) for _ in range(3))
-    last_over = torch.zeros(b, h, dtype=torch.int64, device=probs.device)
+    weight = (query_valid.double() / query_valid.sum(-1, keepdim=True).clamp(min=1))[:, None, None, :, None]
+    p = probs.double().nan_to_num(0.0).reshape(b, hkv, rows, s)  # [B, Hkv, R, S]
+    p = p.gather(-1, order[:, :, None, :].expand(b, hkv, rows, s))
+    v = values.double().gather(2, order[..., None].expand(b, hkv, s, d))  # [B, Hkv, S, D]
+    full = p @ v  # [B, Hkv, R, D]
+    full_sq = (full * full).sum(-1, keepdim=True).clamp(min=1e-300)  # [B, Hkv, R, 1]
+    carried = torch.zeros_like(full)  # [B, Hkv, R, D]: s_k at the end of the blocks so far
+    # [B, Hkv, R, 1] each: m_k, ||s_k||^2 and <s_k, o> at the end of the blocks so far
+    mass, sq, cross = (torch.zeros(b, hkv, rows, 1, dtype=torch.float64, device=probs.device) for _ in range(3))
+    last_over = torch.zeros(b, hq, dtype=torch.int64, device=probs.device)
     for start in range(0, s, block):
         stop = min(start + block, s)
-        pb = p[..., start:stop]  # [B, H, W, n]
-        vb_t = v[:, :, start:stop].transpose(-1, -2)  # [B, H, D, n]
-        gram = vb_t.transpose(-1, -2) @ vb_t  # [B, H, n, n]
-        before = carried @ vb_t + pb @ gram.triu(1)  # [B, H, W, n]: <s_{k-1}, v_k>
+        pb = p[..., start:stop]  # [B, Hkv, R, n]
+        vb_t = v[:, :, start:stop].transpose(-1, -2)  # [B, Hkv, D, n]
+        gram = vb_t.transpose(-1, -2) @ vb_t  # [B, Hkv, n, n]
+        before = carried @ vb_t + pb @ gram.triu(1)  # [B, Hkv, R, n]: <s_{k-1}, v_k>
         sqs = sq + (pb * (2 * before + pb * gram.diagonal(dim1=-2, dim2=-1)[:, :, None])).cumsum(dim=-1)
-        crosses = cross + (pb * (full @ vb_t)).cumsum(dim=-1)  # [B, H, W, n]: <s_k, o>
-        masses = mass + pb.cumsum(dim=-1)  # [B, H, W, n]
+        crosses = cross + (pb * (full @ vb_t)).cumsum(dim=-1)  # [B, Hkv, R, n]: <s_k, o>
+        masses = mass + pb.cumsum(dim=-1)  # [B, Hkv, R, n]
         inverse = torch.where(masses > 0, 1 / masses, 0.0)  # no mass: the output is 0, e = 1
         err = ((sqs * inverse - 2 * crosses) * inverse / full_sq + 1).clamp(min=0).sqrt()
-        over = (err * weight).sum(dim=2) > eps  # [B, H, n]: e_k > eps
+        mean_err = (err.view(b, hkv, hq // hkv, w, -1) * weight).sum(dim=3).view(b, hq, -1)  # [B, Hq, n]: e_k
         k = torch.arange(start + 1, stop + 1, device=probs.device)
-        last_over = torch.maximum(last_over, torch.where(over, k, 0).max(dim=-1).values)
+        last_over = torch.maximum(last_over, torch.where(mean_err > eps, k, 0).max(dim=-1).values)
         carried = carried + pb @ vb_t.transpose(-1, -2)
         mass, sq, cross = masses[..., -1:], sqs[..., -1:], crosses[..., -1:]
     return (last_over + 1).clamp(max=s)

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from kvzoo.cache.chunk import PrefillChunk
 
 
-
 COMPACTOR_BLOCK = 256  # positions whose queries score each other's keys, non-causally (Compactor's official code)
+
 
 def group_mean(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """[B, Hq, ...] -> [B, Hkv, ...]: mean over the G query heads that share a KV head."""

@@ -108,9 +108,9 @@ class ZigZagKV(WindowSelection):
     # +- 0.012 (held out, seed 5), -0.014 +- 0.012 / -0.012 +- 0.020 / -0.012 +- 0.029 (held out, seed 6,
     # "Session 16"); query-aware needles 3 / 3 / 4 against 3 / 3 / 4 (seed 3), 4 / 3 / 6 against 3 / 3 / 3
     # (seed 5) and 3 / 3 / 5 against 3 / 4 / 9 (seed 6), asked after compression 4 / 4 / 4 against 4 / 4 / 3,
-    # 4 / 3 / 3 against 4 / 3 / 3 and 4 / 4 / 4 against 4 / 4 / 4. The paper's rank and window (`ZigZagKV.paper()` scoring, 8 queries, max-pool 7) retrieve more
-    # query-aware needles (3 / 8 / 10 on seed 5: the 8 queries are the question's) at +0.08 / +0.06 / +0.03 NLL
-    # against SnapKV; the window's length, not the pooling, is what costs it (32 queries with max-pool 7:
+    # 4 / 3 / 3 against 4 / 3 / 3 and 4 / 4 / 4 against 4 / 4 / 4. The paper's rank and window
+    # (`ZigZagKV.paper()` scoring, 8 queries, max-pool 7) retrieve more query-aware needles (3 / 8 / 10 on
+    # seed 5: the 8 queries are the question's) at +0.08 / +0.06 / +0.03 NLL against SnapKV; the window's length, not the pooling, is what costs it (32 queries with max-pool 7:
     # +0.007 / +0.002 / +0.009 NLL against SnapKV on seed 5).
     rank: str = "attention_shares"  # paper: "window"
     # What a layer's uncertainty counts: "output" (the default, not the paper's allocation rule: the paper's
@@ -124,9 +124,9 @@ class ZigZagKV(WindowSelection):
     # 0.005 / -0.025 +- 0.013 at 5 / 20% kept against "attention" (16 development contexts), -0.033 / -0.040 /
     # -0.015 at 5 / 10 / 20% (8 held-out ones); query-aware needles 3 / 8 / 10 against 0 / 6 / 9 of the first
     # 12 held-out ones at 5 / 10 / 20%. It costs prefill time, with the accumulated attention the share rank
-    # reads: prefill of 4 x 2048 tokens took 34.5 / 32.8 s against 21.1 s for `ZigZagKV.paper()` and 21.7 s
-    # for SnapKV (`kvzoo bench --batch 4 --contexts 2048`, one process, nothing else running; the output
-    # rule's part ~5.6 s, the accumulated attention's ~7.3 s; tools/RESULTS.md, "Session 16").
+    # reads: prefill of 4 x 2048 tokens took 31.3 / 31.9 s against 20.8 s for `ZigZagKV.paper()` and 20.5 s
+    # for SnapKV (`kvzoo bench --batch 4 --contexts 2048`, one process, nothing else running;
+    # tools/RESULTS.md, "Session 16").
     uncertainty: str = "output"
 
     supports_chunked_prefill = False  # allocation needs every layer's uncertainty over the whole prompt
@@ -193,11 +193,9 @@ class ZigZagKV(WindowSelection):
         if self.uncertainty == "attention":
             per_head = torch.einsum("bhts,bt->bhs", probs, (q_pos >= 0).float())  # [B, Hq, S]
             return min_budget_attention(per_head, self.tau).float().mean(dim=1)
-        group = chunk.q.shape[1] // chunk.k.shape[1]
         first = rank.masked_fill(recent_mask(chunk, self.window_size), float("inf"))  # end_prefill keeps the window
-        order = first.argsort(dim=-1, descending=True, stable=True).repeat_interleave(group, dim=1)  # [B, Hq, S]
-        values = chunk.values.repeat_interleave(group, dim=1)
-        return min_budget_output(probs, values, order, 1.0 - self.tau, q_pos >= 0).float().mean(dim=1)
+        order = first.argsort(dim=-1, descending=True, stable=True)  # [B, Hkv, S]
+        return min_budget_output(probs, chunk.values, order, 1.0 - self.tau, q_pos >= 0).float().mean(dim=1)
 
     def layer_budgets(self, lmba: list[float], prompt_len: int) -> list[int]:
         """Per-layer budgets of one sequence from its layers' uncertainty (LMBO or LMBA)."""
