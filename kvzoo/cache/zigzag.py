@@ -110,8 +110,9 @@ class ZigZagKV(WindowSelection):
     # (seed 5) and 3 / 3 / 5 against 3 / 4 / 9 (seed 6), asked after compression 4 / 4 / 4 against 4 / 4 / 3,
     # 4 / 3 / 3 against 4 / 3 / 3 and 4 / 4 / 4 against 4 / 4 / 4. The paper's rank and window
     # (`ZigZagKV.paper()` scoring, 8 queries, max-pool 7) retrieve more query-aware needles (3 / 8 / 10 on
-    # seed 5: the 8 queries are the question's) at +0.08 / +0.06 / +0.03 NLL against SnapKV; the window's length, not the pooling, is what costs it (32 queries with max-pool 7:
-    # +0.007 / +0.002 / +0.009 NLL against SnapKV on seed 5).
+    # seed 5: the 8 queries are the question's) at +0.08 / +0.06 / +0.03 NLL against SnapKV; the window's
+    # length, not the pooling, is what costs it (32 queries with max-pool 7: +0.007 / +0.002 / +0.009 NLL
+    # against SnapKV on seed 5).
     rank: str = "attention_shares"  # paper: "window"
     # What a layer's uncertainty counts: "output" (the default, not the paper's allocation rule: the paper's
     # LMBO, which it only analyses, as a budget rule: the fewest keys, taken in the layer's own selection
