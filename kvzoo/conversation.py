@@ -52,7 +52,10 @@ class Conversation:
         self.sampling = gen.Sampling(**{k: sampling.pop(k) for k in ("temperature", "top_k", "top_p", "seed")
                                         if k in sampling})
         self.eos_token_ids = sampling.pop("eos_token_ids", None)
-        self.compile = bool(sampling.pop("compile", False))
+        compile_ = sampling.pop("compile", None)  # None: compiled only for long replies, as generate
+        if compile_ is not None and not isinstance(compile_, bool):
+            raise KvzooError(f"Conversation: compile must be True, False or None, got {compile_!r}")
+        self.compile: bool | None = compile_
         if sampling:
             raise KvzooError(f"Conversation: unknown options {sorted(sampling)}")
         self.messages: list[dict[str, str]] = []

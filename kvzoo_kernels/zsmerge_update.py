@@ -1,4 +1,4 @@
-"""The fused ZSMerge decode update (METHODS.md 1.2 decode, paper semantics A3/A4), per (sequence, KV head):
+"""The fused ZSMerge decode update (kvzoo/cache/METHODS.md 1.2 decode, paper semantics A3/A4), per (sequence, KV head):
 
 1. decay the scores of filled slots and add this step's attention (group mean over the query heads);
 2. the new token takes the proximity-ring slot of the oldest proximity token, which leaves the ring;

@@ -74,7 +74,7 @@ def test_convert_refuses_a_non_gguf_file(tmp_path, capsys):
     assert "model.gguf" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["generate", "chat", "compress", "ask", "info", "convert", "demo"])
+@pytest.mark.parametrize("command", ["generate", "chat", "compress", "ask", "info", "convert", "demo", "eval", "bench"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, "--help"])
@@ -331,7 +331,9 @@ def test_every_option_has_help_and_shows_its_default():
             if action.option_strings and not isinstance(action, argparse._StoreTrueAction):
                 shown = sub._get_formatter()._get_help_string(action)
                 assert "default" in shown, (name, action.dest, shown)
+                assert shown.count("(default:") <= 1 and "(default: None)" not in shown, (name, action.dest, shown)
         assert "usage: kvzoo " + name in text
+        assert sub.description, name  # `kvzoo <command> --help` says what the command does
 
 
 def test_version(capsys):

@@ -92,6 +92,25 @@ def test_full_cache_conversation_grows(smol):
     assert sizes == sorted(set(sizes))
 
 
+@pytest.mark.parametrize("given", [{}, {"compile": False}, {"compile": True}])
+def test_compile_option_reaches_the_decode_loop_unchanged(smol, monkeypatch, given):
+    """compile=None (the default) must reach `gen.run` as None, where long replies get compiled (as generate
+    and the CLI's help say), not be turned into False; explicit choices pass through."""
+    import kvzoo.generate as gen
+
+    seen = []
+    real_run = gen.run
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real_run(*args[:-1], False)  # never actually compile in this test
+
+    monkeypatch.setattr(gen, "run", spy)
+    conv = smol.conversation(max_new_tokens=1, **given)
+    conv.say("Hi.")
+    assert seen == [given.get("compile")]
+
+
 def test_bad_turns(smol):
     conv = smol.conversation()
     with pytest.raises(KvzooError, match="say\\(\\) needs some text"):
@@ -100,3 +119,5 @@ def test_bad_turns(smol):
         conv.say("hi", max_new_tokens=0)
     with pytest.raises(KvzooError, match="unknown options \\['temprature'\\]"):
         smol.conversation(temprature=0.5)
+    with pytest.raises(KvzooError, match="compile must be True, False or None, got 'yes'"):
+        smol.conversation(compile="yes")

@@ -192,6 +192,10 @@ def test_bad_sources_are_named(tmp_path):
         read_source(_empty_dir(tmp_path))
     with pytest.raises(KvzooError, match="unknown compression method 'nosuch'"):
         method_cases(["nosuch"], [0.1])
+    with pytest.raises(KvzooError, match=r"'zsmerge:budget=0.1,alpha=1' sets budget, but eval runs every method "
+                                         r"at each of --budgets \(0.05, 0.2\)"):
+        method_cases(["zsmerge:budget=0.1,alpha=1"], [0.05, 0.2])
+    assert [c.method.budget for c in method_cases(["zsmerge:alpha=1"], [0.05, 0.2])[1:]] == [0.05, 0.2]
 
 
 def _empty_dir(tmp_path):

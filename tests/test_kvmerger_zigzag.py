@@ -1,4 +1,4 @@
-"""KVMerger (METHODS.md 2.4) and ZigZagKV (3.4): invariants of the library's own set, merge and budget
+"""KVMerger (kvzoo/cache/METHODS.md 2.4) and ZigZagKV (3.4): invariants of the library's own set, merge and budget
 functions under hypothesis, then end to end on tiny random models (full-cache parity when the budget covers
 everything, exact cache sizes, memory, errors)."""
 

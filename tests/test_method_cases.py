@@ -1,4 +1,4 @@
-"""The tests every compression method must pass, driven by the one list of tests/method_cases.py (METHODS.md
+"""The tests every compression method must pass, driven by the one list of tests/method_cases.py (kvzoo/cache/METHODS.md
 section 5), on every family layout including Falcon with plain multi-head attention:
 
 1. a budget covering prompt + generated tokens gives FullCache's logits and greedy tokens (left-padded batch);

@@ -1,4 +1,4 @@
-"""Each method's decisions against small references computed here from the equations of METHODS.md (the H2O
+"""Each method's decisions against small references computed here from the equations of kvzoo/cache/METHODS.md (the H2O
 tests of test_methods_baselines.py are the model): random post-RoPE q/k/v are fed through the library's
 own attention step (tests/method_helpers.drive_synthetic), and the slots it keeps are compared with what the
 definition says they must be. Plus the compensation bias `alpha * log w` observed through a real model's

@@ -1,4 +1,4 @@
-"""The baselines StreamingLLM, H2O, SnapKV, PyramidKV and TOVA against METHODS.md sections 4 and 5, with
+"""The baselines StreamingLLM, H2O, SnapKV, PyramidKV and TOVA against kvzoo/cache/METHODS.md sections 4 and 5, with
 FullCache as the oracle, driven through the library's own prefill and decode code paths: real tiny models
 (tests/conftest.py) and random q/k/v fed to `kvzoo.attention.attend` (tests/method_helpers.py).
 

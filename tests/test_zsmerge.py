@@ -1,4 +1,4 @@
-"""ZSMerge against METHODS.md section 1: a hand-worked decode case (1.2) and the invariants of 1.4,
+"""ZSMerge against kvzoo/cache/METHODS.md section 1: a hand-worked decode case (1.2) and the invariants of 1.4,
 driven through the library's own prefill and decode code paths."""
 
 from __future__ import annotations

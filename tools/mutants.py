@@ -1,6 +1,6 @@
 """Mutation check of the compression methods: does the test suite notice when a method decides wrongly?
 
-Each mutant is one semantic bug written from a method's documented decisions (METHODS.md, the methods'
+Each mutant is one semantic bug written from a method's documented decisions (kvzoo/cache/METHODS.md, the methods'
 docstrings): inverted scores, a dropped or doubled attention bias, a different merge weighting, an
 off-by-one in a region or window, the wrong slot chosen for eviction or merging, statistics not updated.
 For every mutant the tool copies the repository to a temporary directory, replaces one exact snippet

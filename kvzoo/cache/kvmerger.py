@@ -1,7 +1,8 @@
 """KVMerger (Wang, Jin, Yu, Zhang, "Model Tells You Where to Merge: Adaptive KV Cache Merging for LLMs on
 Long-Context Tasks", arXiv 2407.08454). Specification: METHODS.md section 2 (no official code exists).
 
-At the end of each layer's prefill, per (sequence, KV head):
+At the end of each layer's prefill, per (sequence, KV head), as the paper describes it (the defaults differ in
+the ratios' base, the heavy hitters' rank and the value scaling: see "Ambiguities" below):
 1. aggregated attention A_t = column sums of the prompt's causal attention over all its queries
    (`scoring.accumulated_scores`; GQA: mean over the group's query heads);
 2. protected tokens, kept verbatim: the most recent `recent_ratio` of the prompt and the `heavy_ratio` of

@@ -93,7 +93,7 @@ def parse_compression(spec: str) -> CompressionMethod:
     Names: see `method_class`; values: ints, floats, none, true/false, `(a;b)` tuples, else strings."""
     if not isinstance(spec, str) or not spec.strip():
         raise KvzooError(f"a compression spec is a non-empty string like 'zsmerge:budget=0.1', got {spec!r}")
-    name, _, args = spec.partition(":")
+    name = spec.partition(":")[0]
     name, dot, variant = name.partition(".")
     cls = method_class(name)
     make = cls
@@ -104,18 +104,26 @@ def parse_compression(spec: str) -> CompressionMethod:
             raise KvzooError(f"compression spec {spec!r}: {cls.__name__} has no variant {variant.strip()!r}; "
                              f"'.paper' (the paper's settings) exists for {', '.join(with_paper)}")
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    kwargs = spec_fields(spec)
+    for key in kwargs:
+        if key not in fields:
+            raise KvzooError(
+                f"compression spec {spec!r}: {cls.__name__} has no parameter {key!r}; "
+                f"its parameters are {', '.join(sorted(fields)) or 'none'}"
+            )
+    return make(**kwargs)
+
+
+def spec_fields(spec: str) -> dict[str, object]:
+    """The `key=value` settings a spec string gives, parsed ('zsmerge:alpha=1' -> {'alpha': 1}); the name is
+    not checked here (`parse_compression` does)."""
     kwargs: dict[str, object] = {}
-    for item in filter(None, (a.strip() for a in args.split(","))):
+    for item in filter(None, (a.strip() for a in spec.partition(":")[2].split(","))):
         key, eq, value = item.partition("=")
         if not eq:
             raise KvzooError(f"compression spec {spec!r}: expected key=value, got {item!r}")
-        if key.strip() not in fields:
-            raise KvzooError(
-                f"compression spec {spec!r}: {cls.__name__} has no parameter {key.strip()!r}; "
-                f"its parameters are {', '.join(sorted(fields)) or 'none'}"
-            )
         kwargs[key.strip()] = _value(value)
-    return make(**kwargs)
+    return kwargs
 
 
 def as_method(compression: "CompressionMethod | type[CompressionMethod] | str | None") -> CompressionMethod:

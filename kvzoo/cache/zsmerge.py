@@ -258,9 +258,10 @@ class ZSMerge(CompressionMethod):
             raise KvzooError(f"ZSMerge: window_share must be a fraction in [0, 1], got {self.window_share!r}")
         if not isinstance(self.cross_layer, bool):
             raise KvzooError(f"ZSMerge: cross_layer must be True or False, got {self.cross_layer!r}")
-        if self.cross_layer and (self.leverage or self.rank in ("split", "shares")):
+        if self.cross_layer and (self.leverage or self.rank in ("split", "shares", "block_shares")):
             raise KvzooError(f"ZSMerge: cross_layer ranks by attention shares alone, so it takes neither leverage "
-                             f"nor rank='split' or 'shares' (got leverage={self.leverage!r}, rank={self.rank!r})")
+                             f"nor rank='split', 'shares' or 'block_shares' (got leverage={self.leverage!r}, "
+                             f"rank={self.rank!r})")
         if self.context_rank not in ("score", "compactor"):
             raise KvzooError(f"ZSMerge: context_rank must be 'score' or 'compactor', got {self.context_rank!r}")
         if self.context_rank == "compactor" and (self.leverage or self.cross_layer or self.rank not in WINDOW_RANKS):

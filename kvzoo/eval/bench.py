@@ -172,19 +172,22 @@ def table(rows: list[BenchRow]) -> str:
 
 
 def add_bench_parser(sub: argparse._SubParsersAction, add_model_args) -> None:  # noqa: ANN001
-    p = sub.add_parser("bench", help="prefill / decode speed, KV bytes and peak RSS per method and context",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from kvzoo.cli import HelpFormatter  # the caller's module (imported here: it imports this one)
+
+    summary = "prefill / decode speed, KV bytes and peak RSS per method and context"
+    p = sub.add_parser("bench", help=summary, formatter_class=HelpFormatter,
+                       description=f"{summary}; --against hf also times transformers on the same weights and prompts")
     add_model_args(p)
     p.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)), help="prompt lengths (tokens)")
     p.add_argument("--methods", default=";".join(DEFAULT_BENCH_METHODS),
                    help="';'-separated method specs (a spec itself uses commas)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="also time the torch.compile'd decode step")
+                   help="also time the torch.compile'd decode step (default: eager only)")
     p.add_argument("--batch", type=int, default=1, help="prompts decoded together")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps (median reported; >= 16)")
     p.add_argument("--warmup", type=int, default=4, help="untimed decode steps first")
     p.add_argument("--against", choices=("hf",), default=None,
-                   help="also time transformers (DynamicCache, StaticCache) in this process")
+                   help="also time transformers (DynamicCache, StaticCache) in this process (default: kvzoo only)")
     p.add_argument("--out", default="bench-results", help="directory for results.json / results.md")
     p.set_defaults(func=run_bench_command)
 

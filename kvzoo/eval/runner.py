@@ -17,7 +17,7 @@ import torch
 
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.full import FullCache
-from kvzoo.cache.registry import parse_compression
+from kvzoo.cache.registry import parse_compression, spec_fields
 from kvzoo.cache.slots import KVCache
 from kvzoo.convert.common import ProgressBar
 from kvzoo.errors import KvzooError
@@ -30,7 +30,8 @@ from kvzoo.likelihood import continuation_logprobs, teacher_force
 if TYPE_CHECKING:
     from kvzoo.models.base import CausalLM
 
-DEFAULT_METHODS = ("full", "streamingllm", "h2o", "tova", "snapkv", "pyramidkv", "zsmerge", "kvmerger", "zigzag")
+DEFAULT_METHODS = ("full", "streamingllm", "h2o", "tova", "snapkv", "pyramidkv", "zsmerge", "kvmerger", "zigzag",
+                   "compactor")
 DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.5)
 PROBE_TOKENS = 64  # attn_error: tokens after the context whose attention is compared
 ANSWER_TOKENS = 10  # greedy tokens read for a needle answer (" 48213." is at most 7 tokens)
@@ -90,6 +91,9 @@ def method_cases(specs: list[str], budgets: list[float]) -> list[MethodCase]:
             continue
         if not any(f.name == "budget" for f in dataclasses.fields(method)):  # type: ignore[arg-type]
             raise KvzooError(f"method {spec!r} has no budget to vary")
+        if "budget" in spec_fields(spec):  # it would be replaced below without a word
+            raise KvzooError(f"method {spec!r} sets budget, but eval runs every method at each of --budgets "
+                             f"({', '.join(map(str, budgets))}): drop budget= from the spec")
         for b in budgets:
             cases.append(MethodCase(spec, b, dataclasses.replace(method, budget=b)))  # type: ignore[type-var]
     return cases
