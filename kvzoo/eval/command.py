@@ -66,8 +66,10 @@ def add_eval_parser(sub: argparse._SubParsersAction, add_model_args) -> None:  #
                    help="budget: every method keeps --budgets of the prompt, prefill-only methods then append "
                         "the generated tokens; matched: decode-time methods (ZSMerge, H2O, TOVA, StreamingLLM) "
                         "also get the generated tokens' worth of slots, so every method ends with the same memory")
-    p.add_argument("--data", default=None, help="longbench: the directory of <task>.jsonl files (required there; default: none)")
-    p.add_argument("--longbench-tasks", type=_names, default=None, help="longbench: only these tasks (default: every supported task found in --data)")
+    p.add_argument("--data", default=None,
+                   help="longbench: the directory of <task>.jsonl files (required there; default: none)")
+    p.add_argument("--longbench-tasks", type=_names, default=None,
+                   help="longbench: only these tasks (default: every supported task found in --data)")
     p.add_argument("--out", default="eval-results", help="directory for results.json / results.md / charts")
     p.add_argument("--plot", action="store_true", help="write PNG charts (needs matplotlib)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
