@@ -31,6 +31,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
+        own_default = " (default: %(default)s)"  # what Python 3.10's BooleanOptionalAction appends itself
+        if text.endswith(own_default) and "(default:" in text[: -len(own_default)]:
+            text = text[: -len(own_default)]
         nothing = action.default is None or action.default is False or action.default is argparse.SUPPRESS
         if "default" in text or nothing or not action.option_strings:
             return text

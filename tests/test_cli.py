@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvzoo.cli import build_parser, main
+from kvzoo.cli import HelpFormatter, build_parser, main
 from kvzoo.default_model import ensure_default_model
 
 
@@ -331,9 +331,18 @@ def test_every_option_has_help_and_shows_its_default():
             if action.option_strings and not isinstance(action, argparse._StoreTrueAction):
                 shown = sub._get_formatter()._get_help_string(action)
                 assert "default" in shown, (name, action.dest, shown)
-                assert shown.count("(default:") <= 1 and "(default: None)" not in shown, (name, action.dest, shown)
+                assert shown.count("(default:") <= 1, (name, action.dest, shown)
+                assert "(default: None)" not in shown and "(default: [])" not in shown, (name, action.dest, shown)
         assert "usage: kvzoo " + name in text
         assert sub.description, name  # `kvzoo <command> --help` says what the command does
+
+
+def test_an_option_stating_its_default_shows_it_once():
+    """Python 3.10's BooleanOptionalAction appends ' (default: %(default)s)' to its help by itself."""
+    action = argparse.Action(["--compile"], "compile", default=False,
+                             help="also compile (default: eager only) (default: %(default)s)")
+    shown = HelpFormatter("kvzoo")._get_help_string(action)
+    assert shown == "also compile (default: eager only)"
 
 
 def test_version(capsys):

@@ -195,6 +195,10 @@ def test_bad_sources_are_named(tmp_path):
     with pytest.raises(KvzooError, match=r"'zsmerge:budget=0.1,alpha=1' sets budget, but eval runs every method "
                                          r"at each of --budgets \(0.05, 0.2\)"):
         method_cases(["zsmerge:budget=0.1,alpha=1"], [0.05, 0.2])
+    with pytest.raises(KvzooError, match="'zsmerge:budget=2' sets budget"):  # before the value's own check
+        method_cases(["zsmerge:budget=2"], [0.05])
+    with pytest.raises(KvzooError, match="unknown compression method 'nosuch'"):
+        method_cases(["nosuch:budget=0.1"], [0.05])
     assert [c.method.budget for c in method_cases(["zsmerge:alpha=1"], [0.05, 0.2])[1:]] == [0.05, 0.2]
 
 

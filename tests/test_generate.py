@@ -161,6 +161,17 @@ def test_a_paper_spec_starts_from_the_paper_settings():
         parse_compression("zsmerge.best:budget=0.1")
 
 
+def test_a_spec_with_two_faults_names_the_first():
+    from kvzoo.cache.registry import parse_compression, spec_fields
+
+    with pytest.raises(KvzooError, match=r"ZSMerge has no parameter 'nosuch'"):
+        parse_compression("zsmerge:nosuch=1,oops")
+    with pytest.raises(KvzooError, match=r"'zsmerge:oops,nosuch=1': expected key=value, got 'oops'"):
+        parse_compression("zsmerge:oops,nosuch=1")
+    assert spec_fields("zsmerge.paper: alpha=1 , rank=window,budget=none") == {"alpha": 1, "rank": "window",
+                                                                              "budget": None}
+
+
 def test_the_long_prompt_rule(tiny_checkpoint):
     """Past the context (256 here): refused with the full cache fed at once; fed with a warning when
     compression or chunked prefill is on."""

@@ -104,24 +104,23 @@ def parse_compression(spec: str) -> CompressionMethod:
             raise KvzooError(f"compression spec {spec!r}: {cls.__name__} has no variant {variant.strip()!r}; "
                              f"'.paper' (the paper's settings) exists for {', '.join(with_paper)}")
     fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-    kwargs = spec_fields(spec)
-    for key in kwargs:
-        if key not in fields:
-            raise KvzooError(
-                f"compression spec {spec!r}: {cls.__name__} has no parameter {key!r}; "
-                f"its parameters are {', '.join(sorted(fields)) or 'none'}"
-            )
-    return make(**kwargs)
+    return make(**spec_fields(spec, (cls.__name__, fields)))
 
 
-def spec_fields(spec: str) -> dict[str, object]:
-    """The `key=value` settings a spec string gives, parsed ('zsmerge:alpha=1' -> {'alpha': 1}); the name is
-    not checked here (`parse_compression` does)."""
+def spec_fields(spec: str, known: tuple[str, set[str]] | None = None) -> dict[str, object]:
+    """The `key=value` settings a spec string gives, parsed ('zsmerge:alpha=1' -> {'alpha': 1}), item by item
+    from the left; with `known` (the class name and its parameters) an unknown key is an error too. The name
+    is not checked here (`parse_compression` does)."""
     kwargs: dict[str, object] = {}
     for item in filter(None, (a.strip() for a in spec.partition(":")[2].split(","))):
         key, eq, value = item.partition("=")
         if not eq:
             raise KvzooError(f"compression spec {spec!r}: expected key=value, got {item!r}")
+        if known is not None and key.strip() not in known[1]:
+            raise KvzooError(
+                f"compression spec {spec!r}: {known[0]} has no parameter {key.strip()!r}; "
+                f"its parameters are {', '.join(sorted(known[1])) or 'none'}"
+            )
         kwargs[key.strip()] = _value(value)
     return kwargs
 

@@ -89,6 +89,7 @@ MIN_RESIDUAL = 1
 RANKS = ("window", "accumulated", "blend", "split", "attention_shares", "shares", "block_shares")  # see ZSMerge.rank
 WINDOW_RANKS = ("window", "accumulated")  # the paper's: one attention signal, no blend (context_rank, tie)
 SHARE_RANKS = ("attention_shares", "shares", "block_shares")  # rank by the largest share (see ZSMerge.decode_score)
+NOT_ATTENTION_ONLY = ("split", "shares", "block_shares")  # ranks cross_layer cannot take (leverage or a split)
 DECODE_SCORES = ("accumulated", "standing")
 
 
@@ -258,7 +259,7 @@ class ZSMerge(CompressionMethod):
             raise KvzooError(f"ZSMerge: window_share must be a fraction in [0, 1], got {self.window_share!r}")
         if not isinstance(self.cross_layer, bool):
             raise KvzooError(f"ZSMerge: cross_layer must be True or False, got {self.cross_layer!r}")
-        if self.cross_layer and (self.leverage or self.rank in ("split", "shares", "block_shares")):
+        if self.cross_layer and (self.leverage or self.rank in NOT_ATTENTION_ONLY):
             raise KvzooError(f"ZSMerge: cross_layer ranks by attention shares alone, so it takes neither leverage "
                              f"nor rank='split', 'shares' or 'block_shares' (got leverage={self.leverage!r}, "
                              f"rank={self.rank!r})")

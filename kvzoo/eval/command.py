@@ -47,7 +47,7 @@ def add_eval_parser(sub: argparse._SubParsersAction, add_model_args) -> None:  #
     p.add_argument("--methods", type=_names, default=list(DEFAULT_METHODS),
                    help="comma-separated method names (the full cache is always run)")
     p.add_argument("--method", action="append", default=[], metavar="SPEC",
-                   help="an extra method spec, e.g. 'zsmerge:rank=accumulated' (repeatable)")
+                   help="an extra method spec, e.g. 'zsmerge:rank=accumulated' (repeatable; default: none)")
     p.add_argument("--budgets", type=_floats, default=list(DEFAULT_BUDGETS), help="ratios of the prompt kept")
     p.add_argument("--tasks", type=_names, default=list(tasks.TASKS), help=f"any of {', '.join(tasks.TASKS)}")
     p.add_argument("--n", type=int, default=8, help="nll / agreement instances")

@@ -17,7 +17,7 @@ import torch
 
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.full import FullCache
-from kvzoo.cache.registry import parse_compression, spec_fields
+from kvzoo.cache.registry import method_class, parse_compression, spec_fields
 from kvzoo.cache.slots import KVCache
 from kvzoo.convert.common import ProgressBar
 from kvzoo.errors import KvzooError
@@ -86,14 +86,15 @@ def method_cases(specs: list[str], budgets: list[float]) -> list[MethodCase]:
     """The full cache once, then every other spec at every budget (its `budget` field replaced)."""
     cases = [MethodCase("full", None, FullCache())]
     for spec in specs:
+        if isinstance(spec, str) and "budget" in spec_fields(spec):  # replaced below without a word otherwise
+            method_class(spec.partition(":")[0].partition(".")[0])  # an unknown name is named first
+            raise KvzooError(f"method {spec!r} sets budget, but eval runs every method at each of --budgets "
+                             f"({', '.join(map(str, budgets))}): drop budget= from the spec")
         method = parse_compression(spec)
         if isinstance(method, FullCache):
             continue
         if not any(f.name == "budget" for f in dataclasses.fields(method)):  # type: ignore[arg-type]
             raise KvzooError(f"method {spec!r} has no budget to vary")
-        if "budget" in spec_fields(spec):  # it would be replaced below without a word
-            raise KvzooError(f"method {spec!r} sets budget, but eval runs every method at each of --budgets "
-                             f"({', '.join(map(str, budgets))}): drop budget= from the spec")
         for b in budgets:
             cases.append(MethodCase(spec, b, dataclasses.replace(method, budget=b)))  # type: ignore[type-var]
     return cases
