@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from kvzoo.cache.slots import KVCache
+from kvzoo.errors import KvzooError
 
 if TYPE_CHECKING:
     from kvzoo.attention import ForwardContext
@@ -54,8 +55,16 @@ def inductor_cache_dir() -> Path:
     return base / "kvzoo" / "inductor"
 
 
+def check_compile(compile: object, where: str) -> bool | None:
+    """`compile` as every API takes it (True, False or None: automatic), or a KvzooError naming `where`."""
+    if compile is not None and not isinstance(compile, bool):
+        raise KvzooError(f"{where}: compile must be True, False or None, got {compile!r}")
+    return compile
+
+
 def should_compile(compile: bool | None, max_new_tokens: int) -> bool:
     """The documented rule: an explicit True/False wins; None compiles from AUTO_COMPILE_MIN_NEW_TOKENS on."""
+    check_compile(compile, "generate")
     if compile is None:
         return max_new_tokens >= AUTO_COMPILE_MIN_NEW_TOKENS
     return bool(compile)

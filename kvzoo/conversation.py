@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvzoo import generate as gen
+from kvzoo.compile import check_compile
 from kvzoo.cache.registry import as_method
 from kvzoo.cache.slots import KVCache
 from kvzoo.errors import KvzooError
@@ -52,10 +53,8 @@ class Conversation:
         self.sampling = gen.Sampling(**{k: sampling.pop(k) for k in ("temperature", "top_k", "top_p", "seed")
                                         if k in sampling})
         self.eos_token_ids = sampling.pop("eos_token_ids", None)
-        compile_ = sampling.pop("compile", None)  # None: compiled only for long replies, as generate
-        if compile_ is not None and not isinstance(compile_, bool):
-            raise KvzooError(f"Conversation: compile must be True, False or None, got {compile_!r}")
-        self.compile: bool | None = compile_
+        # None: compiled only for long replies, as generate (checked here, not at the first reply)
+        self.compile = check_compile(sampling.pop("compile", None), "Conversation")
         if sampling:
             raise KvzooError(f"Conversation: unknown options {sorted(sampling)}")
         self.messages: list[dict[str, str]] = []

@@ -191,3 +191,10 @@ def test_the_long_prompt_rule(tiny_checkpoint):
 def test_top_p_or_top_k_under_greedy_warns(smol):
     with pytest.warns(KvzooWarning, match="top_k / top_p have no effect with temperature 0"):
         smol.generate(PROMPT, max_new_tokens=1, top_p=0.9)
+
+
+def test_compile_takes_true_false_or_none(tiny_checkpoint):
+    """The one check Conversation and generate share (kvzoo.compile.check_compile)."""
+    tiny = kvzoo.load(tiny_checkpoint("llama-gqa")[1])
+    with pytest.raises(KvzooError, match="generate: compile must be True, False or None, got 'yes'"):
+        tiny.generate_ids([[1, 2, 3]], max_new_tokens=1, compile="yes")

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from kvzoo.cli import HelpFormatter
 from kvzoo.errors import KvzooError
 from kvzoo.eval import report
 
@@ -172,8 +173,6 @@ def table(rows: list[BenchRow]) -> str:
 
 
 def add_bench_parser(sub: argparse._SubParsersAction, add_model_args) -> None:  # noqa: ANN001
-    from kvzoo.cli import HelpFormatter  # the caller's module (imported here: it imports this one)
-
     summary = "prefill / decode speed, KV bytes and peak RSS per method and context"
     p = sub.add_parser("bench", help=summary, formatter_class=HelpFormatter,
                        description=f"{summary}; --against hf also times transformers on the same weights and prompts")

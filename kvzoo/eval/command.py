@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from kvzoo.cli import HelpFormatter
 from kvzoo.errors import KvzooError
 from kvzoo.eval import report, tasks
 from kvzoo.eval.runner import DEFAULT_BUDGETS, DEFAULT_METHODS, EvalConfig, Runner, run_longbench
@@ -32,8 +33,6 @@ def _names(text: str) -> list[str]:
 
 
 def add_eval_parser(sub: argparse._SubParsersAction, add_model_args) -> None:  # noqa: ANN001
-    from kvzoo.cli import HelpFormatter  # the caller's module (imported here: it imports this one)
-
     p = sub.add_parser(
         "eval", help="quality of every method and budget against the full cache",
         formatter_class=HelpFormatter,

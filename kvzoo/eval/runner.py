@@ -17,7 +17,7 @@ import torch
 
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.full import FullCache
-from kvzoo.cache.registry import method_class, parse_compression, spec_fields
+from kvzoo.cache.registry import parse_compression, spec_fields
 from kvzoo.cache.slots import KVCache
 from kvzoo.convert.common import ProgressBar
 from kvzoo.errors import KvzooError
@@ -87,7 +87,7 @@ def method_cases(specs: list[str], budgets: list[float]) -> list[MethodCase]:
     cases = [MethodCase("full", None, FullCache())]
     for spec in specs:
         if isinstance(spec, str) and "budget" in spec_fields(spec):  # replaced below without a word otherwise
-            method_class(spec.partition(":")[0].partition(".")[0])  # an unknown name is named first
+            parse_compression(spec.partition(":")[0])  # an unknown name or variant is named first
             raise KvzooError(f"method {spec!r} sets budget, but eval runs every method at each of --budgets "
                              f"({', '.join(map(str, budgets))}): drop budget= from the spec")
         method = parse_compression(spec)
