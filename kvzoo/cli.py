@@ -405,9 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from kvzoo.eval.bench import add_bench_parser
     from kvzoo.eval.command import add_eval_parser
+    from kvzoo.eval.compare import add_compare_parser
 
     add_eval_parser(sub, add_model_args)
     add_bench_parser(sub, add_model_args)
+    add_compare_parser(sub)
     return parser
 
 

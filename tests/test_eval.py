@@ -124,7 +124,7 @@ def test_fanout_caches_equal_separate_prefills(tiny_checkpoint):
 
 
 # --- the runner and its files --------------------------------------------------------------------------------
-def test_eval_command_writes_results_with_provenance(model, tmp_path, monkeypatch):
+def test_eval_command_writes_results_with_provenance(model, tmp_path, monkeypatch, capsys):
     from kvzoo.cli import main
 
     source = tmp_path / "text.txt"
@@ -147,6 +147,13 @@ def test_eval_command_writes_results_with_provenance(model, tmp_path, monkeypatc
     assert 0.2 < nll["streamingllm"]["kept"] < 0.3
     assert "| streamingllm |" in (out / "results.md").read_text()
     assert (out / "nll-nll_vs_full.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # `kvzoo compare` reads what eval wrote; the same run given twice pools to itself (no instance twice).
+    capsys.readouterr()
+    assert main(["compare", str(out), str(out), "--tasks", "nll,needle"]) == 0
+    shown, warned = capsys.readouterr()
+    assert f"| streamingllm | {nll['streamingllm']['nll_vs_full']:+.3f} [2] |" in shown and "warning" not in warned
+    aware = next(r for r in result["summary"] if r["task"] == "needle-aware" and r["method"] == "streamingllm")
+    assert f"| streamingllm | {aware['exact'] * aware['n']:.0f}/{aware['n']} |" in shown
 
 
 def test_nll_of_the_full_cache_matches_score(model, corpus):

@@ -1,0 +1,109 @@
+"""`kvzoo compare`: pooling eval runs by instance and pairing methods, on hand-written results files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+
+from kvzoo.cli import main
+from kvzoo.errors import KvzooError, KvzooWarning
+from kvzoo.eval.compare import compare_markdown, paired, pool_runs, run_compare_command
+
+CONFIG = {"seed": 5, "n": 3, "context_len": 2048, "continuation_len": 128, "agreement_tokens": 64,
+          "needle_lengths": [2048], "needle_depths": [0.5], "needle_repeats": 1, "memory": "matched"}
+
+
+def write_run(path, records, **config):
+    """A results.json as `kvzoo eval --out` writes it (only the fields compare reads)."""
+    path.mkdir()
+    payload = {"schema": 1, "kind": "eval", "config": {**CONFIG, **config}, "source": "builtin:pydoc-topics",
+               "corpus_tokens": 64497, "interrupted": False, "records": records}
+    (path / "results.json").write_text(json.dumps(payload))
+    return path
+
+
+def nll(label, budget, values):
+    return [{"task": "nll", "label": label, "budget": budget, "instance": i, "values": {"nll": v}, "info": {}}
+            for i, v in enumerate(values)]
+
+
+FULL = [2.0, 3.0, 1.0]
+
+
+def test_paired_difference_is_the_mean_and_standard_error_of_per_instance_differences():
+    a = {("x", 0): 1.1, ("x", 1): 2.3, ("x", 2): 0.7, ("y", 0): 9.0}
+    b = {("x", 0): 1.0, ("x", 1): 2.0, ("x", 2): 0.5}
+    d = paired(a, b)
+    # differences 0.1, 0.3, 0.2: mean 0.2, sample variance 0.01, se sqrt(0.01 / 3)
+    assert d.n == 3 and d.mean == pytest.approx(0.2) and d.se == pytest.approx(math.sqrt(0.01 / 3))
+    assert paired(a, {("z", 0): 1.0}) is None
+    assert math.isnan(paired({("x", 0): 1.0}, {("x", 0): 0.5}).se)
+
+
+def test_runs_of_one_seed_pair_across_files_and_other_seeds_only_add_instances(tmp_path):
+    # Seed 5 split over two runs (one with zsmerge, one with h2o), seed 6 with zsmerge alone.
+    a = write_run(tmp_path / "a", nll("full", None, FULL) + nll("zsmerge", 0.05, [2.1, 3.3, 1.2]))
+    b = write_run(tmp_path / "b", nll("full", None, FULL) + nll("h2o", 0.05, [2.0, 3.0, 1.0]))
+    c = write_run(tmp_path / "c", nll("full", None, [1.0, 1.0, 1.0]) + nll("zsmerge", 0.05, [1.5, 1.5, 1.5]),
+                  seed=6)
+    table = compare_markdown(pool_runs([a, b, c]), against="h2o")
+    # zsmerge's increase over the full cache over six instances: (0.1 + 0.3 + 0.2 + 3 * 0.5) / 6 = 0.35; against
+    # h2o only seed 5's three pair: differences 0.1, 0.3, 0.2.
+    assert f"| zsmerge | +0.350 [6] (+0.200 ± {math.sqrt(0.01 / 3):.3f}) |" in table
+    assert "| h2o | +0.000 [3] |" in table
+    assert "full cache 1.500 over 6 instances" in table  # the seed-5 full cache counted once
+
+
+def test_memory_modes_and_budgets_are_kept_apart(tmp_path):
+    a = write_run(tmp_path / "a", nll("full", None, FULL) + nll("zsmerge", 0.05, [2.5, 3.5, 1.5])
+                  + nll("zsmerge", 0.2, [2.1, 3.1, 1.1]))
+    b = write_run(tmp_path / "b", nll("full", None, FULL) + nll("zsmerge", 0.05, [3.0, 4.0, 2.0]), memory="budget")
+    table = compare_markdown(pool_runs([a, b]))
+    matched, budget = table.split("**nll, memory matched**")[1], table.split("**nll, memory budget**")[1]
+    assert "| zsmerge | +1.000 [3] |" in budget.split("**")[0]
+    assert "| zsmerge | +0.500 [3] | +0.100 [3] |" in matched
+
+
+def test_needles_are_counted(tmp_path):
+    def needle(label, budget, exact):
+        return [{"task": "needle-aware", "label": label, "budget": budget, "instance": i,
+                 "values": {"exact": float(e), "partial": 0.0}, "info": {}} for i, e in enumerate(exact)]
+
+    run = write_run(tmp_path / "a", needle("full", None, [1, 1, 1]) + needle("zsmerge", 0.1, [1, 1, 0])
+                    + needle("snapkv", 0.1, [0, 1, 0]))
+    table = compare_markdown(pool_runs([run]), against="snapkv", tasks=["needle"])
+    assert "| zsmerge | 2/3 (+1 of 3) |" in table and "| snapkv | 1/3 |" in table
+    assert "full cache 3/3" in table
+
+
+def test_a_record_that_differs_between_runs_is_reported_and_the_first_kept(tmp_path, capsys):
+    a = write_run(tmp_path / "a", nll("full", None, FULL) + nll("zsmerge", 0.05, [2.5, 3.5, 1.5]))
+    b = write_run(tmp_path / "b", nll("full", None, [2.0, 3.0, 1.25]))
+    assert main(["compare", str(a), str(b)]) == 0
+    out, err = capsys.readouterr()
+    assert f"kvzoo: warning: full at budget None on nll: 1 instances differ between {a} and {b}" in err
+    assert "| zsmerge | +0.500 [3] |" in out  # against a's full cache
+    with pytest.warns(KvzooWarning, match="largest difference 0.25"):
+        run_compare_command(argparse.Namespace(runs=[a, b], against=None, tasks=None))
+
+
+def test_bad_runs_and_arguments_are_named(tmp_path, capsys):
+    with pytest.raises(KvzooError, match=f"{tmp_path / 'nothing'}: no such results file"):
+        pool_runs([tmp_path / "nothing"])
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "results.json").write_text(json.dumps({"kind": "bench", "rows": []}))
+    with pytest.raises(KvzooError, match=r"results.json: not the results of `kvzoo eval` \(kind 'bench'"):
+        pool_runs([bench])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(KvzooError, match="broken.json: not a readable results.json"):
+        pool_runs([broken])
+    run = write_run(tmp_path / "a", nll("full", None, FULL) + nll("zsmerge", 0.05, [2.5, 3.5, 1.5]))
+    assert main(["compare", str(run), "--against", "h2o"]) == 2
+    assert "--against 'h2o': no records of that method in the runs; they have full, zsmerge" in capsys.readouterr().err
+    assert main(["compare", str(run), "--tasks", "agreement"]) == 2
+    assert "no compressed-method records to compare for tasks agreement" in capsys.readouterr().err
