@@ -14,13 +14,16 @@ from kvzoo.eval.compare import compare_markdown, paired, pool_runs, run_compare_
 
 CONFIG = {"seed": 5, "n": 3, "context_len": 2048, "continuation_len": 128, "agreement_tokens": 64,
           "needle_lengths": [2048], "needle_depths": [0.5], "needle_repeats": 1, "memory": "matched"}
+# Room for exactly three 2176-token windows: every seed draws all three, in corpus order (tasks.text_offsets).
+CORPUS_TOKENS = 3 * (2048 + 128)
 
 
-def write_run(path, records, **config):
+def write_run(path, records, model="default", **config):
     """A results.json as `kvzoo eval --out` writes it (only the fields compare reads)."""
     path.mkdir()
-    payload = {"schema": 1, "kind": "eval", "config": {**CONFIG, **config}, "source": "builtin:pydoc-topics",
-               "corpus_tokens": 64497, "interrupted": False, "records": records}
+    payload = {"schema": 1, "kind": "eval", "model": model, "provenance": {"dtype": "float32"},
+               "config": {**CONFIG, **config}, "source": "builtin:pydoc-topics",
+               "corpus_tokens": CORPUS_TOKENS, "interrupted": False, "records": records}
     (path / "results.json").write_text(json.dumps(payload))
     return path
 
@@ -43,18 +46,26 @@ def test_paired_difference_is_the_mean_and_standard_error_of_per_instance_differ
     assert math.isnan(paired({("x", 0): 1.0}, {("x", 0): 0.5}).se)
 
 
-def test_runs_of_one_seed_pair_across_files_and_other_seeds_only_add_instances(tmp_path):
-    # Seed 5 split over two runs (one with zsmerge, one with h2o), seed 6 with zsmerge alone.
+def test_runs_pool_by_instance_and_other_windows_only_add_instances(tmp_path):
+    # One set of windows split over two runs (one with zsmerge, one with h2o); 1024-token windows are others.
     a = write_run(tmp_path / "a", nll("full", None, FULL) + nll("zsmerge", 0.05, [2.1, 3.3, 1.2]))
     b = write_run(tmp_path / "b", nll("full", None, FULL) + nll("h2o", 0.05, [2.0, 3.0, 1.0]))
     c = write_run(tmp_path / "c", nll("full", None, [1.0, 1.0, 1.0]) + nll("zsmerge", 0.05, [1.5, 1.5, 1.5]),
-                  seed=6)
+                  context_len=1024)
     table = compare_markdown(pool_runs([a, b, c]), against="h2o")
     # zsmerge's increase over the full cache over six instances: (0.1 + 0.3 + 0.2 + 3 * 0.5) / 6 = 0.35; against
-    # h2o only seed 5's three pair: differences 0.1, 0.3, 0.2.
-    assert f"| zsmerge | +0.350 [6] (+0.200 ± {math.sqrt(0.01 / 3):.3f}) |" in table
+    # h2o only the first windows pair: differences 0.1, 0.3, 0.2.
+    assert f"| zsmerge | +0.350 [6] (+0.200 ± {math.sqrt(0.01 / 3):.3f}, 3) |" in table
     assert "| h2o | +0.000 [3] |" in table
-    assert "full cache 1.500 over 6 instances" in table  # the seed-5 full cache counted once
+    assert "full cache 1.500 over 6 instances" in table  # the shared full cache counted once
+
+
+def test_seeds_that_draw_the_same_windows_count_them_once(tmp_path, recwarn):
+    """A short corpus has few windows, and seeds share them: the same window is one instance, not two."""
+    a = write_run(tmp_path / "a", nll("full", None, FULL) + nll("zsmerge", 0.05, [2.5, 3.5, 1.5]))
+    b = write_run(tmp_path / "b", nll("full", None, FULL) + nll("zsmerge", 0.05, [2.5, 3.5, 1.5]), seed=6)
+    assert "| zsmerge | +0.500 [3] |" in compare_markdown(pool_runs([a, b]))
+    assert not recwarn.list and not pool_runs([a, b]).conflicts
 
 
 def test_memory_modes_and_budgets_are_kept_apart(tmp_path):
@@ -84,7 +95,7 @@ def test_a_record_that_differs_between_runs_is_reported_and_the_first_kept(tmp_p
     b = write_run(tmp_path / "b", nll("full", None, [2.0, 3.0, 1.25]))
     assert main(["compare", str(a), str(b)]) == 0
     out, err = capsys.readouterr()
-    assert f"kvzoo: warning: full at budget None on nll: 1 instances differ between {a} and {b}" in err
+    assert f"kvzoo: warning: full (nll): 1 instance differ between {a} and {b}" in err
     assert "| zsmerge | +0.500 [3] |" in out  # against a's full cache
     with pytest.warns(KvzooWarning, match="largest difference 0.25"):
         run_compare_command(argparse.Namespace(runs=[a, b], against=None, tasks=None))
@@ -104,6 +115,45 @@ def test_bad_runs_and_arguments_are_named(tmp_path, capsys):
         pool_runs([broken])
     run = write_run(tmp_path / "a", nll("full", None, FULL) + nll("zsmerge", 0.05, [2.5, 3.5, 1.5]))
     assert main(["compare", str(run), "--against", "h2o"]) == 2
-    assert "--against 'h2o': no records of that method in the runs; they have full, zsmerge" in capsys.readouterr().err
+    assert "--against 'h2o': no records of that method in the runs; they have zsmerge" in capsys.readouterr().err
     assert main(["compare", str(run), "--tasks", "agreement"]) == 2
-    assert "no compressed-method records to compare for tasks agreement" in capsys.readouterr().err
+    assert "no compressed-method records to compare for tasks agreement; the runs have nll" in capsys.readouterr().err
+
+
+def test_needles_pool_across_repeat_counts_and_malformed_records_are_named(tmp_path):
+    def needle(label, budget, exact):
+        return [{"task": "needle-aware", "label": label, "budget": budget, "instance": i,
+                 "values": {"exact": float(e)}, "info": {}} for i, e in enumerate(exact)]
+
+    one = write_run(tmp_path / "one", needle("full", None, [1, 0]) + needle("snapkv", 0.1, [1, 0]))
+    two = write_run(tmp_path / "two", needle("full", None, [1, 0, 1, 1]) + needle("h2o", 0.1, [0, 0, 1, 1]),
+                    needle_repeats=2)  # its first two instances are run one's (repeats append instances)
+    table = compare_markdown(pool_runs([one, two]), against="h2o")
+    assert "| snapkv | 1/2 (+1 of 2) |" in table and "full cache 3/4" in table
+    bad = write_run(tmp_path / "bad", [{"task": "nll", "label": "h2o", "budget": "5%", "instance": 0,
+                                        "values": {"nll": 1.0}}])
+    with pytest.raises(KvzooError, match=r"bad/results.json: a malformed record .* \(budget must be a number"):
+        pool_runs([bad])
+    empty = write_run(tmp_path / "empty", [{"task": "nll", "label": "h2o", "budget": 0.1, "instance": 0,
+                                            "values": {}}])
+    with pytest.raises(KvzooError, match=r"empty/results.json: a malformed record .* \(no number 'nll'"):
+        pool_runs([empty])
+
+
+def test_runs_of_different_models_are_refused_and_full_is_not_a_method(tmp_path):
+    a = write_run(tmp_path / "a", nll("full", None, FULL) + nll("zsmerge", 0.05, [2.5, 3.5, 1.5]))
+    b = write_run(tmp_path / "b", nll("full", None, FULL), model="other/model")
+    with pytest.raises(KvzooError, match=r"ran other/model in float32, .*a default in float32: compare runs of one"):
+        pool_runs([a, b])
+    with pytest.raises(KvzooError, match="--against full: the full cache is already every table's reference"):
+        compare_markdown(pool_runs([a]), against="full")
+
+
+def test_the_instance_fields_compare_reads_are_eval_config_fields():
+    """A renamed EvalConfig field would read as None on both sides and pair different instances."""
+    import dataclasses
+
+    from kvzoo.eval.runner import EvalConfig
+
+    names = {f.name for f in dataclasses.fields(EvalConfig)}
+    assert set(CONFIG) <= names

@@ -177,9 +177,9 @@ class ZSMerge(CompressionMethod):
     #   decay=1.0, against "window": development NLL -0.002 +- 0.014 / -0.010 +- 0.013 at 5 / 20% (paired),
     #   needle 6 / 6 / 7 of 12 (3 / 5 / 4); held out NLL +0.233 / +0.174 / +0.123 at 5 / 10 / 20% against
     #   +0.239 / +0.177 / +0.133, needle 17 / 42 / 54% against 8 / 33 / 46% and 17 / 42 / 42% against
-    #   12 / 33 / 46% on a second set. Session 18 (seeds 5, 6; 32 contexts, 48 needles): the leverage share is
-    #   the whole NLL gap to H2O (attention_shares: -0.003 / -0.002 / +0.003 against H2O, the default +0.002 /
-    #   +0.010 / +0.014) and what retrieves (query-aware needles 11 / 20 / 28 against attention_shares' 6 / 11 /
+    #   12 / 33 / 46% on a second set. Session 18 (seeds 5, 6; 23 distinct texts, 48 needles): the leverage
+    #   share is the whole NLL gap to H2O (attention_shares: -0.002 / -0.001 / +0.004 against H2O, the default
+    #   +0.003 / +0.010 / +0.015) and what retrieves (query-aware needles 11 / 20 / 28 against attention_shares' 6 / 11 /
     #   16; `make demo`'s stored document: 5 of 6 facts at 50% kept against 1 of 6).
     # - "block_shares": "shares" with a fourth share, the attention each token receives from every query of its
     #   256-position block, before and after it, times its value norm (Compactor's query-agnostic attention,

@@ -108,7 +108,7 @@ def run_eval_command(args: argparse.Namespace) -> None:
 
     def save(interrupted: bool) -> tuple[list[Path], str]:
         rows = report.summarize(runner.records)
-        payload = {"kind": "eval", "provenance": prov, "config": config,
+        payload = {"kind": "eval", "provenance": prov, "model": args.model or "default", "config": config,
                    "source": args.source if corpus_text is not None else args.data, "corpus_tokens": len(corpus),
                    "seconds": time.perf_counter() - started, "interrupted": interrupted, "summary": rows,
                    "records": runner.records}

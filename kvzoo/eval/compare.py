@@ -1,9 +1,10 @@
 """`kvzoo compare`: pool the instances of several `kvzoo eval` runs and compare methods on them.
 
 One run has a few dozen instances, and most differences between methods are within a standard error or two
-of it. Runs of different seeds (or the same seed with different methods) pool: every record is keyed by the
-instance it was measured on, so a method is compared with another (or with the full cache) only on the
-instances both ran, each instance paired with itself (paired difference, mean ± standard error).
+of it. Runs pool: every record is keyed by the instance it was measured on (a text task by where its window
+starts in the corpus, so seeds that drew the same window count it once), a method is compared with another
+(or with the full cache) only on the instances both ran, and each instance is paired with itself (paired
+difference, mean ± standard error).
 """
 
 from __future__ import annotations
@@ -19,27 +20,23 @@ from typing import Any
 
 from kvzoo.cli import HelpFormatter
 from kvzoo.errors import KvzooError, KvzooWarning
+from kvzoo.eval.tasks import text_offsets
 
-# The config fields that decide which instances a task's records are (kvzoo.eval.runner.Runner.run): two runs
-# agreeing on them (and on the source text) measured the same instances under the same numbers.
-TEXT_FIELDS = ("seed", "n", "context_len", "continuation_len")
-INSTANCE_FIELDS: dict[str, tuple[str, ...]] = {
-    "nll": TEXT_FIELDS,
-    "agreement": TEXT_FIELDS + ("agreement_tokens",),
-    "attn_error": TEXT_FIELDS,
-    "needle-aware": ("seed", "needle_lengths", "needle_depths", "needle_repeats"),
-    "needle-agnostic": ("seed", "needle_lengths", "needle_depths", "needle_repeats"),
-}
-LONGBENCH_FIELDS = ("n",)  # longbench-<task>: the first n examples of the task's file
+# Each task's main value (what `kvzoo eval` tabulates first); longbench-<task> records hold "score".
+PRIMARY = {"nll": "nll", "agreement": "agreement", "attn_error": "error", "needle-aware": "exact",
+           "needle-agnostic": "exact"}
+TEXT_TASKS = ("nll", "agreement", "attn_error")  # windows of the corpus (tasks.text_offsets)
 COUNTED = ("needle-aware", "needle-agnostic")  # 0/1 values: shown as counts
+NO_MEMORY_MODE = ("attn_error",)  # measured on each method's plain budget whatever --memory says
 
-InstanceKey = tuple[Any, ...]  # (source, corpus_tokens, the task's instance fields..., instance number)
-CellKey = tuple[str, str | None, str, float | None]  # (task, memory mode, method label, budget)
+InstanceKey = tuple[Any, ...]  # (source, corpus_tokens, task, what decides the instance...)
+CellKey = tuple[str, str | None, str, float | None]  # (task, memory mode or None, method label, budget)
 
 
 @dataclass
 class Pool:
-    """Every run's records by cell and instance; `runs` names each run read, `sets` its instance sets."""
+    """Every run's main values by cell and instance, the run each was first read from, the runs read and the
+    records that differed between runs."""
 
     values: dict[CellKey, dict[InstanceKey, float]] = field(default_factory=lambda: defaultdict(dict))
     origin: dict[tuple[CellKey, InstanceKey], str] = field(default_factory=dict)
@@ -74,58 +71,110 @@ def read_run(path: str | Path) -> dict[str, Any]:
         payload = json.loads(target.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise KvzooError(f"{target}: not a readable results.json ({e})") from None
-    if not isinstance(payload, dict) or payload.get("kind") != "eval" or not isinstance(payload.get("records"), list):
+    if not isinstance(payload, dict) or payload.get("kind") != "eval":
         kind = payload.get("kind") if isinstance(payload, dict) else type(payload).__name__
         raise KvzooError(f"{target}: not the results of `kvzoo eval` (kind {kind!r}; `kvzoo compare` reads "
-                         "eval runs, not bench runs)")
+                         "eval runs)")
+    for name, kind in (("records", list), ("config", dict)):
+        if not isinstance(payload.get(name), kind):
+            raise KvzooError(f"{target}: an eval results file without a {name} {kind.__name__}")
     return payload
 
 
-def instance_key(payload: dict[str, Any], task: str, instance: int) -> InstanceKey:
-    """Which instance a record is: the run's source text and the config fields that chose the task's instances."""
-    config = payload.get("config", {})
-    names = INSTANCE_FIELDS.get(task, LONGBENCH_FIELDS)
-    fields = tuple(_hashable(config.get(name)) for name in names)
-    return (payload.get("source"), payload.get("corpus_tokens"), task, *fields, instance)
+class InstanceKeys:
+    """Which instance each record of one run is: the run's source text, then for a text task the window's
+    offset in the corpus (so two seeds that drew the same window share it), for a needle its seed, lengths,
+    depths and number (the repeats only append instances), for a LongBench task its example number."""
+
+    def __init__(self, payload: dict[str, Any], where: Path) -> None:
+        self.config, self.where = payload["config"], where
+        self.base = (payload.get("source"), payload.get("corpus_tokens"))
+        self._offsets: list[int] | None = None
+
+    def __call__(self, task: str, instance: int) -> InstanceKey:
+        c = self.config
+        if task in TEXT_TASKS:
+            span = (c.get("context_len"), c.get("continuation_len"))
+            extra = (c.get("agreement_tokens"),) if task == "agreement" else ()
+            return (*self.base, task, *span, *extra, self._offset(instance))
+        if task in COUNTED:
+            grid = tuple(tuple(c.get(k) or ()) for k in ("needle_lengths", "needle_depths"))
+            return (*self.base, task, c.get("seed"), *grid, instance)
+        return (*self.base, task, instance)
+
+    def _offset(self, instance: int) -> int:
+        if self._offsets is None:
+            c = self.config
+            try:
+                self._offsets = text_offsets(int(self.base[1]), int(c["n"]), int(c["context_len"]),
+                                             int(c["continuation_len"]), int(c["seed"]))
+            except (KeyError, TypeError, ValueError, KvzooError) as e:
+                raise KvzooError(f"{self.where}: the config cannot say which text windows the run used ({e})") from None
+        if not 0 <= instance < len(self._offsets):
+            raise KvzooError(f"{self.where}: instance {instance} is outside the run's n={len(self._offsets)}")
+        return self._offsets[instance]
 
 
-def _hashable(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+def _record_fields(r: Any, where: Path) -> tuple[str, str, float | None, int, float]:
+    """(task, label, budget, instance, main value) of one record, each checked."""
+    bad = f"{where}: a malformed record {r!r:.200}"
+    if not isinstance(r, dict):
+        raise KvzooError(bad)
+    task, label, budget, instance, values = (r.get(k) for k in ("task", "label", "budget", "instance", "values"))
+    if not isinstance(task, str) or not isinstance(label, str) or not isinstance(values, dict):
+        raise KvzooError(f"{bad} (task and label must be strings, values a mapping)")
+    if isinstance(instance, bool) or not isinstance(instance, int):
+        raise KvzooError(f"{bad} (instance must be an integer)")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))):
+        raise KvzooError(f"{bad} (budget must be a number or null)")
+    key = PRIMARY.get(task, "score")
+    value = values.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise KvzooError(f"{bad} (no number {key!r} in its values)")
+    return task, label, budget, instance, float(value)
 
 
-def _primary(values: dict[str, float]) -> float:
-    """A record's main value: the first the task writes (nll, exact, agreement, error, score)."""
-    return float(next(iter(values.values())))
+def _identity(payload: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(model, dtype) of a run, None where the file does not say (runs written before the model was)."""
+    return payload.get("model"), payload.get("provenance", {}).get("dtype")
 
 
 def pool_runs(paths: list[str | Path]) -> Pool:
-    """Every record of every run, keyed by cell and instance. A record met twice (the full cache of two runs of
-    one seed) is kept once; if the two differ (different code), the first is kept and the conflict reported."""
+    """Every record of every run, keyed by cell and instance. A record met twice (the full cache of two runs,
+    one window drawn by two seeds) is kept once; if the two differ (different code), the first is kept and
+    the conflict reported. Runs of different models or dtypes are refused."""
     pool = Pool()
+    seen_identity: dict[tuple[str | None, str | None], str] = {}
     for path in paths:
+        target = results_file(path)
         payload = read_run(path)
         name = str(path)
+        model, dtype = _identity(payload)
+        for (other_model, other_dtype), other in seen_identity.items():
+            if (model and other_model and model != other_model) or (dtype and other_dtype and dtype != other_dtype):
+                raise KvzooError(f"{name} ran {model or '?'} in {dtype or '?'}, {other} {other_model or '?'} in "
+                                 f"{other_dtype or '?'}: compare runs of one model and dtype")
+        seen_identity.setdefault((model, dtype), name)
         pool.runs.append(name + (" (interrupted)" if payload.get("interrupted") else ""))
-        memory = payload.get("config", {}).get("memory", "budget")
-        clashes: dict[tuple[CellKey, str], list[float]] = defaultdict(list)  # (cell, first run) -> differences
+        memory = payload["config"].get("memory", "budget")
+        keys = InstanceKeys(payload, target)
+        clashes: dict[tuple[CellKey, str], list[float]] = defaultdict(list)  # (cell, run kept) -> differences
         for r in payload["records"]:
-            try:
-                task, label, budget, instance, values = r["task"], r["label"], r["budget"], r["instance"], r["values"]
-            except (KeyError, TypeError):
-                raise KvzooError(f"{results_file(path)}: a record without task/label/budget/instance/values: "
-                                 f"{r!r:.200}") from None
-            cell = (task, None if label == "full" else memory, label, budget)
-            key = instance_key(payload, task, instance)
-            value = _primary(values)
-            seen = pool.values[cell].get(key)
-            if seen is None:
+            task, label, budget, instance, value = _record_fields(r, target)
+            mode = None if label == "full" or task in NO_MEMORY_MODE else memory
+            cell = (task, mode, label, budget)
+            key = keys(task, instance)
+            kept = pool.values[cell].get(key)
+            if kept is None:
                 pool.values[cell][key] = value
                 pool.origin[(cell, key)] = name
-            elif abs(seen - value) > 1e-6 * max(1.0, abs(seen)):
-                clashes[(cell, pool.origin[(cell, key)])].append(abs(seen - value))
-        for ((task, _, label, budget), first), diffs in clashes.items():
-            pool.conflicts.append(f"{label} at budget {budget} on {task}: {len(diffs)} instances differ between "
-                                  f"{first} and {name} (largest difference {max(diffs):.3g}); kept {first}'s")
+            elif abs(kept - value) > 1e-6 * max(1.0, abs(kept)):
+                clashes[(cell, pool.origin[(cell, key)])].append(abs(kept - value))
+        for ((task, mode, label, budget), first), diffs in clashes.items():
+            between = f"twice in {name}" if first == name else f"between {first} and {name}"
+            where = f"{task}" + (f", memory {mode}" if mode else "") + ("" if budget is None else f", budget {budget:g}")
+            pool.conflicts.append(f"{label} ({where}): {len(diffs)} instance{'s' * (len(diffs) > 1)} differ "
+                                  f"{between} (largest difference {max(diffs):.3g}); kept {first}'s")
     return pool
 
 
@@ -141,71 +190,98 @@ def paired(a: dict[InstanceKey, float], b: dict[InstanceKey, float]) -> Paired |
     return Paired(n, mean, se, sum(diffs))
 
 
+def _cell_text(task: str, vals: dict[InstanceKey, float], full: dict[InstanceKey, float],
+               against: dict[InstanceKey, float] | None) -> str:
+    """One method at one budget: needles as retrieved/instances, nll as its increase over the full cache on
+    the instances paired with it [their count] ("no full cache" when none is), anything else as its mean
+    [count]; then, given `against`, the paired difference to it on the instances both ran."""
+    if task in COUNTED:
+        text = f"{sum(vals.values()):.0f}/{len(vals)}"
+    elif task == "nll":
+        base = paired(vals, full)
+        text = "no full cache" if base is None else f"{base.mean:+.3f} [{base.n}]"
+    else:
+        text = f"{sum(vals.values()) / len(vals):.3f} [{len(vals)}]"
+    if against is None:
+        return text
+    d = paired(vals, against)
+    if d is None:
+        return text + " (no common instances)"
+    if task in COUNTED:
+        return text + f" ({d.total:+.0f} of {d.n})"
+    se = "n/a" if math.isnan(d.se) else f"{d.se:.3f}"
+    return text + f" ({d.mean:+.3f} ± {se}, {d.n})"
+
+
 def _selected(task: str, tasks: list[str] | None) -> bool:
     """Whether `task` is one of `tasks` (None: all); "needle" names both needle layouts, as in `kvzoo eval`."""
     return tasks is None or any(task == t or task.startswith(t + "-") for t in tasks)
 
 
-def _cell_text(task: str, vals: dict[InstanceKey, float], full: dict[InstanceKey, float],
-               against: dict[InstanceKey, float] | None) -> str:
-    """What a table shows for one method and budget: needles as a count, nll as its increase over the full
-    cache (paired), anything else as its mean; then the paired difference to `against`, when given."""
-    if task in COUNTED:
-        text = f"{sum(vals.values()):.0f}/{len(vals)}"
-    elif task == "nll" and (base := paired(vals, full)) is not None:
-        text = f"{base.mean:+.3f} [{base.n}]"
+def _legend(task: str, against: str | None, methods: list[str], full: dict[InstanceKey, float]) -> str:
+    if task == "nll":
+        shown = "increase in NLL over the full cache [instances paired with it]"
+    elif task in COUNTED:
+        shown = "retrieved / instances"
     else:
-        text = f"{sum(vals.values()) / len(vals):.3f} [{len(vals)}]"
-    if against is not None:
-        d = paired(vals, against)
-        if d is None:
-            text += " (no common instances)"
-        elif task in COUNTED:
-            text += f" ({d.total:+.0f} of {d.n})"
-        else:
-            se = "n/a" if math.isnan(d.se) else f"{d.se:.3f}"
-            text += f" ({d.mean:+.3f} ± {se})"
-    return text
+        shown = "mean [instances]"
+    if against is None:
+        vs = ""
+    elif against not in methods:
+        vs = f"; {against} has no records here"
+    elif task in COUNTED:
+        vs = f"; in parentheses: retrieved minus {against}'s on the instances both ran, and their count"
+    else:
+        vs = f"; in parentheses: the paired difference to {against}, mean ± standard error, and the instances"
+    if not full:
+        reference = ""
+    elif task in COUNTED:
+        reference = f"; full cache {sum(full.values()):.0f}/{len(full)}"
+    else:
+        reference = f"; full cache {sum(full.values()) / len(full):.3f} over {len(full)} instances"
+    return shown + vs + reference
 
 
 def compare_markdown(pool: Pool, against: str | None = None, tasks: list[str] | None = None) -> str:
     """One table per task and memory mode: methods as rows, budgets as columns (see `_cell_text`)."""
-    groups = sorted({(t, m) for t, m, label, _ in pool.values if label != "full" and _selected(t, tasks)},
-                    key=lambda g: (g[0], g[1] or ""))
+    if against == "full":
+        raise KvzooError("--against full: the full cache is already every table's reference; name a method")
+    cells = {k: v for k, v in pool.values.items() if _selected(k[0], tasks)}
+    groups = sorted({(t, m) for t, m, label, _ in cells if label != "full"}, key=lambda g: (g[0], g[1] or ""))
     if not groups:
-        raise KvzooError("no compressed-method records to compare" + (f" for tasks {', '.join(tasks)}" if tasks else ""))
-    labels = list(dict.fromkeys(label for t, _, label, _ in pool.values if _selected(t, tasks)))
+        have = sorted({t for t, _, label, _ in pool.values if label != "full"})
+        raise KvzooError("no compressed-method records to compare" + (f" for tasks {', '.join(tasks)}" if tasks else "")
+                         + (f"; the runs have {', '.join(have)}" if have else ""))
+    labels = list(dict.fromkeys(label for _, _, label, _ in cells if label != "full"))
     if against is not None and against not in labels:
         raise KvzooError(f"--against {against!r}: no records of that method in the runs; they have "
                          + ", ".join(labels))
     out = ["Pooled runs: " + ", ".join(pool.runs), ""]
     for task, memory in groups:
-        cells = {k: v for k, v in pool.values.items() if k[0] == task and k[1] == memory}
+        group = {k: v for k, v in cells.items() if k[0] == task and k[1] == memory}
         full = pool.values.get((task, None, "full", None), {})
-        budgets = sorted({b for _, _, _, b in cells if b is not None})
-        methods = list(dict.fromkeys(label for _, _, label, _ in cells))
-        shown = ("increase in NLL over the full cache [instances]" if task == "nll" else
-                 "retrieved / instances" if task in COUNTED else "mean [instances]")
-        vs = f"; in brackets: the paired difference to {against} (mean ± standard error)" if against else ""
-        if against and task in COUNTED:
-            vs = f"; in brackets: retrieved minus {against}'s, on the instances both ran"
-        if against and against not in methods:
-            vs = f"; {against} has no records here"
-        full_text = (f"; full cache {sum(full.values()) / len(full):.3f} over {len(full)} instances"
-                     if full and task not in COUNTED else
-                     f"; full cache {sum(full.values()):.0f}/{len(full)}" if full else "")
-        out.append(f"**{task}, memory {memory}**: {shown}{vs}{full_text}\n")
+        budgets = sorted({b for _, _, _, b in group if b is not None})
+        methods = list(dict.fromkeys(label for _, _, label, _ in group))
+        title = task + (f", memory {memory}" if memory else "")
+        out.append(f"**{title}**: {_legend(task, against, methods, full)}\n")
         out.append("| method | " + " | ".join(f"{b:g}" for b in budgets) + " |")
         out.append("|---|" + "---|" * len(budgets))
         for label in methods:
             row = []
             for b in budgets:
-                vals = cells.get((task, memory, label, b))
-                ref = cells.get((task, memory, against, b), {}) if against and label != against else None
+                vals = group.get((task, memory, label, b))
+                ref = group.get((task, memory, against, b), {}) if against and label != against else None
                 row.append(_cell_text(task, vals, full, ref) if vals else "")
             out.append(f"| {label} | " + " | ".join(row) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def _task_names(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated task names, got nothing")
+    return names
 
 
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -213,16 +289,16 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
         "compare", help="pool several `kvzoo eval` runs and compare methods instance by instance",
         formatter_class=HelpFormatter,
         description="Reads the results.json of each RUN (a `kvzoo eval --out` directory or the file), pools "
-                    "the instances of every run (runs of one seed share instances, other seeds add new ones) "
-                    "and prints, per task, budget and method, the pooled value and the paired difference to "
-                    "--against on the instances both ran (mean ± standard error).",
+                    "their instances (a text window drawn by two seeds counts once) and prints, per task, "
+                    "memory mode, budget and method, the pooled value and the paired difference to --against "
+                    "on the instances both ran (mean ± standard error). Runs must share the model and dtype.",
     )
     p.add_argument("runs", nargs="+", metavar="RUN", help="`kvzoo eval --out` directories or results.json files")
     p.add_argument("--against", default=None, metavar="METHOD",
                    help="a method label of the runs (e.g. h2o, 'zsmerge:proximity=0.75') to pair every other "
                         "method with (default: none, only the full cache)")
-    p.add_argument("--tasks", default=None, type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-                   help="only these tasks (e.g. nll,needle-aware; default: every task in the runs)")
+    p.add_argument("--tasks", default=None, type=_task_names,
+                   help="only these tasks (nll, needle = both layouts, needle-aware, ...; default: every task)")
     p.set_defaults(func=run_compare_command)
 
 

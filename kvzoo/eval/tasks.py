@@ -48,22 +48,29 @@ class NeedleInstance:
         return self.haystack + self.question
 
 
-def text_instances(corpus: list[int], n: int, context_len: int, continuation_len: int, seed: int) -> list[TextInstance]:
-    """n windows of context_len + continuation_len tokens at seeded offsets; disjoint while the corpus has
-    room for n disjoint windows, else drawn independently."""
+def text_offsets(corpus_len: int, n: int, context_len: int, continuation_len: int, seed: int) -> list[int]:
+    """Where the n windows of context_len + continuation_len tokens start in a corpus of corpus_len tokens, at
+    seeded offsets: disjoint while the corpus has room for n disjoint windows, else drawn independently.
+    Different seeds draw from the same grid of disjoint windows, so their instances can coincide (a short
+    corpus has few windows: `kvzoo compare` pools runs by offset)."""
     span = context_len + continuation_len
-    if len(corpus) < span:
+    if corpus_len < span:
         raise KvzooError(
-            f"the text has {len(corpus)} tokens, fewer than one instance needs ({context_len} context + "
+            f"the text has {corpus_len} tokens, fewer than one instance needs ({context_len} context + "
             f"{continuation_len} continuation); give a longer --source or a shorter --context-len"
         )
     rng = random.Random(seed)
-    slots = len(corpus) // span
+    slots = corpus_len // span
     if slots >= n:
-        offsets = [i * span for i in sorted(rng.sample(range(slots), n))]
-    else:
-        offsets = [rng.randrange(len(corpus) - span + 1) for _ in range(n)]
-    return [TextInstance(corpus[o:o + context_len], corpus[o + context_len:o + span], o) for o in offsets]
+        return [i * span for i in sorted(rng.sample(range(slots), n))]
+    return [rng.randrange(corpus_len - span + 1) for _ in range(n)]
+
+
+def text_instances(corpus: list[int], n: int, context_len: int, continuation_len: int, seed: int) -> list[TextInstance]:
+    """The n seeded windows of `text_offsets`, split into context and continuation."""
+    span = context_len + continuation_len
+    return [TextInstance(corpus[o:o + context_len], corpus[o + context_len:o + span], o)
+            for o in text_offsets(len(corpus), n, context_len, continuation_len, seed)]
 
 
 def needle_instances(
