@@ -1,4 +1,4 @@
-"""The `kvzoo` command: generate, chat, compress, ask, info, convert, demo, eval, bench.
+"""The `kvzoo` command: generate, chat, compress, ask, info, convert, demo, eval, compare, bench.
 
 The pieces other commands reuse: `HelpFormatter` (every option's default shown), `add_model_args`,
 `add_generation_args`, `add_prompt_args` / `read_prompt` (argument, `-` for stdin, or `--file`),
