@@ -179,8 +179,8 @@ class ZSMerge(CompressionMethod):
     #   +0.239 / +0.177 / +0.133, needle 17 / 42 / 54% against 8 / 33 / 46% and 17 / 42 / 42% against
     #   12 / 33 / 46% on a second set. Session 18 (seeds 5, 6; 23 distinct texts, 48 needles): the leverage
     #   share is the whole NLL gap to H2O (attention_shares: -0.002 / -0.001 / +0.004 against H2O, the default
-    #   +0.003 / +0.010 / +0.015) and what retrieves (query-aware needles 11 / 20 / 28 against attention_shares' 6 / 11 /
-    #   16; `make demo`'s stored document: 5 of 6 facts at 50% kept against 1 of 6).
+    #   +0.003 / +0.010 / +0.015) and what retrieves (query-aware needles 11 / 20 / 28 against attention_shares'
+    #   6 / 11 / 16; `make demo`'s stored document: 5 of 6 facts at 50% kept against 1 of 6).
     # - "block_shares": "shares" with a fourth share, the attention each token receives from every query of its
     #   256-position block, before and after it, times its value norm (Compactor's query-agnostic attention,
     #   scoring.block_attention, average-pooled over 3 positions), over the chunk's sum: what the text

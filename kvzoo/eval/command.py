@@ -28,7 +28,7 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _names(text: str) -> list[str]:
+def comma_names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
@@ -43,12 +43,12 @@ def add_eval_parser(sub: argparse._SubParsersAction, add_model_args) -> None:  #
     p.add_argument("suite", nargs="?", choices=("builtin", "longbench"), default="builtin",
                    help="builtin: the tasks below on --source text; longbench: LongBench jsonl files in --data")
     add_model_args(p)
-    p.add_argument("--methods", type=_names, default=list(DEFAULT_METHODS),
+    p.add_argument("--methods", type=comma_names, default=list(DEFAULT_METHODS),
                    help="comma-separated method names (the full cache is always run)")
     p.add_argument("--method", action="append", default=[], metavar="SPEC",
                    help="an extra method spec, e.g. 'zsmerge:rank=accumulated' (repeatable; default: none)")
     p.add_argument("--budgets", type=_floats, default=list(DEFAULT_BUDGETS), help="ratios of the prompt kept")
-    p.add_argument("--tasks", type=_names, default=list(tasks.TASKS), help=f"any of {', '.join(tasks.TASKS)}")
+    p.add_argument("--tasks", type=comma_names, default=list(tasks.TASKS), help=f"any of {', '.join(tasks.TASKS)}")
     p.add_argument("--n", type=int, default=8, help="nll / agreement instances")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing instances")
     p.add_argument("--source", default=BUILTIN_SOURCE,
@@ -67,7 +67,7 @@ def add_eval_parser(sub: argparse._SubParsersAction, add_model_args) -> None:  #
                         "also get the generated tokens' worth of slots, so every method ends with the same memory")
     p.add_argument("--data", default=None,
                    help="longbench: the directory of <task>.jsonl files (required there; default: none)")
-    p.add_argument("--longbench-tasks", type=_names, default=None,
+    p.add_argument("--longbench-tasks", type=comma_names, default=None,
                    help="longbench: only these tasks (default: every supported task found in --data)")
     p.add_argument("--out", default="eval-results", help="directory for results.json / results.md / charts")
     p.add_argument("--plot", action="store_true", help="write PNG charts (needs matplotlib)")

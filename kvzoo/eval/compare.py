@@ -20,6 +20,8 @@ from typing import Any
 
 from kvzoo.cli import HelpFormatter
 from kvzoo.errors import KvzooError, KvzooWarning
+from kvzoo.eval.command import comma_names
+from kvzoo.eval.report import budget_table
 from kvzoo.eval.tasks import text_offsets
 
 # Each task's main value (what `kvzoo eval` tabulates first); longbench-<task> records hold "score".
@@ -64,9 +66,8 @@ def results_file(path: str | Path) -> Path:
     return target
 
 
-def read_run(path: str | Path) -> dict[str, Any]:
-    """The payload of one `kvzoo eval` run, checked to be one."""
-    target = results_file(path)
+def read_run(target: Path) -> dict[str, Any]:
+    """The payload of one `kvzoo eval` results file (`results_file`), checked to be one."""
     try:
         payload = json.loads(target.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -147,7 +148,7 @@ def pool_runs(paths: list[str | Path]) -> Pool:
     seen_identity: dict[tuple[str | None, str | None], str] = {}
     for path in paths:
         target = results_file(path)
-        payload = read_run(path)
+        payload = read_run(target)
         name = str(path)
         model, dtype = _identity(payload)
         for (other_model, other_dtype), other in seen_identity.items():
@@ -172,7 +173,7 @@ def pool_runs(paths: list[str | Path]) -> Pool:
                 clashes[(cell, pool.origin[(cell, key)])].append(abs(kept - value))
         for ((task, mode, label, budget), first), diffs in clashes.items():
             between = f"twice in {name}" if first == name else f"between {first} and {name}"
-            where = f"{task}" + (f", memory {mode}" if mode else "") + ("" if budget is None else f", budget {budget:g}")
+            where = task + (f", memory {mode}" if mode else "") + ("" if budget is None else f", budget {budget:g}")
             pool.conflicts.append(f"{label} ({where}): {len(diffs)} instance{'s' * (len(diffs) > 1)} differ "
                                   f"{between} (largest difference {max(diffs):.3g}); kept {first}'s")
     return pool
@@ -250,7 +251,8 @@ def compare_markdown(pool: Pool, against: str | None = None, tasks: list[str] | 
     groups = sorted({(t, m) for t, m, label, _ in cells if label != "full"}, key=lambda g: (g[0], g[1] or ""))
     if not groups:
         have = sorted({t for t, _, label, _ in pool.values if label != "full"})
-        raise KvzooError("no compressed-method records to compare" + (f" for tasks {', '.join(tasks)}" if tasks else "")
+        asked = f" for tasks {', '.join(tasks)}" if tasks else ""
+        raise KvzooError(f"no compressed-method records to compare{asked}"
                          + (f"; the runs have {', '.join(have)}" if have else ""))
     labels = list(dict.fromkeys(label for _, _, label, _ in cells if label != "full"))
     if against is not None and against not in labels:
@@ -264,24 +266,15 @@ def compare_markdown(pool: Pool, against: str | None = None, tasks: list[str] | 
         methods = list(dict.fromkeys(label for _, _, label, _ in group))
         title = task + (f", memory {memory}" if memory else "")
         out.append(f"**{title}**: {_legend(task, against, methods, full)}\n")
-        out.append("| method | " + " | ".join(f"{b:g}" for b in budgets) + " |")
-        out.append("|---|" + "---|" * len(budgets))
+        table = {}
         for label in methods:
-            row = []
+            table[label] = []
             for b in budgets:
                 vals = group.get((task, memory, label, b))
                 ref = group.get((task, memory, against, b), {}) if against and label != against else None
-                row.append(_cell_text(task, vals, full, ref) if vals else "")
-            out.append(f"| {label} | " + " | ".join(row) + " |")
-        out.append("")
+                table[label].append(_cell_text(task, vals, full, ref) if vals else "")
+        out += budget_table(budgets, table)
     return "\n".join(out)
-
-
-def _task_names(text: str) -> list[str]:
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("expected comma-separated task names, got nothing")
-    return names
 
 
 def add_compare_parser(sub: argparse._SubParsersAction) -> None:
@@ -297,7 +290,7 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--against", default=None, metavar="METHOD",
                    help="a method label of the runs (e.g. h2o, 'zsmerge:proximity=0.75') to pair every other "
                         "method with (default: none, only the full cache)")
-    p.add_argument("--tasks", default=None, type=_task_names,
+    p.add_argument("--tasks", default=None, type=comma_names,
                    help="only these tasks (nll, needle = both layouts, needle-aware, ...; default: every task)")
     p.set_defaults(func=run_compare_command)
 

@@ -151,14 +151,19 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
         methods = list(dict.fromkeys(r["method"] for r in cells if r["method"] != "full"))
         n = max(r["n"] for r in cells)
         out.append(f"**{heading.format(full=full_text)}** ({n} instances)\n")
-        out.append("| method | " + " | ".join(f"{b:g}" for b in budgets) + " |")
-        out.append("|---|" + "---|" * len(budgets))
+        table = {}
         for m in methods:
             by_budget = {r["budget"]: r for r in cells if r["method"] == m}
-            values = [fmt.format(by_budget[b][key]) if b in by_budget and key in by_budget[b] else "" for b in budgets]
-            out.append(f"| {m} | " + " | ".join(values) + " |")
-        out.append("")
+            table[m] = [fmt.format(by_budget[b][key]) if key in by_budget.get(b, {}) else "" for b in budgets]
+        out += budget_table(budgets, table)
     return "\n".join(out)
+
+
+def budget_table(budgets: list[float], rows: dict[str, list[str]]) -> list[str]:
+    """The lines of a markdown table with a column per budget and a row per method (its cells' texts), and a
+    blank line after it."""
+    lines = ["| method | " + " | ".join(f"{b:g}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    return lines + [f"| {method} | " + " | ".join(cells) + " |" for method, cells in rows.items()] + [""]
 
 
 def write_markdown(path: Path, title: str, prov: dict[str, Any], body: str) -> Path:
