@@ -195,7 +195,7 @@ def test_bad_sources_are_named(tmp_path):
     empty.write_text("  \n")
     with pytest.raises(KvzooError, match="the text is empty"):
         read_source(empty)
-    with pytest.raises(KvzooError, match="no .txt or .md file"):
+    with pytest.raises(KvzooError, match="no .txt, .md or .html file"):
         read_source(_empty_dir(tmp_path))
     with pytest.raises(KvzooError, match="unknown compression method 'nosuch'"):
         method_cases(["nosuch"], [0.1])
@@ -207,6 +207,22 @@ def test_bad_sources_are_named(tmp_path):
     with pytest.raises(KvzooError, match="unknown compression method 'nosuch'"):
         method_cases(["nosuch:budget=0.1"], [0.05])
     assert [c.method.budget for c in method_cases(["zsmerge:alpha=1"], [0.05, 0.2])[1:]] == [0.05, 0.2]
+
+
+def test_an_html_source_is_read_as_its_prose(tmp_path):
+    page = tmp_path / "book" / "print.html"
+    page.parent.mkdir()
+    page.write_text("<html><head><title>Book</title><style>p {color: red}</style></head><body>"
+                    "<nav><a href='#'>Contents</a></nav><h1>Chapter&nbsp;1</h1>"
+                    "<p>The <code>main</code>\n   function &amp; its\nbody.</p><pre><code>fn main() {}</code></pre>"
+                    "<ul><li>first item</li><li>second</li></ul><script>var x = 1;</script>"
+                    "<p>Last <em>words</em>.<br>After a break.</p></body></html>", encoding="utf-8")
+    expected = ("Chapter 1\n\nThe main function & its body.\n\nfirst item\n\nsecond\n\n"
+                "Last words.\n\nAfter a break.")
+    assert read_source(page) == expected
+    notes = page.parent / "notes.txt"  # a directory reads both kinds, in sorted order
+    notes.write_text("Plain <p>text</p> is read as it is.", encoding="utf-8")
+    assert read_source(page.parent) == "Plain <p>text</p> is read as it is.\n\n" + expected
 
 
 def _empty_dir(tmp_path):

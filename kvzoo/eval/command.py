@@ -52,7 +52,7 @@ def add_eval_parser(sub: argparse._SubParsersAction, add_model_args) -> None:  #
     p.add_argument("--n", type=int, default=8, help="nll / agreement instances")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing instances")
     p.add_argument("--source", default=BUILTIN_SOURCE,
-                   help="text file or directory of .txt/.md files (default: CPython's documentation prose)")
+                   help="text or HTML file, or a directory of .txt/.md/.html files (default: CPython's documentation prose)")
     p.add_argument("--context-len", type=int, default=3072, help="nll / agreement context tokens")
     p.add_argument("--continuation-len", type=int, default=256, help="nll tokens teacher-forced after it")
     p.add_argument("--agreement-tokens", type=int, default=64, help="greedy tokens compared with the full cache's")
