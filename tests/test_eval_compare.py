@@ -98,7 +98,21 @@ def test_a_record_that_differs_between_runs_is_reported_and_the_first_kept(tmp_p
     assert f"kvzoo: warning: full (nll): 1 instance differ between {a} and {b}" in err
     assert "| zsmerge | +0.500 [3] |" in out  # against a's full cache
     with pytest.warns(KvzooWarning, match="largest difference 0.25"):
-        run_compare_command(argparse.Namespace(runs=[a, b], against=None, tasks=None))
+        run_compare_command(argparse.Namespace(runs=[a, b], against=None, tasks=None, rename=[]))
+
+
+def test_a_method_recorded_under_another_label_pools_when_renamed(tmp_path, capsys):
+    # Run a wrote today's default out as its spec; run b (another seed, here other windows) as "zigzag".
+    spec = "zigzag:window_size=32,pooling=avg"
+    a = write_run(tmp_path / "a", nll("full", None, FULL) + nll(spec, 0.05, [2.5, 3.5, 1.5]))
+    b = write_run(tmp_path / "b", nll("full", None, FULL) + nll("zigzag", 0.05, [2.0, 3.0, 1.0]), context_len=1024)
+    assert main(["compare", str(a), str(b)]) == 0
+    assert "| zigzag | +0.000 [3] |" in capsys.readouterr().out  # two rows without the rename
+    assert main(["compare", str(a), str(b), "--rename", spec, "zigzag"]) == 0
+    out = capsys.readouterr().out
+    assert "| zigzag | +0.250 [6] |" in out and spec not in out
+    assert main(["compare", str(a), "--rename", "zigzag:pooling=max", "zigzag"]) == 2
+    assert "--rename: no run holds a method labelled 'zigzag:pooling=max'" in capsys.readouterr().err
 
 
 def test_bad_runs_and_arguments_are_named(tmp_path, capsys):

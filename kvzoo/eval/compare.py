@@ -140,10 +140,14 @@ def _identity(payload: dict[str, Any]) -> tuple[str | None, str | None]:
     return payload.get("model"), payload.get("provenance", {}).get("dtype")
 
 
-def pool_runs(paths: list[str | Path]) -> Pool:
+def pool_runs(paths: list[str | Path], renames: dict[str, str] | None = None) -> Pool:
     """Every record of every run, keyed by cell and instance. A record met twice (the full cache of two runs,
     one window drawn by two seeds) is kept once; if the two differ (different code), the first is kept and
-    the conflict reported. Runs of different models or dtypes are refused."""
+    the conflict reported. Runs of different models or dtypes are refused. `renames` {label: as}: a method
+    recorded under another label in some runs (a default written out as its spec before it became the
+    default) pools as `as`; a label no run holds is refused (a typo would silently rename nothing)."""
+    renames = renames or {}
+    unused = set(renames)
     pool = Pool()
     seen_identity: dict[tuple[str | None, str | None], str] = {}
     for path in paths:
@@ -162,6 +166,9 @@ def pool_runs(paths: list[str | Path]) -> Pool:
         clashes: dict[tuple[CellKey, str], list[float]] = defaultdict(list)  # (cell, run kept) -> differences
         for r in payload["records"]:
             task, label, budget, instance, value = _record_fields(r, target)
+            if label in renames:
+                unused.discard(label)
+                label = renames[label]
             mode = None if label == "full" or task in NO_MEMORY_MODE else memory
             cell = (task, mode, label, budget)
             key = keys(task, instance)
@@ -176,6 +183,8 @@ def pool_runs(paths: list[str | Path]) -> Pool:
             where = task + (f", memory {mode}" if mode else "") + ("" if budget is None else f", budget {budget:g}")
             pool.conflicts.append(f"{label} ({where}): {len(diffs)} instance{'s' * (len(diffs) > 1)} differ "
                                   f"{between} (largest difference {max(diffs):.3g}); kept {first}'s")
+    if unused:
+        raise KvzooError(f"--rename: no run holds a method labelled {', '.join(map(repr, sorted(unused)))}")
     return pool
 
 
@@ -292,11 +301,14 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
                         "method with (default: none, only the full cache)")
     p.add_argument("--tasks", default=None, type=comma_names,
                    help="only these tasks (nll, needle = both layouts, needle-aware, ...; default: every task)")
+    p.add_argument("--rename", nargs=2, action="append", default=[], metavar=("LABEL", "AS"),
+                   help="pool the method labelled LABEL as AS (repeatable), e.g. a default that older runs "
+                        "recorded under its spec: --rename 'zigzag:window_size=32,pooling=avg' zigzag")
     p.set_defaults(func=run_compare_command)
 
 
 def run_compare_command(args: argparse.Namespace) -> None:
-    pool = pool_runs(args.runs)
+    pool = pool_runs(args.runs, dict(args.rename))
     for conflict in pool.conflicts:
         warnings.warn(conflict, KvzooWarning, stacklevel=2)
     print(compare_markdown(pool, args.against, args.tasks))
