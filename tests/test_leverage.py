@@ -223,6 +223,57 @@ def test_zsmerge_leverage_share_keeps_a_key_nobody_reads():
     assert unique in kept and unique not in without, (kept, without)
 
 
+def test_zsmerge_leverage_share_goes_to_a_basis_of_the_keys():
+    """leverage_tokens="basis" (default): only the round(sum of leverages) + 1 highest-leverage tokens of a
+    head (the centred keys' effective dimension under the ridge, plus the mean's direction) keep their
+    leverage share, which is the share of the whole sum as before; the kept context is the top of
+    max(accumulated, window, that share), from the definitions (float64), and on this input differs from
+    leverage_tokens="all" (every token's share) and from a cap of 2."""
+    from kvzoo.cache.zsmerge import ZSMerge
+    from tests.method_helpers import drive_synthetic, random_qkv
+
+    n, w, kernel, context = 40, 8, 3, 20
+    qkv = random_qkv(1, 1, 1, 1, n, seed=24, scale=3.0)
+    accumulated, window, own = _attention_shares(qkv, n, w, kernel)
+    leverage = reference_leverage(qkv.k[0][0, 0])
+    dimension = round(leverage.sum().item()) + 1
+    assert 7 <= dimension <= 9  # head_dim 8
+    spec = dict(budget=context + 4, proximity=3, residual=1, kernel_size=kernel, decay=1.0, rank="shares")
+    kept, expected = {}, {}
+    for tokens, count in (("basis", dimension), ("all", n), (2, 2)):
+        highest = set(leverage.argsort(descending=True)[:count].tolist())
+        share = torch.tensor([leverage[j] / leverage.sum() if j in highest else 0.0 for j in range(n)])
+        expected[tokens] = _top(torch.maximum(torch.maximum(accumulated, window), share), own, n, context)
+        pos = drive_synthetic(ZSMerge(**spec, leverage_tokens=tokens), qkv, [n], 0).snapshots[0].layers[0]["pos"]
+        kept[tokens] = set(pos[0, 0, 1:1 + context].tolist())
+    assert kept == expected
+    assert kept["basis"] != kept["all"] and kept["basis"] != kept[2], "the input does not tell the counts apart"
+
+
+@pytest.mark.parametrize("n", [5, 9, 30, 64])
+def test_zsmerge_leverage_basis_counts_the_keys_dimension_and_their_mean(n):
+    """The leverage share of a fresh chunk of n random keys (head_dim 8), against every token's share: the
+    round(sum of leverages) + 1 highest-leverage tokens keep it unchanged, the rest get 0; a chunk of at most
+    head_dim + 1 tokens (centred, its keys span n - 1 directions) keeps every token's share."""
+    from kvzoo.cache.zsmerge import ZSMerge
+
+    keys = torch.randn(1, 2, n, 8, generator=torch.Generator().manual_seed(n))
+    chunk = candidates(keys)
+    chunk.k, chunk.rope = keys, None  # the chunk's own keys, here every candidate
+    valid = torch.ones(1, 2, n, dtype=torch.bool)
+    every = ZSMerge(leverage_tokens="all")._leverage_share(chunk, valid)
+    basis = ZSMerge(leverage_tokens="basis")._leverage_share(chunk, valid)
+    for head in range(2):
+        leverage = reference_leverage(keys[0, head])
+        count = min(n, round(leverage.sum().item()) + 1)
+        highest = leverage.argsort(descending=True)[:count]
+        expected = torch.zeros(n, dtype=torch.float64)
+        expected[highest] = leverage[highest] / leverage.sum()
+        assert torch.allclose(basis[0, head].double(), expected, atol=1e-5)
+        assert torch.allclose(every[0, head].double(), leverage / leverage.sum(), atol=1e-5)
+        assert (count == n) == (n <= 9), (n, count)
+
+
 def test_zsmerge_block_shares_adds_what_the_text_around_a_token_reads():
     """rank="block_shares": a fourth share, the attention each token receives from every query of its
     256-position block, earlier and later ones alike (unscaled logits q.k, Compactor's), times its value

@@ -29,7 +29,8 @@ Ambiguities (METHODS.md 1.6) resolved as recommended:
   evicting (0): alpha < 1 lends part of that mass back to the exact slots.
 Defaults: budget 0.2 of the prompt (code), B_p = 0.5 B (paper's recommendation), B_r = 0.02 (B - B_p)
 (paper; at least 1), rank "shares" (paper "window"), decay 1.0 (paper 0.98), window 8, max-pool 7 (paper 5),
-dot-product slot choice (Eq. 6), alpha 0.5 (paper 1), no leverage term; a kept slot stores its accumulated
+dot-product slot choice (Eq. 6), alpha 0.5 (paper 1), the leverage share for a basis of each chunk's keys
+(`leverage_tokens="basis"`), no leverage term; a kept slot stores its accumulated
 attention, the standing it was ranked by kept beside it for later prompt chunks (`decode_score`).
 
 Measured effect of the defaults that differ from the paper (tools/RESULTS.md; SmolLM2-135M, 16 2048-token
@@ -43,6 +44,9 @@ instances):
   kept (development 6 / 6 / 7 of 12 against 3 / 5 / 4; held out 17 / 42 / 54% against 8 / 33 / 46% and
   17 / 42 / 42% against 12 / 33 / 46%); needles asked after compression unchanged. H2O still leads NLL by
   0.01-0.04.
+- leverage_tokens "basis" (session 19): only as many tokens as the keys' effective dimension keep the leverage
+  share; NLL 0.004 +- 0.002 / 0.009 +- 0.003 lower at 10 / 20% kept (23 windows; on the Rust book, 16 more:
+  0.003 / 0.007), 3 fewer of 48 query-aware needles at 20% and the same elsewhere; see `leverage_tokens`.
 - decode_score "accumulated" (session 13): a token kept for its window or leverage share is evicted in decode
   when the attention it gets falls below the token leaving the ring's: NLL 0.015 +- 0.005 lower at 5% kept
   (held out; 0.006 / 0.002 at 10 / 20%), the same needles; see `decode_score`.
@@ -173,7 +177,7 @@ class ZSMerge(CompressionMethod):
     # - "shares": "attention_shares" with a third share, each token's leverage among the pre-RoPE keys of its
     #   prompt chunk over the chunk's sum of leverages (scoring.own_key_leverage, Compactor's query-agnostic
     #   signal): a token no combination of the others reproduces (a number, a name) is kept although no query
-    #   has read it yet. Keys kept from earlier chunks compete by their standings (share 0 here). With
+    #   has read it yet (only a basis of the keys, `leverage_tokens`, since session 19). Keys kept from earlier chunks compete by their standings (share 0 here). With
     #   decay=1.0, against "window": development NLL -0.002 +- 0.014 / -0.010 +- 0.013 at 5 / 20% (paired),
     #   needle 6 / 6 / 7 of 12 (3 / 5 / 4); held out NLL +0.233 / +0.174 / +0.123 at 5 / 10 / 20% against
     #   +0.239 / +0.177 / +0.133, needle 17 / 42 / 54% against 8 / 33 / 46% and 17 / 42 / 42% against
@@ -227,6 +231,22 @@ class ZSMerge(CompressionMethod):
     # Compactor's scores are standardised over one chunk and the slots keep attention scores, so the two
     # cannot rank each other: generation with `prefill_chunk` is refused (`supports_chunked_prefill`).
     context_rank: str = "score"
+    # With rank="shares": how many of a prompt chunk's tokens per KV head may be kept for their leverage share
+    # (those with the highest leverage; the share itself is unchanged). "basis" (default): one more than the
+    # chunk's leverages sum to, i.e. the effective dimension of its centred keys under the ridge (about 61-64
+    # of the default model's 64 per head on 2048-token texts) plus the mean's direction that centring removed:
+    # enough tokens to span every direction the keys take, and no more. A chunk of at most head_dim + 1
+    # tokens (a short document, a question) keeps every token's share: its centred keys sum to n - 1, and
+    # without the + 1 the cut would drop one near-arbitrary token per head (it changed a chat's answer). "all" (sessions 9-18): every token, which at 10-20% kept let the leverage share win about
+    # a third to a half of the context slots (27 / 33 / 44% of 113 / 163 / 264, two texts), most of them keys
+    # only slightly above the average leverage, displacing tokens the continuation reads. An integer: that
+    # many. Measured (tools/RESULTS.md, "Session 19"; seeds 5 and 6, 23 windows at equal memory, 48 needles):
+    # "basis" against "all": NLL -0.000 +- 0.000 / -0.004 +- 0.002 / -0.009 +- 0.003 at 5 / 10 / 20% kept
+    # (16 windows of a second genre, the Rust book: -0.001 / -0.003 +- 0.003 / -0.007 +- 0.006), query-aware
+    # needles 11 / 20 / 25 against 11 / 20 / 28, asked-after 5 / 8 / 7 against 5 / 8 / 8, and `make demo`'s
+    # stored document 5 of 6 facts at 50% and 80% as before. 16 tokens: NLL -0.006 / -0.007 / -0.010, but the
+    # demo keeps 1 of 6 facts at 50% (3 at 80%): the basis is what a stored document's facts need.
+    leverage_tokens: int | str = "basis"
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "ZSMerge")
@@ -250,6 +270,12 @@ class ZSMerge(CompressionMethod):
             raise KvzooError(f"ZSMerge: score_update must be 'max' or 'sum', got {self.score_update!r}")
         if isinstance(self.leverage, bool) or not isinstance(self.leverage, (int, float)) or self.leverage < 0:
             raise KvzooError(f"ZSMerge: leverage must be a number >= 0, got {self.leverage!r}")
+        if self.leverage_tokens not in ("basis", "all") and (
+            isinstance(self.leverage_tokens, bool) or not isinstance(self.leverage_tokens, int)
+            or self.leverage_tokens < 0
+        ):
+            raise KvzooError(f"ZSMerge: leverage_tokens must be 'basis', 'all' or a token count >= 0, got "
+                             f"{self.leverage_tokens!r}")
         if self.rank not in RANKS:
             raise KvzooError(f"ZSMerge: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
         if isinstance(self.window_weight, bool) or not isinstance(self.window_weight, (int, float)) or (
@@ -366,7 +392,7 @@ class ZSMerge(CompressionMethod):
         mass = (standing * valid).sum(-1, keepdim=True)  # [B, Hkv, 1]: the standings are shares of this mass
         share = attention_shares(standing, fresh, valid)
         if self.rank in ("shares", "block_shares"):
-            share = torch.maximum(share, self._chunk_share(own_key_leverage(chunk), valid))
+            share = torch.maximum(share, self._leverage_share(chunk, valid))
         if self.rank == "block_shares":  # Compactor's defaults: 256-position blocks, unscaled logits, pooled 3
             share = torch.maximum(share, self._chunk_share(block_attention(chunk), valid))
         return share * mass, fresh, total
@@ -406,6 +432,23 @@ class ZSMerge(CompressionMethod):
         steps = (self._first_position(chunk) - slots.state["standing_written"]).clamp(min=0)  # [B] decode steps
         decayed = bonus * held * (self.decay ** steps.double()).float()[:, None, None]
         return F.pad(decayed, (0, t))
+
+    def _leverage_share(self, chunk: "PrefillChunk", valid: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, S] the leverage share of rank="shares": each of the chunk's tokens' share of the chunk's
+        key leverage (`_chunk_share`), granted only to the `leverage_tokens` highest leverages of its head
+        ("basis": one more than the leverages sum to, the keys' effective dimension); 0 for the rest."""
+        own = own_key_leverage(chunk)  # [B, Hkv, T]
+        share = self._chunk_share(own, valid)
+        if self.leverage_tokens == "all":
+            return share
+        # The leverages of centred keys sum to the dimension of their span less the mean's direction, which
+        # centring removed (n keys: at most n - 1): one more token spans the keys themselves.
+        count = own.sum(-1, keepdim=True).round() + 1 if self.leverage_tokens == "basis" \
+            else self.leverage_tokens  # [B, Hkv, 1] or an int
+        lead = valid.shape[-1] - own.shape[-1]  # candidates kept from earlier chunks come first
+        rank = F.pad(own, (lead, 0)).masked_fill(~valid, NEG_INF)
+        rank[..., :lead] = NEG_INF
+        return share * top_mask(rank, chunk.key_pos, count)
 
     @staticmethod
     def _chunk_share(own: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
