@@ -177,9 +177,10 @@ class ZSMerge(CompressionMethod):
     # - "shares": "attention_shares" with a third share, each token's leverage among the pre-RoPE keys of its
     #   prompt chunk over the chunk's sum of leverages (scoring.own_key_leverage, Compactor's query-agnostic
     #   signal): a token no combination of the others reproduces (a number, a name) is kept although no query
-    #   has read it yet (only a basis of the keys, `leverage_tokens`, since session 19). Keys kept from earlier chunks compete by their standings (share 0 here). With
-    #   decay=1.0, against "window": development NLL -0.002 +- 0.014 / -0.010 +- 0.013 at 5 / 20% (paired),
-    #   needle 6 / 6 / 7 of 12 (3 / 5 / 4); held out NLL +0.233 / +0.174 / +0.123 at 5 / 10 / 20% against
+    #   has read it yet (only a basis of the keys, `leverage_tokens`, since session 19). Keys kept from
+    #   earlier chunks compete by their standings (share 0 here). With decay=1.0, against "window":
+    #   development NLL -0.002 +- 0.014 / -0.010 +- 0.013 at 5 / 20% (paired), needle 6 / 6 / 7 of 12 (3 / 5 / 4);
+    #   held out NLL +0.233 / +0.174 / +0.123 at 5 / 10 / 20% against
     #   +0.239 / +0.177 / +0.133, needle 17 / 42 / 54% against 8 / 33 / 46% and 17 / 42 / 42% against
     #   12 / 33 / 46% on a second set. Session 18 (seeds 5, 6; 23 distinct texts, 48 needles): the leverage
     #   share is the whole NLL gap to H2O (attention_shares: -0.002 / -0.001 / +0.004 against H2O, the default
@@ -237,10 +238,11 @@ class ZSMerge(CompressionMethod):
     # of the default model's 64 per head on 2048-token texts) plus the mean's direction that centring removed:
     # enough tokens to span every direction the keys take, and no more. A chunk of at most head_dim + 1
     # tokens (a short document, a question) keeps every token's share: its centred keys sum to n - 1, and
-    # without the + 1 the cut would drop one near-arbitrary token per head (it changed a chat's answer). "all" (sessions 9-18): every token, which at 10-20% kept let the leverage share win about
-    # a third to a half of the context slots (27 / 33 / 44% of 113 / 163 / 264, two texts), most of them keys
-    # only slightly above the average leverage, displacing tokens the continuation reads. An integer: that
-    # many. Measured (tools/RESULTS.md, "Session 19"; seeds 5 and 6, 23 windows at equal memory, 48 needles):
+    # without the + 1 the cut would drop one near-arbitrary token per head (it changed a chat's answer).
+    # "all" (sessions 9-18): every token, which at 10-20% kept let the leverage share win about a third to a
+    # half of the context slots (27 / 33 / 44% of 113 / 163 / 264, two texts), most of them keys only slightly
+    # above the average leverage, displacing tokens the continuation reads. An integer: that many. Measured
+    # (tools/RESULTS.md, "Session 19"; seeds 5 and 6, 23 windows at equal memory, 48 needles):
     # "basis" against "all": NLL -0.000 +- 0.000 / -0.004 +- 0.002 / -0.009 +- 0.003 at 5 / 10 / 20% kept
     # (31 windows of a second genre, the Rust book, without the + 1: -0.001 +- 0.001 / -0.002 +- 0.002 /
     # -0.008 +- 0.003), query-aware needles 11 / 20 / 25 against 11 / 20 / 28, asked-after 5 / 8 / 7 against
