@@ -239,9 +239,9 @@ class ZSMerge(CompressionMethod):
     # enough tokens to span every direction the keys take, and no more. A chunk of at most head_dim + 1
     # tokens (a short document, a question) keeps every token's share: its centred keys sum to n - 1, and
     # without the + 1 the cut would drop one near-arbitrary token per head (it changed a chat's answer).
-    # "all" (sessions 9-18): every token, which at 10-20% kept let the leverage share win about a third to a
-    # half of the context slots (27 / 33 / 44% of 113 / 163 / 264, two texts), most of them keys only slightly
-    # above the average leverage, displacing tokens the continuation reads. An integer: that many. Measured
+    # "all" (sessions 9-18): every token, which at 5 / 10 / 20% kept let the leverage share win 27 / 35 / 48% of
+    # the 113 / 163 / 264 context slots (two texts; 27 / 33 / 44% are not what attention alone keeps), most of
+    # them keys only slightly above the average leverage, displacing tokens the continuation reads. An integer: that many. Measured
     # (tools/RESULTS.md, "Session 19"; seeds 5 and 6, 23 windows at equal memory, 48 needles):
     # "basis" against "all": NLL -0.000 +- 0.000 / -0.004 +- 0.002 / -0.009 +- 0.003 at 5 / 10 / 20% kept
     # (31 windows of a second genre, the Rust book, without the + 1: -0.001 +- 0.001 / -0.002 +- 0.002 /
@@ -449,9 +449,8 @@ class ZSMerge(CompressionMethod):
         # centring removed (n keys: at most n - 1): one more token spans the keys themselves.
         count = own.sum(-1, keepdim=True).round() + 1 if self.leverage_tokens == "basis" \
             else self.leverage_tokens  # [B, Hkv, 1] or an int
-        lead = valid.shape[-1] - own.shape[-1]  # candidates kept from earlier chunks come first
-        rank = F.pad(own, (lead, 0)).masked_fill(~valid, NEG_INF)
-        rank[..., :lead] = NEG_INF
+        lead = valid.shape[-1] - own.shape[-1]  # candidates kept from earlier chunks come first, never picked
+        rank = F.pad(own, (lead, 0), value=NEG_INF).masked_fill(~valid, NEG_INF)
         return share * top_mask(rank, chunk.key_pos, count)
 
     @staticmethod
