@@ -136,6 +136,9 @@ class ZSMerge(CompressionMethod):
     window_size: int = 8  # the window's queries (every rank but "accumulated")
     kernel_size: int = 7  # paper: 5 (see "Measured effect" above)
     pooling: str = "max"
+    # How many earlier positions a token's pooled window score reads (of kernel_size; the rest are later
+    # ones). None: kernel_size // 2, centred (paper).
+    pool_behind: int | None = None
     metric: str = "dot"  # residual slot choice: "dot" (Eq. 6) or "l2"
     score_update: str = "max"
     # "window": a prefill score is the decayed attention sum over the window's queries (paper); "steady": the
@@ -268,6 +271,12 @@ class ZSMerge(CompressionMethod):
             raise KvzooError(f"ZSMerge: window_size must be an integer >= 1, got {self.window_size!r} (the score "
                              "over every prompt query, no window, is rank='accumulated')")
         check_pooling(self, "ZSMerge")
+        if self.pool_behind is not None and (
+            isinstance(self.pool_behind, bool) or not isinstance(self.pool_behind, int)
+            or not 0 <= self.pool_behind < self.kernel_size
+        ):
+            raise KvzooError(f"ZSMerge: pool_behind must be None or an integer in 0 .. kernel_size - 1 = "
+                             f"{self.kernel_size - 1}, got {self.pool_behind!r}")
         if self.metric not in ("dot", "l2"):
             raise KvzooError(f"ZSMerge: metric must be 'dot' or 'l2', got {self.metric!r}")
         if self.score_update not in ("max", "sum"):
@@ -381,7 +390,8 @@ class ZSMerge(CompressionMethod):
         if self.rank == "accumulated":
             fresh, queries = accumulated_scores(chunk, decay=self.decay), t
         else:
-            fresh = window_scores(chunk, self.window_size, self.decay, self.kernel_size, self.pooling)
+            fresh = window_scores(chunk, self.window_size, self.decay, self.kernel_size, self.pooling,
+                                  self.pool_behind)
             queries = min(self.window_size, t)
         if self.prefill_scale == "steady" and self.decay < 1:
             # sum_{a < queries} decay^a = (1 - decay^queries) / (1 - decay); decode's steady state: 1 / (1 - decay)
