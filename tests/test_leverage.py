@@ -160,7 +160,7 @@ def test_zsmerge_window_share_is_not_spent_on_a_heavy_hitter():
     assert 2 in kept and 20 in kept, kept
 
 
-def _attention_shares(qkv, n: int, w: int, kernel: int, pooling: str = "max",
+def _attention_shares(qkv, n: int, w: int, kernel: int, pooling: str = "max", behind: int | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(accumulated / its sum, pooled window / its sum, the window's own unpooled scores), float64, for one
     sequence and one head, from the attention probabilities' definition."""
@@ -169,7 +169,7 @@ def _attention_shares(qkv, n: int, w: int, kernel: int, pooling: str = "max",
     probs = reference_probs(qkv.q[0][0], qkv.k[0][0, 0], list(range(n)), list(range(n)), None)[0]  # [n, n]
     accumulated = probs.sum(0)
     own = probs[n - w:].sum(0)
-    window = torch.cat([pool_1d(own[: n - w], kernel, pooling), own[n - w:]])  # pooled before the window
+    window = torch.cat([pool_1d(own[: n - w], kernel, pooling, behind), own[n - w:]])  # pooled before the window
     return accumulated / accumulated.sum(), window / window.sum(), own
 
 
@@ -194,6 +194,29 @@ def test_zsmerge_combine_max_keeps_the_largest_attention_shares():
     assert kept == _top(torch.maximum(accumulated, window), own, n, context)
     others = [accumulated, window, accumulated + window]
     assert all(_top(score, own, n, context) != kept for score in others), "the input does not tell the rules apart"
+
+
+def test_zsmerge_pool_behind_lends_a_read_token_s_window_score_to_the_tokens_after_it():
+    """pool_behind: the window share is max-pooled over the `pool_behind` earlier positions and
+    kernel_size - 1 - pool_behind later ones (reference: pool_1d written from that definition), and the kept
+    context is the top of max(accumulated share, that window share). The window's queries read one key
+    (position 20) hard: a centred pool keeps its neighbours on both sides, a trailing one those after it."""
+    from kvzoo.cache.zsmerge import ZSMerge
+    from tests.method_helpers import drive_synthetic, random_qkv
+
+    n, w, kernel, context = 40, 8, 5, 4
+    qkv = random_qkv(1, 1, 1, 1, n, seed=4, scale=1.5)
+    read = torch.eye(8)[1]
+    qkv.k[0][0, 0, 20] = 12 * read
+    qkv.q[0][0, 0, n - w:] += 3 * read
+    kept = {}
+    for behind in (None, 4, 0):
+        accumulated, window, own = _attention_shares(qkv, n, w, kernel, behind=behind)
+        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=kernel, pool_behind=behind, decay=1.0,
+                         rank="attention_shares")
+        kept[behind] = set(drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist())
+        assert kept[behind] == _top(torch.maximum(accumulated, window), own, n, context), behind
+    assert min(kept[None]) < 20 and min(kept[4]) == 20 and max(kept[0]) == 20, kept
 
 
 def test_zsmerge_leverage_share_keeps_a_key_nobody_reads():

@@ -433,3 +433,32 @@ def test_set_size_scaled_values_leave_the_hull():
     values = qkv.v[0][0, :, :n]
     filled = torch.isfinite(snap["logw"][0])
     assert (snap["v"][0][filled].abs().amax(-1) > values.abs().max() * 1.5).any()
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 30), kernel=st.integers(1, 9), behind_frac=st.floats(0, 1), mode=st.sampled_from(["max", "avg"]),
+       seed=st.integers(0, 10**6))
+def test_pool_by_position_against_the_definition(n, kernel, behind_frac, mode, seed):
+    """scoring.pool_by_position on candidates in any slot order, some not poolable (padding, the window): each
+    poolable token pools (max or mean) the poolable tokens at positions p - behind .. p + kernel - 1 - behind,
+    written out below; the rest keep their own score."""
+    from kvzoo.cache.scoring import pool_by_position
+
+    gen = torch.Generator().manual_seed(seed)
+    behind = min(int(behind_frac * kernel), kernel - 1)
+    scores = torch.randn(1, 1, n, generator=gen)
+    order = torch.randperm(n, generator=gen)
+    key_pos = order[None, None, :]
+    poolable = (torch.rand(1, 1, n, generator=gen) < 0.8) & (key_pos < n - 2)  # the last two: a window
+    got = pool_by_position(scores, key_pos, poolable, kernel, mode, behind)
+    by_pos = torch.empty(n)
+    by_pos[order] = scores[0, 0]
+    ok = torch.zeros(n, dtype=torch.bool)
+    ok[order] = poolable[0, 0]
+    want = by_pos.clone()
+    for p in range(n):
+        if not ok[p]:
+            continue
+        span = [by_pos[j] for j in range(max(0, p - behind), min(n, p + kernel - behind)) if ok[j]]
+        want[p] = torch.stack(span).max() if mode == "max" else torch.stack(span).mean()
+    torch.testing.assert_close(got[0, 0], want[order], rtol=1e-6, atol=1e-6)
