@@ -23,10 +23,15 @@ def check_counts(config: object, method: str, names: Sequence[str]) -> None:
 
 
 def check_pooling(config: object, method: str) -> None:
-    """`config.pooling` is one of the window scores' poolings over positions (`scoring.pool_by_position`)."""
+    """`config.pooling` is one of the window scores' poolings over positions (`scoring.pool_by_position`) and
+    `config.pool_behind` None or how many of the `config.kernel_size` pooled positions come before a token."""
     pooling = getattr(config, "pooling")
     if pooling not in ("max", "avg"):
         raise KvzooError(f"{method}: pooling must be 'max' or 'avg', got {pooling!r}")
+    behind, kernel = getattr(config, "pool_behind"), getattr(config, "kernel_size")
+    if behind is not None and (isinstance(behind, bool) or not isinstance(behind, int) or not 0 <= behind < kernel):
+        raise KvzooError(f"{method}: pool_behind must be None or an integer in 0 .. kernel_size - 1 = "
+                         f"{kernel - 1}, got {behind!r}")
 
 
 def check_budget(budget: Budget, method: str, name: str = "budget") -> None:

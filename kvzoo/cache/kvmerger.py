@@ -265,6 +265,7 @@ class KVMerger(PrefillOnlyMethod):
     window_size: int = 8  # rank="attention_shares": the window's queries
     kernel_size: int = 7  # rank="attention_shares": pooling of the window's scores over positions
     pooling: str = "max"  # rank="attention_shares": "max" or "avg" (SnapKV's) over `kernel_size` positions
+    pool_behind: int | None = None  # earlier positions of the kernel_size pooled (None: centred)
 
     def __post_init__(self) -> None:
         if self.budget is not None:
@@ -370,7 +371,8 @@ class KVMerger(PrefillOnlyMethod):
         """[B, Hkv, S] what ranks the heavy hitters (`rank`), from the candidates' A_t [B, Hkv, S]."""
         if self.rank == "accumulated":
             return accumulated
-        window = window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling)
+        window = window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling,
+                               behind=self.pool_behind)
         return attention_shares(accumulated, window, torch.isfinite(chunk.key_logw))
 
     @staticmethod

@@ -31,6 +31,7 @@ class WindowSelection(ScoredSelection, PrefillOnlyMethod):
     window_size: int = 32
     kernel_size: int = 5
     pooling: str = "avg"
+    pool_behind: int | None = None  # earlier positions of the kernel_size pooled (None: centred)
     decode_cap: int | None = None
 
     def __post_init__(self) -> None:
@@ -48,7 +49,8 @@ class WindowSelection(ScoredSelection, PrefillOnlyMethod):
         return [[self.sequence_budget(n) for n in prompt_lens]] * cfg.num_layers
 
     def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
-        return window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling)
+        return window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling,
+                             behind=self.pool_behind)
 
     def protected(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         return recent_mask(chunk, self.window_size)

@@ -271,12 +271,6 @@ class ZSMerge(CompressionMethod):
             raise KvzooError(f"ZSMerge: window_size must be an integer >= 1, got {self.window_size!r} (the score "
                              "over every prompt query, no window, is rank='accumulated')")
         check_pooling(self, "ZSMerge")
-        if self.pool_behind is not None and (
-            isinstance(self.pool_behind, bool) or not isinstance(self.pool_behind, int)
-            or not 0 <= self.pool_behind < self.kernel_size
-        ):
-            raise KvzooError(f"ZSMerge: pool_behind must be None or an integer in 0 .. kernel_size - 1 = "
-                             f"{self.kernel_size - 1}, got {self.pool_behind!r}")
         if self.metric not in ("dot", "l2"):
             raise KvzooError(f"ZSMerge: metric must be 'dot' or 'l2', got {self.metric!r}")
         if self.score_update not in ("max", "sum"):
