@@ -197,9 +197,9 @@ def test_zsmerge_combine_max_keeps_the_largest_attention_shares():
 
 
 def test_zsmerge_pool_behind_lends_a_read_token_s_window_score_to_the_tokens_after_it():
-    """pool_behind: the window share is max-pooled over the `pool_behind` earlier positions and
-    kernel_size - 1 - pool_behind later ones (reference: pool_1d written from that definition), and the kept
-    context is the top of max(accumulated share, that window share). The window's queries read one key
+    """pool_behind: the window share is max-pooled over the `pool_behind` earlier positions ("trailing":
+    kernel_size - 1) and kernel_size - 1 - pool_behind later ones (reference: pool_1d written from that
+    definition), and the kept context is the top of max(accumulated share, that window share). The window's queries read one key
     (position 20) hard: a centred pool keeps its neighbours on both sides, a trailing one those after it."""
     from kvzoo.cache.zsmerge import ZSMerge
     from tests.method_helpers import drive_synthetic, random_qkv
@@ -210,13 +210,13 @@ def test_zsmerge_pool_behind_lends_a_read_token_s_window_score_to_the_tokens_aft
     qkv.k[0][0, 0, 20] = 12 * read
     qkv.q[0][0, 0, n - w:] += 3 * read
     kept = {}
-    for behind in (None, 4, 0):
-        accumulated, window, own = _attention_shares(qkv, n, w, kernel, behind=behind)
+    for behind, positions_before in ((None, None), ("trailing", kernel - 1), (0, 0)):
+        accumulated, window, own = _attention_shares(qkv, n, w, kernel, behind=positions_before)
         method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=kernel, pool_behind=behind, decay=1.0,
                          rank="attention_shares")
         kept[behind] = set(drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist())
         assert kept[behind] == _top(torch.maximum(accumulated, window), own, n, context), behind
-    assert min(kept[None]) < 20 and min(kept[4]) == 20 and max(kept[0]) == 20, kept
+    assert min(kept[None]) < 20 and min(kept["trailing"]) == 20 and max(kept[0]) == 20, kept
 
 
 def test_zsmerge_leverage_share_keeps_a_key_nobody_reads():

@@ -74,7 +74,7 @@ import torch
 import torch.nn.functional as F
 
 from kvzoo.cache.base import CompressionMethod
-from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, check_pooling, part_tokens
+from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, check_pooling, part_tokens, pool_behind
 from kvzoo.cache.compactor import SINKS, dropped_fraction
 from kvzoo.cache.scoring import (accumulated_scores, attention_shares, block_attention, compactor_scores,
                                  leverage_scores, on_the_scale_of, own_key_leverage, window_scores)
@@ -138,7 +138,7 @@ class ZSMerge(CompressionMethod):
     pooling: str = "max"
     # How many earlier positions a token's pooled window score reads (of kernel_size; the rest are later
     # ones). None: kernel_size // 2, centred (paper).
-    pool_behind: int | None = None
+    pool_behind: int | str | None = None
     metric: str = "dot"  # residual slot choice: "dot" (Eq. 6) or "l2"
     score_update: str = "max"
     # "window": a prefill score is the decayed attention sum over the window's queries (paper); "steady": the
@@ -385,7 +385,7 @@ class ZSMerge(CompressionMethod):
             fresh, queries = accumulated_scores(chunk, decay=self.decay), t
         else:
             fresh = window_scores(chunk, self.window_size, self.decay, self.kernel_size, self.pooling,
-                                  self.pool_behind)
+                                  pool_behind(self))
             queries = min(self.window_size, t)
         if self.prefill_scale == "steady" and self.decay < 1:
             # sum_{a < queries} decay^a = (1 - decay^queries) / (1 - decay); decode's steady state: 1 / (1 - decay)
