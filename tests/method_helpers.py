@@ -190,15 +190,15 @@ def reference_probs(q: torch.Tensor, k: torch.Tensor, q_pos: list[int], key_pos:
     return logits.masked_fill(~visible, float("-inf")).softmax(-1)
 
 
-def pool_1d(x: torch.Tensor, kernel: int, mode: str, behind: int | None = None) -> torch.Tensor:
+def pool_1d(x: torch.Tensor, kernel: int, mode: str, ahead: int | None = None) -> torch.Tensor:
     """Stride-1, same-size pooling of x [..., n] over its own n entries (edges: only entries that exist).
-    `behind`: entry i pools entries i - behind .. i + kernel - 1 - behind (default: centred), written out
+    `ahead`: entry i pools entries i - (kernel - 1 - ahead) .. i + ahead (default: centred), written out
     from that definition."""
     if kernel <= 1 or x.shape[-1] == 0:
         return x
-    if behind is not None:
+    if ahead is not None:
         n = x.shape[-1]
-        spans = [x[..., max(0, i - behind): min(n, i + kernel - behind)] for i in range(n)]
+        spans = [x[..., max(0, i - (kernel - 1 - ahead)): min(n, i + ahead + 1)] for i in range(n)]
         reduce = (lambda t: t.max(-1).values) if mode == "max" else (lambda t: t.mean(-1))
         return torch.stack([reduce(span) for span in spans], dim=-1)
     flat = x.reshape(-1, 1, x.shape[-1])

@@ -496,8 +496,8 @@ def test_zigzag_refuses_chunked_prefill(run):
         (lambda: ZigZagKV(bound_ratio=2.0), "bound_ratio must be in"),
         (lambda: ZigZagKV(rank="shares"), "rank must be one of 'window', 'attention_shares', got 'shares'"),
         (lambda: ZigZagKV(window_size=0), "window_size"),
-        (lambda: ZigZagKV(pool_behind=5), r"ZigZagKV: pool_behind must be .* 0 \.\. kernel_size - 1 = 4, got 5"),
-        (lambda: KVMerger(pool_behind=-1), r"KVMerger: pool_behind must be .*, got -1"),
+        (lambda: ZigZagKV(pool_ahead=5), r"ZigZagKV: pool_ahead must be .* 0 \.\. kernel_size - 1 = 4, got 5"),
+        (lambda: KVMerger(pool_ahead=-1), r"KVMerger: pool_ahead must be .*, got -1"),
         (lambda: ZigZagKV(cross_layer=1), "cross_layer must be True or False"),
     ],
 )

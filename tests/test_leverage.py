@@ -160,7 +160,7 @@ def test_zsmerge_window_share_is_not_spent_on_a_heavy_hitter():
     assert 2 in kept and 20 in kept, kept
 
 
-def _attention_shares(qkv, n: int, w: int, kernel: int, pooling: str = "max", behind: int | None = None,
+def _attention_shares(qkv, n: int, w: int, kernel: int, pooling: str = "max", ahead: int | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(accumulated / its sum, pooled window / its sum, the window's own unpooled scores), float64, for one
     sequence and one head, from the attention probabilities' definition."""
@@ -169,7 +169,7 @@ def _attention_shares(qkv, n: int, w: int, kernel: int, pooling: str = "max", be
     probs = reference_probs(qkv.q[0][0], qkv.k[0][0, 0], list(range(n)), list(range(n)), None)[0]  # [n, n]
     accumulated = probs.sum(0)
     own = probs[n - w:].sum(0)
-    window = torch.cat([pool_1d(own[: n - w], kernel, pooling, behind), own[n - w:]])  # pooled before the window
+    window = torch.cat([pool_1d(own[: n - w], kernel, pooling, ahead), own[n - w:]])  # pooled before the window
     return accumulated / accumulated.sum(), window / window.sum(), own
 
 
@@ -188,7 +188,7 @@ def test_zsmerge_combine_max_keeps_the_largest_attention_shares():
 
     n, w, kernel, context = 40, 8, 3, 4
     qkv = random_qkv(1, 1, 1, 1, n, seed=7, scale=1.5)
-    accumulated, window, own = _attention_shares(qkv, n, w, kernel)
+    accumulated, window, own = _attention_shares(qkv, n, w, kernel, ahead=ZSMerge.pool_ahead)  # the default
     method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0, rank="attention_shares")
     kept = set(drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist())
     assert kept == _top(torch.maximum(accumulated, window), own, n, context)
@@ -196,11 +196,11 @@ def test_zsmerge_combine_max_keeps_the_largest_attention_shares():
     assert all(_top(score, own, n, context) != kept for score in others), "the input does not tell the rules apart"
 
 
-def test_zsmerge_pool_behind_lends_a_read_token_s_window_score_to_the_tokens_after_it():
-    """pool_behind: the window share is max-pooled over the `pool_behind` earlier positions ("trailing":
-    kernel_size - 1) and kernel_size - 1 - pool_behind later ones (reference: pool_1d written from that
-    definition), and the kept context is the top of max(accumulated share, that window share). The window's queries read one key
-    (position 20) hard: a centred pool keeps its neighbours on both sides, a trailing one those after it."""
+def test_zsmerge_pool_ahead_lends_a_read_token_s_window_score_to_the_tokens_after_it():
+    """pool_ahead: the window share is max-pooled over the kernel_size - 1 - pool_ahead earlier positions and
+    the pool_ahead later ones (reference: pool_1d written from that definition), and the kept context is the
+    top of max(accumulated share, that window share). The window's queries read one key (position 20) hard:
+    a centred pool keeps its neighbours on both sides, pool_ahead=0 those after it, pool_ahead=4 those before."""
     from kvzoo.cache.zsmerge import ZSMerge
     from tests.method_helpers import drive_synthetic, random_qkv
 
@@ -210,13 +210,13 @@ def test_zsmerge_pool_behind_lends_a_read_token_s_window_score_to_the_tokens_aft
     qkv.k[0][0, 0, 20] = 12 * read
     qkv.q[0][0, 0, n - w:] += 3 * read
     kept = {}
-    for behind, positions_before in ((None, None), ("trailing", kernel - 1), (0, 0)):
-        accumulated, window, own = _attention_shares(qkv, n, w, kernel, behind=positions_before)
-        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=kernel, pool_behind=behind, decay=1.0,
+    for ahead in (None, 0, 4):
+        accumulated, window, own = _attention_shares(qkv, n, w, kernel, ahead=ahead)
+        method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=kernel, pool_ahead=ahead, decay=1.0,
                          rank="attention_shares")
-        kept[behind] = set(drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist())
-        assert kept[behind] == _top(torch.maximum(accumulated, window), own, n, context), behind
-    assert min(kept[None]) < 20 and min(kept["trailing"]) == 20 and max(kept[0]) == 20, kept
+        kept[ahead] = set(drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist())
+        assert kept[ahead] == _top(torch.maximum(accumulated, window), own, n, context), ahead
+    assert min(kept[None]) < 20 and min(kept[0]) == 20 and max(kept[4]) == 20, kept
 
 
 def test_zsmerge_leverage_share_keeps_a_key_nobody_reads():
@@ -234,7 +234,7 @@ def test_zsmerge_leverage_share_keeps_a_key_nobody_reads():
     keys[..., 4:] = 0.0
     keys[0, 0, unique, 6] = 3.0
     qkv.q[0][..., 6] = 0.0  # no query reads the unique direction
-    accumulated, window, own = _attention_shares(qkv, n, w, kernel)
+    accumulated, window, own = _attention_shares(qkv, n, w, kernel, ahead=ZSMerge.pool_ahead)  # the default
     leverage = reference_leverage(keys[0, 0])
     share = torch.maximum(torch.maximum(accumulated, window), leverage / leverage.sum())
     spec = dict(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0)
@@ -257,7 +257,7 @@ def test_zsmerge_leverage_share_goes_to_a_basis_of_the_keys():
 
     n, w, kernel, context = 40, 8, 3, 20
     qkv = random_qkv(1, 1, 1, 1, n, seed=24, scale=3.0)
-    accumulated, window, own = _attention_shares(qkv, n, w, kernel)
+    accumulated, window, own = _attention_shares(qkv, n, w, kernel, ahead=ZSMerge.pool_ahead)  # the default
     leverage = reference_leverage(qkv.k[0][0, 0])
     dimension = round(leverage.sum().item()) + 1
     assert 7 <= dimension <= 9  # head_dim 8
@@ -308,7 +308,7 @@ def test_zsmerge_block_shares_adds_what_the_text_around_a_token_reads():
 
     n, w, kernel, context = 40, 8, 3, 4
     qkv = random_qkv(1, 1, 1, 1, n, seed=8, scale=1.5)
-    accumulated, window, own = _attention_shares(qkv, n, w, kernel)
+    accumulated, window, own = _attention_shares(qkv, n, w, kernel, ahead=ZSMerge.pool_ahead)  # the default
     q, k, v = qkv.q[0][0], qkv.k[0][0], qkv.v[0][0, 0].double()  # [1, n, D]: one head
     received = dense_block_attention(q, k, list(range(n)), 256, 1.0)[0] * v.norm(dim=-1)  # one block: n < 256
     block = pool_1d(received, 3, "avg")

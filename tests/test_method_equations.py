@@ -48,12 +48,13 @@ def window_attention(qkv: QKV, layer: int, n: int, window: int, decay: float = 1
 
 
 def pooled_window_scores(qkv: QKV, layer: int, n: int, window: int, kernel: int, pooling: str,
-                         decay: float = 1.0, sliding: int | None = None) -> torch.Tensor:
+                         decay: float = 1.0, sliding: int | None = None, ahead: int | None = None) -> torch.Tensor:
     """SnapKV-style scores [Hkv, n]: window attention, pooled over the first n - w keys only (METHODS.md
-    4.3), GQA mean. The window's own tokens keep their unpooled score."""
+    4.3; `ahead` of the kernel's positions after each token, None centred), GQA mean. The window's own tokens
+    keep their unpooled score."""
     w = min(window, n)
     sums = window_attention(qkv, layer, n, window, decay, sliding)
-    pooled = torch.cat([pool_1d(sums[:, : n - w], kernel, pooling), sums[:, n - w:]], dim=1)
+    pooled = torch.cat([pool_1d(sums[:, : n - w], kernel, pooling, ahead), sums[:, n - w:]], dim=1)
     return group_mean(pooled, qkv.groups)
 
 
@@ -161,6 +162,7 @@ def zsmerge_prefill_cases(draw):
     return (ZSMerge(budget=budget, proximity=proximity, residual=residual, rank="window",
                     decay=draw(st.sampled_from([0.5, 0.9])),
                     window_size=draw(st.integers(2, 6)), kernel_size=draw(st.sampled_from([1, 3, 5])),
+                    pool_ahead=draw(st.sampled_from([None, 0])),
                     prefill_scale=draw(st.sampled_from(["window", "steady"]))),
             n, random_qkv(1, 1, kv_heads, groups, n, seed=draw(st.integers(0, 2**16))),
             draw(st.sampled_from([None, 5])))
@@ -182,7 +184,8 @@ def test_zsmerge_prefill_regions_against_the_definition(case):
     trace = drive_synthetic(method, qkv, [n], 0, window=sliding)
     snap = trace.snapshots[0]
     b, bp, br = method.budget, method.proximity, method.residual
-    scores = pooled_window_scores(qkv, 0, n, method.window_size, method.kernel_size, "max", method.decay, sliding)
+    scores = pooled_window_scores(qkv, 0, n, method.window_size, method.kernel_size, "max", method.decay, sliding,
+                                  method.pool_ahead)
     for h in range(scores.shape[0]):
         where = f"head {h} (n={n}, B={b}, B_p={bp}, B_r={br})"
         pos = snap.layers[0]["pos"][0, h].tolist()  # slots: [residual | context | proximity ring]
@@ -436,21 +439,21 @@ def test_set_size_scaled_values_leave_the_hull():
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 30), kernel=st.integers(1, 9), behind_frac=st.floats(0, 1), mode=st.sampled_from(["max", "avg"]),
+@given(n=st.integers(1, 30), kernel=st.integers(1, 9), ahead_frac=st.floats(0, 1), mode=st.sampled_from(["max", "avg"]),
        seed=st.integers(0, 10**6))
-def test_pool_by_position_against_the_definition(n, kernel, behind_frac, mode, seed):
+def test_pool_by_position_against_the_definition(n, kernel, ahead_frac, mode, seed):
     """scoring.pool_by_position on candidates in any slot order, some not poolable (padding, the window): each
-    poolable token pools (max or mean) the poolable tokens at positions p - behind .. p + kernel - 1 - behind,
+    poolable token pools (max or mean) the poolable tokens at positions p - (kernel - 1 - ahead) .. p + ahead,
     written out below; the rest keep their own score."""
     from kvzoo.cache.scoring import pool_by_position
 
     gen = torch.Generator().manual_seed(seed)
-    behind = min(int(behind_frac * kernel), kernel - 1)
+    ahead = min(int(ahead_frac * kernel), kernel - 1)
     scores = torch.randn(1, 1, n, generator=gen)
     order = torch.randperm(n, generator=gen)
     key_pos = order[None, None, :]
     poolable = (torch.rand(1, 1, n, generator=gen) < 0.8) & (key_pos < n - 2)  # the last two: a window
-    got = pool_by_position(scores, key_pos, poolable, kernel, mode, behind)
+    got = pool_by_position(scores, key_pos, poolable, kernel, mode, ahead)
     by_pos = torch.empty(n)
     by_pos[order] = scores[0, 0]
     ok = torch.zeros(n, dtype=torch.bool)
@@ -459,6 +462,6 @@ def test_pool_by_position_against_the_definition(n, kernel, behind_frac, mode, s
     for p in range(n):
         if not ok[p]:
             continue
-        span = [by_pos[j] for j in range(max(0, p - behind), min(n, p + kernel - behind)) if ok[j]]
+        span = [by_pos[j] for j in range(max(0, p - (kernel - 1 - ahead)), min(n, p + ahead + 1)) if ok[j]]
         want[p] = torch.stack(span).max() if mode == "max" else torch.stack(span).mean()
     torch.testing.assert_close(got[0, 0], want[order], rtol=1e-6, atol=1e-6)

@@ -278,10 +278,10 @@ def test_score_recursion_without_eviction():
         (dict(leverage_tokens="rank"), r"leverage_tokens must be 'basis', 'all' or a token count >= 0, got 'rank'"),
         (dict(leverage_tokens=-1), r"leverage_tokens must be .*, got -1"),
         (dict(leverage_tokens=2.5), r"leverage_tokens must be .*, got 2.5"),
-        (dict(pool_behind=7), r"pool_behind must be None \(centred\), 'trailing' or an integer in 0 .. kernel_size - 1 = 6, got 7"),
-        (dict(pool_behind=-1), r"pool_behind must be .*, got -1"),
-        (dict(pool_behind=True), r"pool_behind must be .*, got True"),
-        (dict(pool_behind="after"), r"pool_behind must be .*, got 'after'"),
+        (dict(pool_ahead=7), r"pool_ahead must be None \(centred\) or an integer in 0 .. kernel_size - 1 = 6, got 7"),
+        (dict(pool_ahead=-1), r"pool_ahead must be .*, got -1"),
+        (dict(pool_ahead=True), r"pool_ahead must be .*, got True"),
+        (dict(pool_ahead="after"), r"pool_ahead must be .*, got 'after'"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, message):

@@ -24,27 +24,14 @@ def check_counts(config: object, method: str, names: Sequence[str]) -> None:
 
 def check_pooling(config: object, method: str) -> None:
     """`config.pooling` is one of the window scores' poolings over positions (`scoring.pool_by_position`) and
-    `config.pool_behind` one of the spans `pool_behind` reads."""
+    `config.pool_ahead` None (centred) or how many of the `config.kernel_size` pooled positions follow a token."""
     pooling = getattr(config, "pooling")
     if pooling not in ("max", "avg"):
         raise KvzooError(f"{method}: pooling must be 'max' or 'avg', got {pooling!r}")
-    behind, kernel = getattr(config, "pool_behind"), getattr(config, "kernel_size")
-    if behind not in (None, TRAILING) and (
-        isinstance(behind, bool) or not isinstance(behind, int) or not 0 <= behind < kernel
-    ):
-        raise KvzooError(f"{method}: pool_behind must be None (centred), {TRAILING!r} or an integer in "
-                         f"0 .. kernel_size - 1 = {kernel - 1}, got {behind!r}")
-
-
-TRAILING = "trailing"
-
-
-def pool_behind(config: object) -> int | None:
-    """How many earlier positions of the `config.kernel_size` a token's pooled window score reads
-    (`scoring.pool_by_position`): None centred (kernel_size // 2), "trailing" all but the token itself (a
-    token the window reads lends its score to the kernel_size - 1 tokens after it), or `config.pool_behind`."""
-    behind = getattr(config, "pool_behind")
-    return getattr(config, "kernel_size") - 1 if behind == TRAILING else behind
+    ahead, kernel = getattr(config, "pool_ahead"), getattr(config, "kernel_size")
+    if ahead is not None and (isinstance(ahead, bool) or not isinstance(ahead, int) or not 0 <= ahead < kernel):
+        raise KvzooError(f"{method}: pool_ahead must be None (centred) or an integer in 0 .. kernel_size - 1 = "
+                         f"{kernel - 1}, got {ahead!r}")
 
 
 def check_budget(budget: Budget, method: str, name: str = "budget") -> None:

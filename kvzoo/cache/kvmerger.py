@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 
 from kvzoo.cache.base import PrefillOnlyMethod
-from kvzoo.cache.budgets import Budget, check_budget, check_counts, check_pooling, pool_behind, resolve_budget
+from kvzoo.cache.budgets import Budget, check_budget, check_counts, check_pooling, resolve_budget
 from kvzoo.cache.scoring import accumulated_scores, attention_shares, window_scores
 from kvzoo.cache.selection import keep_top, recent_mask, shrink_slots
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
@@ -265,7 +265,7 @@ class KVMerger(PrefillOnlyMethod):
     window_size: int = 8  # rank="attention_shares": the window's queries
     kernel_size: int = 7  # rank="attention_shares": pooling of the window's scores over positions
     pooling: str = "max"  # rank="attention_shares": "max" or "avg" (SnapKV's) over `kernel_size` positions
-    pool_behind: int | str | None = None  # budgets.pool_behind: None centred (paper), "trailing", or an int
+    pool_ahead: int | None = None  # of the kernel_size pooled positions, how many follow a token (None: centred)
 
     def __post_init__(self) -> None:
         if self.budget is not None:
@@ -372,7 +372,7 @@ class KVMerger(PrefillOnlyMethod):
         if self.rank == "accumulated":
             return accumulated
         window = window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling,
-                               behind=pool_behind(self))
+                               ahead=self.pool_ahead)
         return attention_shares(accumulated, window, torch.isfinite(chunk.key_logw))
 
     @staticmethod

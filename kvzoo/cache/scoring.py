@@ -31,11 +31,11 @@ def group_mean(x: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
 
 def pool_by_position(
     scores: torch.Tensor, key_pos: torch.Tensor, poolable: torch.Tensor, kernel: int | None, mode: str,
-    behind: int | None = None,
+    ahead: int | None = None,
 ) -> torch.Tensor:
     """1-D pooling (stride 1, same padding) over each sequence's own tokens in position order, so that
-    neighbours of important tokens survive. A token pools the `kernel` positions from `behind` before it
-    (default kernel // 2: centred) to kernel - 1 - behind after it.
+    neighbours of important tokens survive. A token pools the `kernel` positions from kernel - 1 - `ahead`
+    before it to `ahead` after it (None: centred, kernel // 2 before it).
 
     Candidates are not in position order (cache slots come first, in any order; batches are left-padded), so
     scores are scattered by position into a [B, H, P] buffer, pooled there over the `poolable` tokens only
@@ -50,9 +50,9 @@ def pool_by_position(
     n_pos = int(key_pos.max().clamp(min=0)) + 1
     slot = torch.where(poolable, key_pos, n_pos)  # non-poolable candidates land in a dummy column
     shape = (b * h, 1, n_pos + 1)
-    behind = kernel // 2 if behind is None else behind
+    behind = kernel // 2 if ahead is None else kernel - 1 - ahead
     if not 0 <= behind < kernel:
-        raise ValueError(f"pooling: behind must be in 0 .. {kernel - 1} (kernel {kernel}), got {behind}")
+        raise ValueError(f"pooling: ahead must be in 0 .. {kernel - 1} (kernel {kernel}), got {ahead}")
     pad = (behind, kernel - 1 - behind)  # positions before, after
     if mode == "max":
         buf = torch.full((b, h, n_pos + 1), float("-inf"), device=scores.device).scatter(-1, slot, scores)
@@ -81,7 +81,7 @@ def _column_sums(chunk: "PrefillChunk", key: tuple, q: torch.Tensor, q_pos: torc
 
 def window_scores(
     chunk: "PrefillChunk", window: int, decay: float = 1.0, kernel: int | None = None, pooling: str = "max",
-    behind: int | None = None,
+    ahead: int | None = None,
 ) -> torch.Tensor:
     """Attention of the chunk's last `window` queries to every candidate key, summed with weights
     decay^(age) (age 0 = the last query), pooled over the tokens before the window in position order
@@ -100,7 +100,7 @@ def window_scores(
         real_w = (q_pos >= 0).sum(dim=1)[:, None, None]
         poolable = torch.isfinite(chunk.key_logw) & (chunk.key_pos <= last - real_w)
         scores = pool_by_position(scores, chunk.key_pos.repeat_interleave(groups, dim=1),
-                                  poolable.repeat_interleave(groups, dim=1), kernel, pooling, behind)
+                                  poolable.repeat_interleave(groups, dim=1), kernel, pooling, ahead)
     return group_mean(scores, hkv)
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.base import PrefillOnlyMethod, ScoredSelection
-from kvzoo.cache.budgets import Budget, check_budget, check_counts, check_pooling, pool_behind, resolve_budget
+from kvzoo.cache.budgets import Budget, check_budget, check_counts, check_pooling, resolve_budget
 from kvzoo.cache.scoring import window_scores
 from kvzoo.cache.selection import recent_mask
 from kvzoo.cache.slots import LayerSlots
@@ -31,7 +31,7 @@ class WindowSelection(ScoredSelection, PrefillOnlyMethod):
     window_size: int = 32
     kernel_size: int = 5
     pooling: str = "avg"
-    pool_behind: int | str | None = None  # budgets.pool_behind: None centred (paper), "trailing", or an int
+    pool_ahead: int | None = None  # of the kernel_size pooled positions, how many follow a token (None: centred)
     decode_cap: int | None = None
 
     def __post_init__(self) -> None:
@@ -50,7 +50,7 @@ class WindowSelection(ScoredSelection, PrefillOnlyMethod):
 
     def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         return window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling,
-                             behind=pool_behind(self))
+                             ahead=self.pool_ahead)
 
     def protected(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         return recent_mask(chunk, self.window_size)
