@@ -173,8 +173,8 @@ def test_header_says_what_the_cache_belongs_to(model, saved):
     assert len(header["model_fingerprint"]) == 64 and header["sha256"] and header["tokens_seen"] == len(CONTEXT)
     assert header["method"] == {"name": "zsmerge", "fields": {
         "budget": 16, "proximity": 4, "residual": 2, "alpha": 0.5, "decay": 1.0, "window_size": 8,
-        "kernel_size": 7, "pooling": "max", "pool_ahead": 0, "metric": "dot", "score_update": "max", "prefill_scale": "window",
-        "leverage": 0.0, "leverage_of": "keys", "rank": "shares", "decode_score": "accumulated",
+        "kernel_size": 7, "pooling": "max", "pool_ahead": 0, "metric": "dot", "score_update": "max",
+        "prefill_scale": "window", "leverage": 0.0, "leverage_of": "keys", "rank": "shares", "decode_score": "accumulated",
         "window_weight": 1.0, "window_share": 0.25, "cross_layer": False, "context_rank": "score",
         "leverage_tokens": "basis"}}
     assert header["lengths"] == [len(CONTEXT)] and header["dtype"] == "float32"
