@@ -361,7 +361,7 @@ def test_zigzag_attention_shares_keeps_the_top_of_the_larger_share():
 
     n, w, kernel, context = 40, 8, 3, 4
     qkv = random_qkv(1, 1, 1, 1, n, seed=7, scale=1.5)
-    accumulated, window, own = _attention_shares(qkv, n, w, kernel)
+    accumulated, window, own = _attention_shares(qkv, n, w, kernel, ahead=ZigZagKV.pool_ahead)  # the default
     share = torch.maximum(accumulated, window)
     older = sorted(range(n - w), key=lambda j: (share[j].item(), own[j].item()), reverse=True)[:context]
     kept = {}
@@ -385,7 +385,7 @@ def test_kvmerger_attention_shares_keeps_the_top_of_the_larger_share_verbatim(po
 
     n, w, kernel, budget = 40, 8, 3, 14  # recent window int(0.34 * 14) = 4, heavy hitters int(0.24 * 14) = 3
     qkv = random_qkv(1, 1, 1, 1, n, seed=1, scale=1.5)
-    accumulated, window, _ = _attention_shares(qkv, n, w, kernel, pooling)
+    accumulated, window, _ = _attention_shares(qkv, n, w, kernel, pooling, KVMerger.pool_ahead)  # the default
     share = torch.maximum(accumulated, window)
     heavy = set(sorted(range(n - 4), key=lambda j: share[j].item(), reverse=True)[:3])
     verbatim = {}

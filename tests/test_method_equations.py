@@ -362,7 +362,7 @@ def test_zigzag_output_uncertainty_against_the_definition(n, seed):
     snap = drive_synthetic(method, qkv, [n], 0).snapshots[0]
     lmbo, all_scores = [], []
     for layer in range(layers):
-        scores = pooled_window_scores(qkv, layer, n, window, 3, "avg")
+        scores = pooled_window_scores(qkv, layer, n, window, 3, "avg", ahead=method.pool_ahead)
         all_scores.append(scores)
         mbo = []
         for hq in range(4):

@@ -65,6 +65,13 @@ Ambiguities (METHODS.md 2.2, 2.6) and how they are resolved here:
   17% (13 / 17 / 17%); continuation NLL of 16 held-out contexts +0.005 +- 0.022 / +0.022 +- 0.017 / +0.009
   +- 0.007 against A_t alone (against SnapKV: +0.005 +- 0.028 / -0.011 +- 0.026 / -0.006 +- 0.021).
   Development set: needles 3 / 3 / 4 of 12 against 2 / 2 / 2, NLL +0.003 +- 0.023 / +0.007 +- 0.007.
+- The window's scores are max-pooled over a token and the 6 before it (`pool_ahead=0`, session 20; centred
+  before), so a token the question reads lends its score to the tokens after it, where its answer is (see
+  ZSMerge's "Measured effect"). Seeds 5 and 6 (48 needles): asked with the context 14 / 25 / 28 at 5 / 10 /
+  20% kept against 9 / 15 / 19 centred (SnapKV 6 / 7 / 12), asked after 5 / 5 / 7 against 4 / 6 / 7; Rust
+  book (seeds 1 and 2) 13 / 26 / 31 against 4 / 16 / 22 (SnapKV 8 / 9 / 11), after 8 / 8 / 8 as before;
+  continuation NLL level (seed 9: +0.005 +- 0.005 / +0.001 +- 0.002 / +0.000 +- 0.004; Rust
+  book seed 1: +0.002 +- 0.004 / -0.006 +- 0.005 / -0.001 +- 0.004).
 """
 
 from __future__ import annotations
@@ -265,7 +272,9 @@ class KVMerger(PrefillOnlyMethod):
     window_size: int = 8  # rank="attention_shares": the window's queries
     kernel_size: int = 7  # rank="attention_shares": pooling of the window's scores over positions
     pooling: str = "max"  # rank="attention_shares": "max" or "avg" (SnapKV's) over `kernel_size` positions
-    pool_ahead: int | None = None  # of the kernel_size pooled positions, how many follow a token (None: centred)
+    # rank="attention_shares": of the kernel_size pooled positions, how many follow a token (None: centred);
+    # 0 lends a token's window score to the 6 after it (see the module doc)
+    pool_ahead: int | None = 0
 
     def __post_init__(self) -> None:
         if self.budget is not None:
@@ -300,7 +309,7 @@ class KVMerger(PrefillOnlyMethod):
         """The paper's settings: merged values scaled by the set size, no attention bias, recent and heavy
         shares of the prompt, layers 0, 1 and L-1 uncompressed, heavy hitters by A_t alone."""
         paper = {"value_scale": "set_size", "alpha": 0.0, "recent_ratio": 0.17, "heavy_ratio": 0.12,
-                 "ratio_of": "prompt", "skip_layers": (0, 1, -1), "rank": "accumulated"}
+                 "ratio_of": "prompt", "skip_layers": (0, 1, -1), "rank": "accumulated", "pool_ahead": None}
         return cls(**{**paper, **overrides})  # type: ignore[arg-type]
 
     @property

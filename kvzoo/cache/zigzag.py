@@ -38,12 +38,19 @@ Ambiguities (METHODS.md 3.6) resolved as recommended:
   of 32 queries, average-pooled over 5 positions (the paper's LongBench runs, via KVCache-Factory, used 8
   queries and max-pool 7: `ZigZagKV.paper()`).
 Defaults: budget 0.2 (the paper's "~20% of the full KV"), tau 0.9, bound_ratio 0.2 (kvpress port); window
-32, avg-pool 5 (SnapKV's). Decode appends like SnapKV.
-Not the paper's (`ZigZagKV.paper()` has both): a layer's uncertainty is the budget that keeps its window's
-attention *output* within 1 - tau (the paper's LMBO, `uncertainty="output"`), not the one that keeps tau of
-its attention mass (LMBA); and a layer ranks its tokens by the larger of their share of the accumulated and
-of the window's attention (`rank="attention_shares"`), not by the window's alone. See the fields' comments
-for why and what each measured.
+32, avg-pool 5 (SnapKV's) over a token and the 4 before it (`pool_ahead=0`; SnapKV's is centred), so a token
+the window reads lends its score to the tokens after it, where a question's answer is (session 20; see
+ZSMerge's "Measured effect"): seeds 5 and 6 (48 needles), asked with the context 6 / 9 / 20 at 5 / 10 / 20%
+kept against 7 / 6 / 11 centred (SnapKV 6 / 7 / 12), asked after 7 / 7 / 7 against 8 / 7 / 7; Rust book
+(seeds 1 and 2) 11 / 11 / 23 against 8 / 8 / 14 (SnapKV 8 / 9 / 11), after 7 / 8 / 11 against 8 / 8 / 10;
+continuation NLL level to lower (seed 9: -0.002 +- 0.012 / -0.004 +- 0.011 / -0.007 +- 0.005; Rust
+book seed 1: -0.011 +- 0.007 / -0.013 +- 0.008 / -0.006 +- 0.004). Decode appends like SnapKV.
+Not the paper's (`ZigZagKV.paper()` has all three): the pooling over the tokens before a read one (above); a
+layer's uncertainty is the budget that keeps its window's attention *output* within 1 - tau (the paper's
+LMBO, `uncertainty="output"`), not the one that keeps tau of its attention mass (LMBA); and a layer ranks
+its tokens by the larger of their share of the accumulated and of the window's attention
+(`rank="attention_shares"`), not by the window's alone. See the fields' comments for why and what each
+measured.
 """
 
 from __future__ import annotations
@@ -84,6 +91,7 @@ class ZigZagKV(WindowSelection):
     window_size: int = 32
     kernel_size: int = 5
     pooling: str = "avg"
+    pool_ahead: int | None = 0  # SnapKV's: None, centred (see the module doc)
     tau: float = 0.9  # attention mass MBA must retain
     bound_ratio: float = 0.2  # B_bound = bound_ratio * B_avg (1.0: every layer B_avg, uniform)
     # Rank each layer's tokens by the larger of their share of that head's (pooled) window attention and the
@@ -151,8 +159,9 @@ class ZigZagKV(WindowSelection):
     def paper(cls, **overrides: object) -> "ZigZagKV":
         """The paper's settings: budgets from LMBA (attention mass, not the output: `uncertainty`), tokens
         ranked by the observation window's attention alone, with the window and pooling of its LongBench runs
-        (KVCache-Factory: 8 queries, max-pool 7)."""
-        paper = {"uncertainty": "attention", "rank": "window", "window_size": 8, "kernel_size": 7, "pooling": "max"}
+        (KVCache-Factory: 8 queries, max-pool 7, centred)."""
+        paper = {"uncertainty": "attention", "rank": "window", "window_size": 8, "kernel_size": 7, "pooling": "max",
+                 "pool_ahead": None}
         return cls(**{**paper, **overrides})  # type: ignore[arg-type]
 
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
