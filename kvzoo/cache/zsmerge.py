@@ -54,20 +54,20 @@ instances):
 - alpha 0.5 instead of 1 lowers the continuation NLL increase by 0.019 +- 0.009 at 5% kept, 0.007 +- 0.005
   at 10%, 0.001 +- 0.002 at 20% (alpha = 0 measures the same) and leaves needle retrieval unchanged; on 16
   held-out instances (seed 2) it is neutral: 0.007 +- 0.008 better at 5%, 0.004 +- 0.003 worse at 20%.
-- max-pool 7 instead of 5 (what PyramidKV and ZigZagKV use with the same 8-query window), over the token and
-  the 6 before it instead of centred (`pool_ahead=0`, session 20), so a token the window reads lends its score
-  to the 6 after it. A question's queries read the phrase of the document that matches them ("the passkey for
-  the white door is"; the model's induction heads read each matched token's successor), and the answer is what
-  follows that phrase. Max-pool 7, centred: query-aware needle 25% -> 42% at 10% kept, 25% -> 33% at 20%; NLL
-  neutral (-0.007 +- 0.003 at 5%, +0.003 +- 0.004 at 20%). Centred, it kept 3 tokens past the peak and lost
-  the rest: answers came back a digit short ("5261." for 52616; six of the eight query-aware needles lost at
-  20% kept on seeds 5 and 6 that the full cache retrieves). Over the token and the 6 before it: query-aware
-  needles 47 / 58 / 65 of 96 at 5 / 10 / 20% kept against 22 / 38 / 48 (four seeds; the full cache 66), on
-  the Rust book 28 / 32 / 32 of 48 against 14 / 21 / 22 (full 34); asked after compression 11 / 16 / 18
-  against 11 / 16 / 14 (book 5 / 8 / 9 against 6 / 7 / 8); continuation NLL unchanged (-0.001 +- 0.004 /
-  +0.000 +- 0.002 / +0.000 +- 0.001, 23 windows); `make demo` 5 of 6 facts at 50% and 80% as before. One
-  position after the token (`pool_ahead=1`, for a question that reads the end of a fact's sentence):
-  23 / 27 / 33 of 48 against 28 / 29 / 33 on seeds 5 and 6.
+- max-pool 7 instead of 5 (what PyramidKV and ZigZagKV use with the same 8-query window), over the token and the 6
+  before it instead of centred (`pool_ahead=0`, session 20), so a token the window reads lends its score to the 6
+  after it. A question's queries read the phrase of the document that matches them ("the passkey for the white
+  door is"; the model's induction heads read each matched token's successor), and the answer is what follows that
+  phrase. Max-pool 7, centred: query-aware needle 25% -> 42% at 10% kept, 25% -> 33% at 20%; NLL neutral (-0.007
+  +- 0.003 at 5%, +0.003 +- 0.004 at 20%). Centred, it kept 3 tokens past the peak and lost the rest: answers came
+  back a digit short ("5261." for 52616; six of the nine query-aware needles lost at 20% kept on seeds 5 and 6
+  that the full cache retrieves, of which it answers seven now). Over the token and the 6 before it: query-aware
+  needles 47 / 58 / 65 of 96 at 5 / 10 / 20% kept against 22 / 38 / 48 (four seeds; the full cache 66), on the
+  Rust book 28 / 32 / 32 of 48 against 14 / 21 / 22 (full 34); asked after compression 11 / 16 / 18 against 11 /
+  16 / 14 (book 5 / 8 / 9 against 6 / 7 / 8); continuation NLL unchanged (-0.001 +- 0.004 / +0.000 +- 0.002 /
+  +0.000 +- 0.001, 23 windows; 31 of the Rust book: -0.009 +- 0.004 / -0.004 +- 0.003 / -0.002 +- 0.001); `make
+  demo` 5 of 6 facts at 50% and 80% as before. One position after the token (`pool_ahead=1`, for a question that
+  reads the end of a fact's sentence): 23 / 27 / 33 of 48 against 28 / 29 / 33 on seeds 5 and 6.
 - Not adopted: a quarter of the budget as ring (proximity 0.25) doubles the context and retrieves more
   (58% at 20%) but costs 0.056 +- 0.026 NLL at 5%; the leverage term (`leverage`, below) retrieves far more
   and costs more NLL still (see its comment).
