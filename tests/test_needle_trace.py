@@ -35,3 +35,22 @@ def test_kept_map_marks_the_positions_each_layer_and_head_holds():
     layer1 = SimpleNamespace(pos=torch.tensor([[[-1, -1, -1], [1, 5, 9]]]))
     cache = SimpleNamespace(layers=[layer0, layer1])
     assert tool.kept_map(cache, [1, 4, 5]) == "0:X.X/.X. 1:.../X.X"
+
+
+def test_answer_run_is_the_first_whole_copy_after_the_needle_start():
+    tool = load_tool()
+    haystack = [7, 8, 1, 7, 9, 7, 8, 2, 7, 8]  # a copy before the needle, a broken one, then two whole ones
+    instance = NeedleInstance("passkey", 12, 0.3, haystack, [5], "78", 2)
+    assert tool.answer_run(instance, [7, 8]) == [5, 6]
+
+
+def test_read_shares_take_the_strongest_query_head_of_each_group_at_the_token_each_query_writes():
+    tool = load_tool()
+    # 4 query heads in 2 KV groups, 2 writing queries over 5 keys; the answer's tokens sit at keys 1 and 3
+    probs = torch.zeros(4, 2, 5)
+    probs[0, 0, 1], probs[1, 0, 1] = 0.2, 0.6  # group 0, first token: its best head reads 0.6
+    probs[1, 1, 3] = 0.4  # group 0, second token
+    probs[2, 0, 3] = 0.9  # group 1 reads the second token's key with the *first* query: not a read of it
+    probs[3, 1, 3] = 0.1
+    shares = tool.read_shares(probs, [1, 3], num_kv_heads=2)
+    assert torch.allclose(shares, torch.tensor([(0.6 + 0.4) / 2, (0.0 + 0.1) / 2]))

@@ -14,6 +14,12 @@ fed token by token through decode steps (as `kvzoo eval` does), and the map is p
 
 `--layers` also lists, for those layers, the prompt positions each KV head holds outside the last 30
 tokens (the context region of most methods), e.g. the attention sinks that fill it at small budgets.
+
+`--reads N` first lists the N KV heads through which the *full* cache reads the answer: one exact forward
+over haystack, question and answer, where each query that writes an answer token (the question's last
+token, then the answer's tokens but the last) gives the needle's copy of the token it writes a share of its
+attention (the largest of the KV head's query heads, averaged over the answer's tokens). A method can only
+answer if it keeps the answer in such heads; the map shows whether it does.
 """
 
 from __future__ import annotations
@@ -26,18 +32,63 @@ from kvzoo import load
 from kvzoo.cache.registry import parse_compression
 from kvzoo.cache.slots import KVCache
 from kvzoo.default_model import ensure_default_model
-from kvzoo.eval.fanout import fanout_prefill
+from kvzoo.cache.chunk import PrefillChunk
+from kvzoo.cache.slots import LayerSlots
+from kvzoo.eval.fanout import PrefillObserver, fanout_prefill, observe_prefill
 from kvzoo.eval.runner import EvalConfig, Runner
 from kvzoo.eval.tasks import NeedleInstance
 from kvzoo.eval.texts import read_source
 from kvzoo.generate import make_decode_step
 from kvzoo.likelihood import teacher_force
+from kvzoo.models.base import CausalLM
+from kvzoo_kernels.attention import attention_probs
 
 
 def answer_positions(instance: NeedleInstance, code_tokens: list[int]) -> list[int]:
     """Haystack positions, from the asked needle on, holding one of the answer's tokens."""
     prompt = instance.prompt
     return [p for p in range(instance.needle_start, len(instance.haystack)) if prompt[p] in code_tokens]
+
+
+def answer_run(instance: NeedleInstance, code_tokens: list[int]) -> list[int]:
+    """Haystack positions of the asked needle's first whole copy of the answer's tokens."""
+    prompt, n = instance.haystack, len(code_tokens)
+    for p in range(instance.needle_start, len(prompt) - n + 1):
+        if prompt[p:p + n] == code_tokens:
+            return list(range(p, p + n))
+    raise SystemExit(f"the answer's tokens {code_tokens} do not occur whole after the needle's start")
+
+
+def read_shares(probs: torch.Tensor, run: list[int], num_kv_heads: int) -> torch.Tensor:
+    """[Hkv] how much each KV head reads the answer: probs [Hq, n, S] is the attention of the n queries that
+    write the answer's n tokens, query i writing the token at run[i]; the largest share of a KV head's query
+    heads, averaged over the answer's tokens."""
+    hq, n, _ = probs.shape
+    read = probs[:, torch.arange(n), torch.tensor(run)]  # [Hq, n]
+    return read.reshape(num_kv_heads, hq // num_kv_heads, n).amax(dim=1).mean(dim=-1)
+
+
+class _AnswerReads(PrefillObserver):
+    """Each layer's `read_shares` for a one-shot prefill of [haystack ; question ; answer tokens]."""
+
+    def __init__(self, run: list[int]) -> None:
+        self.run, self.shares = run, []
+
+    def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: PrefillChunk) -> None:
+        n = len(self.run)
+        writers = slice(-n - 1, -1)  # the question's last token, then the answer's tokens but the last
+        probs = attention_probs(chunk.q[:, :, writers], chunk.keys, chunk.q_pos[:, writers], chunk.key_pos,
+                                chunk.key_bias, chunk.window)  # [1, Hq, n, S]
+        self.shares.append(read_shares(probs[0], self.run, chunk.keys.shape[1]))
+
+
+@torch.inference_mode()
+def reading_heads(model: CausalLM, instance: NeedleInstance, code_tokens: list[int]) -> torch.Tensor:
+    """[L, Hkv] `read_shares` of every layer, from the full cache's exact forward."""
+    reads = _AnswerReads(answer_run(instance, code_tokens))
+    ids = instance.haystack + instance.question + code_tokens
+    observe_prefill(model, torch.tensor([ids]), torch.arange(len(ids))[None], reads)
+    return torch.stack(reads.shares)
 
 
 def kept_map(cache: KVCache, positions: list[int]) -> str:
@@ -60,6 +111,8 @@ def main() -> None:
     parser.add_argument("--layers", default="", help="layers whose context positions are listed")
     parser.add_argument("--steps", type=int, default=6, help="greedy answer tokens")
     parser.add_argument("--agnostic", action="store_true", help="compress the haystack, then ask the question")
+    parser.add_argument("--reads", type=int, default=0,
+                        help="list the N KV heads the full cache reads the answer through, and what each keeps")
     args = parser.parse_args()
 
     model = load(ensure_default_model(progress=True))
@@ -81,6 +134,15 @@ def main() -> None:
     caches, logits = fanout_prefill(model, [prompt], [parse_compression(args.method)], headroom)
     cache = caches[0]  # fanout_prefill has run the method's end of prefill
     print("prefill", kept_map(cache, positions))
+    if args.reads:
+        run = answer_run(instance, code_tokens)
+        shares = reading_heads(model, instance, code_tokens)  # [L, Hkv]
+        hkv = shares.shape[1]
+        for flat in shares.flatten().argsort(descending=True)[:args.reads].tolist():
+            layer, head = divmod(flat, hkv)
+            kept = "".join("X" if bool((cache.layers[layer].pos[0, head] == p).any()) else "." for p in run)
+            print(f"full cache reads the answer through layer {layer} head {head}: {float(shares[layer, head]):.2f} "
+                  f"of its attention; kept after prefill: {kept}")
     for layer in [int(x) for x in args.layers.split(",") if x]:
         held = [sorted(p for p in cache.layers[layer].pos[0, h].tolist() if 0 <= p < len(prompt) - 30)
                 for h in range(cache.layers[layer].pos.shape[1])]
