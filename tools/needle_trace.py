@@ -29,12 +29,12 @@ import argparse
 import torch
 
 from kvzoo import load
-from kvzoo.cache.registry import parse_compression
-from kvzoo.cache.slots import KVCache
-from kvzoo.default_model import ensure_default_model
 from kvzoo.cache.chunk import PrefillChunk
-from kvzoo.cache.slots import LayerSlots
-from kvzoo.eval.fanout import PrefillObserver, fanout_prefill, observe_prefill
+from kvzoo.cache.observe import PrefillObserver, observe_prefill
+from kvzoo.cache.registry import parse_compression
+from kvzoo.cache.slots import KVCache, LayerSlots
+from kvzoo.default_model import ensure_default_model
+from kvzoo.eval.fanout import fanout_prefill
 from kvzoo.eval.runner import EvalConfig, Runner
 from kvzoo.eval.tasks import NeedleInstance
 from kvzoo.eval.texts import read_source

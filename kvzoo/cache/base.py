@@ -13,6 +13,7 @@ from kvzoo.errors import KvzooError
 if TYPE_CHECKING:
     from kvzoo.cache.chunk import PrefillChunk
     from kvzoo.config import ModelConfig
+    from kvzoo.models.base import CausalLM
 
 
 class CompressionMethod:
@@ -25,7 +26,9 @@ class CompressionMethod:
     - `compress_prefill`: after a layer's exact attention over a prompt chunk, fill/evict/merge slots;
     - `decode_step`: after a decode step's attention, place the new token. Tensor ops only: this runs inside
       the compiled decode step, so no `.item()`, no branching on tensor values, no data-dependent shapes;
-    - `end_prefill`: once the whole prompt is in (for methods that allocate from every layer's statistics).
+    - `end_prefill`: once the whole prompt is in (for methods that allocate from every layer's statistics);
+    - `before_prefill`: before every prompt chunk's forward, with the model (for what the method learns of the
+      model itself, e.g. its copy heads).
     """
 
     # False for methods whose allocation needs the whole prompt at once (ZigZagKV).
@@ -60,6 +63,9 @@ class CompressionMethod:
 
     def decode_headroom(self, max_new_tokens: int) -> int:
         return 0
+
+    def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
+        """Called by the model before a prompt chunk's forward over `cache` (never in decode steps)."""
 
     def make_cache(
         self,

@@ -87,6 +87,7 @@ import torch.nn.functional as F
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, check_pooling, part_tokens
 from kvzoo.cache.compactor import SINKS, dropped_fraction
+from kvzoo.cache.copy_heads import induction_scores
 from kvzoo.cache.scoring import (accumulated_scores, attention_shares, block_attention, compactor_scores,
                                  leverage_scores, on_the_scale_of, own_key_leverage, window_scores)
 from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, sink_mask, slot_candidates, top_mask,
@@ -98,6 +99,7 @@ from kvzoo_kernels.zsmerge_update import most_similar, zsmerge_update
 if TYPE_CHECKING:
     from kvzoo.cache.chunk import PrefillChunk
     from kvzoo.config import ModelConfig
+    from kvzoo.models.base import CausalLM
 
 MIN_PROXIMITY = 2  # as the reference code: max(2, tail)
 MIN_RESIDUAL = 1
@@ -266,6 +268,22 @@ class ZSMerge(CompressionMethod):
     # -0.006 / -0.007 / -0.010, but the demo keeps 1 of 6 facts at 50% (3 at 80%): the basis is what a stored
     # document's facts need. "all" stays the setting for retrieval at 20% kept and more.
     leverage_tokens: int | str = "basis"
+    # Copy heads (kvzoo.cache.copy_heads): the KV heads whose induction score (a data-free probe, once per
+    # model) exceeds this threshold are where a question later copies its answer from, and they read nothing in
+    # particular while a document is read. At a fresh prompt's prefill each of them keeps only `copy_recent` of
+    # its ring's tokens and gives the ring's other slots to its context (the same memory; decode overwrites those
+    # slots first and the token there competes with the context, as a token leaving the ring does), ranked in
+    # two steps: the window_size x kernel_size tokens the pooled window reads most (what a question compressed
+    # with the prompt reads), then Compactor's query-agnostic score (scoring.compactor_scores). A later chunk
+    # of a prompt ranks a copy head's larger context by the usual rank. None (default): no copy heads. A setting
+    # for documents whose questions come after compression, not the default (tools/RESULTS.md, "Session 21";
+    # SmolLM2-135M, whose five heads above 0.3 are the ones every needle's answer is read through): at 20% kept
+    # the answer stays whole in 16 of 72 (needle, reading head) pairs after prefill against 1 (Compactor 18),
+    # needles asked after compression 14 of 48 against 9 (seeds 5 and 6; 5 / 8 at 5 / 10% as the default), asked
+    # with the context 27 / 28 / 34 against 28 / 29 / 33, for +0.011 +- 0.007 / +0.016 +- 0.008 / +0.015 +- 0.008
+    # continuation NLL at 5 / 10 / 20% kept (seed 5, 16 windows, equal memory).
+    copy_heads: float | None = None
+    copy_recent: int = 16
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "ZSMerge")
@@ -322,6 +340,14 @@ class ZSMerge(CompressionMethod):
         if self.decode_score not in DECODE_SCORES:
             raise KvzooError(f"ZSMerge: decode_score must be one of {', '.join(map(repr, DECODE_SCORES))}, got "
                              f"{self.decode_score!r}")
+        if self.copy_heads is not None and (isinstance(self.copy_heads, bool) or not isinstance(
+                self.copy_heads, (int, float)) or not 0 <= self.copy_heads < 1):
+            raise KvzooError(f"ZSMerge: copy_heads must be None or an induction-score threshold in [0, 1), got "
+                             f"{self.copy_heads!r}")
+        if isinstance(self.copy_recent, bool) or not isinstance(self.copy_recent, int) or self.copy_recent < 0:
+            raise KvzooError(f"ZSMerge: copy_recent must be an integer >= 0, got {self.copy_recent!r}")
+        if self.copy_heads is not None and self.cross_layer:
+            raise KvzooError("ZSMerge: copy_heads and cross_layer each decide what every layer keeps; choose one")
         if self.prefill_scale not in ("window", "steady"):
             raise KvzooError(f"ZSMerge: prefill_scale must be 'window' or 'steady', got {self.prefill_scale!r}")
 
@@ -381,7 +407,18 @@ class ZSMerge(CompressionMethod):
                 slots.state["standing_bonus"] = torch.zeros_like(slots.score)  # [B, Hkv, C] (see `_compress`)
                 slots.state["standing_pos"] = torch.full_like(slots.pos, -1, dtype=torch.int32)  # [B, Hkv, C]
                 slots.state["standing_written"] = torch.zeros_like(residual)  # [B] position after that chunk
+            if self.copy_heads is not None:  # filled from the model before each prompt chunk (before_prefill)
+                slots.state["copy_head"] = torch.zeros(len(prompt_lens), cfg.num_kv_heads, dtype=torch.bool,
+                                                       device=device)  # [B, Hkv]
         return cache
+
+    def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
+        """Mark each layer's copy heads (`copy_heads`) in the cache, from the model's induction scores."""
+        if self.copy_heads is None:
+            return
+        scores = induction_scores(model)  # [L, Hkv], computed once per model
+        for slots, layer_scores in zip(cache.layers, scores):
+            slots.state["copy_head"].copy_((layer_scores > self.copy_heads)[None].expand_as(slots.state["copy_head"]))
 
     # --- prefill --------------------------------------------------------------------------------------
     def _scores(self, chunk: "PrefillChunk", bonus: torch.Tensor | None = None,
@@ -517,7 +554,12 @@ class ZSMerge(CompressionMethod):
                 slots.state["cross_layer_stored"] = F.pad(stored, empty_slots)
             return
         rank = self._compactor_rank(slots, chunk) if self.context_rank == "compactor" else None
-        self._compress(slots, chunk, score, window, accumulated, rank=rank, stored=stored)
+        copy = slots.state.get("copy_head")  # [B, Hkv] bool or None
+        copy = copy[:, :, None] if copy is not None and bool(copy.any()) else None
+        fresh_prompt = chunk.keys.shape[2] == chunk.k.shape[2]
+        copy_rank = self._compactor_rank(slots, chunk) if copy is not None and fresh_prompt else None
+        self._compress(slots, chunk, score, window, accumulated, rank=rank, stored=stored, copy=copy,
+                       copy_rank=copy_rank)
 
     def _compactor_rank(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         """[B, Hkv, S] Compactor's score of the candidates (the first SINKS positions first), blended
@@ -527,12 +569,15 @@ class ZSMerge(CompressionMethod):
 
     def _compress(self, slots: LayerSlots, chunk: "PrefillChunk", score: torch.Tensor,
                   window: torch.Tensor | None, accumulated: torch.Tensor | None, rank: torch.Tensor | None = None,
-                  tie: torch.Tensor | None = None, stored: torch.Tensor | None = None) -> None:
+                  tie: torch.Tensor | None = None, stored: torch.Tensor | None = None,
+                  copy: torch.Tensor | None = None, copy_rank: torch.Tensor | None = None) -> None:
         """Ring, context and residual merge of the candidates into `slots`, ranking the context by `rank`
         [B, Hkv, S] (default: `score`, or the window share's picks) with equal ranks ordered by `tie`
         (default: the window's own unpooled scores). The slots store `stored` [B, Hkv, S] as their score
         (default: `score`); when given, each slot's score - stored is kept in state["standing_bonus"] (with
-        the position it belongs to in state["standing_pos"]) for the next chunk's ranking (`decode_score`)."""
+        the position it belongs to in state["standing_pos"]) for the next chunk's ranking (`decode_score`).
+        `copy` [B, Hkv, 1] marks copy heads, whose ring keeps `copy_recent` tokens and lends its other slots
+        to the context, ranked after the window's picks by `copy_rank` [B, Hkv, S] when given (`copy_heads`)."""
         b, hkv, s = chunk.key_logw.shape
         dev = chunk.keys.device
         residual, proximity = slots.state["residual"][:, None, None], slots.state["proximity"][:, None, None]
@@ -543,8 +588,15 @@ class ZSMerge(CompressionMethod):
         valid = torch.isfinite(chunk.key_logw)
         exact = valid & ~is_residual
         in_ring = exact & recent_mask(chunk, slots.state["proximity"])
+        n_context = ring_start - residual  # [B, 1, 1] context slots
+        lent = torch.zeros_like(n_context)  # [B, Hkv or 1, 1] ring slots lent to the context
+        if copy is not None:
+            kept_recent = proximity.clamp(max=self.copy_recent)  # [B, 1, 1]
+            in_ring = torch.where(copy, exact & recent_mask(chunk, kept_recent[:, 0, 0]), in_ring)
+            lent = torch.where(copy, proximity - kept_recent, 0)
 
-        # Context: the top-scored exact tokens outside the ring, into slots residual .. ring_start-1.
+        # Context: the top-scored exact tokens outside the ring, into slots residual .. ring_start-1 (and the
+        # lent ring slots).
         ctx_cand = exact & ~in_ring
         if self.leverage:  # ranks like zscore(score) + leverage * zscore(leverage); stored on the score's scale
             leverage = leverage_scores(chunk, self.kernel_size, of=self.leverage_of)
@@ -563,17 +615,29 @@ class ZSMerge(CompressionMethod):
             assert accumulated is not None and window is not None  # rank="split" blends both (_scores)
             picks = self._window_picks(chunk, accumulated, window, ctx_cand, ring_start - residual, own)
             ctx_rank = accumulated.masked_fill(picks, float("inf")).masked_fill(~ctx_cand, NEG_INF)
+        if copy_rank is not None:  # copy heads: what the window reads most, then Compactor's rank
+            assert window is not None and copy is not None  # a fresh prompt's chunk (compress_prefill)
+            reads = min(self.window_size * self.kernel_size, s)
+            first = top_mask(window.masked_fill(~ctx_cand, NEG_INF), chunk.key_pos, n_context.clamp(max=reads), own)
+            copy_order = torch.where(first, float("inf"), copy_rank.masked_fill(~ctx_cand, NEG_INF))
+            ctx_rank = torch.where(copy, copy_order, ctx_rank)
         n_ctx = min(s, slots.capacity)
         top = rank_order(ctx_rank, chunk.key_pos, own)[..., :n_ctx]
         rank = torch.arange(n_ctx, device=dev)[None, None, :]
-        ctx_kept = (rank < ring_start - residual) & (ctx_rank.gather(-1, top) > NEG_INF)
+        ctx_kept = (rank < n_context + lent) & (ctx_rank.gather(-1, top) > NEG_INF)
         in_ctx = torch.zeros_like(valid).scatter(-1, top, ctx_kept)
         leftover = exact & ~in_ring & ~in_ctx
 
         # Target slot of every candidate; `dummy` (one past the end) swallows everything not kept verbatim.
         dummy = slots.capacity
         target = torch.full((b, hkv, s), dummy, device=dev)
-        target = target.scatter(-1, top, torch.where(ctx_kept, residual + rank, dummy))
+        # A lent ring slot is the one of a position decode reaches within `lent` steps: the e-th pick past the
+        # context region goes to the slot decode overwrites (lent - 1 - e)-th, so the best picks stay longest.
+        last = chunk.q_pos.max(dim=1).values[:, None, None]  # [B, 1, 1]
+        overwritten_at = lent - 1 - (rank - n_context)  # [B, Hkv, n_ctx]: decode steps until overwritten
+        lent_slot = ring_start + (last + 1 - proximity + overwritten_at) % proximity
+        ctx_slot = torch.where(rank < n_context, residual + rank, lent_slot)
+        target = target.scatter(-1, top, torch.where(ctx_kept, ctx_slot, dummy))
         target = torch.where(in_ring, ring_start + chunk.key_pos % proximity, target)
         target = torch.where(is_residual & valid, cand, target)
         group = self._residual_groups(chunk, leftover, is_residual, residual)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.base import CompressionMethod
+from kvzoo.cache.observe import PrefillObserver, observe_prefill
 from kvzoo.cache.slots import KVCache, LayerSlots
 from kvzoo.generate import _check_request, _pad_id, left_pad
 
@@ -21,32 +22,15 @@ if TYPE_CHECKING:
     from kvzoo.models.base import CausalLM
 
 
-class PrefillObserver(CompressionMethod):
-    """A stand-in method that sees every layer's prompt chunk of a one-shot prefill and keeps nothing itself."""
-
-    def slots_in_use(self, capacity: int, tokens_seen: int) -> int:
-        return 0  # one-shot prefill only: nothing cached before the prompt
-
-
-def observe_prefill(model: "CausalLM", ids: torch.Tensor, positions: torch.Tensor,
-                    observer: PrefillObserver) -> tuple[torch.Tensor, int]:
-    """One forward over ids [B, T] that hands each layer's chunk to `observer`; returns the next-token
-    logits [B, V] and the prompt positions fed (for the caches the observer filled)."""
-    param = next(model.parameters())
-    cfg = model.config
-    b = ids.shape[0]
-    no_slots = [LayerSlots.empty(b, cfg.num_kv_heads, 0, cfg.head_dim, torch.zeros(b), param.dtype, param.device)
-                for _ in range(cfg.num_layers)]
-    driver = KVCache(layers=no_slots, method=observer)
-    logits = model(ids, positions, cache=driver, last_only=True)[:, -1]
-    return logits, driver.tokens_seen
-
-
 class _Fanout(PrefillObserver):
     """Forwards every layer's prompt chunk to each (method, cache) pair."""
 
     def __init__(self, targets: list[tuple[CompressionMethod, KVCache]]) -> None:
         self.targets = targets
+
+    def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
+        for method, target in self.targets:
+            method.before_prefill(model, target)
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         for method, cache in self.targets:

@@ -89,6 +89,8 @@ class CausalLM(nn.Module):
             lowest, highest = torch.stack(torch.aminmax(positions)).tolist()
             has_padding = lowest < 0
             self.rotary.reserve(highest + 1)
+            if cache is not None:
+                cache.method.before_prefill(self, cache)
         x = self.embed(input_ids)
         cos, sin = self.rotary.lookup(positions, x.dtype)
         ctx = ForwardContext(

@@ -1,0 +1,35 @@
+"""A forward that hands every layer's prompt chunk to an observer and keeps nothing: how the evaluation's
+fan-out, its attention-error study and the copy-head probe read a model's attention."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvzoo.cache.base import CompressionMethod
+from kvzoo.cache.slots import KVCache, LayerSlots
+
+if TYPE_CHECKING:
+    from kvzoo.models.base import CausalLM
+
+
+class PrefillObserver(CompressionMethod):
+    """A stand-in method that sees every layer's prompt chunk of a one-shot prefill and keeps nothing itself."""
+
+    def slots_in_use(self, capacity: int, tokens_seen: int) -> int:
+        return 0  # one-shot prefill only: nothing cached before the prompt
+
+
+def observe_prefill(model: "CausalLM", ids: torch.Tensor, positions: torch.Tensor,
+                    observer: PrefillObserver) -> tuple[torch.Tensor, int]:
+    """One forward over ids [B, T] that hands each layer's chunk to `observer`; returns the next-token
+    logits [B, V] and the prompt positions fed (for the caches the observer filled)."""
+    param = next(model.parameters())
+    cfg = model.config
+    b = ids.shape[0]
+    no_slots = [LayerSlots.empty(b, cfg.num_kv_heads, 0, cfg.head_dim, torch.zeros(b), param.dtype, param.device)
+                for _ in range(cfg.num_layers)]
+    driver = KVCache(layers=no_slots, method=observer)
+    logits = model(ids, positions, cache=driver, last_only=True)[:, -1]
+    return logits, driver.tokens_seen

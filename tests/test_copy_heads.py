@@ -1,0 +1,75 @@
+"""Copy heads (kvzoo.cache.copy_heads) and ZSMerge's use of them (`ZSMerge.copy_heads`)."""
+
+from __future__ import annotations
+
+import torch
+
+from kvzoo.cache.copy_heads import induction_scores, probe_ids, successor_attention
+from kvzoo.cache.zsmerge import ZSMerge
+from method_helpers import drive_model
+
+
+def test_probe_is_one_random_sequence_twice_away_from_the_vocabulary_ends():
+    ids = probe_ids(1000, length=50)
+    assert ids.shape == (100,) and torch.equal(ids[:50], ids[50:])
+    assert int(ids.min()) >= 125 and int(ids.max()) < 875 and len(set(ids[:50].tolist())) > 30
+    assert torch.equal(ids, probe_ids(1000, length=50))  # seeded
+
+
+def test_successor_attention_reads_the_token_after_the_earlier_copy_with_the_best_head_of_each_group():
+    n = 4
+    probs = torch.zeros(4, n, 2 * n)  # 4 query heads in 2 KV groups; query i sits at position n + i
+    for i in range(n - 1):
+        probs[1, i, i + 1] = 1.0  # group 0's second head copies: it reads the successor of its counterpart
+        probs[2, i, n + i] = 1.0  # group 1 reads itself (a local head)
+    probs[3, :, 0] = 0.5  # and the first token
+    probs[3, 0, 1] = 0.5  # once the successor, for one query of three
+    assert torch.allclose(successor_attention(probs, n, num_kv_heads=2), torch.tensor([1.0, 0.5 / 3]))
+
+
+def test_induction_scores_are_the_models_own_attention_on_the_probe(models, tiny_checkpoint):
+    """Against transformers' eager attention weights on the same probe (the reference implementation)."""
+    model = models("llama-gqa")
+    hf_model = tiny_checkpoint("llama-gqa")[0]
+    scores = induction_scores(model)
+    assert induction_scores(model) is scores  # once per model
+    n = min(256, model.config.max_position_embeddings // 2)
+    ids = probe_ids(model.config.vocab_size, n)[None]
+    with torch.no_grad():
+        attentions = hf_model(ids, output_attentions=True).attentions  # per layer [1, Hq, 2n, 2n]
+    expected = torch.stack([successor_attention(a[0, :, n:], n, model.config.num_kv_heads) for a in attentions])
+    assert scores.shape == (model.config.num_layers, model.config.num_kv_heads)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)  # fp32 parity
+
+
+def test_copy_heads_lend_their_ring_to_the_context_and_decode_overwrites_the_lowest_ranked_first(models):
+    model = models("llama-gqa")
+    prompt = [(7 * i + 3) % 120 + 1 for i in range(80)]
+    # A threshold of 0 makes every head of the random model a copy head (every score is above 0).
+    method = ZSMerge(budget=40, proximity=0.5, copy_heads=0.0, copy_recent=4)
+    trace = drive_model(model, [prompt], method, steps=3)
+    layout = method.layout(len(prompt))  # proximity 20, residual 1, context 19
+    ring_start = layout.budget - layout.proximity
+    for layer in range(model.config.num_layers):
+        pos = trace.snapshots[0].layers[layer]["pos"][0]  # [Hkv, C]
+        logw = trace.snapshots[0].layers[layer]["logw"][0]
+        for h in range(pos.shape[0]):
+            ring = pos[h, ring_start:layout.budget].tolist()
+            assert set(range(76, 80)) <= set(ring)  # the 4 most recent tokens where the ring keeps them
+            assert sum(0 <= p < 76 for p in ring) == layout.proximity - 4  # the 16 others: context picks
+            exact = pos[h][logw[h] == 0].tolist()
+            assert len(exact) == len(set(exact)) == layout.budget - layout.residual
+        # decode position 80 takes ring slot 80 % 20 = 0, which held a lent slot's pick, not a recent token
+        first_overwritten = ring_start + 80 % layout.proximity
+        assert (pos[:, first_overwritten] < 76).all()
+        assert (trace.snapshots[1].layers[layer]["pos"][0, :, first_overwritten] == 80).all()
+
+
+def test_without_copy_heads_the_ring_holds_the_most_recent_tokens(models):
+    model = models("llama-gqa")
+    prompt = [(7 * i + 3) % 120 + 1 for i in range(80)]
+    method = ZSMerge(budget=40, proximity=0.5)
+    trace = drive_model(model, [prompt], method, steps=0)
+    layout = method.layout(len(prompt))
+    ring = trace.snapshots[0].layers[0]["pos"][0, :, layout.budget - layout.proximity:layout.budget]
+    assert sorted(ring[0].tolist()) == list(range(60, 80))
