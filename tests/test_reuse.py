@@ -176,7 +176,7 @@ def test_header_says_what_the_cache_belongs_to(model, saved):
         "kernel_size": 7, "pooling": "max", "pool_ahead": 0, "metric": "dot", "score_update": "max",
         "prefill_scale": "window", "leverage": 0.0, "leverage_of": "keys", "rank": "shares", "decode_score": "accumulated",
         "window_weight": 1.0, "window_share": 0.25, "cross_layer": False, "context_rank": "score",
-        "leverage_tokens": "basis"}}
+        "leverage_tokens": "basis", "copy_heads": None, "copy_recent": 16}}
     assert header["lengths"] == [len(CONTEXT)] and header["dtype"] == "float32"
     assert header["kvzoo_version"] == kvzoo.__version__ and header["format_version"] == 1
     assert header["tokenizer"] is None  # the tiny checkpoint has no tokenizer
