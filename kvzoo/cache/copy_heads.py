@@ -24,6 +24,7 @@ from kvzoo_kernels.attention import attention_probs
 
 if TYPE_CHECKING:
     from kvzoo.cache.chunk import PrefillChunk
+    from kvzoo.cache.slots import LayerSlots
     from kvzoo.models.base import CausalLM
 
 PROBE_TOKENS = 256  # length of the random sequence; it is fed twice

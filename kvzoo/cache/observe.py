@@ -21,6 +21,18 @@ class PrefillObserver(CompressionMethod):
         return 0  # one-shot prefill only: nothing cached before the prompt
 
 
+class ForwardingObserver(PrefillObserver):
+    """An observer that fills (method, cache) targets: what the model learns of itself before a prompt chunk
+    (`before_prefill`) reaches each target's method."""
+
+    def __init__(self, targets: list[tuple[CompressionMethod, KVCache]]) -> None:
+        self.targets = targets
+
+    def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
+        for method, target in self.targets:
+            method.before_prefill(model, target)
+
+
 def observe_prefill(model: "CausalLM", ids: torch.Tensor, positions: torch.Tensor,
                     observer: PrefillObserver) -> tuple[torch.Tensor, int]:
     """One forward over ids [B, T] that hands each layer's chunk to `observer`; returns the next-token

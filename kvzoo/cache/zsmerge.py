@@ -631,12 +631,14 @@ class ZSMerge(CompressionMethod):
         # Target slot of every candidate; `dummy` (one past the end) swallows everything not kept verbatim.
         dummy = slots.capacity
         target = torch.full((b, hkv, s), dummy, device=dev)
-        # A lent ring slot is the one of a position decode reaches within `lent` steps: the e-th pick past the
-        # context region goes to the slot decode overwrites (lent - 1 - e)-th, so the best picks stay longest.
-        last = chunk.q_pos.max(dim=1).values[:, None, None]  # [B, 1, 1]
-        overwritten_at = lent - 1 - (rank - n_context)  # [B, Hkv, n_ctx]: decode steps until overwritten
-        lent_slot = ring_start + (last + 1 - proximity + overwritten_at) % proximity
-        ctx_slot = torch.where(rank < n_context, residual + rank, lent_slot)
+        ctx_slot = residual + rank
+        if copy is not None:
+            # A lent ring slot is the one of a position decode reaches within `lent` steps: the e-th pick past the
+            # context region goes to the slot decode overwrites (lent - 1 - e)-th, so the best picks stay longest.
+            last = chunk.q_pos.max(dim=1).values[:, None, None]  # [B, 1, 1]
+            overwritten_at = lent - 1 - (rank - n_context)  # [B, Hkv, n_ctx]: decode steps until overwritten
+            lent_slot = ring_start + (last + 1 - proximity + overwritten_at) % proximity
+            ctx_slot = torch.where(rank < n_context, ctx_slot, lent_slot)
         target = target.scatter(-1, top, torch.where(ctx_kept, ctx_slot, dummy))
         target = torch.where(in_ring, ring_start + chunk.key_pos % proximity, target)
         target = torch.where(is_residual & valid, cand, target)

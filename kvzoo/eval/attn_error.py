@@ -19,7 +19,7 @@ import torch
 from kvzoo.cache.chunk import make_prefill_chunk
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.slots import KVCache, LayerSlots
-from kvzoo.cache.observe import PrefillObserver, observe_prefill
+from kvzoo.cache.observe import ForwardingObserver, observe_prefill
 from kvzoo.generate import left_pad
 from kvzoo_kernels.attention import prefill_attention
 
@@ -39,14 +39,11 @@ class _Probe:
     full: torch.Tensor  # [B, Hq, K, D] exact output over the whole context + probe
 
 
-class _ErrorProbe(PrefillObserver):
+class _ErrorProbe(ForwardingObserver):
     def __init__(self, targets: list[tuple[CompressionMethod, KVCache]], context_len: int) -> None:
-        self.targets, self.context_len = targets, context_len
+        super().__init__(targets)
+        self.context_len = context_len
         self.probes: list[_Probe] = []
-
-    def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
-        for method, target in self.targets:
-            method.before_prefill(model, target)
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         t = self.context_len

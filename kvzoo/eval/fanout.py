@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.base import CompressionMethod
-from kvzoo.cache.observe import PrefillObserver, observe_prefill
+from kvzoo.cache.observe import ForwardingObserver, observe_prefill
 from kvzoo.cache.slots import KVCache, LayerSlots
 from kvzoo.generate import _check_request, _pad_id, left_pad
 
@@ -22,15 +22,8 @@ if TYPE_CHECKING:
     from kvzoo.models.base import CausalLM
 
 
-class _Fanout(PrefillObserver):
+class _Fanout(ForwardingObserver):
     """Forwards every layer's prompt chunk to each (method, cache) pair."""
-
-    def __init__(self, targets: list[tuple[CompressionMethod, KVCache]]) -> None:
-        self.targets = targets
-
-    def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
-        for method, target in self.targets:
-            method.before_prefill(model, target)
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         for method, cache in self.targets:
