@@ -281,7 +281,9 @@ class ZSMerge(CompressionMethod):
     # the answer stays whole in 16 of 72 (needle, reading head) pairs after prefill against 1 (Compactor 18),
     # needles asked after compression 14 of 48 against 9 (seeds 5 and 6; 5 / 8 at 5 / 10% as the default), asked
     # with the context 27 / 28 / 34 against 28 / 29 / 33, for +0.011 +- 0.007 / +0.016 +- 0.008 / +0.015 +- 0.008
-    # continuation NLL at 5 / 10 / 20% kept (seed 5, 16 windows, equal memory).
+    # continuation NLL at 5 / 10 / 20% kept (seed 5, 16 windows, equal memory). The gain did not replicate on a
+    # fresh seed (session 22, seed 10: 3 / 3 / 3 of 24 asked after compression, as the default, for +0.015 /
+    # +0.015 / +0.007 NLL), so it stays off.
     copy_heads: float | None = None
     copy_recent: int = 16
 
