@@ -304,11 +304,14 @@ class Request:
 
 def prepare(model: "CausalLM", prompt_ids: list[list[int]], max_new_tokens: int,
             compression: Compression, prefill_chunk: int | None, cache: KVCache | None = None,
-            in_place: bool = False) -> Request:
-    """Check a request and give it a cache: a new one for `compression`, or one continuing `cache`."""
+            in_place: bool = False, stored: bool = False) -> Request:
+    """Check a request and give it a cache: a new one for `compression` (its `for_stored_document` when the
+    prompt is a document `stored` for later questions), or one continuing `cache`."""
     lens = [len(p) for p in prompt_ids]
     if cache is None:
         method = as_method(compression)
+        if stored:
+            method = method.for_stored_document()
         _check_request(model, prompt_ids, max_new_tokens, prefill_chunk, method)
         if prefill_chunk is not None and not method.supports_chunked_prefill:
             raise KvzooError(
@@ -318,7 +321,8 @@ def prepare(model: "CausalLM", prompt_ids: list[list[int]], max_new_tokens: int,
         work = new_cache(model, lens, max_new_tokens, method)
         start = None
     else:
-        if compression is not None and as_method(compression) != cache.method:
+        if compression is not None and cache.method not in (as_method(compression),
+                                                            as_method(compression).for_stored_document()):
             raise KvzooError(f"the cache was compressed with {cache.method}; leave compression unset when passing "
                              f"cache= (got {compression})")
         _check_cache_fits(model, cache)
@@ -404,7 +408,9 @@ def prefill_cache(
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> KVCache:
     """The compressed cache of `context` alone (text or ids; a list is a batch), knowing nothing of what will be
-    asked: pass it as `cache=` to generate / generate_ids / chat / score, as often as you like, or `save` it."""
+    asked: pass it as `cache=` to generate / generate_ids / chat / score, as often as you like, or `save` it.
+    The method compresses it as a document stored for later questions (`for_stored_document`: the default
+    ZSMerge keeps more of what its copy heads will read)."""
     if isinstance(context, str) or (isinstance(context, list) and context and isinstance(context[0], str)):
         texts = [context] if isinstance(context, str) else context
         if any(not isinstance(t, str) or t == "" for t in texts):
@@ -413,7 +419,7 @@ def prefill_cache(
         ids = [tok.encode(t, add_special_tokens=add_special_tokens) for t in texts]  # type: ignore[arg-type]
     else:
         ids = _as_batch(context)  # type: ignore[arg-type]
-    request = prepare(model, ids, 0, compression, prefill_chunk)
+    request = prepare(model, ids, 0, compression, prefill_chunk, stored=True)
     prefill(model, request.ids, request.positions, request.cache, prefill_chunk, on_chunk)
     return request.cache
 

@@ -73,3 +73,37 @@ def test_without_copy_heads_the_ring_holds_the_most_recent_tokens(models):
     layout = method.layout(len(prompt))
     ring = trace.snapshots[0].layers[0]["pos"][0, :, layout.budget - layout.proximity:layout.budget]
     assert sorted(ring[0].tolist()) == list(range(60, 80))
+
+
+def test_a_stored_document_is_compressed_with_copy_heads_and_a_prompt_to_continue_is_not(models):
+    """`prefill_cache` compresses with `for_stored_document`: the default ZSMerge with copy heads at
+    `stored_copy_heads`, exactly as if they had been asked for; generation from a prompt keeps the method."""
+    from dataclasses import replace
+
+    from kvzoo.generate import prefill, prefill_cache, prepare
+
+    model = models("llama-gqa")
+    doc = [(7 * i + 3) % 120 + 1 for i in range(80)]
+    method = ZSMerge(budget=40, stored_copy_heads=0.0)  # every head of the random model scores above 0
+    stored = prefill_cache(model, [doc], method)
+    asked = replace(method, copy_heads=0.0)
+    assert stored.method == asked
+    explicit = prepare(model, [doc], 0, asked, None)
+    prefill(model, explicit.ids, explicit.positions, explicit.cache, None)
+    for got, want in zip(stored.layers, explicit.cache.layers):
+        assert bool(got.state["copy_head"].all())
+        assert torch.equal(got.pos, want.pos) and torch.equal(got.k, want.k)
+    plain = prepare(model, [doc], 0, method, None)
+    prefill(model, plain.ids, plain.positions, plain.cache, None)
+    assert plain.cache.method == method and "copy_head" not in plain.cache.layers[0].state
+    assert any(not torch.equal(a.pos, b.pos) for a, b in zip(plain.cache.layers, stored.layers))
+
+
+def test_for_stored_document_changes_only_a_zsmerge_without_copy_heads():
+    from kvzoo.cache.h2o import H2O
+    from kvzoo.cache.snapkv import SnapKV
+
+    for method in (H2O(), SnapKV(), ZSMerge.paper(), ZSMerge(copy_heads=0.5), ZSMerge(stored_copy_heads=None),
+                   ZSMerge(cross_layer=True, rank="window")):
+        assert method.for_stored_document() is method
+    assert ZSMerge().for_stored_document() == ZSMerge(copy_heads=0.3)

@@ -260,3 +260,28 @@ def test_longbench_bad_files_are_named(tmp_path):
         longbench.read_tasks(tmp_path)
     with pytest.raises(KvzooError, match="'vcsum' is not supported"):
         longbench.read_tasks(tmp_path, only=["vcsum"])
+
+
+def test_questions_asked_after_compression_are_asked_of_a_stored_document(model, corpus, monkeypatch):
+    """The agnostic needle layout compresses the haystack as `prefill_cache` would (`for_stored_document`),
+    the aware layout as a prompt to continue."""
+    runner = Runner(model, EvalConfig(methods=["zsmerge", "h2o"], budgets=[0.25], tasks=["needle"]), corpus,
+                    progress=False)
+    prompts = [corpus[:64]]
+    for stored in (False, True):
+        methods = [(case.method, cache.method) for case, cache, _ in runner.prefilled(prompts, 4, stored=stored)]
+        assert [got for _, got in methods] == [m.for_stored_document() if stored else m for m, _ in methods]
+    assert any(m.for_stored_document() != m for m, _ in methods)  # ZSMerge's copy heads
+
+    layouts = []
+    prefilled = Runner.prefilled
+
+    def spy(self, prompts, headroom, stored=False):
+        layouts.append(stored)
+        yield from prefilled(self, prompts, headroom, stored)
+
+    monkeypatch.setattr(Runner, "prefilled", spy)
+    config = EvalConfig(methods=["zsmerge"], budgets=[0.5], tasks=["needle"], needle_lengths=[160],
+                        needle_depths=[0.5], needle_repeats=1)
+    Runner(model, config, corpus, progress=False).run()
+    assert layouts and layouts == [False, True] * (len(layouts) // 2)

@@ -105,7 +105,7 @@ def test_save_load_ask_equals_asking_in_memory(model, method, tmp_path):
     path = tmp_path / "doc.kvc"
     cache.save(path)
     loaded = kvzoo.load_cache(path, model)
-    assert loaded.method == method and loaded.lengths == cache.lengths
+    assert loaded.method == method.for_stored_document() and loaded.lengths == cache.lengths
     assert all(torch.equal(a, b) for a, b in zip(_slot_tensors(loaded), _slot_tensors(cache)))
     for q in QUESTIONS:
         want = model.generate_ids(q, max_new_tokens=NEW, eos_token_ids=[], cache=cache).token_ids
@@ -176,7 +176,7 @@ def test_header_says_what_the_cache_belongs_to(model, saved):
         "kernel_size": 7, "pooling": "max", "pool_ahead": 0, "metric": "dot", "score_update": "max",
         "prefill_scale": "window", "leverage": 0.0, "leverage_of": "keys", "rank": "shares", "decode_score": "accumulated",
         "window_weight": 1.0, "window_share": 0.25, "cross_layer": False, "context_rank": "score",
-        "leverage_tokens": "basis", "copy_heads": None, "copy_recent": 16}}
+        "leverage_tokens": "basis", "copy_heads": 0.3, "copy_recent": 16, "stored_copy_heads": 0.3}}
     assert header["lengths"] == [len(CONTEXT)] and header["dtype"] == "float32"
     assert header["kvzoo_version"] == kvzoo.__version__ and header["format_version"] == 1
     assert header["tokenizer"] is None  # the tiny checkpoint has no tokenizer

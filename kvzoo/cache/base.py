@@ -28,7 +28,8 @@ class CompressionMethod:
       the compiled decode step, so no `.item()`, no branching on tensor values, no data-dependent shapes;
     - `end_prefill`: once the whole prompt is in (for methods that allocate from every layer's statistics);
     - `before_prefill`: before every prompt chunk's forward, with the model (for what the method learns of the
-      model itself, e.g. its copy heads).
+      model itself, e.g. its copy heads);
+    - `for_stored_document`: the method `prefill_cache` compresses a document with (questions come later).
     """
 
     # False for methods whose allocation needs the whole prompt at once (ZigZagKV).
@@ -66,6 +67,12 @@ class CompressionMethod:
 
     def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
         """Called by the model before a prompt chunk's forward over `cache` (never in decode steps)."""
+
+    def for_stored_document(self) -> "CompressionMethod":
+        """The method that compresses a document stored for questions asked later (`prefill_cache`, the eval's
+        questions asked after compression), where nothing in the prompt says what will be read: this method
+        itself unless it keeps something else for such questions (ZSMerge's `stored_copy_heads`)."""
+        return self
 
     def make_cache(
         self,

@@ -78,7 +78,7 @@ prompt, whose tokens fill it until decoding pushes them out and merging starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -286,6 +286,14 @@ class ZSMerge(CompressionMethod):
     # +0.015 / +0.007 NLL), so it stays off.
     copy_heads: float | None = None
     copy_recent: int = 16
+    # The copy-head threshold for a document stored for questions asked later (`prefill_cache`, the eval's
+    # needles asked after compression; `for_stored_document`), when `copy_heads` is None; None: as `copy_heads`.
+    # A stored document is not continued, so the copy heads' NLL cost does not apply, and what its questions
+    # need is what they will copy. Measured (tools/RESULTS.md, "Session 22"): `make demo`'s stored document at
+    # 80 / 50 / 30 / 20 / 10% kept answers 5 / 4 / 4 / 4 / 1 of 6 questions against 5 / 5 / 3 / 0 / 0 without
+    # (a 2000-token document at 50 / 20 / 10%: 5 / 5 / 2 against 5 / 3 / 1; the full cache 5); needles asked
+    # after compression 17 of 72 at 20% kept against 12 on seeds 5, 6 and 10 (5% and 10%: as without).
+    stored_copy_heads: float | None = 0.3
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "ZSMerge")
@@ -342,10 +350,12 @@ class ZSMerge(CompressionMethod):
         if self.decode_score not in DECODE_SCORES:
             raise KvzooError(f"ZSMerge: decode_score must be one of {', '.join(map(repr, DECODE_SCORES))}, got "
                              f"{self.decode_score!r}")
-        if self.copy_heads is not None and (isinstance(self.copy_heads, bool) or not isinstance(
-                self.copy_heads, (int, float)) or not 0 <= self.copy_heads < 1):
-            raise KvzooError(f"ZSMerge: copy_heads must be None or an induction-score threshold in [0, 1), got "
-                             f"{self.copy_heads!r}")
+        for name in ("copy_heads", "stored_copy_heads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 <= value < 1):
+                raise KvzooError(f"ZSMerge: {name} must be None or an induction-score threshold in [0, 1), got "
+                                 f"{value!r}")
         if isinstance(self.copy_recent, bool) or not isinstance(self.copy_recent, int) or self.copy_recent < 0:
             raise KvzooError(f"ZSMerge: copy_recent must be an integer >= 0, got {self.copy_recent!r}")
         if self.copy_heads is not None and self.cross_layer:
@@ -356,10 +366,11 @@ class ZSMerge(CompressionMethod):
     @classmethod
     def paper(cls, **overrides: object) -> "ZSMerge":
         """The settings of the paper and its reference code (section 1 of METHODS.md): proximity half the
-        budget, 2% of the rest residual, alpha = 1, decay 0.98 over an 8-query window, max-pool 5 (centred)."""
+        budget, 2% of the rest residual, alpha = 1, decay 0.98 over an 8-query window, max-pool 5 (centred), and
+        no copy heads for a stored document."""
         paper = {"proximity": 0.5, "residual": 0.02, "alpha": 1.0, "decay": 0.98, "rank": "window",
                  "window_size": 8, "kernel_size": 5, "pooling": "max", "pool_ahead": None, "metric": "dot",
-                 "score_update": "max"}
+                 "score_update": "max", "stored_copy_heads": None}
         return cls(**{**paper, **overrides})  # type: ignore[arg-type]
 
     @property
@@ -413,6 +424,13 @@ class ZSMerge(CompressionMethod):
                 slots.state["copy_head"] = torch.zeros(len(prompt_lens), cfg.num_kv_heads, dtype=torch.bool,
                                                        device=device)  # [B, Hkv]
         return cache
+
+    def for_stored_document(self) -> "ZSMerge":
+        """This ZSMerge with copy heads at `stored_copy_heads` when it has none (and no cross-layer rank, which
+        decides what every layer keeps itself)."""
+        if self.copy_heads is not None or self.stored_copy_heads is None or self.cross_layer:
+            return self
+        return replace(self, copy_heads=self.stored_copy_heads)
 
     def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
         """Mark each layer's copy heads (`copy_heads`) in the cache, from the model's induction scores."""

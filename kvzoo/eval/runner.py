@@ -179,15 +179,19 @@ class Runner:
         for start in range(0, len(items), size):
             yield start, items[start:start + size]
 
-    def prefilled(self, prompts: list[list[int]], headroom: int) -> Iterator[tuple[MethodCase, KVCache, torch.Tensor]]:
-        """(case, cache, next-token logits) for every case, fanning one prefill out to groups of cases."""
+    def prefilled(self, prompts: list[list[int]], headroom: int,
+                  stored: bool = False) -> Iterator[tuple[MethodCase, KVCache, torch.Tensor]]:
+        """(case, cache, next-token logits) for every case, fanning one prefill out to groups of cases;
+        `stored`: each method compresses the prompts as documents stored for later questions, as `prefill_cache`
+        does (`for_stored_document`)."""
         lens = [len(p) for p in prompts]
         cap = self.config.memory_cap_gib * 2**30
         cases = self.cases
         if self.config.memory == "matched":
             cases = [matched_memory(c, min(lens), headroom) for c in cases]
         for group in groups_under_cap(self.model, cases, lens, headroom, cap):
-            caches, logits = fanout_prefill(self.model, prompts, [c.method for c in group], headroom)
+            methods = [c.method.for_stored_document() if stored else c.method for c in group]
+            caches, logits = fanout_prefill(self.model, prompts, methods, headroom)
             for case, cache in zip(group, caches):
                 yield case, cache, logits
 
@@ -295,7 +299,7 @@ class Runner:
                 prompts = [x.prompt if layout == "aware" else x.haystack for x in batch]
                 question = torch.tensor([x.question for x in batch])
                 headroom = ANSWER_TOKENS + (0 if layout == "aware" else question.shape[1])
-                for case, cache, logits in self.prefilled(prompts, headroom):
+                for case, cache, logits in self.prefilled(prompts, headroom, stored=layout == "agnostic"):
                     start = torch.tensor([len(p) for p in prompts])
                     with torch.inference_mode():
                         if layout == "agnostic":
