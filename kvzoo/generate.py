@@ -321,8 +321,8 @@ def prepare(model: "CausalLM", prompt_ids: list[list[int]], max_new_tokens: int,
         work = new_cache(model, lens, max_new_tokens, method)
         start = None
     else:
-        if compression is not None and cache.method not in (as_method(compression),
-                                                            as_method(compression).for_stored_document()):
+        asked = as_method(compression) if compression is not None else None
+        if asked is not None and cache.method not in (asked, asked.for_stored_document()):
             raise KvzooError(f"the cache was compressed with {cache.method}; leave compression unset when passing "
                              f"cache= (got {compression})")
         _check_cache_fits(model, cache)

@@ -104,6 +104,7 @@ def test_for_stored_document_changes_only_a_zsmerge_without_copy_heads():
     from kvzoo.cache.snapkv import SnapKV
 
     for method in (H2O(), SnapKV(), ZSMerge.paper(), ZSMerge(copy_heads=0.5), ZSMerge(stored_copy_heads=None),
-                   ZSMerge(cross_layer=True, rank="window")):
+                   ZSMerge(cross_layer=True, rank="window"),
+                   ZSMerge(proximity=0.1, context_rank="compactor", rank="window")):
         assert method.for_stored_document() is method
     assert ZSMerge().for_stored_document() == ZSMerge(copy_heads=0.3)

@@ -287,7 +287,8 @@ class ZSMerge(CompressionMethod):
     copy_heads: float | None = None
     copy_recent: int = 16
     # The copy-head threshold for a document stored for questions asked later (`prefill_cache`, the eval's
-    # needles asked after compression; `for_stored_document`), when `copy_heads` is None; None: as `copy_heads`.
+    # needles asked after compression; `for_stored_document`), when `copy_heads` is None and the context is not
+    # already ranked by Compactor's score (`context_rank="compactor"`); None: as `copy_heads`.
     # A stored document is not continued, so the copy heads' NLL cost does not apply, and what its questions
     # need is what they will copy. Measured (tools/RESULTS.md, "Session 22"): `make demo`'s stored document at
     # 80 / 50 / 30 / 20 / 10% kept answers 5 / 4 / 4 / 4 / 1 of 6 questions against 5 / 5 / 3 / 0 / 0 without
@@ -426,9 +427,11 @@ class ZSMerge(CompressionMethod):
         return cache
 
     def for_stored_document(self) -> "ZSMerge":
-        """This ZSMerge with copy heads at `stored_copy_heads` when it has none (and no cross-layer rank, which
-        decides what every layer keeps itself)."""
-        if self.copy_heads is not None or self.stored_copy_heads is None or self.cross_layer:
+        """This ZSMerge with copy heads at `stored_copy_heads` when it has none. Not with a cross-layer rank
+        (which decides what every layer keeps itself), nor with `context_rank="compactor"`, whose whole context
+        is already ranked by the query-agnostic score that copy heads add."""
+        if self.copy_heads is not None or self.stored_copy_heads is None or self.cross_layer \
+                or self.context_rank == "compactor":
             return self
         return replace(self, copy_heads=self.stored_copy_heads)
 
@@ -577,7 +580,9 @@ class ZSMerge(CompressionMethod):
         copy = slots.state.get("copy_head")  # [B, Hkv] bool or None
         copy = copy[:, :, None] if copy is not None and bool(copy.any()) else None
         fresh_prompt = chunk.keys.shape[2] == chunk.k.shape[2]
-        copy_rank = self._compactor_rank(slots, chunk) if copy is not None and fresh_prompt else None
+        copy_rank = None
+        if copy is not None and fresh_prompt:
+            copy_rank = rank if rank is not None else self._compactor_rank(slots, chunk)
         self._compress(slots, chunk, score, window, accumulated, rank=rank, stored=stored, copy=copy,
                        copy_rank=copy_rank)
 
