@@ -77,7 +77,7 @@ def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ct
             chunk.row_lse = lse
     if cache is not None:
         assert chunk is not None
-        cache.method.compress_prefill(layer_idx, slots, chunk)
+        cache.method.take_prefill_chunk(layer_idx, slots, chunk)
     return out
 
 

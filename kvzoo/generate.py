@@ -222,7 +222,11 @@ def continue_cache(model: "CausalLM", cache: KVCache, prompt_lens: list[int], ma
     its method needs for the prompt and `max_new_tokens` (none for decode-time methods), holding the cached
     sequence once per prompt. `in_place=True` reuses `cache` itself when no headroom or batching is needed."""
     _check_cache_fits(model, cache)
-    headroom = cache.method.decode_headroom(max(prompt_lens) + max_new_tokens)  # type: ignore[attr-defined]
+    method = cache.method
+    headroom = method.decode_headroom(max(prompt_lens) + max_new_tokens)  # type: ignore[attr-defined]
+    if method.appends_later_prompts:  # type: ignore[attr-defined]
+        # the prompt whole beside the decode headroom (`decode_cap` bounds only the generated tokens)
+        headroom = max(headroom, max(prompt_lens) + method.decode_headroom(max_new_tokens))  # type: ignore[attr-defined]
     if in_place and headroom == 0 and cache.batch_size == len(prompt_lens):
         return cache
     return cache.fork(headroom, batch=len(prompt_lens))

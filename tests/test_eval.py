@@ -285,3 +285,27 @@ def test_questions_asked_after_compression_are_asked_of_a_stored_document(model,
                         needle_depths=[0.5], needle_repeats=1)
     Runner(model, config, corpus, progress=False).run()
     assert layouts and layouts == [False, True] * (len(layouts) // 2)
+
+
+def test_a_question_asked_after_compression_is_asked_as_generate_asks_a_stored_cache(model, corpus):
+    """The agnostic needle layout answers what `generate_ids(question, cache=prefill_cache(haystack))` answers:
+    the question is a later prompt chunk of the stored document's cache, compressed by the method as any chunk
+    (for a decode-time method that is not what decode steps would do with it)."""
+    from kvzoo.eval.runner import ANSWER_TOKENS
+    from kvzoo.generate import generate_ids
+    from kvzoo.generate import prefill_cache as store
+
+    config = EvalConfig(methods=["zsmerge", "h2o", "snapkv"], budgets=[0.25], tasks=["needle"], needle_lengths=[200],
+                        needle_depths=[0.5], needle_repeats=1, batch_size=1)
+    runner = Runner(model, config, corpus, progress=False)
+    needles = runner.needles()
+    methods = {(case.label, case.budget): case.method for case in runner.cases}
+    asked_after = [r for r in runner.run() if r.task == "needle-agnostic"]
+    assert len(asked_after) == len(needles) * len(methods)
+    tok = model.require_tokenizer()
+    for record in asked_after:
+        x = needles[record.instance]
+        cache = store(model, x.haystack, compression=methods[(record.label, record.budget)])
+        out = generate_ids(model, x.question, max_new_tokens=ANSWER_TOKENS, eos_token_ids=[], compile=False,
+                           cache=cache)
+        assert tok.decode(out.token_ids[0]) == record.info["output"], record.label

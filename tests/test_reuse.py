@@ -20,6 +20,7 @@ import kvzoo
 from kvzoo.cache.io import CacheFileError, read_header
 from kvzoo.errors import KvzooError
 from kvzoo.generate import make_decode_step, prefill, prepare
+from kvzoo.likelihood import teacher_force
 
 # fp32 on CPU: the continued prefill attends over [cache slots ; question] in the masked kernel, the one-shot
 # prompt in the plain causal one; the sums differ in order only (~1e-6), 1e-4 leaves room for 2 layers.
@@ -238,15 +239,14 @@ def test_errors_are_one_line(model, saved):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m.supports_chunked_prefill and getattr(m, "budget", 1)],
-                         ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize("method", [m for m in METHODS if m.supports_chunked_prefill and getattr(m, "budget", 1)
+                                    and not m.appends_later_prompts], ids=lambda m: type(m).__name__)
 def test_asking_a_cache_equals_chunked_prefill_with_a_boundary_after_the_context(model, method):
-    """The question goes through the same chunked-prefill path as any later prompt chunk: asking the stored
-    cache gives the tokens of one prompt context + question fed in two chunks (int budgets, so both runs
-    resolve the same slot counts). ZSMerge with decode_score="standing": with the default ("accumulated") a
-    question to a stored document stores its older slots' standings and a chunk of the same prompt their
-    accumulated attention, by design (tests/test_zsmerge_standing.py), so their decode steps may evict
-    differently."""
+    """A decode-time method compresses the question as any later prompt chunk: asking the stored cache gives
+    the tokens of one prompt context + question fed in two chunks (int budgets, so both runs resolve the same
+    slot counts). ZSMerge with decode_score="standing": with the default ("accumulated") a question to a
+    stored document stores its older slots' standings and a chunk of the same prompt their accumulated
+    attention, by design (tests/test_zsmerge_standing.py), so their decode steps may evict differently."""
     if isinstance(method, kvzoo.ZSMerge):
         method = dataclasses.replace(method, decode_score="standing")
     cache = model.prefill(CONTEXT, compression=method)
@@ -255,6 +255,33 @@ def test_asking_a_cache_equals_chunked_prefill_with_a_boundary_after_the_context
         want = model.generate_ids(CONTEXT + q, max_new_tokens=NEW, eos_token_ids=[], compression=method,
                                   prefill_chunk=len(CONTEXT)).token_ids
         assert got == want
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m.appends_later_prompts], ids=lambda m: type(m).__name__)
+def test_a_prefill_only_method_keeps_the_stored_slots_and_appends_the_question(model, method):
+    """A prefill-only method compressed the stored document once; a question to it is kept whole beside every
+    stored slot (in the room its fork is given), as its generated tokens are: the fork holds the stored
+    positions and the question's, and the answer equals the one from feeding the question through decode steps
+    (which append), within the masked-kernel tolerance of LOGIT_TOL."""
+    cache = model.prefill(CONTEXT, compression=method)
+    stored = [set(layer.pos[0, h][layer.pos[0, h] >= 0].tolist()) for layer in cache.layers
+              for h in range(layer.pos.shape[1])]
+    for q in QUESTIONS:
+        request = prepare(model, [q], NEW, None, None, cache)
+        logits = prefill(model, request.ids, request.positions, request.cache)
+        asked = [set(layer.pos[0, h][layer.pos[0, h] >= 0].tolist()) for layer in request.cache.layers
+                 for h in range(layer.pos.shape[1])]
+        question = set(range(len(CONTEXT), len(CONTEXT) + len(q)))
+        assert asked == [held | question for held in stored]
+
+        fork = cache.fork(headroom=len(q) + NEW)
+        step = make_decode_step(model, compile=False)
+        with torch.inference_mode():
+            fed = torch.tensor([q[1:]])
+            start = torch.tensor([len(CONTEXT)])
+            first_logits = step(torch.tensor([[q[0]]]), start[:, None], fork)
+            _, decoded = teacher_force(step, fork, first_logits, fed, start + 1)
+        torch.testing.assert_close(logits, decoded, **LOGIT_TOL)
 
 
 def test_another_tokenizer_is_refused(saved, tiny_checkpoint):

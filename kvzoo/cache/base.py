@@ -23,7 +23,8 @@ class CompressionMethod:
     - `prefill_budgets`: slots per KV head kept after prefill, per layer and sequence;
     - `decode_headroom`: extra slots for generated tokens (0 for methods that compress while decoding,
       so their memory stays constant);
-    - `compress_prefill`: after a layer's exact attention over a prompt chunk, fill/evict/merge slots;
+    - `compress_prefill`: after a layer's exact attention over a prompt chunk, fill/evict/merge slots (reached
+      through `take_prefill_chunk`, which keeps a later prompt whole for methods that `append_later_prompts`);
     - `decode_step`: after a decode step's attention, place the new token. Tensor ops only: this runs inside
       the compiled decode step, so no `.item()`, no branching on tensor values, no data-dependent shapes;
     - `end_prefill`: once the whole prompt is in (for methods that allocate from every layer's statistics);
@@ -47,6 +48,12 @@ class CompressionMethod:
     # layer's store at once (`KVCache.stacked_layers`: layers become rows), after the last layer's attention.
     # The result is the same, since a layer's update is only read by that layer's next step.
     decode_step_rowwise: bool = False
+    # True for methods that compress only the prompt they were made for and append what follows (prefill-only
+    # methods): a later prompt to their cache (a question to a stored document, `generate(cache=...)`) is
+    # kept whole, in the headroom `continue_cache` gives its fork for it, as their generated tokens are;
+    # compressing it to the old budget would only drop stored tokens, the room being allocated anyway.
+    # Decode-time methods keep their size, so they compress a later prompt as any chunk.
+    appends_later_prompts: bool = False
 
     @property
     def attention_alpha(self) -> float:
@@ -95,6 +102,22 @@ class CompressionMethod:
             slots.state["prompt_len"] = torch.tensor(prompt_lens, dtype=torch.int64, device=device)
         return KVCache(layers=layers, method=self, max_position=max(prompt_lens, default=0) + max_new_tokens,
                        stack=stack)
+
+    def take_prefill_chunk(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
+        """What the attention layer hands each prompt chunk to: `compress_prefill`, except that a method that
+        `appends_later_prompts` keeps a later prompt's chunk (`PrefillChunk.continues_a_prompt`) beside every
+        slot in use."""
+        later = self.appends_later_prompts and chunk.keys.shape[2] > chunk.k.shape[2] \
+            and bool(chunk.continues_a_prompt(slots).all())  # one host read per layer, prefill only
+        if not later:
+            self.compress_prefill(layer_idx, slots, chunk)
+            return
+        held = int(torch.isfinite(chunk.key_logw).sum(-1).max())
+        if held > int(slots.budget.min()):
+            raise KvzooError(f"{type(self).__name__} keeps a later prompt whole, but the cache has room for "
+                             f"{int(slots.budget.min())} slots per head and needs {held}: continue a stored cache "
+                             "through generate(..., cache=...), which gives its copy the room")
+        keep_top(slots, chunk, chunk.key_pos.float(), slots.budget)
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         raise NotImplementedError
@@ -154,6 +177,7 @@ class PrefillOnlyMethod(CompressionMethod):
 
     decode_cap: int | None
     reads_decode_probs = False  # generated tokens are appended whatever attention did
+    appends_later_prompts = True  # and so is a later prompt (a question to a stored document)
     decode_step_rowwise = True
 
     @property

@@ -41,6 +41,16 @@ class PrefillChunk:
     def key_bias(self) -> torch.Tensor:
         return attention_bias(self.key_logw, self.alpha)
 
+    def first_positions(self) -> torch.Tensor:
+        """[B] each sequence's first position in the chunk (padding, -1, skipped)."""
+        return self.q_pos.masked_fill(self.q_pos < 0, torch.iinfo(torch.int64).max).min(dim=1).values
+
+    def continues_a_prompt(self, slots: LayerSlots) -> torch.Tensor:
+        """[B] bool: whether each sequence's chunk starts a later prompt (at or past where the cached prompt
+        ended, `state["prompt_len"]`: a question to a stored document, a conversation's next turn) rather than
+        going on with the prompt the cache was made for."""
+        return self.first_positions() >= slots.state["prompt_len"]
+
 
 def make_prefill_chunk(
     q: torch.Tensor,

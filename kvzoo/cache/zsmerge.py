@@ -478,11 +478,6 @@ class ZSMerge(CompressionMethod):
             share = torch.maximum(share, self._chunk_share(block_attention(chunk), valid))
         return share * mass, fresh, total
 
-    @staticmethod
-    def _first_position(chunk: "PrefillChunk") -> torch.Tensor:
-        """[B] each sequence's first position in the chunk (padding, -1, skipped)."""
-        return chunk.q_pos.masked_fill(chunk.q_pos < 0, torch.iinfo(torch.int64).max).min(dim=1).values
-
     def _stored_scores(self, slots: LayerSlots, chunk: "PrefillChunk", standing: torch.Tensor,
                        accumulated: torch.Tensor) -> torch.Tensor:
         """[B, Hkv, S] what decode_score="accumulated" stores: the accumulated attention, except that in every
@@ -493,7 +488,7 @@ class ZSMerge(CompressionMethod):
         used = chunk.keys.shape[2] - chunk.k.shape[2]
         if used == 0:
             return accumulated
-        later_prompt = (self._first_position(chunk) >= slots.state["prompt_len"])[:, None, None]  # [B, 1, 1]
+        later_prompt = chunk.continues_a_prompt(slots)[:, None, None]  # [B, 1, 1]
         earlier_slot = torch.arange(chunk.keys.shape[2], device=standing.device) < used  # [S]
         return torch.where(later_prompt & earlier_slot, standing, accumulated)
 
@@ -510,7 +505,7 @@ class ZSMerge(CompressionMethod):
         used = chunk.keys.shape[2] - t
         bonus, granted_to = slots.state["standing_bonus"][..., :used], slots.state["standing_pos"][..., :used]
         held = granted_to == chunk.key_pos[..., :used]  # [B, Hkv, used]
-        steps = (self._first_position(chunk) - slots.state["standing_written"]).clamp(min=0)  # [B] decode steps
+        steps = (chunk.first_positions() - slots.state["standing_written"]).clamp(min=0)  # [B] decode steps
         decayed = bonus * held * (self.decay ** steps.double()).float()[:, None, None]
         return F.pad(decayed, (0, t))
 

@@ -24,7 +24,7 @@ from kvzoo.errors import KvzooError
 from kvzoo.eval import tasks as T
 from kvzoo.eval.fanout import fanout_prefill
 from kvzoo.eval.metrics import first_number, leading_match
-from kvzoo.generate import make_decode_step
+from kvzoo.generate import make_decode_step, prefill
 from kvzoo.likelihood import continuation_logprobs, teacher_force
 
 if TYPE_CHECKING:
@@ -302,9 +302,10 @@ class Runner:
                 for case, cache, logits in self.prefilled(prompts, headroom, stored=layout == "agnostic"):
                     start = torch.tensor([len(p) for p in prompts])
                     with torch.inference_mode():
-                        if layout == "agnostic":
-                            step = make_decode_step(self.model, compile=False)
-                            _, logits = teacher_force(step, cache, logits, question, start)
+                        if layout == "agnostic":  # as generate(question, cache=stored) feeds it: a later
+                            # prompt chunk, which the method compresses as it would any chunk
+                            positions = start[:, None] + torch.arange(question.shape[1])[None]  # [B, Tq]
+                            logits = prefill(self.model, question, positions, cache)
                             start = start + question.shape[1]
                         answers = greedy(self.model, cache, logits, start, ANSWER_TOKENS)
                     texts = [self.model.require_tokenizer().decode(a.tolist()) for a in answers]
