@@ -284,6 +284,22 @@ def test_a_prefill_only_method_keeps_the_stored_slots_and_appends_the_question(m
         torch.testing.assert_close(logits, decoded, **LOGIT_TOL)
 
 
+@pytest.mark.parametrize("method", [m for m in METHODS if m.appends_later_prompts], ids=lambda m: type(m).__name__)
+def test_a_stored_batch_appends_each_question_to_its_own_document(model, method):
+    """Two stored documents of different lengths (so ratio and per-layer budgets differ per sequence), each
+    asked its own question: every sequence's fork holds its stored positions and its question's."""
+    docs = [CONTEXT, CONTEXT[5:45]]
+    cache = model.prefill(docs, compression=method)
+    request = prepare(model, QUESTIONS[:2], NEW, None, None, cache)
+    prefill(model, request.ids, request.positions, request.cache)
+    for before, after in zip(cache.layers, request.cache.layers):
+        for b, (doc, q) in enumerate(zip(docs, QUESTIONS)):
+            question = set(range(len(doc), len(doc) + len(q)))
+            for h in range(before.pos.shape[1]):
+                held = set(before.pos[b, h][before.pos[b, h] >= 0].tolist())
+                assert set(after.pos[b, h][after.pos[b, h] >= 0].tolist()) == held | question
+
+
 def test_another_tokenizer_is_refused(saved, tiny_checkpoint):
     from kvzoo.default_model import ensure_default_model
     from kvzoo.tokenizer import Tokenizer

@@ -112,11 +112,13 @@ class CompressionMethod:
         if not later:
             self.compress_prefill(layer_idx, slots, chunk)
             return
-        held = int(torch.isfinite(chunk.key_logw).sum(-1).max())
-        if held > int(slots.budget.min()):
-            raise KvzooError(f"{type(self).__name__} keeps a later prompt whole, but the cache has room for "
-                             f"{int(slots.budget.min())} slots per head and needs {held}: continue a stored cache "
-                             "through generate(..., cache=...), which gives its copy the room")
+        held = torch.isfinite(chunk.key_logw).sum(-1).amax(-1)  # [B] slots each sequence needs
+        short = (held > slots.budget).nonzero()
+        if len(short):
+            b = int(short[0, 0])
+            raise KvzooError(f"{type(self).__name__} keeps a later prompt whole, but sequence {b}'s cache has room "
+                             f"for {int(slots.budget[b])} slots per head and needs {int(held[b])}: continue a stored "
+                             "cache through generate(..., cache=...), which gives its copy the room")
         keep_top(slots, chunk, chunk.key_pos.float(), slots.budget)
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
