@@ -123,6 +123,17 @@ def test_decode_time_methods_keep_their_size_prefill_only_methods_get_headroom(m
     assert out.cache.layers[0].capacity == 16 + len(QUESTIONS[2]) + NEW
 
 
+def test_a_decode_cap_bounds_the_answer_not_the_question(model):
+    """A capped prefill-only method still appends a question longer than its cap: the fork gets room for the
+    question beside the capped answer."""
+    method = kvzoo.SnapKV(budget=16, window_size=4, decode_cap=2)
+    cache = model.prefill(CONTEXT, compression=method)
+    out = model.generate_ids(QUESTIONS[2], max_new_tokens=NEW, eos_token_ids=[], cache=cache)
+    assert out.cache.layers[0].capacity == 16 + len(QUESTIONS[2]) + 2
+    held = set(out.cache.layers[0].pos[0, 0].tolist())
+    assert set(range(len(CONTEXT), len(CONTEXT) + len(QUESTIONS[2]))) <= held
+
+
 def test_score_continues_a_cache(model):
     q, answer = QUESTIONS[0], [40, 41, 42]
     cache = model.prefill(CONTEXT)

@@ -24,7 +24,7 @@ class CompressionMethod:
     - `decode_headroom`: extra slots for generated tokens (0 for methods that compress while decoding,
       so their memory stays constant);
     - `compress_prefill`: after a layer's exact attention over a prompt chunk, fill/evict/merge slots (reached
-      through `take_prefill_chunk`, which keeps a later prompt whole for methods that `append_later_prompts`);
+      through `take_prefill_chunk`, which keeps a later prompt whole for methods that `appends_later_prompts`);
     - `decode_step`: after a decode step's attention, place the new token. Tensor ops only: this runs inside
       the compiled decode step, so no `.item()`, no branching on tensor values, no data-dependent shapes;
     - `end_prefill`: once the whole prompt is in (for methods that allocate from every layer's statistics);

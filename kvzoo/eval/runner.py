@@ -303,7 +303,7 @@ class Runner:
                     start = torch.tensor([len(p) for p in prompts])
                     with torch.inference_mode():
                         if layout == "agnostic":  # as generate(question, cache=stored) feeds it: a later
-                            # prompt chunk, which the method compresses as it would any chunk
+                            # prompt chunk (a decode-time method compresses it, a prefill-only one appends it)
                             positions = start[:, None] + torch.arange(question.shape[1])[None]  # [B, Tq]
                             logits = prefill(self.model, question, positions, cache)
                             start = start + question.shape[1]
