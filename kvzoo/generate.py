@@ -220,16 +220,22 @@ def continue_cache(model: "CausalLM", cache: KVCache, prompt_lens: list[int], ma
                    in_place: bool = False) -> KVCache:
     """The cache prompts of these lengths continue in: a fork of `cache` (which stays as it is) with the headroom
     its method needs for the prompt and `max_new_tokens` (none for decode-time methods), holding the cached
-    sequence once per prompt. `in_place=True` reuses `cache` itself when no headroom or batching is needed."""
+    sequence once per prompt. `in_place=True` reuses `cache` itself when it has the room and needs no batching."""
     _check_cache_fits(model, cache)
     method = cache.method
     headroom = method.decode_headroom(max(prompt_lens) + max_new_tokens)  # type: ignore[attr-defined]
     if method.appends_later_prompts:  # type: ignore[attr-defined]
         # the prompt whole beside the decode headroom (`decode_cap` bounds only the generated tokens)
         headroom = max(headroom, max(prompt_lens) + method.decode_headroom(max_new_tokens))  # type: ignore[attr-defined]
-    if in_place and headroom == 0 and cache.batch_size == len(prompt_lens):
+    if in_place and cache.batch_size == len(prompt_lens) and (headroom == 0 or _free_slots(cache) >= headroom):
         return cache
     return cache.fork(headroom, batch=len(prompt_lens))
+
+
+def _free_slots(cache: KVCache) -> int:
+    """The fewest empty slots any (layer, sequence, KV head) of `cache` has within its budget (one host read
+    per layer; prefill only)."""
+    return min(int((layer.budget[:, None] - layer.filled.sum(-1)).min()) for layer in cache.layers)
 
 
 def _check_cache_fits(model: "CausalLM", cache: KVCache) -> None:

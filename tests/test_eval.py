@@ -289,15 +289,17 @@ def test_questions_asked_after_compression_are_asked_of_a_stored_document(model,
 
 def test_a_question_asked_after_compression_is_asked_as_generate_asks_a_stored_cache(model, corpus):
     """The agnostic needle layout answers what `generate_ids(question, cache=prefill_cache(haystack))` answers:
-    the question is a later prompt chunk of the stored document's cache, compressed by the method as any chunk
-    (for a decode-time method that is not what decode steps would do with it)."""
+    the question is a later prompt chunk of the stored document's cache, which a decode-time method compresses
+    as any chunk (not what decode steps would do with it) and a prefill-only method appends, in the room
+    `generate` gives it (a decode cap shorter than the question bounds only the answer)."""
     from kvzoo.eval.runner import ANSWER_TOKENS
     from kvzoo.generate import generate_ids
     from kvzoo.generate import prefill_cache as store
 
     # At 10% of 200 tokens the decode-step feed answers otherwise for H2O and StreamingLLM (checked by the
     # eval-asks-through-decode-steps mutant of tools/mutants.py).
-    config = EvalConfig(methods=["zsmerge", "h2o", "streamingllm", "snapkv"], budgets=[0.1], tasks=["needle"],
+    config = EvalConfig(methods=["zsmerge", "h2o", "streamingllm", "snapkv", "snapkv:decode_cap=4"], budgets=[0.1],
+                        tasks=["needle"],
                         needle_lengths=[200], needle_depths=[0.5], needle_repeats=1, batch_size=1)
     runner = Runner(model, config, corpus, progress=False)
     needles = runner.needles()

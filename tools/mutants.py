@@ -247,7 +247,8 @@ MUTANTS: list[Mutant] = [
            ("tests/test_reuse.py",), "a prefill-only method appends a question to its stored cache"),
     Mutant("eval-asks-through-decode-steps", "kvzoo/eval/runner.py",
            "logits = prefill(self.model, question, positions, cache)",
-           "logits = teacher_force(make_decode_step(self.model, compile=False), cache, logits, question, start)[1]",
+           "logits = __import__('kvzoo.likelihood', fromlist=['teacher_force']).teacher_force("
+           "make_decode_step(self.model, compile=False), cache, logits, question, start)[1]",
            ("tests/test_eval.py",), "the asked-after needle layout feeds the question as generate(cache=) does"),
     Mutant("zsmerge-slots-store-standing", "kvzoo/cache/zsmerge.py",
            "stored = self._stored_scores(slots, chunk, score, accumulated) if self._splits_standing else None",

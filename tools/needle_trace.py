@@ -9,8 +9,9 @@ then the greedy answer.
     python tools/needle_trace.py --seed 3 --instance 5 --method "zsmerge:budget=0.05" [--layers 5,10,20]
                                  [--steps 6] [--agnostic]
 
-`--agnostic` traces the query-agnostic layout instead: the haystack alone is compressed, then the question is
-fed token by token through decode steps (as `kvzoo eval` does), and the map is printed after it too.
+`--agnostic` traces the query-agnostic layout instead, as `kvzoo eval` runs it: the haystack alone is compressed
+as a stored document (`for_stored_document`), then the question is fed as `generate(question, cache=...)` feeds
+it (one later prompt chunk), and the map is printed after it too.
 
 `--layers` also lists, for those layers, the prompt positions each KV head holds outside the last 30
 tokens (the context region of most methods), e.g. the attention sinks that fill it at small budgets.
@@ -38,8 +39,7 @@ from kvzoo.eval.fanout import fanout_prefill
 from kvzoo.eval.runner import EvalConfig, Runner
 from kvzoo.eval.tasks import NeedleInstance
 from kvzoo.eval.texts import read_source
-from kvzoo.generate import make_decode_step
-from kvzoo.likelihood import teacher_force
+from kvzoo.generate import continue_cache, make_decode_step, prefill
 from kvzoo.models.base import CausalLM
 from kvzoo_kernels.attention import attention_probs
 
@@ -130,8 +130,10 @@ def main() -> None:
     print(f"{instance.kind}, {len(prompt)} tokens, depth {instance.depth}, answer {instance.answer!r} at "
           f"positions {positions}")
 
-    headroom = args.steps + (len(instance.question) if args.agnostic else 0)
-    caches, logits = fanout_prefill(model, [prompt], [parse_compression(args.method)], headroom)
+    method = parse_compression(args.method)
+    if args.agnostic:  # stored as `m.prefill` stores it: no room yet (continue_cache gives it below)
+        method = method.for_stored_document()
+    caches, logits = fanout_prefill(model, [prompt], [method], 0 if args.agnostic else args.steps)
     cache = caches[0]  # fanout_prefill has run the method's end of prefill
     print("prefill", kept_map(cache, positions))
     if args.reads:
@@ -150,9 +152,11 @@ def main() -> None:
     step = make_decode_step(model, compile=False)
     start = torch.tensor([len(prompt)])
     with torch.inference_mode():
-        if args.agnostic:  # the question through decode steps, as the eval feeds it; the answer starts after it
-            _, logits = teacher_force(step, cache, logits, torch.tensor([instance.question]), start)
-            start = start + len(instance.question)
+        if args.agnostic:  # the question as one later prompt chunk, as the eval feeds it; the answer follows
+            question = torch.tensor([instance.question])
+            cache = continue_cache(model, cache, [question.shape[1]], args.steps, in_place=True)
+            logits = prefill(model, question, start[:, None] + torch.arange(question.shape[1])[None], cache)
+            start = start + question.shape[1]
             print("after the question", kept_map(cache, positions))
         tokens = [logits.argmax(-1)]
         for i in range(args.steps - 1):

@@ -346,8 +346,7 @@ class KVMerger(PrefillOnlyMethod):
         budget = slots.state["prefill_budget"]  # [B]
         prompt_len = slots.state["prompt_len"]
         if not bool(slots.state["merges"]) or (self.budget is not None and bool((budget >= prompt_len).all())):
-            # Nothing to merge, ever: keep every candidate in position order (room: the whole store, so a
-            # prompt continuing a stored cache fits in the headroom its fork was given).
+            # Nothing to merge, ever: keep every candidate in position order (room: the whole store).
             keep_top(slots, chunk, -chunk.key_pos.float(), slots.budget)
             return
         score = chunk.key_score + accumulated_scores(chunk)  # [B, Hkv, S]

@@ -19,8 +19,8 @@ layer's tensors down to its own capacity (max over the batch of B_l, plus headro
 the compressed size. Deferring is exact: selection changes no prefill activation (METHODS.md 3.2). The cost
 is peak memory: the full prompt's cache exists until the end of prefill. For the same reason
 `supports_chunked_prefill = False` (generation with `prefill_chunk` is refused); a prompt fed in several
-chunks anyway raises in `compress_prefill`. A prompt continuing an allocated cache (`generate(..., cache=)`)
-is compressed as SnapKV would, within each layer's allocated budget.
+chunks anyway raises in `compress_prefill`. A later prompt to an allocated cache (`generate(..., cache=)`) is
+appended whole, as every prefill-only method's (`CompressionMethod.take_prefill_chunk`).
 
 Ambiguities (METHODS.md 3.6) resolved as recommended:
 - LMBA is computed online, per input and per sequence of the batch, from the same observation window used
@@ -170,15 +170,12 @@ class ZigZagKV(WindowSelection):
         return [list(prompt_lens)] * cfg.num_layers  # the whole prompt, until end_prefill
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
-        if chunk.keys.shape[2] != chunk.k.shape[2]:  # a later chunk: the candidates include slots
-            if "lmba" in slots.state:  # the same prompt, before allocation
-                raise KvzooError(
-                    "ZigZagKV allocates from every layer's attention over the whole prompt, so it cannot "
-                    "compress a prompt fed in chunks; generate without prefill_chunk"
-                )
-            # After allocation (a prompt continuing a stored cache): SnapKV selection within the layer's budget.
-            super().compress_prefill(layer_idx, slots, chunk)
-            return
+        if chunk.keys.shape[2] != chunk.k.shape[2]:  # a second chunk of the same prompt (a later prompt is
+            # appended by take_prefill_chunk and never reaches here)
+            raise KvzooError(
+                "ZigZagKV allocates from every layer's attention over the whole prompt, so it cannot "
+                "compress a prompt fed in chunks; generate without prefill_chunk"
+            )
         scores = self.prefill_scores(slots, chunk)
         # Keeps every token, in rank order with pooled ties broken by the own score (`prefill_tiebreak`), so
         # that the slot order is the tie-break `end_prefill` needs.

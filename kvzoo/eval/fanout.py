@@ -45,5 +45,6 @@ def fanout_prefill(
     logits, tokens_seen = observe_prefill(model, ids, positions, _Fanout(list(zip(methods, caches))))
     for method, cache in zip(methods, caches):
         cache.tokens_seen = tokens_seen
+        cache.lengths = list(lens)  # as `generate.prefill` records them: each sequence's next position
         cache.end_prefill()
     return caches, logits

@@ -24,8 +24,8 @@ from kvzoo.errors import KvzooError
 from kvzoo.eval import tasks as T
 from kvzoo.eval.fanout import fanout_prefill
 from kvzoo.eval.metrics import first_number, leading_match
-from kvzoo.generate import make_decode_step, prefill
-from kvzoo.likelihood import continuation_logprobs, teacher_force
+from kvzoo.generate import continue_cache, make_decode_step, prefill
+from kvzoo.likelihood import continuation_logprobs
 
 if TYPE_CHECKING:
     from kvzoo.models.base import CausalLM
@@ -182,8 +182,9 @@ class Runner:
     def prefilled(self, prompts: list[list[int]], headroom: int,
                   stored: bool = False) -> Iterator[tuple[MethodCase, KVCache, torch.Tensor]]:
         """(case, cache, next-token logits) for every case, fanning one prefill out to groups of cases;
-        `stored`: each method compresses the prompts as documents stored for later questions, as `prefill_cache`
-        does (`for_stored_document`)."""
+        `headroom`: the tokens the task feeds after the prompts. `stored`: each method compresses the prompts as
+        documents stored for later questions, as `prefill_cache` does (`for_stored_document`, and no room: the
+        room for what follows comes from `continue_cache`, as in `generate(cache=...)`)."""
         lens = [len(p) for p in prompts]
         cap = self.config.memory_cap_gib * 2**30
         cases = self.cases
@@ -191,7 +192,7 @@ class Runner:
             cases = [matched_memory(c, min(lens), headroom) for c in cases]
         for group in groups_under_cap(self.model, cases, lens, headroom, cap):
             methods = [c.method.for_stored_document() if stored else c.method for c in group]
-            caches, logits = fanout_prefill(self.model, prompts, methods, headroom)
+            caches, logits = fanout_prefill(self.model, prompts, methods, 0 if stored else headroom)
             for case, cache in zip(group, caches):
                 yield case, cache, logits
 
@@ -285,7 +286,7 @@ class Runner:
         return out
 
     def _needle_batches(self, needles: list[T.NeedleInstance]) -> list[list[int]]:
-        """Indices batched by (length, question length): questions are fed in lockstep when query-agnostic."""
+        """Indices batched by (length, question length): a batch's questions are one unpadded later prompt."""
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, x in enumerate(needles):
             by_shape.setdefault((x.length, len(x.question)), []).append(i)
@@ -305,6 +306,9 @@ class Runner:
                         if layout == "agnostic":  # as generate(question, cache=stored) feeds it: a later
                             # prompt chunk (a decode-time method compresses it, a prefill-only one appends it)
                             positions = start[:, None] + torch.arange(question.shape[1])[None]  # [B, Tq]
+                            # the room generate gives (a capped prefill-only method: the question and its cap)
+                            cache = continue_cache(self.model, cache, [question.shape[1]] * len(batch), ANSWER_TOKENS,
+                                                   in_place=True)
                             logits = prefill(self.model, question, positions, cache)
                             start = start + question.shape[1]
                         answers = greedy(self.model, cache, logits, start, ANSWER_TOKENS)
