@@ -42,6 +42,7 @@ METHODS = [
     kvzoo.ZSMerge(budget=16, proximity=4, residual=2),
     kvzoo.KVMerger(budget=16, skip_layers=()),
     kvzoo.KVMerger(budget=None, threshold=0.2, skip_layers=(0,)),
+    kvzoo.Compactor(budget=16),
 ]
 IDS = [type(m).__name__ + ("-eps" if getattr(m, "budget", 1) is None else "") for m in METHODS]
 
