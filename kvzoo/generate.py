@@ -233,9 +233,8 @@ def continue_cache(model: "CausalLM", cache: KVCache, prompt_lens: list[int], ma
 
 
 def _free_slots(cache: KVCache) -> int:
-    """The fewest empty slots any (layer, sequence, KV head) of `cache` has within its budget (one host read
-    per layer; prefill only)."""
-    return min(int((layer.budget[:, None] - layer.filled.sum(-1)).min()) for layer in cache.layers)
+    """The fewest empty slots any (layer, sequence, KV head) of `cache` has within its budget (one host read)."""
+    return int((cache.budgets()[..., None] - cache.filled_slots()).min())
 
 
 def _check_cache_fits(model: "CausalLM", cache: KVCache) -> None:

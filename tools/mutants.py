@@ -246,7 +246,7 @@ MUTANTS: list[Mutant] = [
            "        if True:\n            self.compress_prefill(layer_idx, slots, chunk)",
            ("tests/test_reuse.py",), "a prefill-only method appends a question to its stored cache"),
     Mutant("eval-asks-through-decode-steps", "kvzoo/eval/runner.py",
-           "logits = prefill(self.model, question, positions, cache)",
+           "logits = prefill(self.model, asked.ids, asked.positions, cache)",
            "logits = __import__('kvzoo.likelihood', fromlist=['teacher_force']).teacher_force("
            "make_decode_step(self.model, compile=False), cache, logits, question, start)[1]",
            ("tests/test_eval.py",), "the asked-after needle layout feeds the question as generate(cache=) does"),

@@ -39,7 +39,7 @@ from kvzoo.eval.fanout import fanout_prefill
 from kvzoo.eval.runner import EvalConfig, Runner
 from kvzoo.eval.tasks import NeedleInstance
 from kvzoo.eval.texts import read_source
-from kvzoo.generate import continue_cache, make_decode_step, prefill
+from kvzoo.generate import make_decode_step, prefill, prepare
 from kvzoo.models.base import CausalLM
 from kvzoo_kernels.attention import attention_probs
 
@@ -153,10 +153,10 @@ def main() -> None:
     start = torch.tensor([len(prompt)])
     with torch.inference_mode():
         if args.agnostic:  # the question as one later prompt chunk, as the eval feeds it; the answer follows
-            question = torch.tensor([instance.question])
-            cache = continue_cache(model, cache, [question.shape[1]], args.steps, in_place=True)
-            logits = prefill(model, question, start[:, None] + torch.arange(question.shape[1])[None], cache)
-            start = start + question.shape[1]
+            asked = prepare(model, [instance.question], args.steps, None, None, cache, in_place=True)
+            cache = asked.cache
+            logits = prefill(model, asked.ids, asked.positions, cache)
+            start = start + len(instance.question)
             print("after the question", kept_map(cache, positions))
         tokens = [logits.argmax(-1)]
         for i in range(args.steps - 1):

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvzoo.cache.selection import append_decode_step, keep_top
+from kvzoo.cache.selection import append_decode_step, keep_every_candidate, keep_top
 from kvzoo.cache.slots import KVCache, LayerSlots, allocate_stores
 from kvzoo.errors import KvzooError
 
@@ -119,7 +119,7 @@ class CompressionMethod:
             raise KvzooError(f"{type(self).__name__} keeps a later prompt whole, but sequence {b}'s cache has room "
                              f"for {int(slots.budget[b])} slots per head and needs {int(held[b])}: continue a stored "
                              "cache through generate(..., cache=...), which gives its copy the room")
-        keep_top(slots, chunk, chunk.key_pos.float(), slots.budget)
+        keep_every_candidate(slots, chunk)
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         raise NotImplementedError

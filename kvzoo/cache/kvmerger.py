@@ -86,7 +86,7 @@ import torch.nn.functional as F
 from kvzoo.cache.base import PrefillOnlyMethod
 from kvzoo.cache.budgets import Budget, check_budget, check_counts, check_pooling, resolve_budget
 from kvzoo.cache.scoring import accumulated_scores, attention_shares, window_scores
-from kvzoo.cache.selection import keep_top, recent_mask, shrink_slots
+from kvzoo.cache.selection import keep_every_candidate, recent_mask, shrink_slots
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
 from kvzoo.errors import KvzooError
 
@@ -347,7 +347,7 @@ class KVMerger(PrefillOnlyMethod):
         prompt_len = slots.state["prompt_len"]
         if not bool(slots.state["merges"]) or (self.budget is not None and bool((budget >= prompt_len).all())):
             # Nothing to merge, ever: keep every candidate in position order (room: the whole store).
-            keep_top(slots, chunk, -chunk.key_pos.float(), slots.budget)
+            keep_every_candidate(slots, chunk)
             return
         score = chunk.key_score + accumulated_scores(chunk)  # [B, Hkv, S]
         # Shares of the budget (default) or of the prompt (paper); without a budget, of the prompt.

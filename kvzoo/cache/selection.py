@@ -138,6 +138,11 @@ def append_decode_step(
     place_or_evict(slots, oldest_generated, k_new, v_new, pos_new, torch.zeros_like(k_new[..., 0]))
 
 
+def keep_every_candidate(slots: LayerSlots, chunk: "PrefillChunk") -> None:
+    """Keep every candidate of [slots in use ; chunk tokens], in position order (the store must have room)."""
+    keep_top(slots, chunk, -chunk.key_pos.float(), slots.budget)
+
+
 def slot_candidates(slots: LayerSlots) -> "PrefillChunk":
     """A layer's own slots seen as selection candidates (for `keep_top` / `recent_mask` after prefill): no
     queries; the newest position is the prompt's last one."""

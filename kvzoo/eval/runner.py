@@ -24,7 +24,7 @@ from kvzoo.errors import KvzooError
 from kvzoo.eval import tasks as T
 from kvzoo.eval.fanout import fanout_prefill
 from kvzoo.eval.metrics import first_number, leading_match
-from kvzoo.generate import continue_cache, make_decode_step, prefill
+from kvzoo.generate import make_decode_step, prefill, prepare
 from kvzoo.likelihood import continuation_logprobs
 
 if TYPE_CHECKING:
@@ -305,11 +305,10 @@ class Runner:
                     with torch.inference_mode():
                         if layout == "agnostic":  # as generate(question, cache=stored) feeds it: a later
                             # prompt chunk (a decode-time method compresses it, a prefill-only one appends it)
-                            positions = start[:, None] + torch.arange(question.shape[1])[None]  # [B, Tq]
-                            # the room generate gives (a capped prefill-only method: the question and its cap)
-                            cache = continue_cache(self.model, cache, [question.shape[1]] * len(batch), ANSWER_TOKENS,
-                                                   in_place=True)
-                            logits = prefill(self.model, question, positions, cache)
+                            asked = prepare(self.model, question.tolist(), ANSWER_TOKENS, None, None, cache,
+                                            in_place=True)  # the room generate gives, positions after the doc
+                            cache = asked.cache
+                            logits = prefill(self.model, asked.ids, asked.positions, cache)
                             start = start + question.shape[1]
                         answers = greedy(self.model, cache, logits, start, ANSWER_TOKENS)
                     texts = [self.model.require_tokenizer().decode(a.tolist()) for a in answers]
