@@ -269,18 +269,20 @@ def test_asking_a_cache_equals_chunked_prefill_with_a_boundary_after_the_context
         assert got == want
 
 
+@pytest.mark.parametrize("chunk", [None, 3], ids=["whole", "chunked"])
 @pytest.mark.parametrize("method", [m for m in METHODS if m.appends_later_prompts], ids=lambda m: type(m).__name__)
-def test_a_prefill_only_method_keeps_the_stored_slots_and_appends_the_question(model, method):
+def test_a_prefill_only_method_keeps_the_stored_slots_and_appends_the_question(model, method, chunk):
     """A prefill-only method compressed the stored document once; a question to it is kept whole beside every
     stored slot (in the room its fork is given), as its generated tokens are: the fork holds the stored
     positions and the question's, and the answer equals the one from feeding the question through decode steps
-    (which append), within the masked-kernel tolerance of LOGIT_TOL."""
+    (which append), within the masked-kernel tolerance of LOGIT_TOL. Fed in chunks of 3 tokens (`prefill_chunk`),
+    each later chunk continues the question and is appended too."""
     cache = model.prefill(CONTEXT, compression=method)
     stored = [set(layer.pos[0, h][layer.pos[0, h] >= 0].tolist()) for layer in cache.layers
               for h in range(layer.pos.shape[1])]
     for q in QUESTIONS:
         request = prepare(model, [q], NEW, None, None, cache)
-        logits = prefill(model, request.ids, request.positions, request.cache)
+        logits = prefill(model, request.ids, request.positions, request.cache, chunk=chunk)
         asked = [set(layer.pos[0, h][layer.pos[0, h] >= 0].tolist()) for layer in request.cache.layers
                  for h in range(layer.pos.shape[1])]
         question = set(range(len(CONTEXT), len(CONTEXT) + len(q)))
