@@ -275,14 +275,17 @@ def test_a_prefill_only_method_keeps_the_stored_slots_and_appends_the_question(m
     """A prefill-only method compressed the stored document once; a question to it is kept whole beside every
     stored slot (in the room its fork is given), as its generated tokens are: the fork holds the stored
     positions and the question's, and the answer equals the one from feeding the question through decode steps
-    (which append), within the masked-kernel tolerance of LOGIT_TOL. Fed in chunks of 3 tokens (`prefill_chunk`),
+    (which append), within the masked-kernel tolerance of LOGIT_TOL; the fork's stores keep the size they were
+    given (KVMerger with budget=None sizes its stores at the end of the document's prefill only). Fed in chunks of 3 tokens (`prefill_chunk`),
     each later chunk continues the question and is appended too."""
     cache = model.prefill(CONTEXT, compression=method)
     stored = [set(layer.pos[0, h][layer.pos[0, h] >= 0].tolist()) for layer in cache.layers
               for h in range(layer.pos.shape[1])]
     for q in QUESTIONS:
         request = prepare(model, [q], NEW, None, None, cache)
+        room = [layer.capacity for layer in request.cache.layers]
         logits = prefill(model, request.ids, request.positions, request.cache, chunk=chunk)
+        assert [layer.capacity for layer in request.cache.layers] == room  # the end of prefill sizes nothing again
         asked = [set(layer.pos[0, h][layer.pos[0, h] >= 0].tolist()) for layer in request.cache.layers
                  for h in range(layer.pos.shape[1])]
         question = set(range(len(CONTEXT), len(CONTEXT) + len(q)))
