@@ -5,7 +5,6 @@ from kvzoo.cache import (
     TOVA,
     Compactor,
     KVMerger,
-    KVzip,
     CompressionMethod,
     FullCache,
     KVCache,
@@ -21,7 +20,7 @@ from kvzoo.generate import generate_ids, generate_text
 from kvzoo.models import Falcon, Llama2, Mistral, load
 
 __all__ = [
-    "H2O", "TOVA", "Compactor", "CompressionMethod", "Falcon", "FullCache", "KVCache", "KVMerger", "KVzip", "Llama2", "Mistral", "PyramidKV",
+    "H2O", "TOVA", "Compactor", "CompressionMethod", "Falcon", "FullCache", "KVCache", "KVMerger", "Llama2", "Mistral", "PyramidKV",
     "SnapKV", "StreamingLLM", "ZigZagKV", "ZSMerge", "Conversation", "generate_ids", "generate_text", "load",
     "load_cache",
 ]

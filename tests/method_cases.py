@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvzoo.cache import H2O, TOVA, Compactor, KVMerger, KVzip, PyramidKV, SnapKV, StreamingLLM, ZigZagKV, ZSMerge
+from kvzoo.cache import H2O, TOVA, Compactor, KVMerger, PyramidKV, SnapKV, StreamingLLM, ZigZagKV, ZSMerge
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget
 
@@ -43,7 +43,6 @@ METHOD_CASES: list[MethodCase] = [
     # Sinks and recent tokens shrink like a window at the tests' small integer budgets.
     MethodCase("Compactor", lambda b: Compactor(budget=b, sinks=_window(b, 8), recent=_window(b, 4)),
                constant_memory=False),
-    MethodCase("KVzip", lambda b: KVzip(budget=b, sinks=_window(b, 4)), constant_memory=False),
     # skip_layers=(): the tiny test models have 2 layers, which the default (0, 1, -1) would leave whole.
     MethodCase("KVMerger", lambda b: KVMerger(budget=b, skip_layers=()), constant_memory=False),
 ]

@@ -41,15 +41,11 @@ class Prefilled:
     """One exact prompt forward: the recorded chunks, the full cache, and the last position's logits."""
 
     model: "CausalLM"
-    prompt: list[int]
+    prompt_len: int
     steps: int
     recorder: RecordingFullCache
     full_cache: KVCache
     logits: torch.Tensor  # [1, V]
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt)
 
 
 def prefill_once(model: "CausalLM", prompt: list[int], steps: int) -> Prefilled:
@@ -57,14 +53,13 @@ def prefill_once(model: "CausalLM", prompt: list[int], steps: int) -> Prefilled:
     cache = recorder.make_cache(model.config, [len(prompt)], steps, torch.float32, "cpu")
     with torch.inference_mode():
         logits = model(torch.tensor([prompt]), cache=cache, last_only=True)[:, -1]
-    return Prefilled(model, prompt, steps, recorder, cache, logits)
+    return Prefilled(model, len(prompt), steps, recorder, cache, logits)
 
 
 def replay_prefill(pre: Prefilled, method: CompressionMethod) -> KVCache:
     """The cache `method` would hold after prefilling the recorded prompt in one shot."""
     cache = method.make_cache(pre.model.config, [pre.prompt_len], pre.steps, torch.float32, "cpu")
     with torch.inference_mode():
-        method.before_prefill(pre.model, cache, torch.tensor([pre.prompt]), torch.arange(pre.prompt_len)[None])
         for layer_idx, chunk in sorted(pre.recorder.chunks.items()):
             chunk.alpha = method.attention_alpha  # prompt tokens all have log w = 0: alpha changes nothing
             method.compress_prefill(layer_idx, cache.layers[layer_idx], chunk)

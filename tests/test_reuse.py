@@ -18,7 +18,6 @@ import torch
 
 import kvzoo
 from kvzoo.cache.io import CacheFileError, read_header
-from kvzoo.cache.kvzip import KVzip
 from kvzoo.errors import KvzooError
 from kvzoo.generate import make_decode_step, prefill, prepare
 from kvzoo.likelihood import teacher_force
@@ -44,7 +43,6 @@ METHODS = [
     kvzoo.KVMerger(budget=16, skip_layers=()),
     kvzoo.KVMerger(budget=None, threshold=0.2, skip_layers=(0,)),
     kvzoo.Compactor(budget=16),
-    KVzip(budget=16),
 ]
 IDS = [type(m).__name__ + ("-eps" if getattr(m, "budget", 1) is None else "") for m in METHODS]
 

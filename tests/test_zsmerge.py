@@ -275,8 +275,6 @@ def test_score_recursion_without_eviction():
         (dict(window_share=1.5), r"window_share must be a fraction in \[0, 1\], got 1.5"),
         (dict(decode_score="share"), r"decode_score must be one of 'accumulated', 'standing', got 'share'"),
         (dict(context_rank="compactor", rank="shares"), r"context_rank='compactor' .* \(got rank='shares'\)"),
-        (dict(context_rank="reconstruction", leverage=1.0, rank="window"), r"context_rank='reconstruction' .* leverage"),
-        (dict(context_rank="copies"), r"context_rank must be one of 'score', 'compactor', 'reconstruction', got 'copies'"),
         (dict(leverage_tokens="rank"), r"leverage_tokens must be 'basis', 'all' or a token count >= 0, got 'rank'"),
         (dict(leverage_tokens=-1), r"leverage_tokens must be .*, got -1"),
         (dict(leverage_tokens=2.5), r"leverage_tokens must be .*, got 2.5"),

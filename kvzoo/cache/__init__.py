@@ -5,7 +5,6 @@ from kvzoo.cache.compactor import Compactor
 from kvzoo.cache.full import FullCache
 from kvzoo.cache.h2o import H2O
 from kvzoo.cache.kvmerger import KVMerger
-from kvzoo.cache.kvzip import KVzip
 from kvzoo.cache.pyramidkv import PyramidKV
 from kvzoo.cache.slots import KVCache, LayerSlots
 from kvzoo.cache.snapkv import SnapKV
@@ -15,6 +14,6 @@ from kvzoo.cache.zigzag import ZigZagKV
 from kvzoo.cache.zsmerge import ZSMerge
 
 __all__ = [
-    "CompressionMethod", "Compactor", "FullCache", "H2O", "KVCache", "KVMerger", "KVzip", "LayerSlots", "PyramidKV", "SnapKV",
+    "CompressionMethod", "Compactor", "FullCache", "H2O", "KVCache", "KVMerger", "LayerSlots", "PyramidKV", "SnapKV",
     "StreamingLLM", "TOVA", "ZigZagKV", "ZSMerge",
 ]

@@ -28,8 +28,8 @@ class CompressionMethod:
     - `decode_step`: after a decode step's attention, place the new token. Tensor ops only: this runs inside
       the compiled decode step, so no `.item()`, no branching on tensor values, no data-dependent shapes;
     - `end_prefill`: once the whole prompt is in (for methods that allocate from every layer's statistics);
-    - `before_prefill`: before every prompt chunk's forward, with the model and the chunk's ids (for what the
-      method learns of the model itself, e.g. its copy heads, or of the prompt by another forward);
+    - `before_prefill`: before every prompt chunk's forward, with the model (for what the method learns of the
+      model itself, e.g. its copy heads);
     - `for_stored_document`: the method `prefill_cache` compresses a document with (questions come later).
     """
 
@@ -72,9 +72,8 @@ class CompressionMethod:
     def decode_headroom(self, max_new_tokens: int) -> int:
         return 0
 
-    def before_prefill(self, model: "CausalLM", cache: KVCache, ids: torch.Tensor, positions: torch.Tensor) -> None:
-        """Called by the model before a prompt chunk's forward over `cache` (never in decode steps), with the
-        chunk's ids [B, T] and positions [B, T] (-1 at padding)."""
+    def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
+        """Called by the model before a prompt chunk's forward over `cache` (never in decode steps)."""
 
     def for_stored_document(self) -> "CompressionMethod":
         """The method that compresses a document stored for questions asked later (`prefill_cache`, the eval's

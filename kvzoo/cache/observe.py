@@ -28,9 +28,9 @@ class ForwardingObserver(PrefillObserver):
     def __init__(self, targets: list[tuple[CompressionMethod, KVCache]]) -> None:
         self.targets = targets
 
-    def before_prefill(self, model: "CausalLM", cache: KVCache, ids: torch.Tensor, positions: torch.Tensor) -> None:
+    def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
         for method, target in self.targets:
-            method.before_prefill(model, target, ids, positions)
+            method.before_prefill(model, target)
 
 
 def observe_prefill(model: "CausalLM", ids: torch.Tensor, positions: torch.Tensor,

@@ -9,7 +9,6 @@ from kvzoo.cache.compactor import Compactor
 from kvzoo.cache.full import FullCache
 from kvzoo.cache.h2o import H2O
 from kvzoo.cache.kvmerger import KVMerger
-from kvzoo.cache.kvzip import KVzip
 from kvzoo.cache.pyramidkv import PyramidKV
 from kvzoo.cache.snapkv import SnapKV
 from kvzoo.cache.streaming_llm import StreamingLLM
@@ -24,7 +23,6 @@ METHODS: dict[str, type[CompressionMethod]] = {
     "h2o": H2O,
     "snapkv": SnapKV,
     "compactor": Compactor,
-    "kvzip": KVzip,
     "pyramidkv": PyramidKV,
     "tova": TOVA,
     "zsmerge": ZSMerge,

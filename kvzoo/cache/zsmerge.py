@@ -88,7 +88,6 @@ from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, check_pooling, part_tokens
 from kvzoo.cache.compactor import SINKS, dropped_fraction
 from kvzoo.cache.copy_heads import induction_scores
-from kvzoo.cache.reconstruction import score_a_fresh_document, take_reconstruction_scores
 from kvzoo.cache.scoring import (accumulated_scores, attention_shares, block_attention, compactor_scores,
                                  leverage_scores, on_the_scale_of, own_key_leverage, window_scores)
 from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, sink_mask, slot_candidates, top_mask,
@@ -109,7 +108,6 @@ WINDOW_RANKS = ("window", "accumulated")  # the paper's: one attention signal, n
 SHARE_RANKS = ("attention_shares", "shares", "block_shares")  # rank by the largest share (see ZSMerge.decode_score)
 NOT_ATTENTION_ONLY = ("split", "shares", "block_shares")  # ranks cross_layer cannot take (leverage or a split)
 DECODE_SCORES = ("accumulated", "standing")
-CONTEXT_RANKS = ("score", "compactor", "reconstruction")  # see ZSMerge.context_rank
 
 
 @dataclass(frozen=True)
@@ -342,13 +340,12 @@ class ZSMerge(CompressionMethod):
             raise KvzooError(f"ZSMerge: cross_layer ranks by attention shares alone, so it takes neither leverage "
                              f"nor rank='split', 'shares' or 'block_shares' (got leverage={self.leverage!r}, "
                              f"rank={self.rank!r})")
-        if self.context_rank not in CONTEXT_RANKS:
-            raise KvzooError(f"ZSMerge: context_rank must be one of {', '.join(map(repr, CONTEXT_RANKS))}, got "
-                             f"{self.context_rank!r}")
-        if self.context_rank != "score" and (self.leverage or self.cross_layer or self.rank not in WINDOW_RANKS):
-            raise KvzooError(f"ZSMerge: context_rank={self.context_rank!r} ranks the context by that score alone, so "
-                             f"it takes neither leverage nor cross_layer, and its stored scores are rank='window' "
-                             f"or 'accumulated' (got rank={self.rank!r})")
+        if self.context_rank not in ("score", "compactor"):
+            raise KvzooError(f"ZSMerge: context_rank must be 'score' or 'compactor', got {self.context_rank!r}")
+        if self.context_rank == "compactor" and (self.leverage or self.cross_layer or self.rank not in WINDOW_RANKS):
+            raise KvzooError(f"ZSMerge: context_rank='compactor' ranks the context by Compactor's score alone, so it "
+                             f"takes neither leverage nor cross_layer, and its stored scores are rank='window' or "
+                             f"'accumulated' (got rank={self.rank!r})")
         if self.leverage_of not in ("keys", "values"):
             raise KvzooError(f"ZSMerge: leverage_of must be 'keys' or 'values', got {self.leverage_of!r}")
         if self.decode_score not in DECODE_SCORES:
@@ -404,7 +401,7 @@ class ZSMerge(CompressionMethod):
     def supports_chunked_prefill(self) -> bool:  # type: ignore[override]
         # The cross-layer rank needs every layer's scores over the whole prompt; Compactor's rank standardises
         # over the chunk, which the kept slots' attention scores are not comparable with.
-        return not self.cross_layer and self.context_rank == "score"
+        return not self.cross_layer and self.context_rank != "compactor"
 
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
         if self.cross_layer:  # the whole prompt until end_prefill
@@ -434,15 +431,12 @@ class ZSMerge(CompressionMethod):
         (which decides what every layer keeps itself), nor with `context_rank="compactor"`, whose whole context
         is already ranked by the query-agnostic score that copy heads add."""
         if self.copy_heads is not None or self.stored_copy_heads is None or self.cross_layer \
-                or self.context_rank != "score":
+                or self.context_rank == "compactor":
             return self
         return replace(self, copy_heads=self.stored_copy_heads)
 
-    def before_prefill(self, model: "CausalLM", cache: KVCache, ids: torch.Tensor, positions: torch.Tensor) -> None:
-        """Score a fresh document by reconstruction (`context_rank="reconstruction"`) and mark each layer's copy
-        heads (`copy_heads`) in the cache, from the model's induction scores."""
-        if self.context_rank == "reconstruction":
-            score_a_fresh_document(model, cache, ids, positions)
+    def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
+        """Mark each layer's copy heads (`copy_heads`) in the cache, from the model's induction scores."""
         if self.copy_heads is None:
             return
         scores = induction_scores(model)  # [L, Hkv], computed once per model
@@ -577,7 +571,7 @@ class ZSMerge(CompressionMethod):
             if stored is not None:
                 slots.state["cross_layer_stored"] = F.pad(stored, empty_slots)
             return
-        rank = self._context_rank(slots, chunk)
+        rank = self._compactor_rank(slots, chunk) if self.context_rank == "compactor" else None
         copy = slots.state.get("copy_head")  # [B, Hkv] bool or None
         copy = copy[:, :, None] if copy is not None and bool(copy.any()) else None
         fresh_prompt = chunk.keys.shape[2] == chunk.k.shape[2]
@@ -586,16 +580,6 @@ class ZSMerge(CompressionMethod):
             copy_rank = rank if rank is not None else self._compactor_rank(slots, chunk)
         self._compress(slots, chunk, score, window, accumulated, rank=rank, stored=stored, copy=copy,
                        copy_rank=copy_rank)
-
-    def _context_rank(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor | None:
-        """[B, Hkv, S] what ranks the context instead of the stored scores (`context_rank`), or None. A later
-        prompt to a document ranked by reconstruction is not reconstructed: it ranks by the stored scores."""
-        if self.context_rank == "compactor":
-            return self._compactor_rank(slots, chunk)
-        if self.context_rank == "reconstruction":
-            rank = take_reconstruction_scores(slots, chunk)
-            return None if rank is None else rank.masked_fill(sink_mask(chunk, SINKS), float("inf"))
-        return None
 
     def _compactor_rank(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         """[B, Hkv, S] Compactor's score of the candidates (the first SINKS positions first), blended

@@ -90,7 +90,7 @@ class CausalLM(nn.Module):
             has_padding = lowest < 0
             self.rotary.reserve(highest + 1)
             if cache is not None:
-                cache.method.before_prefill(self, cache, input_ids, positions)
+                cache.method.before_prefill(self, cache)
         x = self.embed(input_ids)
         cos, sin = self.rotary.lookup(positions, x.dtype)
         ctx = ForwardContext(
