@@ -245,6 +245,10 @@ MUTANTS: list[Mutant] = [
            "        if not later:\n            self.compress_prefill(layer_idx, slots, chunk)",
            "        if True:\n            self.compress_prefill(layer_idx, slots, chunk)",
            ("tests/test_reuse.py",), "a prefill-only method appends a question to its stored cache"),
+    Mutant("kvmerger-eps-resizes-after-a-later-prompt", "kvzoo/cache/kvmerger.py",
+           'if self.budget is not None or "unsized" not in cache.layers[0].state:',
+           "if self.budget is not None:",
+           ("tests/test_reuse.py",), "KVMerger(budget=None) sizes its stores once, after the document's prefill"),
     Mutant("eval-asks-through-decode-steps", "kvzoo/eval/runner.py",
            "logits = prefill(self.model, asked.ids, asked.positions, cache)",
            "logits = __import__('kvzoo.likelihood', fromlist=['teacher_force']).teacher_force("
