@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvzoo.cache.copy_heads import induction_scores, probe_ids, successor_attention
 from kvzoo.cache.zsmerge import ZSMerge
+from kvzoo.errors import KvzooError
 from method_helpers import drive_model
 
 
@@ -75,27 +77,39 @@ def test_without_copy_heads_the_ring_holds_the_most_recent_tokens(models):
     assert sorted(ring[0].tolist()) == list(range(60, 80))
 
 
-def test_a_stored_document_is_compressed_with_copy_heads_and_a_prompt_to_continue_is_not(models):
-    """`prefill_cache` compresses with `for_stored_document`: the default ZSMerge with copy heads at
-    `stored_copy_heads`, exactly as if they had been asked for; generation from a prompt keeps the method."""
+@pytest.mark.parametrize("rule", ["stored_ring", "stored_copy_heads"])
+def test_a_stored_document_is_compressed_by_the_stored_rule_and_a_prompt_to_continue_is_not(models, rule):
+    """`prefill_cache` compresses with `for_stored_document`, exactly as if its setting had been asked for: the
+    default ZSMerge with a ring of at most `stored_ring` tokens and the context ranked by Compactor's score, or
+    (stored_ring=None) with copy heads at `stored_copy_heads`; generation from a prompt keeps the method."""
     from dataclasses import replace
 
     from kvzoo.generate import prefill, prefill_cache, prepare
 
     model = models("llama-gqa")
-    doc = [(7 * i + 3) % 120 + 1 for i in range(80)]
-    method = ZSMerge(budget=40, stored_copy_heads=0.0)  # every head of the random model scores above 0
+    doc = [(7 * i + 3) % 120 + 1 for i in range(200)]
+    if rule == "stored_ring":
+        method = ZSMerge(budget=80)  # a ring of 40 by the budget, capped at 32 for a stored document
+        asked = replace(method, proximity_cap=32, context_rank="compactor", rank="window")
+    else:
+        method = ZSMerge(budget=40, stored_ring=None, stored_copy_heads=0.0)  # every random head scores above 0
+        asked = replace(method, copy_heads=0.0)
     stored = prefill_cache(model, [doc], method)
-    asked = replace(method, copy_heads=0.0)
     assert stored.method == asked
     explicit = prepare(model, [doc], 0, asked, None)
     prefill(model, explicit.ids, explicit.positions, explicit.cache, None)
     for got, want in zip(stored.layers, explicit.cache.layers):
-        assert bool(got.state["copy_head"].all())
         assert torch.equal(got.pos, want.pos) and torch.equal(got.k, want.k)
+        if rule == "stored_ring":
+            assert int(got.state["proximity"][0]) == 32 and asked.layout(len(doc)).proximity == 32
+            ring = got.pos[0, :, 80 - 32:80]  # [Hkv, 32] the ring's slots hold the 32 newest tokens
+            assert all(sorted(row.tolist()) == list(range(168, 200)) for row in ring)
+        else:
+            assert bool(got.state["copy_head"].all())
     plain = prepare(model, [doc], 0, method, None)
     prefill(model, plain.ids, plain.positions, plain.cache, None)
     assert plain.cache.method == method and "copy_head" not in plain.cache.layers[0].state
+    assert int(plain.cache.layers[0].state["proximity"][0]) == (40 if rule == "stored_ring" else 20)
     assert any(not torch.equal(a.pos, b.pos) for a, b in zip(plain.cache.layers, stored.layers))
 
 
@@ -103,8 +117,22 @@ def test_for_stored_document_changes_only_a_zsmerge_without_copy_heads():
     from kvzoo.cache.h2o import H2O
     from kvzoo.cache.snapkv import SnapKV
 
-    for method in (H2O(), SnapKV(), ZSMerge.paper(), ZSMerge(copy_heads=0.5), ZSMerge(stored_copy_heads=None),
-                   ZSMerge(cross_layer=True, rank="window"),
+    for method in (H2O(), SnapKV(), ZSMerge.paper(), ZSMerge(copy_heads=0.5),
+                   ZSMerge(stored_ring=None, stored_copy_heads=None), ZSMerge(cross_layer=True, rank="window"),
                    ZSMerge(proximity=0.1, context_rank="compactor", rank="window")):
         assert method.for_stored_document() is method
-    assert ZSMerge().for_stored_document() == ZSMerge(copy_heads=0.3)
+    assert ZSMerge().for_stored_document() == ZSMerge(proximity_cap=32, context_rank="compactor", rank="window")
+    assert ZSMerge(stored_ring=None).for_stored_document() == ZSMerge(stored_ring=None, copy_heads=0.3)
+    # Compactor's context rank takes no leverage term: such a ZSMerge falls back to the copy heads
+    assert ZSMerge(leverage=1.0).for_stored_document() == ZSMerge(leverage=1.0, copy_heads=0.3)
+
+
+def test_proximity_cap_bounds_the_ring_and_never_raises_the_budget():
+    assert ZSMerge(budget=200, proximity_cap=32).layout(1000).proximity == 32
+    assert ZSMerge(budget=40, proximity_cap=32).layout(1000).proximity == 20  # half the budget is below the cap
+    small = ZSMerge(budget=6, proximity_cap=2).layout(1000)
+    assert (small.budget, small.proximity) == (6, 2)
+    with pytest.raises(KvzooError, match="proximity_cap must be None or an integer >= 2"):
+        ZSMerge(proximity_cap=1)
+    with pytest.raises(KvzooError, match="stored_ring must be None or an integer >= 2"):
+        ZSMerge(stored_ring=0.5)

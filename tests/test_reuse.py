@@ -185,11 +185,13 @@ def test_header_says_what_the_cache_belongs_to(model, saved):
     assert header["model_config"] == model.config.to_dict()
     assert len(header["model_fingerprint"]) == 64 and header["sha256"] and header["tokens_seen"] == len(CONTEXT)
     assert header["method"] == {"name": "zsmerge", "fields": {
-        "budget": 16, "proximity": 4, "residual": 2, "alpha": 0.5, "decay": 1.0, "window_size": 8,
+        "budget": 16, "proximity": 4, "proximity_cap": 32, "residual": 2, "alpha": 0.5, "decay": 1.0,
+        "window_size": 8,
         "kernel_size": 7, "pooling": "max", "pool_ahead": 0, "metric": "dot", "score_update": "max",
-        "prefill_scale": "window", "leverage": 0.0, "leverage_of": "keys", "rank": "shares", "decode_score": "accumulated",
-        "window_weight": 1.0, "window_share": 0.25, "cross_layer": False, "context_rank": "score",
-        "leverage_tokens": "basis", "copy_heads": 0.3, "copy_recent": 16, "stored_copy_heads": 0.3}}
+        "prefill_scale": "window", "leverage": 0.0, "leverage_of": "keys", "rank": "window", "decode_score": "accumulated",
+        "window_weight": 1.0, "window_share": 0.25, "cross_layer": False, "context_rank": "compactor",
+        "leverage_tokens": "basis", "copy_heads": None, "copy_recent": 16, "stored_ring": 32,
+        "stored_copy_heads": 0.3}}
     assert header["lengths"] == [len(CONTEXT)] and header["dtype"] == "float32"
     assert header["kvzoo_version"] == kvzoo.__version__ and header["format_version"] == 1
     assert header["tokenizer"] is None  # the tiny checkpoint has no tokenizer
@@ -258,9 +260,10 @@ def test_asking_a_cache_equals_chunked_prefill_with_a_boundary_after_the_context
     the tokens of one prompt context + question fed in two chunks (int budgets, so both runs resolve the same
     slot counts). ZSMerge with decode_score="standing": with the default ("accumulated") a question to a
     stored document stores its older slots' standings and a chunk of the same prompt their accumulated
-    attention, by design (tests/test_zsmerge_standing.py), so their decode steps may evict differently."""
+    attention, by design (tests/test_zsmerge_standing.py), so their decode steps may evict differently; and
+    without its stored-document rule (tests/test_copy_heads.py), so that both runs compress the context alike."""
     if isinstance(method, kvzoo.ZSMerge):
-        method = dataclasses.replace(method, decode_score="standing")
+        method = dataclasses.replace(method, decode_score="standing", stored_ring=None, stored_copy_heads=None)
     cache = model.prefill(CONTEXT, compression=method)
     for q in QUESTIONS:
         got = model.generate_ids(q, max_new_tokens=NEW, eos_token_ids=[], cache=cache).token_ids

@@ -143,6 +143,7 @@ class ZSMerge(CompressionMethod):
 
     budget: Budget = 0.2
     proximity: Budget = 0.5  # B_p: fraction of the budget (float) or slots (int); at least 2
+    proximity_cap: int | None = None  # the ring holds at most this many tokens (None: no cap); see stored_ring
     residual: Budget = 0.02  # B_r: fraction of B - B_p (float) or slots (int); at least 1
     alpha: float = 0.5  # paper: 1.0 (see A10 above)
     decay: float = 1.0  # paper: 0.98
@@ -286,14 +287,25 @@ class ZSMerge(CompressionMethod):
     # +0.015 / +0.007 NLL), so it stays off.
     copy_heads: float | None = None
     copy_recent: int = 16
-    # The copy-head threshold for a document stored for questions asked later (`prefill_cache`, the eval's
-    # needles asked after compression; `for_stored_document`), when `copy_heads` is None and the context is not
-    # already ranked by Compactor's score (`context_rank="compactor"`); None: as `copy_heads`.
-    # A stored document is not continued, so the copy heads' NLL cost does not apply, and what its questions
-    # need is what they will copy. Measured (tools/RESULTS.md, "Session 22"): `make demo`'s stored document at
-    # 80 / 50 / 30 / 20 / 10% kept answers 5 / 4 / 4 / 4 / 1 of 6 questions against 5 / 5 / 3 / 0 / 0 without
-    # (a 2000-token document at 50 / 20 / 10%: 5 / 5 / 2 against 5 / 3 / 1; the full cache 5); needles asked
-    # after compression 17 of 72 at 20% kept against 12 on seeds 5, 6 and 10 (5% and 10%: as without).
+    # A document stored for questions asked later (`prefill_cache`, `model.prefill`, the eval's needles asked
+    # after compression; `for_stored_document`) is not continued, so nothing reads its newest tokens more than
+    # the rest except the question, which goes on from its last sentence. Its ring holds at most `stored_ring`
+    # tokens (`proximity_cap`; 32 is SnapKV's observation window, what a question continues from) and the rest of
+    # the budget is context ranked by Compactor's query-agnostic score (`context_rank="compactor"`, with
+    # `rank="window"` for the slots' stored scores), when `copy_heads` is None, the context rank is "score" and
+    # there is no `leverage` term or cross-layer rank. None: the rule below (`stored_copy_heads`).
+    # Measured (tools/RESULTS.md, "Session 24"; needles asked after compression, seeds 12 and 13, 48 needles,
+    # the full cache 33): 9 / 11 / 15 at 5 / 10 / 20% kept, against the copy heads' 7 / 9 / 9, SnapKV's and
+    # StreamingLLM's 8 / 8 / 8, KVMerger's 8 / 7 / 10, Compactor's 2 / 7 / 16 and a ring of a tenth of the
+    # budget's 4 / 10 / 17; a ring of 64 tokens 8 / 9 / 12.
+    stored_ring: int | None = 32
+    # With `stored_ring` None: the copy-head threshold for a stored document (session 22's rule), when
+    # `copy_heads` is None and the context is not already ranked by Compactor's score; None: as `copy_heads`.
+    # Its questions read the document through the copy heads. Measured (tools/RESULTS.md, "Session 22"): `make
+    # demo`'s stored document at 80 / 50 / 30 / 20 / 10% kept answers 5 / 4 / 4 / 4 / 1 of 6 questions against
+    # 5 / 5 / 3 / 0 / 0 without (a 2000-token document at 50 / 20 / 10%: 5 / 5 / 2 against 5 / 3 / 1; the full
+    # cache 5); needles asked after compression 17 of 72 at 20% kept against 12 on seeds 5, 6 and 10 (5% and
+    # 10%: as without).
     stored_copy_heads: float | None = 0.3
 
     def __post_init__(self) -> None:
@@ -351,6 +363,11 @@ class ZSMerge(CompressionMethod):
         if self.decode_score not in DECODE_SCORES:
             raise KvzooError(f"ZSMerge: decode_score must be one of {', '.join(map(repr, DECODE_SCORES))}, got "
                              f"{self.decode_score!r}")
+        for name in ("proximity_cap", "stored_ring"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < MIN_PROXIMITY):
+                raise KvzooError(f"ZSMerge: {name} must be None or an integer >= {MIN_PROXIMITY} (ring tokens), got "
+                                 f"{value!r}")
         for name in ("copy_heads", "stored_copy_heads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -371,7 +388,7 @@ class ZSMerge(CompressionMethod):
         no copy heads for a stored document."""
         paper = {"proximity": 0.5, "residual": 0.02, "alpha": 1.0, "decay": 0.98, "rank": "window",
                  "window_size": 8, "kernel_size": 5, "pooling": "max", "pool_ahead": None, "metric": "dot",
-                 "score_update": "max", "stored_copy_heads": None}
+                 "score_update": "max", "stored_ring": None, "stored_copy_heads": None}
         return cls(**{**paper, **overrides})  # type: ignore[arg-type]
 
     @property
@@ -386,6 +403,8 @@ class ZSMerge(CompressionMethod):
     def _split(self, budget: int) -> ZSMergeLayout:
         """The regions of `budget` slots (possibly without a context slot, i.e. invalid)."""
         proximity = max(MIN_PROXIMITY, part_tokens(self.proximity, budget))
+        if self.proximity_cap is not None:
+            proximity = min(proximity, self.proximity_cap)
         residual = max(MIN_RESIDUAL, part_tokens(self.residual, budget - proximity))
         return ZSMergeLayout(budget, proximity, residual)
 
@@ -427,13 +446,16 @@ class ZSMerge(CompressionMethod):
         return cache
 
     def for_stored_document(self) -> "ZSMerge":
-        """This ZSMerge with copy heads at `stored_copy_heads` when it has none. Not with a cross-layer rank
-        (which decides what every layer keeps itself), nor with `context_rank="compactor"`, whose whole context
-        is already ranked by the query-agnostic score that copy heads add."""
-        if self.copy_heads is not None or self.stored_copy_heads is None or self.cross_layer \
-                or self.context_rank == "compactor":
+        """This ZSMerge with a ring of at most `stored_ring` tokens and its context ranked by Compactor's score,
+        or else with copy heads at `stored_copy_heads`. Itself with copy heads or a cross-layer rank (which
+        decide what every layer keeps themselves) or another context rank (already chosen)."""
+        if self.copy_heads is not None or self.cross_layer or self.context_rank != "score":
             return self
-        return replace(self, copy_heads=self.stored_copy_heads)
+        if self.stored_ring is not None and not self.leverage:
+            return replace(self, proximity_cap=self.stored_ring, context_rank="compactor", rank="window")
+        if self.stored_copy_heads is not None:
+            return replace(self, copy_heads=self.stored_copy_heads)
+        return self
 
     def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
         """Mark each layer's copy heads (`copy_heads`) in the cache, from the model's induction scores."""
