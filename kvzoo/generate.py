@@ -320,7 +320,7 @@ def prepare(model: "CausalLM", prompt_ids: list[list[int]], max_new_tokens: int,
     if cache is None:
         method = as_method(compression)
         if stored:
-            method = method.for_stored_document()
+            method = method.for_stored_document(chunked=prefill_chunk is not None)
         _check_request(model, prompt_ids, max_new_tokens, prefill_chunk, method)
         if prefill_chunk is not None and not method.supports_chunked_prefill:
             raise KvzooError(
@@ -331,7 +331,8 @@ def prepare(model: "CausalLM", prompt_ids: list[list[int]], max_new_tokens: int,
         start = None
     else:
         asked = as_method(compression) if compression is not None else None
-        if asked is not None and cache.method not in (asked, asked.for_stored_document()):
+        if asked is not None and cache.method not in (asked, asked.for_stored_document(),
+                                                      asked.for_stored_document(chunked=True)):
             raise KvzooError(f"the cache was compressed with {cache.method}; leave compression unset when passing "
                              f"cache= (got {compression})")
         _check_cache_fits(model, cache)
@@ -419,7 +420,7 @@ def prefill_cache(
     """The compressed cache of `context` alone (text or ids; a list is a batch), knowing nothing of what will be
     asked: pass it as `cache=` to generate / generate_ids / chat / score, as often as you like, or `save` it.
     The method compresses it as a document stored for later questions (`for_stored_document`: the default
-    ZSMerge keeps more of what its copy heads will read)."""
+    ZSMerge keeps a short ring and ranks the rest by a query-agnostic score)."""
     if isinstance(context, str) or (isinstance(context, list) and context and isinstance(context[0], str)):
         texts = [context] if isinstance(context, str) else context
         if any(not isinstance(t, str) or t == "" for t in texts):

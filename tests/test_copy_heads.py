@@ -123,8 +123,19 @@ def test_for_stored_document_changes_only_a_zsmerge_without_copy_heads():
         assert method.for_stored_document() is method
     assert ZSMerge().for_stored_document() == ZSMerge(proximity_cap=32, context_rank="compactor", rank="window")
     assert ZSMerge(stored_ring=None).for_stored_document() == ZSMerge(stored_ring=None, copy_heads=0.3)
-    # Compactor's context rank takes no leverage term: such a ZSMerge falls back to the copy heads
+    # Compactor's context rank takes no leverage term, nor a document fed in chunks: then the copy heads
     assert ZSMerge(leverage=1.0).for_stored_document() == ZSMerge(leverage=1.0, copy_heads=0.3)
+    assert ZSMerge().for_stored_document(chunked=True) == ZSMerge(copy_heads=0.3)
+
+
+def test_a_stored_document_fed_in_chunks_gets_the_copy_heads_and_answers(models):
+    model = models("llama-gqa")
+    doc = [(7 * i + 3) % 120 + 1 for i in range(200)]
+    method = ZSMerge(budget=80)
+    cache = model.prefill(doc, compression=method, prefill_chunk=64)
+    assert cache.method == ZSMerge(budget=80, copy_heads=0.3)
+    out = model.generate_ids([9, 8, 7], max_new_tokens=2, eos_token_ids=[], cache=cache, compression=method)
+    assert len(out.token_ids[0]) == 2
 
 
 def test_proximity_cap_bounds_the_ring_and_never_raises_the_budget():

@@ -75,10 +75,12 @@ class CompressionMethod:
     def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
         """Called by the model before a prompt chunk's forward over `cache` (never in decode steps)."""
 
-    def for_stored_document(self) -> "CompressionMethod":
+    def for_stored_document(self, chunked: bool = False) -> "CompressionMethod":
         """The method that compresses a document stored for questions asked later (`prefill_cache`, the eval's
         questions asked after compression), where nothing in the prompt says what will be read: this method
-        itself unless it keeps something else for such questions (ZSMerge's `stored_copy_heads`)."""
+        itself unless it keeps something else for such questions (ZSMerge's `stored_ring`). `chunked`: the
+        document is fed in chunks (`prefill_chunk`), so the method must support chunked prefill if this one
+        does."""
         return self
 
     def make_cache(

@@ -293,13 +293,15 @@ class ZSMerge(CompressionMethod):
     # tokens (`proximity_cap`; 32 is SnapKV's observation window, what a question continues from) and the rest of
     # the budget is context ranked by Compactor's query-agnostic score (`context_rank="compactor"`, with
     # `rank="window"` for the slots' stored scores), when `copy_heads` is None, the context rank is "score" and
-    # there is no `leverage` term or cross-layer rank. None: the rule below (`stored_copy_heads`).
+    # there is no `leverage` term or cross-layer rank. None, and a document fed in chunks (`prefill_chunk`,
+    # which Compactor's rank cannot take): the rule below (`stored_copy_heads`).
     # Measured (tools/RESULTS.md, "Session 24"; needles asked after compression, seeds 12 and 13, 48 needles,
     # the full cache 33): 9 / 11 / 15 at 5 / 10 / 20% kept, against the copy heads' 7 / 9 / 9, SnapKV's and
     # StreamingLLM's 8 / 8 / 8, KVMerger's 8 / 7 / 10, Compactor's 2 / 7 / 16 and a ring of a tenth of the
     # budget's 4 / 10 / 17; a ring of 64 tokens 8 / 9 / 12.
     stored_ring: int | None = 32
-    # With `stored_ring` None: the copy-head threshold for a stored document (session 22's rule), when
+    # With `stored_ring` None or a chunked document: the copy-head threshold for a stored document (session 22's
+    # rule), when
     # `copy_heads` is None and the context is not already ranked by Compactor's score; None: as `copy_heads`.
     # Its questions read the document through the copy heads. Measured (tools/RESULTS.md, "Session 22"): `make
     # demo`'s stored document at 80 / 50 / 30 / 20 / 10% kept answers 5 / 4 / 4 / 4 / 1 of 6 questions against
@@ -445,13 +447,14 @@ class ZSMerge(CompressionMethod):
                                                        device=device)  # [B, Hkv]
         return cache
 
-    def for_stored_document(self) -> "ZSMerge":
+    def for_stored_document(self, chunked: bool = False) -> "ZSMerge":
         """This ZSMerge with a ring of at most `stored_ring` tokens and its context ranked by Compactor's score,
-        or else with copy heads at `stored_copy_heads`. Itself with copy heads or a cross-layer rank (which
-        decide what every layer keeps themselves) or another context rank (already chosen)."""
+        or else (also for a document fed in chunks, which Compactor's rank cannot take) with copy heads at
+        `stored_copy_heads`. Itself with copy heads or a cross-layer rank (which decide what every layer keeps
+        themselves) or another context rank (already chosen)."""
         if self.copy_heads is not None or self.cross_layer or self.context_rank != "score":
             return self
-        if self.stored_ring is not None and not self.leverage:
+        if self.stored_ring is not None and not self.leverage and not chunked:
             return replace(self, proximity_cap=self.stored_ring, context_rank="compactor", rank="window")
         if self.stored_copy_heads is not None:
             return replace(self, copy_heads=self.stored_copy_heads)
