@@ -32,7 +32,9 @@ Defaults: budget 0.2 of the prompt (code), B_p = 0.5 B (paper's recommendation),
 token and the 6 before it (paper 5, centred),
 dot-product slot choice (Eq. 6), alpha 0.5 (paper 1), the leverage share for a basis of each chunk's keys
 (`leverage_tokens="basis"`), no leverage term; a kept slot stores its accumulated
-attention, the standing it was ranked by kept beside it for later prompt chunks (`decode_score`).
+attention, the standing it was ranked by kept beside it for later prompt chunks (`decode_score`). A document
+stored for later questions (`for_stored_document`, not in the paper) keeps a ring of at most 32 tokens and
+ranks the rest of its context by Compactor's query-agnostic score (`stored_ring`).
 
 Measured effect of the defaults that differ from the paper (tools/RESULTS.md; SmolLM2-135M, 16 2048-token
 contexts, 128 teacher-forced tokens, equal memory, paired differences; needle: 12 development or 24 held-out
