@@ -345,8 +345,6 @@ class KVMerger(PrefillOnlyMethod):
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         budget = slots.state["prefill_budget"]  # [B]
         prompt_len = slots.state["prompt_len"]
-        if self.budget is None:  # end_prefill sizes the stores of the prompt this cache was made for, once
-            slots.state["unsized"] = torch.tensor(True, device=budget.device)
         if not bool(slots.state["merges"]) or (self.budget is not None and bool((budget >= prompt_len).all())):
             # Nothing to merge, ever: keep every candidate in position order (room: the whole store).
             keep_every_candidate(slots, chunk)
@@ -404,11 +402,13 @@ class KVMerger(PrefillOnlyMethod):
         )
 
     def end_prefill(self, cache: KVCache) -> None:
-        if self.budget is not None or "unsized" not in cache.layers[0].state:
-            return  # every layer holds exactly its budget, or a later prompt was appended in the room it was given
+        if self.budget is not None:
+            return  # every layer already holds exactly its budget
+        first = cache.layers[0].state
+        if not bool((first["prefill_budget"] == first["prompt_len"]).all()):  # one host read
+            return  # sized already (the budget is what was kept): a later prompt was appended in its room
         # Fixed epsilon: the data decided each head's size; shrink every store to its largest head.
         for layer_idx, slots in enumerate(cache.layers):
-            slots.state.pop("unsized")
             keep = slots.filled.sum(-1).max(-1).values  # [B]
             cache.layers[layer_idx] = shrink_slots(slots, -slots.pos.float(), keep)
 

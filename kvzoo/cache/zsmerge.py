@@ -302,10 +302,9 @@ class ZSMerge(CompressionMethod):
     # StreamingLLM's 8 / 8 / 8, KVMerger's 8 / 7 / 10, Compactor's 2 / 7 / 16 and a ring of a tenth of the
     # budget's 4 / 10 / 17; a ring of 64 tokens 8 / 9 / 12.
     stored_ring: int | None = 32
-    # With `stored_ring` None or a chunked document: the copy-head threshold for a stored document (session 22's
-    # rule), when
-    # `copy_heads` is None and the context is not already ranked by Compactor's score; None: as `copy_heads`.
-    # Its questions read the document through the copy heads. Measured (tools/RESULTS.md, "Session 22"): `make
+    # With `stored_ring` None or a chunked document: the copy-head threshold for a stored document (session
+    # 22's rule), when `copy_heads` is None and the context is not already ranked by Compactor's score; None: as
+    # `copy_heads`. Its questions read the document through the copy heads. Measured (tools/RESULTS.md, "Session 22"): `make
     # demo`'s stored document at 80 / 50 / 30 / 20 / 10% kept answers 5 / 4 / 4 / 4 / 1 of 6 questions against
     # 5 / 5 / 3 / 0 / 0 without (a 2000-token document at 50 / 20 / 10%: 5 / 5 / 2 against 5 / 3 / 1; the full
     # cache 5); needles asked after compression 17 of 72 at 20% kept against 12 on seeds 5, 6 and 10 (5% and
