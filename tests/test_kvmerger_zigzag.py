@@ -494,7 +494,7 @@ def test_zigzag_refuses_chunked_prefill(run):
         (lambda: ZigZagKV(tau=0.0), "tau must be in"),
         (lambda: ZigZagKV(tau=1.5), "tau must be in"),
         (lambda: ZigZagKV(bound_ratio=2.0), "bound_ratio must be in"),
-        (lambda: ZigZagKV(rank="shares"), "rank must be one of 'window', 'attention_shares', got 'shares'"),
+        (lambda: ZigZagKV(rank="shares"), "rank must be one of 'window', 'attention_shares', 'compactor', got 'shares'"),
         (lambda: ZigZagKV(window_size=0), "window_size"),
         (lambda: ZigZagKV(pool_ahead=5), r"ZigZagKV: pool_ahead must be .* 0 \.\. kernel_size - 1 = 4, got 5"),
         (lambda: KVMerger(pool_ahead=-1), r"KVMerger: pool_ahead must be .*, got -1"),

@@ -29,6 +29,14 @@ def dropped_fraction(kept: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tens
     return (1.0 - kept.float() / prompt_len.clamp(min=1).float()).clamp(min=0.0)[:, None, None]
 
 
+def sinks_then_compactor(chunk: "PrefillChunk", kept: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, S] a query-agnostic rank of the candidates: the first `SINKS` positions first (+inf), then
+    Compactor's score blended by the fraction of each prompt not kept (`dropped_fraction` of kept [B] and
+    prompt_len [B]). What ZSMerge, KVMerger and ZigZagKV rank a document stored for later questions by."""
+    rank = compactor_scores(chunk, dropped_fraction(kept, prompt_len))
+    return rank.masked_fill(sink_mask(chunk, SINKS), float("inf"))
+
+
 @dataclass
 class Compactor(ScoredSelection, PrefillOnlyMethod):
     """Prefill-only selection by a query-agnostic score: what the text around a token reads from it, plus how

@@ -85,6 +85,7 @@ import torch.nn.functional as F
 
 from kvzoo.cache.base import PrefillOnlyMethod
 from kvzoo.cache.budgets import Budget, check_budget, check_counts, check_pooling, resolve_budget
+from kvzoo.cache.compactor import sinks_then_compactor
 from kvzoo.cache.scoring import accumulated_scores, attention_shares, window_scores
 from kvzoo.cache.selection import keep_every_candidate, recent_mask, shrink_slots
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
@@ -96,7 +97,7 @@ if TYPE_CHECKING:
 
 VALUE_SCALES = ("set_size", "none")
 RATIOS_OF = ("budget", "prompt")
-RANKS = ("accumulated", "attention_shares")  # see KVMerger.rank
+RANKS = ("accumulated", "attention_shares", "compactor")  # see KVMerger.rank
 
 
 # --- merging sets (Algorithm 1) ----------------------------------------------------------------------
@@ -267,8 +268,13 @@ class KVMerger(PrefillOnlyMethod):
     # "attention_shares" (`scoring.attention_shares`: the larger of a token's share of A_t and of the pooled
     # attention of the last `window_size` queries, max-pooled over `kernel_size` positions, as ZSMerge and
     # ZigZagKV read them), so what a question at the end of the prompt reads is kept verbatim rather than
-    # merged. Pivots and merged slots' scores stay A_t. See "Measured" in the module doc.
+    # merged, or "compactor" (`compactor.sinks_then_compactor`: the first tokens, then Compactor's
+    # query-agnostic score, blended by the fraction of the prompt the budget drops), for a document whose
+    # questions come later. Pivots and merged slots' scores stay A_t. See "Measured" in the module doc.
     rank: str = "attention_shares"  # paper: "accumulated"
+    # The recent window holds at most this many tokens (None: recent_ratio alone); the slots it frees go to
+    # the heavy hitters, so the budget and the merged sets' share are unchanged.
+    recent_cap: int | None = None
     window_size: int = 8  # rank="attention_shares": the window's queries
     kernel_size: int = 7  # rank="attention_shares": pooling of the window's scores over positions
     pooling: str = "max"  # rank="attention_shares": "max" or "avg" (SnapKV's) over `kernel_size` positions
@@ -300,6 +306,9 @@ class KVMerger(PrefillOnlyMethod):
             raise KvzooError(f"KVMerger: alpha must be a finite number, got {self.alpha!r}")
         if self.rank not in RANKS:
             raise KvzooError(f"KVMerger: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
+        if self.recent_cap is not None and (isinstance(self.recent_cap, bool) or not isinstance(self.recent_cap, int)
+                                            or self.recent_cap < 0):
+            raise KvzooError(f"KVMerger: recent_cap must be None or an integer >= 0, got {self.recent_cap!r}")
         check_counts(self, "KVMerger", ("window_size", "kernel_size"))
         check_pooling(self, "KVMerger")
         self.check_decode_cap()
@@ -311,6 +320,11 @@ class KVMerger(PrefillOnlyMethod):
         paper = {"value_scale": "set_size", "alpha": 0.0, "recent_ratio": 0.17, "heavy_ratio": 0.12,
                  "ratio_of": "prompt", "skip_layers": (0, 1, -1), "rank": "accumulated", "pool_ahead": None}
         return cls(**{**paper, **overrides})  # type: ignore[arg-type]
+
+    @property
+    def supports_chunked_prefill(self) -> bool:  # type: ignore[override]
+        # Compactor's score is standardised over one chunk; merged slots keep A_t, which it cannot rank against.
+        return self.rank != "compactor"
 
     @property
     def attention_alpha(self) -> float:
@@ -353,13 +367,17 @@ class KVMerger(PrefillOnlyMethod):
         # Shares of the budget (default) or of the prompt (paper); without a budget, of the prompt.
         base = budget if self.ratio_of == "budget" and self.budget is not None else prompt_len
         recent = (base * self.recent_ratio).long()
+        heavy = (base * self.heavy_ratio).long()
+        if self.recent_cap is not None:  # the window's surplus over the cap goes to the heavy hitters
+            heavy = heavy + (recent - self.recent_cap).clamp(min=0)
+            recent = recent.clamp(max=self.recent_cap)
         if self.budget is not None:
             recent = recent.minimum(budget - 1)
-        heavy = (base * self.heavy_ratio).long()[:, None]
+        heavy = heavy[:, None]
         # Candidates in position order, empty ones (padding, unused slots) last.
         order = torch.where(torch.isfinite(chunk.key_logw), chunk.key_pos, torch.iinfo(torch.int64).max).argsort(-1)
         keys, values = (x.gather(2, order[..., None].expand_as(x)) for x in (chunk.keys, chunk.values))
-        heavy_rank = self._heavy_rank(chunk, score)
+        heavy_rank = self._heavy_rank(slots, chunk, score)
         pos, logw, score, heavy_rank, recent_m = (x.gather(-1, order) for x in (
             chunk.key_pos, chunk.key_logw, score, heavy_rank, recent_mask(chunk, recent)))
         valid = torch.isfinite(logw)
@@ -375,10 +393,12 @@ class KVMerger(PrefillOnlyMethod):
         k_star, v_star = merge_sets(keys, values, sets, weights, counts, self.value_scale)
         self._store(slots, sets, valid, k_star, v_star, counts, score, pos.gather(-1, pivots))
 
-    def _heavy_rank(self, chunk: "PrefillChunk", accumulated: torch.Tensor) -> torch.Tensor:
+    def _heavy_rank(self, slots: LayerSlots, chunk: "PrefillChunk", accumulated: torch.Tensor) -> torch.Tensor:
         """[B, Hkv, S] what ranks the heavy hitters (`rank`), from the candidates' A_t [B, Hkv, S]."""
         if self.rank == "accumulated":
             return accumulated
+        if self.rank == "compactor":  # budget=None: nothing is known to be dropped, so the leverage weight is 0
+            return sinks_then_compactor(chunk, slots.state["prefill_budget"], slots.state["prompt_len"])
         window = window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling,
                                ahead=self.pool_ahead)
         return attention_shares(accumulated, window, torch.isfinite(chunk.key_logw))

@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.budgets import Budget, min_budget_attention, min_budget_output, zigzag_budgets
+from kvzoo.cache.compactor import sinks_then_compactor
 from kvzoo.cache.scoring import accumulated_scores, attention_shares
 from kvzoo.cache.selection import (cross_layer_rank, keep_top, recent_mask, shrink_slots, slot_candidates,
                                    widest_shares)
@@ -74,7 +75,7 @@ if TYPE_CHECKING:
     from kvzoo.config import ModelConfig
 
 
-RANKS = ("window", "attention_shares")  # see ZigZagKV.rank
+RANKS = ("window", "attention_shares", "compactor")  # see ZigZagKV.rank
 UNCERTAINTIES = ("attention", "output")  # see ZigZagKV.uncertainty
 
 
@@ -108,7 +109,10 @@ class ZigZagKV(WindowSelection):
     # attention of the observation window) or "attention_shares" (`scoring.attention_shares`: the larger of a
     # token's share of the attention accumulated over every prompt query and its share of the pooled
     # window's), so a token the whole prompt reads (what a continuation reads next) competes with what the
-    # last queries (a question) read, without a weight between them. The allocation is unchanged.
+    # last queries (a question) read, without a weight between them, or "compactor" (`compactor.
+    # sinks_then_compactor`: the first tokens, then Compactor's query-agnostic score, blended by the fraction
+    # of the prompt the average budget drops), for a document whose questions come later. The allocation is
+    # unchanged.
     # The default, with SnapKV's window (32 queries, avg-pool 5) and the output uncertainty (tools/RESULTS.md,
     # "Session 15"; SmolLM2-135M, equal memory, 16 contexts and 24 needles per set), against SnapKV at 5 / 10 /
     # 20% kept: continuation NLL -0.024 +- 0.014 / -0.037 +- 0.030 at 5 / 20% (development set), -0.031 +-
@@ -185,6 +189,9 @@ class ZigZagKV(WindowSelection):
 
     def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         """[B, Hkv, S] the rank of the candidates (`rank`)."""
+        if self.rank == "compactor":
+            kept = [self.sequence_budget(n) for n in slots.state["prompt_len"].tolist()]
+            return sinks_then_compactor(chunk, torch.tensor(kept, device=chunk.k.device), slots.state["prompt_len"])
         window = super().prefill_scores(slots, chunk)
         if self.rank == "window":
             return window

@@ -88,9 +88,9 @@ import torch.nn.functional as F
 
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, check_pooling, part_tokens
-from kvzoo.cache.compactor import SINKS, dropped_fraction
+from kvzoo.cache.compactor import sinks_then_compactor
 from kvzoo.cache.copy_heads import induction_scores
-from kvzoo.cache.scoring import (accumulated_scores, attention_shares, block_attention, compactor_scores,
+from kvzoo.cache.scoring import (accumulated_scores, attention_shares, block_attention,
                                  leverage_scores, on_the_scale_of, own_key_leverage, window_scores)
 from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, sink_mask, slot_candidates, top_mask,
                                    widest_shares)
@@ -610,8 +610,7 @@ class ZSMerge(CompressionMethod):
     def _compactor_rank(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         """[B, Hkv, S] Compactor's score of the candidates (the first SINKS positions first), blended
         by the fraction of each prompt the layout drops."""
-        rank = compactor_scores(chunk, dropped_fraction(slots.budget, slots.state["prompt_len"]))
-        return rank.masked_fill(sink_mask(chunk, SINKS), float("inf"))
+        return sinks_then_compactor(chunk, slots.budget, slots.state["prompt_len"])
 
     def _compress(self, slots: LayerSlots, chunk: "PrefillChunk", score: torch.Tensor,
                   window: torch.Tensor | None, accumulated: torch.Tensor | None, rank: torch.Tensor | None = None,
