@@ -8,8 +8,9 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from kvzoo import Compactor, ZSMerge
+from kvzoo import Compactor, KVMerger, ZigZagKV, ZSMerge
 from kvzoo.cache.chunk import make_prefill_chunk
+from kvzoo.cache.kvmerger import protected_tokens
 from kvzoo.cache.scoring import noncausal_block_scores, pre_rope_keys
 from kvzoo.errors import KvzooError
 from kvzoo.layers import apply_rope, rotary_cos_sin
@@ -118,3 +119,50 @@ def test_zsmerge_compactor_context_is_the_top_of_compactor_score(n, kv_heads, gr
         chosen = [ref[h, p].item() for p in older if p in context]
         dropped = [ref[h, p].item() for p in older if p not in context]
         assert min(chosen) >= max(dropped) - SLACK, f"head {h}: context {sorted(context)}"
+
+
+def older_middle(n: int, recent: int) -> list[int]:
+    """Positions after the first 8 (the sinks, ranked first) and before the `recent` newest tokens."""
+    return list(range(8, n - recent))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_zigzag_compactor_rank_keeps_sinks_the_window_and_the_top_of_compactor_score(seed):
+    """ZigZagKV(rank="compactor") with uniform layer budgets (bound_ratio=1): the observation window, the first
+    8 tokens, then the top of Compactor's score (blend: the fraction of the prompt the budget drops)."""
+    n, budget, window = 48, 20, 6
+    qkv = random_qkv(1, 1, 2, 2, n, seed=seed)
+    method = ZigZagKV(budget=budget, rank="compactor", bound_ratio=1.0, window_size=window)
+    trace = drive_synthetic(method, qkv, [n], 0)
+    ref = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - budget / n)
+    for h in range(2):
+        kept = set(trace.snapshots[0].kept(0, 0, h))
+        assert len(kept) == budget and set(range(8)) | set(range(n - window, n)) <= kept, sorted(kept)
+        chosen = [ref[h, p].item() for p in older_middle(n, window) if p in kept]
+        dropped = [ref[h, p].item() for p in older_middle(n, window) if p not in kept]
+        assert len(chosen) == budget - 8 - window and min(chosen) >= max(dropped) - SLACK, sorted(kept)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("recent_cap", [None, 2])
+def test_kvmerger_compactor_rank_keeps_the_top_of_compactor_score_verbatim(seed, recent_cap):
+    """KVMerger(rank="compactor"): the heavy hitters kept verbatim (as singletons, log w = 0) are the first 8
+    tokens, then the top of Compactor's score among the older tokens; `recent_cap` shortens the recent window
+    and gives its surplus to the heavy hitters (what `protected_tokens` lets fit beside the merged runs)."""
+    n, budget = 120, 60
+    qkv = random_qkv(1, 1, 2, 2, n, seed=seed)
+    method = KVMerger(budget=budget, rank="compactor", recent_cap=recent_cap)
+    trace = drive_synthetic(method, qkv, [n], 0)
+    recent = int(budget * 0.34) if recent_cap is None else recent_cap
+    heavy = int(budget * 0.24) + int(budget * 0.34) - recent
+    ref = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - budget / n).float()
+    rank = torch.cat([torch.full((2, 8), float("inf")), ref[:, 8:]], dim=1)[None]  # [1, Hkv, n] sinks first
+    recent_m = torch.zeros(1, 2, n, dtype=torch.bool)
+    recent_m[..., n - recent:] = True
+    protected = protected_tokens(rank, recent_m, heavy, budget)[0]  # [Hkv, n]
+    snap = trace.snapshots[0].layers[0]
+    for h in range(2):
+        verbatim = set(snap["pos"][0, h][snap["logw"][0, h] == 0].tolist())
+        expected = set(torch.nonzero(protected[h]).flatten().tolist())
+        assert len(expected) > 8 + recent and expected <= verbatim, (sorted(expected - verbatim), sorted(verbatim))
+        assert len(trace.snapshots[0].kept(0, 0, h)) == budget

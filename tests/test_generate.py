@@ -104,6 +104,9 @@ def test_bad_prompts(smol, tiny_checkpoint):
     with pytest.raises(KvzooError, match="ZSMerge .* cannot compress chunk by chunk"):
         tiny.generate_ids([1, 2, 3] * 20, max_new_tokens=1, prefill_chunk=8,
                           compression=kvzoo.ZSMerge(budget=24, rank="window", context_rank="compactor"))
+    with pytest.raises(KvzooError, match="KVMerger .* cannot compress chunk by chunk"):
+        tiny.generate_ids([1, 2, 3] * 20, max_new_tokens=1, prefill_chunk=8,
+                          compression=kvzoo.KVMerger(budget=24, rank="compactor"))
 
 
 def test_max_new_tokens_zero_generates_nothing(smol):
