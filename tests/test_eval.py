@@ -182,6 +182,8 @@ def test_matched_memory_ends_every_method_with_the_same_cache(model, corpus):
     (dict(tasks=["perplexity"]), "unknown task 'perplexity'"),
     (dict(budgets=[1.5]), "budget 1.5 is out of range"),
     (dict(n=0), "n must be an integer >= 1"),
+    (dict(needle_layouts=["aware", "after"]), "needle layout 'after' is not known: give any of aware, agnostic"),
+    (dict(needle_layouts=[]), "needle layout 'none' is not known"),
 ])
 def test_bad_eval_config_is_named(kwargs, message):
     with pytest.raises(KvzooError, match=message):
@@ -299,13 +301,14 @@ def test_a_question_asked_after_compression_is_asked_as_generate_asks_a_stored_c
     # At 10% of 200 tokens the decode-step feed answers otherwise for H2O and StreamingLLM (checked by the
     # eval-asks-through-decode-steps mutant of tools/mutants.py).
     config = EvalConfig(methods=["zsmerge", "h2o", "streamingllm", "snapkv", "snapkv:decode_cap=4"], budgets=[0.1],
-                        tasks=["needle"],
+                        tasks=["needle"], needle_layouts=["agnostic"],
                         needle_lengths=[200], needle_depths=[0.5], needle_repeats=1, batch_size=1)
     runner = Runner(model, config, corpus, progress=False)
     needles = runner.needles()
     methods = {(case.label, case.budget): case.method for case in runner.cases}
-    asked_after = [r for r in runner.run() if r.task == "needle-agnostic"]
-    assert len(asked_after) == len(needles) * len(methods)
+    records = runner.run()
+    asked_after = [r for r in records if r.task == "needle-agnostic"]
+    assert len(asked_after) == len(records) == len(needles) * len(methods)  # only the layout asked for
     tok = model.require_tokenizer()
     for record in asked_after:
         x = needles[record.instance]

@@ -60,6 +60,9 @@ def add_eval_parser(sub: argparse._SubParsersAction, add_model_args) -> None:  #
     p.add_argument("--needle-depths", type=_floats, default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0],
                    help="where the needle goes, as fractions of the instance")
     p.add_argument("--needle-repeats", type=int, default=2, help="instances per (kind, length, depth)")
+    p.add_argument("--needle-layouts", type=comma_names, default=["aware", "agnostic"],
+                   help="aware: the question is compressed with the haystack; agnostic: it is asked after "
+                        "compression, as generate(question, cache=model.prefill(haystack)) asks it")
     p.add_argument("--batch-size", type=int, default=4, help="instances prefilled together")
     p.add_argument("--memory", choices=("budget", "matched"), default="budget",
                    help="budget: every method keeps --budgets of the prompt, prefill-only methods then append "
@@ -82,7 +85,8 @@ def run_eval_command(args: argparse.Namespace) -> None:
         methods=args.methods + args.method, budgets=args.budgets, tasks=args.tasks, n=args.n, seed=args.seed,
         context_len=args.context_len, continuation_len=args.continuation_len, agreement_tokens=args.agreement_tokens,
         needle_lengths=args.needle_lengths, needle_depths=args.needle_depths,
-        needle_repeats=args.needle_repeats, batch_size=args.batch_size, memory=args.memory,
+        needle_repeats=args.needle_repeats, needle_layouts=args.needle_layouts, batch_size=args.batch_size,
+        memory=args.memory,
     )
     from kvzoo.eval.runner import method_cases
 

@@ -36,6 +36,7 @@ DEFAULT_BUDGETS = (0.05, 0.1, 0.2, 0.5)
 PROBE_TOKENS = 64  # attn_error: tokens after the context whose attention is compared
 ANSWER_TOKENS = 10  # greedy tokens read for a needle answer (" 48213." is at most 7 tokens)
 MEMORY_MODES = ("budget", "matched")
+NEEDLE_LAYOUTS = ("aware", "agnostic")  # the question compressed with the haystack, or asked after it
 
 
 @dataclass
@@ -51,6 +52,8 @@ class EvalConfig:
     needle_lengths: list[int] = field(default_factory=lambda: [1024, 2048])
     needle_depths: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
     needle_repeats: int = 2  # instances per (kind, length, depth): 2 kinds x 2 x 6 x 2 = 48 by default
+    # "aware": the question is compressed with the haystack; "agnostic": it is asked after compression
+    needle_layouts: list[str] = field(default_factory=lambda: list(NEEDLE_LAYOUTS))
     batch_size: int = 4
     memory_cap_gib: float = 3.0  # cache tensors held at once during a fan-out prefill
     # "budget": every method keeps `budget` of the prompt (prefill-only methods then append every generated
@@ -65,6 +68,9 @@ class EvalConfig:
         for b in self.budgets:
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1:
                 raise KvzooError(f"budget {b!r} is out of range: give ratios of the prompt in (0, 1)")
+        bad = [x for x in self.needle_layouts if x not in NEEDLE_LAYOUTS] or ([] if self.needle_layouts else ["none"])
+        if bad:
+            raise KvzooError(f"needle layout {bad[0]!r} is not known: give any of {', '.join(NEEDLE_LAYOUTS)}")
         if self.memory not in MEMORY_MODES:
             raise KvzooError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {self.memory!r}")
         for name in ("n", "context_len", "continuation_len", "agreement_tokens", "needle_repeats", "batch_size"):
@@ -216,7 +222,8 @@ class Runner:
             jobs.append(("attn_error", lambda bar: self._attn_error(text, bar), math.ceil(cfg.n / cfg.batch_size)))
         if "needle" in cfg.tasks:
             needles = self.needles()
-            jobs.append(("needle", lambda bar: self._needle(needles, bar), 2 * len(self._needle_batches(needles))))
+            jobs.append(("needle", lambda bar: self._needle(needles, bar),
+                         len(cfg.needle_layouts) * len(self._needle_batches(needles))))
         for name, job, steps in jobs:
             bar = ProgressBar(steps * len(self.cases), f"eval {name}", enabled=self.progress)
             try:
@@ -296,7 +303,7 @@ class Runner:
     def _needle(self, needles: list[T.NeedleInstance], bar: ProgressBar) -> None:
         for index in self._needle_batches(needles):
             batch = [needles[i] for i in index]
-            for layout in ("aware", "agnostic"):
+            for layout in self.config.needle_layouts:
                 prompts = [x.prompt if layout == "aware" else x.haystack for x in batch]
                 question = torch.tensor([x.question for x in batch])
                 headroom = ANSWER_TOKENS + (0 if layout == "aware" else question.shape[1])
