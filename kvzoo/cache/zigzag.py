@@ -158,6 +158,9 @@ class ZigZagKV(WindowSelection):
                              f"got {self.uncertainty!r}")
         if self.rank not in RANKS:
             raise KvzooError(f"ZigZagKV: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
+        if self.cross_layer and self.rank == "compactor":
+            raise KvzooError("ZigZagKV: cross_layer compares attention shares across layers, which rank='compactor' "
+                             "does not give; use one of them")
 
     @classmethod
     def paper(cls, **overrides: object) -> "ZigZagKV":
