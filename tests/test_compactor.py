@@ -144,16 +144,17 @@ def test_zigzag_compactor_rank_keeps_sinks_the_window_and_the_top_of_compactor_s
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("recent_cap", [None, 2])
-def test_kvmerger_compactor_rank_keeps_the_top_of_compactor_score_verbatim(seed, recent_cap):
+@pytest.mark.parametrize("recent_tokens", [None, 2, 24, 100])
+def test_kvmerger_compactor_rank_keeps_the_top_of_compactor_score_verbatim(seed, recent_tokens):
     """KVMerger(rank="compactor"): the heavy hitters kept verbatim (as singletons, log w = 0) are the first 8
-    tokens, then the top of Compactor's score among the older tokens; `recent_cap` shortens the recent window
-    and gives its surplus to the heavy hitters (what `protected_tokens` lets fit beside the merged runs)."""
+    tokens, then the top of Compactor's score among the older tokens; `recent_tokens` sets the recent window (at
+    most half the budget) and the heavy hitters take the rest of the verbatim share (what `protected_tokens`
+    lets fit beside the merged runs)."""
     n, budget = 120, 60
     qkv = random_qkv(1, 1, 2, 2, n, seed=seed)
-    method = KVMerger(budget=budget, rank="compactor", recent_cap=recent_cap)
+    method = KVMerger(budget=budget, rank="compactor", recent_tokens=recent_tokens)
     trace = drive_synthetic(method, qkv, [n], 0)
-    recent = int(budget * 0.34) if recent_cap is None else recent_cap
+    recent = int(budget * 0.34) if recent_tokens is None else min(recent_tokens, budget // 2)
     heavy = int(budget * 0.24) + int(budget * 0.34) - recent
     ref = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - budget / n).float()
     rank = torch.cat([torch.full((2, 8), float("inf")), ref[:, 8:]], dim=1)[None]  # [1, Hkv, n] sinks first
@@ -164,5 +165,6 @@ def test_kvmerger_compactor_rank_keeps_the_top_of_compactor_score_verbatim(seed,
     for h in range(2):
         verbatim = set(snap["pos"][0, h][snap["logw"][0, h] == 0].tolist())
         expected = set(torch.nonzero(protected[h]).flatten().tolist())
-        assert len(expected) > 8 + recent and expected <= verbatim, (sorted(expected - verbatim), sorted(verbatim))
+        assert expected <= verbatim, (sorted(expected - verbatim), sorted(verbatim))
+        assert len(expected) == recent + heavy and (heavy <= 8 or len(expected) > 8 + recent)
         assert len(trace.snapshots[0].kept(0, 0, h)) == budget

@@ -272,9 +272,10 @@ class KVMerger(PrefillOnlyMethod):
     # query-agnostic score, blended by the fraction of the prompt the budget drops), for a document whose
     # questions come later. Pivots and merged slots' scores stay A_t. See "Measured" in the module doc.
     rank: str = "attention_shares"  # paper: "accumulated"
-    # The recent window holds at most this many tokens (None: recent_ratio alone); the slots it frees go to
-    # the heavy hitters, so the budget and the merged sets' share are unchanged.
-    recent_cap: int | None = None
+    # The recent window holds this many tokens, and at most half the budget (None: `recent_ratio`); the
+    # verbatim share (recent_ratio + heavy_ratio) is kept, the heavy hitters taking what the window does not,
+    # so the budget and the merged sets' share are unchanged.
+    recent_tokens: int | None = None
     window_size: int = 8  # rank="attention_shares": the window's queries
     kernel_size: int = 7  # rank="attention_shares": pooling of the window's scores over positions
     pooling: str = "max"  # rank="attention_shares": "max" or "avg" (SnapKV's) over `kernel_size` positions
@@ -306,9 +307,9 @@ class KVMerger(PrefillOnlyMethod):
             raise KvzooError(f"KVMerger: alpha must be a finite number, got {self.alpha!r}")
         if self.rank not in RANKS:
             raise KvzooError(f"KVMerger: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
-        if self.recent_cap is not None and (isinstance(self.recent_cap, bool) or not isinstance(self.recent_cap, int)
-                                            or self.recent_cap < 0):
-            raise KvzooError(f"KVMerger: recent_cap must be None or an integer >= 0, got {self.recent_cap!r}")
+        tokens = self.recent_tokens
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+            raise KvzooError(f"KVMerger: recent_tokens must be None or an integer >= 0, got {tokens!r}")
         check_counts(self, "KVMerger", ("window_size", "kernel_size"))
         check_pooling(self, "KVMerger")
         self.check_decode_cap()
@@ -368,9 +369,10 @@ class KVMerger(PrefillOnlyMethod):
         base = budget if self.ratio_of == "budget" and self.budget is not None else prompt_len
         recent = (base * self.recent_ratio).long()
         heavy = (base * self.heavy_ratio).long()
-        if self.recent_cap is not None:  # the window's surplus over the cap goes to the heavy hitters
-            heavy = heavy + (recent - self.recent_cap).clamp(min=0)
-            recent = recent.clamp(max=self.recent_cap)
+        if self.recent_tokens is not None:  # the same verbatim share, split otherwise
+            verbatim = recent + heavy
+            recent = (budget // 2).clamp(max=self.recent_tokens).minimum(verbatim)
+            heavy = verbatim - recent
         if self.budget is not None:
             recent = recent.minimum(budget - 1)
         heavy = heavy[:, None]
