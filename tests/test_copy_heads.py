@@ -93,7 +93,7 @@ def test_a_stored_document_is_compressed_by_the_stored_rule_and_a_prompt_to_cont
         asked = replace(method, proximity_cap=32, context_rank="compactor", rank="window")
     else:
         method = ZSMerge(budget=40, stored_ring=None, stored_copy_heads=0.0)  # every random head scores above 0
-        asked = replace(method, copy_heads=0.0)
+        asked = replace(method, copy_heads=0.0, rank="shares")
     stored = prefill_cache(model, [doc], method)
     assert stored.method == asked
     explicit = prepare(model, [doc], 0, asked, None)
@@ -122,10 +122,12 @@ def test_for_stored_document_changes_only_a_zsmerge_without_copy_heads():
                    ZSMerge(proximity=0.1, context_rank="compactor", rank="window")):
         assert method.for_stored_document() is method
     assert ZSMerge().for_stored_document() == ZSMerge(proximity_cap=32, context_rank="compactor", rank="window")
-    assert ZSMerge(stored_ring=None).for_stored_document() == ZSMerge(stored_ring=None, copy_heads=0.3)
+    assert ZSMerge(stored_ring=None).for_stored_document() == ZSMerge(stored_ring=None, copy_heads=0.3, rank="shares")
+    assert ZSMerge(stored_ring=None, rank="window").for_stored_document() == ZSMerge(stored_ring=None, copy_heads=0.3,
+                                                                                     rank="window")
     # Compactor's context rank takes no leverage term, nor a document fed in chunks: then the copy heads
-    assert ZSMerge(leverage=1.0).for_stored_document() == ZSMerge(leverage=1.0, copy_heads=0.3)
-    assert ZSMerge().for_stored_document(chunked=True) == ZSMerge(copy_heads=0.3)
+    assert ZSMerge(leverage=1.0).for_stored_document() == ZSMerge(leverage=1.0, copy_heads=0.3, rank="shares")
+    assert ZSMerge().for_stored_document(chunked=True) == ZSMerge(copy_heads=0.3, rank="shares")
 
 
 def test_a_stored_document_fed_in_chunks_gets_the_copy_heads_and_answers(models):
@@ -133,7 +135,7 @@ def test_a_stored_document_fed_in_chunks_gets_the_copy_heads_and_answers(models)
     doc = [(7 * i + 3) % 120 + 1 for i in range(200)]
     method = ZSMerge(budget=80)
     cache = model.prefill(doc, compression=method, prefill_chunk=64)
-    assert cache.method == ZSMerge(budget=80, copy_heads=0.3)
+    assert cache.method == ZSMerge(budget=80, copy_heads=0.3, rank="shares")
     out = model.generate_ids([9, 8, 7], max_new_tokens=2, eos_token_ids=[], cache=cache, compression=method)
     assert len(out.token_ids[0]) == 2
 

@@ -119,7 +119,7 @@ def test_zsmerge_cross_layer_refuses_a_prompt_in_chunks_and_bad_settings():
     assert ZSMerge().supports_chunked_prefill
     for bad, message in ((dict(cross_layer=1), "cross_layer must be True or False"),
                          (dict(cross_layer=True, rank="window", leverage=0.5), "neither leverage nor rank='split'"),
-                         (dict(cross_layer=True), "neither leverage nor rank='split', 'shares' or 'block_shares'"),
+                         (dict(cross_layer=True, rank="shares"), "neither leverage nor rank='split', 'shares' or 'block_shares'"),
                          # block_shares includes the keys' leverage share, which is not an attention share
                          (dict(cross_layer=True, rank="block_shares"), "got leverage=0.0, rank='block_shares'")):
         with pytest.raises(KvzooError, match=message):

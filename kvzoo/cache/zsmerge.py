@@ -28,10 +28,9 @@ Ambiguities (METHODS.md 1.6) resolved as recommended:
   of their values, a blur of what attention would have read. alpha interpolates between merging (1) and
   evicting (0): alpha < 1 lends part of that mass back to the exact slots.
 Defaults: budget 0.2 of the prompt (code), B_p = 0.5 B (paper's recommendation), B_r = 0.02 (B - B_p)
-(paper; at least 1), rank "shares" (paper "window"), decay 1.0 (paper 0.98), window 8, max-pool 7 over a
-token and the 6 before it (paper 5, centred),
-dot-product slot choice (Eq. 6), alpha 0.5 (paper 1), the leverage share for a basis of each chunk's keys
-(`leverage_tokens="basis"`), no leverage term; a kept slot stores its accumulated
+(paper; at least 1), rank "attention_shares" (paper "window"), decay 1.0 (paper 0.98), window 8, max-pool 7
+over a token and the 6 before it (paper 5, centred),
+dot-product slot choice (Eq. 6), alpha 0.5 (paper 1), no leverage term; a kept slot stores its accumulated
 attention, the standing it was ranked by kept beside it for later prompt chunks (`decode_score`). A document
 stored for later questions (`for_stored_document`, not in the paper) keeps a ring of at most 32 tokens and
 ranks the rest of its context by Compactor's query-agnostic score (`stored_ring`).
@@ -47,9 +46,13 @@ instances):
   kept (development 6 / 6 / 7 of 12 against 3 / 5 / 4; held out 17 / 42 / 54% against 8 / 33 / 46% and
   17 / 42 / 42% against 12 / 33 / 46%); needles asked after compression unchanged. H2O still leads NLL by
   0.01-0.04.
-- leverage_tokens "basis" (session 19): only as many tokens as the keys' effective dimension keep the leverage
-  share; NLL 0.004 +- 0.002 / 0.009 +- 0.003 lower at 10 / 20% kept (23 windows; on 31 of the Rust book:
-  0.002 / 0.008), 4 fewer of 96 query-aware needles at 20% and the same at 5-10%; see `leverage_tokens`.
+- rank "attention_shares" instead of "shares" (session 25): a prompt's context no longer keeps tokens for their
+  key leverage alone. That share was what retrieved query-aware needles until the pooling reached the tokens
+  after a read one (`pool_ahead=0`, session 20); since then the window's share keeps the answer, and a
+  document stored for later questions is ranked by Compactor's score, which holds the leverage (`stored_ring`).
+  Seeds 12, 13, 14 (72 needles asked with the context): 44 / 48 / 50 at 5 / 10 / 20% kept against 44 / 48 / 51
+  (full cache 50); continuation NLL 0.009 / 0.004 / 0.007 lower (seed 12) and 0.009 / 0.007 / 0.011 (seed 10),
+  H2O's lead down to 0.006 / 0.014 / 0.013 on seed 12 (see `rank`).
 - decode_score "accumulated" (session 13): a token kept for its window or leverage share is evicted in decode
   when the attention it gets falls below the token leaving the ring's: NLL 0.015 +- 0.005 lower at 5% kept
   (held out; 0.006 / 0.002 at 10 / 20%), the same needles; see `decode_score`.
@@ -205,7 +208,10 @@ class ZSMerge(CompressionMethod):
     #   12 / 33 / 46% on a second set. Session 18 (seeds 5, 6; 23 distinct texts, 48 needles): the leverage
     #   share is the whole NLL gap to H2O (attention_shares: -0.002 / -0.001 / +0.004 against H2O, the default
     #   +0.003 / +0.010 / +0.015) and what retrieves (query-aware needles 11 / 20 / 28 against attention_shares'
-    #   6 / 11 / 16; `make demo`'s stored document: 5 of 6 facts at 50% kept against 1 of 6).
+    #   6 / 11 / 16; `make demo`'s stored document: 5 of 6 facts at 50% kept against 1 of 6). The default until
+    #   session 25; since `pool_ahead=0` (session 20) "attention_shares" retrieves the same query-aware needles
+    #   (44 / 48 / 50 of 72 at 5 / 10 / 20% kept against 44 / 48 / 51, seeds 12-14) at a lower NLL, and a stored
+    #   document gets Compactor's rank (`stored_ring`), so the leverage share is no longer needed for either.
     # - "block_shares": "shares" with a fourth share, the attention each token receives from every query of its
     #   256-position block, before and after it, times its value norm (Compactor's query-agnostic attention,
     #   scoring.block_attention, average-pooled over 3 positions), over the chunk's sum: what the text
@@ -214,7 +220,7 @@ class ZSMerge(CompressionMethod):
     #   0.004 at 5 / 10 / 20% kept) but retrieves fewer query-aware needles (5 / 6 / 12 of 24 against
     #   6 / 11 / 13) and no more asked after compression (4 of 24 at 20%; Compactor 11; tools/RESULTS.md,
     #   "Session 15").
-    rank: str = "shares"  # paper: "window"
+    rank: str = "attention_shares"  # paper: "window"
     # What a kept slot's score is with a share rank: the number every decode step adds the slot's attention to,
     # and by which the lowest of context ∪ {token leaving the ring} is merged.
     # - "accumulated" (default): the token's attention summed over every query so far (H2O's statistic). The
@@ -451,14 +457,16 @@ class ZSMerge(CompressionMethod):
     def for_stored_document(self, chunked: bool = False) -> "ZSMerge":
         """This ZSMerge with a ring of at most `stored_ring` tokens and its context ranked by Compactor's score,
         or else (also for a document fed in chunks, which Compactor's rank cannot take) with copy heads at
-        `stored_copy_heads`. Itself with copy heads or a cross-layer rank (which decide what every layer keeps
+        `stored_copy_heads` and the leverage share (rank "shares" for "attention_shares"). Itself with copy heads or a cross-layer rank (which decide what every layer keeps
         themselves) or another context rank (already chosen)."""
         if self.copy_heads is not None or self.cross_layer or self.context_rank != "score":
             return self
         if self.stored_ring is not None and not self.leverage and not chunked:
             return replace(self, proximity_cap=self.stored_ring, context_rank="compactor", rank="window")
-        if self.stored_copy_heads is not None:
-            return replace(self, copy_heads=self.stored_copy_heads)
+        if self.stored_copy_heads is not None:  # with the keys' leverage share, as measured (session 22): the
+            # query-agnostic signal beside the copy heads, which a prompt to continue no longer needs (`rank`)
+            rank = "shares" if self.rank == "attention_shares" else self.rank
+            return replace(self, copy_heads=self.stored_copy_heads, rank=rank)
         return self
 
     def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
