@@ -113,11 +113,47 @@ def test_a_stored_document_is_compressed_by_the_stored_rule_and_a_prompt_to_cont
     assert any(not torch.equal(a.pos, b.pos) for a, b in zip(plain.cache.layers, stored.layers))
 
 
-def test_for_stored_document_changes_only_a_zsmerge_without_copy_heads():
-    from kvzoo.cache.h2o import H2O
-    from kvzoo.cache.snapkv import SnapKV
+@pytest.mark.parametrize("name", ["kvmerger", "zigzag"])
+def test_kvmerger_and_zigzag_store_a_document_with_compactors_rank(models, name):
+    """`prefill_cache` with KVMerger or ZigZagKV keeps what an explicit prefill with their stored rule keeps (heavy
+    hitters, or every layer's tokens, by Compactor's score; KVMerger's recent window of `stored_recent`), which
+    is not what the prompt rule keeps."""
+    from kvzoo.cache.kvmerger import KVMerger
+    from kvzoo.cache.zigzag import ZigZagKV
+    from kvzoo.generate import prefill, prefill_cache, prepare
 
-    for method in (H2O(), SnapKV(), ZSMerge.paper(), ZSMerge(copy_heads=0.5),
+    model = models("llama-gqa")
+    doc = [(7 * i + 3) % 120 + 1 for i in range(200)]
+    method = KVMerger(budget=80) if name == "kvmerger" else ZigZagKV(budget=60, window_size=8)
+    asked = (KVMerger(budget=80, rank="compactor", recent_tokens=32) if name == "kvmerger"
+             else ZigZagKV(budget=60, window_size=8, rank="compactor"))
+    stored = prefill_cache(model, [doc], method)
+    assert stored.method == asked
+    caches = []
+    for setting in (asked, method):
+        request = prepare(model, [doc], 0, setting, None)
+        prefill(model, request.ids, request.positions, request.cache, None)
+        caches.append(request.cache)
+    for got, want in zip(stored.layers, caches[0].layers):
+        assert torch.equal(got.pos, want.pos) and torch.equal(got.k, want.k)
+        newest = 32 if name == "kvmerger" else 8  # the recent window, or ZigZagKV's observation window
+        assert set(range(200 - newest, 200)) <= set(got.pos[0, 0].tolist())
+    assert any(not torch.equal(a.pos, b.pos) for a, b in zip(caches[1].layers, stored.layers))
+
+
+def test_for_stored_document_changes_zsmerge_kvmerger_and_zigzag_only():
+    from kvzoo.cache.h2o import H2O
+    from kvzoo.cache.kvmerger import KVMerger
+    from kvzoo.cache.snapkv import SnapKV
+    from kvzoo.cache.zigzag import ZigZagKV
+
+    assert ZigZagKV().for_stored_document() == ZigZagKV(rank="compactor")
+    assert ZigZagKV(stored_rank="window").for_stored_document() == ZigZagKV(stored_rank="window", rank="window")
+    assert KVMerger().for_stored_document() == KVMerger(rank="compactor", recent_tokens=32)
+    assert KVMerger(stored_recent=8).for_stored_document() == KVMerger(stored_recent=8, rank="compactor",
+                                                                       recent_tokens=8)
+    for method in (H2O(), SnapKV(), ZigZagKV.paper(), ZigZagKV(stored_rank=None), ZigZagKV(cross_layer=True),
+                   KVMerger.paper(), KVMerger(stored_recent=None), ZSMerge.paper(), ZSMerge(copy_heads=0.5),
                    ZSMerge(stored_ring=None, stored_copy_heads=None), ZSMerge(cross_layer=True, rank="window"),
                    ZSMerge(proximity=0.1, context_rank="compactor", rank="window")):
         assert method.for_stored_document() is method
@@ -128,6 +164,7 @@ def test_for_stored_document_changes_only_a_zsmerge_without_copy_heads():
     # Compactor's context rank takes no leverage term, nor a document fed in chunks: then the copy heads
     assert ZSMerge(leverage=1.0).for_stored_document() == ZSMerge(leverage=1.0, copy_heads=0.3, rank="shares")
     assert ZSMerge().for_stored_document(chunked=True) == ZSMerge(copy_heads=0.3, rank="shares")
+    assert KVMerger().for_stored_document(chunked=True) == KVMerger()  # Compactor's score is of one chunk
 
 
 def test_a_stored_document_fed_in_chunks_gets_the_copy_heads_and_answers(models):

@@ -72,12 +72,16 @@ Ambiguities (METHODS.md 2.2, 2.6) and how they are resolved here:
   book (seeds 1 and 2) 13 / 26 / 31 against 4 / 16 / 22 (SnapKV 8 / 9 / 11), after 8 / 8 / 8 as before;
   continuation NLL level (seed 9: +0.005 +- 0.005 / +0.001 +- 0.002 / +0.000 +- 0.004; Rust
   book seed 1: +0.002 +- 0.004 / -0.006 +- 0.005 / -0.001 +- 0.004).
+- A document stored for later questions (`for_stored_document`, not in the paper): its last queries are the
+  document's own, so the heavy hitters are ranked by Compactor's query-agnostic score (`rank="compactor"`,
+  the first tokens first) and the recent window holds 32 tokens, at most half the budget (`stored_recent`,
+  as ZSMerge's `stored_ring`); the verbatim and merged shares of the budget are unchanged (session 25).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -276,6 +280,14 @@ class KVMerger(PrefillOnlyMethod):
     # verbatim share (recent_ratio + heavy_ratio) is kept, the heavy hitters taking what the window does not,
     # so the budget and the merged sets' share are unchanged.
     recent_tokens: int | None = None
+    # A document stored for questions asked later (`for_stored_document`: `prefill_cache`, `model.prefill`, the
+    # eval's needles asked after compression): its heavy hitters are ranked by Compactor's score
+    # (rank="compactor"), since the last queries are the document's own, not a question's, and its recent
+    # window holds this many tokens (`recent_tokens`: what a question goes on from, SnapKV's window, as
+    # ZSMerge's `stored_ring`). None: as a prompt; a document fed in chunks too (Compactor's score is of one
+    # chunk). Not the paper's. Measured (tools/RESULTS.md, "Session 25"): needles asked after compression, see
+    # there.
+    stored_recent: int | None = 32
     window_size: int = 8  # rank="attention_shares": the window's queries
     kernel_size: int = 7  # rank="attention_shares": pooling of the window's scores over positions
     pooling: str = "max"  # rank="attention_shares": "max" or "avg" (SnapKV's) over `kernel_size` positions
@@ -307,9 +319,10 @@ class KVMerger(PrefillOnlyMethod):
             raise KvzooError(f"KVMerger: alpha must be a finite number, got {self.alpha!r}")
         if self.rank not in RANKS:
             raise KvzooError(f"KVMerger: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
-        tokens = self.recent_tokens
-        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
-            raise KvzooError(f"KVMerger: recent_tokens must be None or an integer >= 0, got {tokens!r}")
+        for name in ("recent_tokens", "stored_recent"):
+            tokens = getattr(self, name)
+            if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+                raise KvzooError(f"KVMerger: {name} must be None or an integer >= 0, got {tokens!r}")
         check_counts(self, "KVMerger", ("window_size", "kernel_size"))
         check_pooling(self, "KVMerger")
         self.check_decode_cap()
@@ -319,8 +332,16 @@ class KVMerger(PrefillOnlyMethod):
         """The paper's settings: merged values scaled by the set size, no attention bias, recent and heavy
         shares of the prompt, layers 0, 1 and L-1 uncompressed, heavy hitters by A_t alone."""
         paper = {"value_scale": "set_size", "alpha": 0.0, "recent_ratio": 0.17, "heavy_ratio": 0.12,
-                 "ratio_of": "prompt", "skip_layers": (0, 1, -1), "rank": "accumulated", "pool_ahead": None}
+                 "ratio_of": "prompt", "skip_layers": (0, 1, -1), "rank": "accumulated", "pool_ahead": None,
+                 "stored_recent": None}
         return cls(**{**paper, **overrides})  # type: ignore[arg-type]
+
+    def for_stored_document(self, chunked: bool = False) -> "KVMerger":
+        """This KVMerger with heavy hitters by Compactor's score and a recent window of `stored_recent` tokens;
+        itself without `stored_recent`, or for a document fed in chunks."""
+        if self.stored_recent is None or chunked:
+            return self
+        return replace(self, rank="compactor", recent_tokens=self.stored_recent)
 
     @property
     def supports_chunked_prefill(self) -> bool:  # type: ignore[override]

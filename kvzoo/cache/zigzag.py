@@ -45,17 +45,18 @@ kept against 7 / 6 / 11 centred (SnapKV 6 / 7 / 12), asked after 7 / 7 / 7 again
 (seeds 1 and 2) 11 / 11 / 23 against 8 / 8 / 14 (SnapKV 8 / 9 / 11), after 7 / 8 / 11 against 8 / 8 / 10;
 continuation NLL level to lower (seed 9: -0.002 +- 0.012 / -0.004 +- 0.011 / -0.007 +- 0.005; Rust
 book seed 1: -0.011 +- 0.007 / -0.013 +- 0.008 / -0.006 +- 0.004). Decode appends like SnapKV.
-Not the paper's (`ZigZagKV.paper()` has all three): the pooling over the tokens before a read one (above); a
-layer's uncertainty is the budget that keeps its window's attention *output* within 1 - tau (the paper's
-LMBO, `uncertainty="output"`), not the one that keeps tau of its attention mass (LMBA); and a layer ranks
+Not the paper's (`ZigZagKV.paper()` has none of them): the pooling over the tokens before a read one (above);
+a layer's uncertainty is the budget that keeps its window's attention *output* within 1 - tau (the paper's
+LMBO, `uncertainty="output"`), not the one that keeps tau of its attention mass (LMBA); a layer ranks
 its tokens by the larger of their share of the accumulated and of the window's attention
-(`rank="attention_shares"`), not by the window's alone. See the fields' comments for why and what each
+(`rank="attention_shares"`), not by the window's alone; and a document stored for later questions ranks them
+by Compactor's query-agnostic score (`stored_rank`). See the fields' comments for why and what each
 measured.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -141,6 +142,12 @@ class ZigZagKV(WindowSelection):
     # for SnapKV (`kvzoo bench --batch 4 --contexts 2048`, one process, nothing else running;
     # tools/RESULTS.md, "Session 16").
     uncertainty: str = "output"
+    # A document stored for questions asked later (`for_stored_document`: `prefill_cache`, `model.prefill`, the
+    # eval's needles asked after compression) has no question in its observation window, whose queries are the
+    # document's last sentences: its layers rank their tokens by this rank instead (None: `rank`); the
+    # allocation and the window are unchanged. Not the paper's. Measured (tools/RESULTS.md, "Session 25"):
+    # needles asked after compression, see there.
+    stored_rank: str | None = "compactor"
 
     supports_chunked_prefill = False  # allocation needs every layer's uncertainty over the whole prompt
 
@@ -158,6 +165,9 @@ class ZigZagKV(WindowSelection):
                              f"got {self.uncertainty!r}")
         if self.rank not in RANKS:
             raise KvzooError(f"ZigZagKV: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
+        if self.stored_rank is not None and self.stored_rank not in RANKS:
+            raise KvzooError(f"ZigZagKV: stored_rank must be None or one of {', '.join(map(repr, RANKS))}, "
+                             f"got {self.stored_rank!r}")
         if self.cross_layer and self.rank == "compactor":
             raise KvzooError("ZigZagKV: cross_layer compares attention shares across layers, which rank='compactor' "
                              "does not give; use one of them")
@@ -168,8 +178,15 @@ class ZigZagKV(WindowSelection):
         ranked by the observation window's attention alone, with the window and pooling of its LongBench runs
         (KVCache-Factory: 8 queries, max-pool 7, centred)."""
         paper = {"uncertainty": "attention", "rank": "window", "window_size": 8, "kernel_size": 7, "pooling": "max",
-                 "pool_ahead": None}
+                 "pool_ahead": None, "stored_rank": None}
         return cls(**{**paper, **overrides})  # type: ignore[arg-type]
+
+    def for_stored_document(self, chunked: bool = False) -> "ZigZagKV":
+        """This ZigZagKV ranking its tokens by `stored_rank`; itself without one, or with a cross-layer rank
+        (which compares the layers' attention shares)."""
+        if self.stored_rank is None or self.cross_layer:
+            return self
+        return replace(self, rank=self.stored_rank)
 
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
         for n in prompt_lens:
