@@ -457,8 +457,9 @@ class ZSMerge(CompressionMethod):
     def for_stored_document(self, chunked: bool = False) -> "ZSMerge":
         """This ZSMerge with a ring of at most `stored_ring` tokens and its context ranked by Compactor's score,
         or else (also for a document fed in chunks, which Compactor's rank cannot take) with copy heads at
-        `stored_copy_heads` and the leverage share (rank "shares" for "attention_shares"). Itself with copy heads or a cross-layer rank (which decide what every layer keeps
-        themselves) or another context rank (already chosen)."""
+        `stored_copy_heads` and the leverage share (rank "shares" for "attention_shares"). Itself with copy
+        heads or a cross-layer rank (which decide what every layer keeps themselves) or another context rank
+        (already chosen)."""
         if self.copy_heads is not None or self.cross_layer or self.context_rank != "score":
             return self
         if self.stored_ring is not None and not self.leverage and not chunked:
