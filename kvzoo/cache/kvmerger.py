@@ -285,8 +285,11 @@ class KVMerger(PrefillOnlyMethod):
     # (rank="compactor"), since the last queries are the document's own, not a question's, and its recent
     # window holds this many tokens (`recent_tokens`: what a question goes on from, SnapKV's window, as
     # ZSMerge's `stored_ring`). None: as a prompt; a document fed in chunks too (Compactor's score is of one
-    # chunk). Not the paper's. Measured (tools/RESULTS.md, "Session 25"): needles asked after compression, see
-    # there.
+    # chunk). Not the paper's. Measured (tools/RESULTS.md, "Session 25"; 96 needles asked after compression,
+    # seeds 12-14 and 16, the full cache 68): 15 / 16 / 30 at 5 / 10 / 20% kept against SnapKV's 16 / 16 / 16
+    # (12 / 11 / 14 of 72 on seeds 12-14 with the prompt rule, against 11 / 12 / 23); Compactor's rank with
+    # the usual recent window answers less at 20% (10 against 15 on seeds 12-13); `make demo`'s stored
+    # document 5 / 4 of 6 facts at 50 / 20% kept against 2 / 0.
     stored_recent: int | None = 32
     window_size: int = 8  # rank="attention_shares": the window's queries
     kernel_size: int = 7  # rank="attention_shares": pooling of the window's scores over positions

@@ -52,7 +52,8 @@ instances):
   document stored for later questions is ranked by Compactor's score, which holds the leverage (`stored_ring`).
   Seeds 12, 13, 14 (72 needles asked with the context): 44 / 48 / 50 at 5 / 10 / 20% kept against 44 / 48 / 51
   (full cache 50); continuation NLL 0.009 / 0.004 / 0.007 lower (seed 12) and 0.009 / 0.007 / 0.011 (seed 10),
-  H2O's lead down to 0.006 / 0.014 / 0.013 on seed 12 (see `rank`).
+  H2O's lead down to 0.006 / 0.014 / 0.013 on seed 12 and 0.001 / 0.006 / 0.005 over 26 windows of seeds 10,
+  12 and 15, within a standard error (see `rank`).
 - decode_score "accumulated" (session 13): a token kept for its window or leverage share is evicted in decode
   when the attention it gets falls below the token leaving the ring's: NLL 0.015 +- 0.005 lower at 5% kept
   (held out; 0.006 / 0.002 at 10 / 20%), the same needles; see `decode_score`.
