@@ -14,12 +14,16 @@ from kvzoo.errors import KvzooError
 Budget = float | int
 
 
-def check_counts(config: object, method: str, names: Sequence[str]) -> None:
-    """Each of `config`'s fields `names` is an integer >= 1 (a window length, a pooling kernel)."""
+def check_counts(config: object, method: str, names: Sequence[str], least: int = 1, optional: bool = False) -> None:
+    """Each of `config`'s fields `names` is an integer >= `least` (a window length, a pooling kernel), or None
+    when `optional` (a cap that may be absent)."""
     for name in names:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise KvzooError(f"{method}: {name} must be an integer >= 1, got {value!r}")
+        if optional and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            expected = f"None or an integer >= {least}" if optional else f"an integer >= {least}"
+            raise KvzooError(f"{method}: {name} must be {expected}, got {value!r}")
 
 
 def check_pooling(config: object, method: str) -> None:

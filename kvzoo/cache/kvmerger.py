@@ -322,10 +322,7 @@ class KVMerger(PrefillOnlyMethod):
             raise KvzooError(f"KVMerger: alpha must be a finite number, got {self.alpha!r}")
         if self.rank not in RANKS:
             raise KvzooError(f"KVMerger: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
-        for name in ("recent_tokens", "stored_recent"):
-            tokens = getattr(self, name)
-            if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
-                raise KvzooError(f"KVMerger: {name} must be None or an integer >= 0, got {tokens!r}")
+        check_counts(self, "KVMerger", ("recent_tokens", "stored_recent"), least=0, optional=True)
         check_counts(self, "KVMerger", ("window_size", "kernel_size"))
         check_pooling(self, "KVMerger")
         self.check_decode_cap()

@@ -91,12 +91,12 @@ import torch
 import torch.nn.functional as F
 
 from kvzoo.cache.base import CompressionMethod
-from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, check_pooling, part_tokens
+from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, check_counts, check_pooling, part_tokens
 from kvzoo.cache.compactor import sinks_then_compactor
 from kvzoo.cache.copy_heads import induction_scores
 from kvzoo.cache.scoring import (accumulated_scores, attention_shares, block_attention,
                                  leverage_scores, on_the_scale_of, own_key_leverage, window_scores)
-from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, sink_mask, slot_candidates, top_mask,
+from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, slot_candidates, top_mask,
                                    widest_shares)
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots, allocate_stores
 from kvzoo.errors import KvzooError
@@ -311,11 +311,11 @@ class ZSMerge(CompressionMethod):
     stored_ring: int | None = 32
     # With `stored_ring` None or a chunked document: the copy-head threshold for a stored document (session
     # 22's rule), when `copy_heads` is None and the context is not already ranked by Compactor's score; None: as
-    # `copy_heads`. Its questions read the document through the copy heads. Measured (tools/RESULTS.md, "Session 22"): `make
-    # demo`'s stored document at 80 / 50 / 30 / 20 / 10% kept answers 5 / 4 / 4 / 4 / 1 of 6 questions against
-    # 5 / 5 / 3 / 0 / 0 without (a 2000-token document at 50 / 20 / 10%: 5 / 5 / 2 against 5 / 3 / 1; the full
-    # cache 5); needles asked after compression 17 of 72 at 20% kept against 12 on seeds 5, 6 and 10 (5% and
-    # 10%: as without).
+    # `copy_heads`. Its questions read the document through the copy heads. Measured (tools/RESULTS.md,
+    # "Session 22"): `make demo`'s stored document at 80 / 50 / 30 / 20 / 10% kept answers 5 / 4 / 4 / 4 / 1
+    # of 6 questions against 5 / 5 / 3 / 0 / 0 without (a 2000-token document at 50 / 20 / 10%: 5 / 5 / 2
+    # against 5 / 3 / 1; the full cache 5); needles asked after compression 17 of 72 at 20% kept against 12
+    # on seeds 5, 6 and 10 (5% and 10%: as without).
     stored_copy_heads: float | None = 0.3
 
     def __post_init__(self) -> None:
@@ -373,11 +373,7 @@ class ZSMerge(CompressionMethod):
         if self.decode_score not in DECODE_SCORES:
             raise KvzooError(f"ZSMerge: decode_score must be one of {', '.join(map(repr, DECODE_SCORES))}, got "
                              f"{self.decode_score!r}")
-        for name in ("proximity_cap", "stored_ring"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < MIN_PROXIMITY):
-                raise KvzooError(f"ZSMerge: {name} must be None or an integer >= {MIN_PROXIMITY} (ring tokens), got "
-                                 f"{value!r}")
+        check_counts(self, "ZSMerge", ("proximity_cap", "stored_ring"), least=MIN_PROXIMITY, optional=True)
         for name in ("copy_heads", "stored_copy_heads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -607,20 +603,16 @@ class ZSMerge(CompressionMethod):
             if stored is not None:
                 slots.state["cross_layer_stored"] = F.pad(stored, empty_slots)
             return
-        rank = self._compactor_rank(slots, chunk) if self.context_rank == "compactor" else None
+        prompt_len = slots.state["prompt_len"]  # Compactor's rank blends by the fraction the layout drops
+        rank = sinks_then_compactor(chunk, slots.budget, prompt_len) if self.context_rank == "compactor" else None
         copy = slots.state.get("copy_head")  # [B, Hkv] bool or None
         copy = copy[:, :, None] if copy is not None and bool(copy.any()) else None
         fresh_prompt = chunk.keys.shape[2] == chunk.k.shape[2]
         copy_rank = None
         if copy is not None and fresh_prompt:
-            copy_rank = rank if rank is not None else self._compactor_rank(slots, chunk)
+            copy_rank = rank if rank is not None else sinks_then_compactor(chunk, slots.budget, prompt_len)
         self._compress(slots, chunk, score, window, accumulated, rank=rank, stored=stored, copy=copy,
                        copy_rank=copy_rank)
-
-    def _compactor_rank(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
-        """[B, Hkv, S] Compactor's score of the candidates (the first SINKS positions first), blended
-        by the fraction of each prompt the layout drops."""
-        return sinks_then_compactor(chunk, slots.budget, slots.state["prompt_len"])
 
     def _compress(self, slots: LayerSlots, chunk: "PrefillChunk", score: torch.Tensor,
                   window: torch.Tensor | None, accumulated: torch.Tensor | None, rank: torch.Tensor | None = None,

@@ -68,9 +68,9 @@ class EvalConfig:
         for b in self.budgets:
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1:
                 raise KvzooError(f"budget {b!r} is out of range: give ratios of the prompt in (0, 1)")
-        bad = [x for x in self.needle_layouts if x not in NEEDLE_LAYOUTS] or ([] if self.needle_layouts else ["none"])
-        if bad:
-            raise KvzooError(f"needle layout {bad[0]!r} is not known: give any of {', '.join(NEEDLE_LAYOUTS)}")
+        for layout in self.needle_layouts or ["none"]:  # an empty list names no layout
+            if layout not in NEEDLE_LAYOUTS:
+                raise KvzooError(f"needle layout {layout!r} is not known: give any of {', '.join(NEEDLE_LAYOUTS)}")
         if self.memory not in MEMORY_MODES:
             raise KvzooError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {self.memory!r}")
         for name in ("n", "context_len", "continuation_len", "agreement_tokens", "needle_repeats", "batch_size"):
