@@ -503,6 +503,11 @@ def test_zigzag_refuses_chunked_prefill(run):
         (lambda: ZigZagKV(pool_ahead=5), r"ZigZagKV: pool_ahead must be .* 0 \.\. kernel_size - 1 = 4, got 5"),
         (lambda: KVMerger(pool_ahead=-1), r"KVMerger: pool_ahead must be .*, got -1"),
         (lambda: ZigZagKV(cross_layer=1), "cross_layer must be True or False"),
+        (lambda: ZigZagKV(question_window=0), "ZigZagKV: question_window must be None or an integer >= 1, got 0"),
+        (lambda: ZigZagKV(question_kernel_size=0), "ZigZagKV: question_kernel_size must be an integer >= 1, got 0"),
+        (lambda: ZigZagKV(question_pooling="mean"), "ZigZagKV: question_pooling must be 'max' or 'avg', got 'mean'"),
+        (lambda: ZigZagKV(question_pool_ahead=7),
+         r"ZigZagKV: question_pool_ahead must be .* 0 \.\. question_kernel_size - 1 = 6, got 7"),
     ],
 )
 def test_invalid_hyperparameters(make, message):

@@ -351,23 +351,35 @@ def test_zsmerge_shares_a_short_chunk_does_not_outrank_what_every_query_reads():
     assert sorted(two_chunks[0, 0, 9:].tolist()) == [n - 3, n - 2, n - 1]  # the ring
 
 
-def test_zigzag_attention_shares_keeps_the_top_of_the_larger_share():
+@pytest.mark.parametrize("question", [{}, dict(question_window=5, question_kernel_size=3, question_pooling="avg",
+                                                 question_pool_ahead=1), dict(question_window=None)])
+def test_zigzag_attention_shares_keeps_the_top_of_the_largest_share(question):
     """ZigZagKV(rank="attention_shares") with uniform budgets (bound_ratio=1.0): the layer keeps its
-    observation window and the top of max(accumulated / its sum, pooled window / its sum) among the older
-    tokens, computed from the attention probabilities' definition (float64), as ZSMerge's rank does; on this
-    input the paper's window rank keeps a different set."""
+    observation window and the top of the largest of three shares among the older tokens: accumulated / its
+    sum, the pooled observation window / its sum, and the pooled attention of the last `question_window`
+    queries / its sum (by default 8 queries, max-pooled over a token and the 6 before it; question_window=None:
+    the first two only), computed from the attention probabilities' definition (float64), as ZSMerge's rank
+    does; equal shares go to the larger own score of the observation window. On this input the paper's window
+    rank keeps a different set, and so would the default with another question window or pooling, or none (a
+    changed default fails here)."""
     from kvzoo.cache.zigzag import ZigZagKV
     from tests.method_helpers import drive_synthetic, random_qkv
 
     n, w, kernel, context = 40, 8, 3, 4
-    qkv = random_qkv(1, 1, 1, 1, n, seed=7, scale=1.5)
-    accumulated, window, own = _attention_shares(qkv, n, w, kernel, ahead=ZigZagKV.pool_ahead)  # the default
-    share = torch.maximum(accumulated, window)
-    older = sorted(range(n - w), key=lambda j: (share[j].item(), own[j].item()), reverse=True)[:context]
+    qkv = random_qkv(1, 1, 1, 1, n, seed=29, scale=1.5)
+    accumulated, window, own = _attention_shares(qkv, n, w, kernel, "avg", ahead=ZigZagKV.pool_ahead)
+    combined = torch.maximum(accumulated, window)
+    spec = {"question_window": 8, "question_kernel_size": 7, "question_pooling": "max", "question_pool_ahead": 0,
+            **question}
+    if spec["question_window"] is not None:
+        combined = torch.maximum(combined, _attention_shares(
+            qkv, n, spec["question_window"], spec["question_kernel_size"], spec["question_pooling"],
+            spec["question_pool_ahead"])[1])
+    older = sorted(range(n - w), key=lambda j: (combined[j].item(), own[j].item()), reverse=True)[:context]
     kept = {}
     for rank in ("window", "attention_shares"):
-        method = ZigZagKV(budget=w + context, window_size=w, kernel_size=kernel, pooling="max", bound_ratio=1.0,
-                          rank=rank)
+        method = ZigZagKV(budget=w + context, window_size=w, kernel_size=kernel, pooling="avg", bound_ratio=1.0,
+                          rank=rank, **question)
         pos = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0]
         kept[rank] = set(pos[pos >= 0].tolist())
     assert kept["attention_shares"] == set(older) | set(range(n - w, n)), kept

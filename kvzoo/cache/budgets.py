@@ -26,16 +26,17 @@ def check_counts(config: object, method: str, names: Sequence[str], least: int =
             raise KvzooError(f"{method}: {name} must be {expected}, got {value!r}")
 
 
-def check_pooling(config: object, method: str) -> None:
+def check_pooling(config: object, method: str, prefix: str = "") -> None:
     """`config.pooling` is one of the window scores' poolings over positions (`scoring.pool_by_position`) and
-    `config.pool_ahead` None (centred) or how many of the `config.kernel_size` pooled positions follow a token."""
-    pooling = getattr(config, "pooling")
+    `config.pool_ahead` None (centred) or how many of the `config.kernel_size` pooled positions follow a token
+    (with `prefix`, the fields `{prefix}pooling`, `{prefix}pool_ahead` and `{prefix}kernel_size`)."""
+    pooling = getattr(config, f"{prefix}pooling")
     if pooling not in ("max", "avg"):
-        raise KvzooError(f"{method}: pooling must be 'max' or 'avg', got {pooling!r}")
-    ahead, kernel = getattr(config, "pool_ahead"), getattr(config, "kernel_size")
+        raise KvzooError(f"{method}: {prefix}pooling must be 'max' or 'avg', got {pooling!r}")
+    ahead, kernel = getattr(config, f"{prefix}pool_ahead"), getattr(config, f"{prefix}kernel_size")
     if ahead is not None and (isinstance(ahead, bool) or not isinstance(ahead, int) or not 0 <= ahead < kernel):
-        raise KvzooError(f"{method}: pool_ahead must be None (centred) or an integer in 0 .. kernel_size - 1 = "
-                         f"{kernel - 1}, got {ahead!r}")
+        raise KvzooError(f"{method}: {prefix}pool_ahead must be None (centred) or an integer in 0 .. "
+                         f"{prefix}kernel_size - 1 = {kernel - 1}, got {ahead!r}")
 
 
 def check_budget(budget: Budget, method: str, name: str = "budget") -> None:

@@ -133,9 +133,12 @@ def attention_shares(accumulated: torch.Tensor, window: torch.Tensor, valid: tor
     the sums over the `valid` candidates: large when every query or the last ones (the window, e.g. a
     question) give the token a large part of their attention. Both are distributions over the same tokens, so
     no weight is needed, and a head whose window attention is diffuse spends few slots on it."""
-    accumulated_mass = (accumulated * valid).sum(-1, keepdim=True).clamp(min=1e-30)
-    window_mass = (window * valid).sum(-1, keepdim=True).clamp(min=1e-30)
-    return torch.maximum(accumulated / accumulated_mass, window / window_mass)
+    return torch.maximum(share_of(accumulated, valid), share_of(window, valid))
+
+
+def share_of(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, S] each candidate's share of the scores' sum over the `valid` candidates (scores >= 0)."""
+    return scores / (scores * valid).sum(-1, keepdim=True).clamp(min=1e-30)
 
 
 def hat_diagonal(x: torch.Tensor, valid: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
