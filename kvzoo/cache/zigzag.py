@@ -111,10 +111,11 @@ class ZigZagKV(WindowSelection):
     # what other layers read most (tools/RESULTS.md, "Session 7").
     cross_layer: bool = False
     # What ranks a layer's tokens within its budget: "window" (the paper's, SnapKV's selection: the pooled
-    # attention of the observation window) or "attention_shares" (`scoring.attention_shares`: the larger of a
-    # token's share of the attention accumulated over every prompt query and its share of the pooled
-    # window's), so a token the whole prompt reads (what a continuation reads next) competes with what the
-    # last queries (a question) read, without a weight between them, or "compactor" (`compactor.
+    # attention of the observation window) or "attention_shares" (`scoring.attention_shares`: the largest of a
+    # token's shares of the attention accumulated over every prompt query, of the pooled window's and of a
+    # question's, `question_window`), so a token the whole prompt reads (what a continuation
+    # reads next) competes with what the last queries (a question) read, without a weight between them, or
+    # "compactor" (`compactor.
     # sinks_then_compactor`: the first tokens, then Compactor's query-agnostic score, blended by the fraction
     # of the prompt the average budget drops), for a document whose questions come later. The allocation is
     # unchanged.
@@ -160,7 +161,7 @@ class ZigZagKV(WindowSelection):
     # kept for the largest of three shares: what every prompt query read (a continuation reads it next), what
     # the observation window read, and what the last 8 queries read (a question at the end of the prompt:
     # the 32-query window averages it with the document's last sentences, and its average-pool spreads its
-    # peak over the phrase before the answer). None: the first two (the default until session 25). The
+    # peak over the phrase before the answer). None: the first two (the rank before session 26). The
     # observation window still sets the allocation and the tokens every layer keeps. Not the paper's.
     # Measured (tools/RESULTS.md, "Session 26"; seeds 12, 13, 14 and 16, 96 query-aware needles, the full cache
     # 68): 48 / 67 / 69 at 5 / 10 / 20% kept against 16 / 20 / 45 without it (SnapKV 16 / 16 / 16);
