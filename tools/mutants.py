@@ -375,7 +375,7 @@ MUTANTS: list[Mutant] = [
            ("tests/test_leverage.py",), "KVMerger pools the window's scores as `pooling` says"),
     Mutant("zigzag-attention-shares-ignored", "kvzoo/cache/zigzag.py",
            "shares = attention_shares(accumulated_scores(chunk), window, valid)",
-           "shares = window", ("tests/test_leverage.py",), "ZigZagKV rank='attention_shares' ranks by both shares"),
+           "shares = window", ("tests/test_leverage.py",), "ZigZagKV rank='attention_shares' ranks by the accumulated and the window's shares too"),
     Mutant("zigzag-question-share-ignored", "kvzoo/cache/zigzag.py",
            "return torch.maximum(shares, share_of(question, valid))", "return shares",
            ("tests/test_leverage.py",), "ZigZagKV's share rank keeps a token for a question's share too"),
