@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvzoo.cache.scoring import share_of
 from kvzoo.cache.slots import NEG_INF, LayerSlots
 
 if TYPE_CHECKING:
@@ -173,8 +174,7 @@ def shrink_slots(slots: LayerSlots, rank: torch.Tensor, keep: torch.Tensor,
 
 def score_shares(slots: LayerSlots) -> torch.Tensor:
     """[B, Hkv, C] each filled slot's score as a share of its head's total (0 for empty slots)."""
-    score = slots.score.masked_fill(~slots.filled, 0.0)
-    return score / score.sum(-1, keepdim=True).clamp(min=1e-30)
+    return share_of(slots.score.masked_fill(~slots.filled, 0.0), slots.filled)
 
 
 def widest_shares(layers: list[LayerSlots]) -> torch.Tensor:
