@@ -120,7 +120,7 @@ def defer_decode_updates(cache: KVCache) -> DeferredUpdates | None:
     method = cache.method
     if not method.decode_step_rowwise or method.decode_writes_first:
         return None
-    stacked = cache.stacked_layers()
+    stacked = cache.stacked_layers(method.decode_slot_state)
     return None if stacked is None else DeferredUpdates(stacked)
 
 

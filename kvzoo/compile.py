@@ -83,11 +83,13 @@ def compiled_block_runner() -> BlockRunner:
 
 
 def mark_capacity_dynamic(cache: KVCache) -> None:
-    """Make the capacity of every layer's store a symbolic size for the compiled block (call before the
-    first compiled decode step; stores replaced later, e.g. by `end_prefill`, must be marked again)."""
+    """Make the capacity of every layer's store a symbolic size for the compiled block, in the slots and in
+    the per-slot state a decode step may read (e.g. ZSMerge's standing) (call before the first compiled
+    decode step; tensors replaced later, e.g. by `end_prefill` or a later prompt, must be marked again)."""
     for slots in cache.layers:
-        if hasattr(slots.k, "_dynamo_weak_dynamic_indices"):
-            continue  # marked already
-        for t in (slots.k, slots.v, slots.logw, slots.score, slots.pos):
+        per_slot = [t for t in slots.state.values() if t.dim() == 3 and t.shape[CAPACITY_DIM] == slots.capacity]
+        for t in (slots.k, slots.v, slots.logw, slots.score, slots.pos, *per_slot):
+            if hasattr(t, "_dynamo_weak_dynamic_indices"):
+                continue  # marked already
             if t.shape[CAPACITY_DIM] > 1:  # sizes 0 and 1 are always specialised by torch.compile
                 torch._dynamo.maybe_mark_dynamic(t, CAPACITY_DIM)

@@ -5,12 +5,13 @@ layers are not one allocation any more."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import pytest
 import torch
 
-from kvzoo.cache import SnapKV
+from kvzoo.cache import SnapKV, ZSMerge
 from kvzoo.cache.slots import KVCache
 from tests.method_cases import DECODE_TIME, MethodCase
 from tests.method_helpers import drive_model
@@ -36,21 +37,23 @@ def _recorded_layers(method, monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("layout", ["llama-gqa", "falcon-mha"])
-@pytest.mark.parametrize("case", CASES, ids=repr)
-def test_the_layer_batched_update_equals_one_update_per_layer(models, case, layout, monkeypatch):
-    model = models(layout)
+def _stacked_and_per_layer(model, method, monkeypatch, prompts=PROMPTS):
+    """The traces of `method` decoding `prompts` with the layers' updates batched, then one update per layer
+    (as if the layers were separate stores), after checking that each path was the one taken."""
     layers = model.config.num_layers
-    method = case.make(0.5)
     calls = _recorded_layers(method, monkeypatch)
-    stacked = drive_model(model, PROMPTS, method, STEPS)
+    stacked = drive_model(model, prompts, method, STEPS)
     decode_calls = calls[-STEPS:]
     assert decode_calls == [-1] * STEPS, "the eager decode did not batch the layers' updates"
     calls.clear()
     with monkeypatch.context() as m:
         m.setattr(KVCache, "is_stacked", lambda self: False)  # as if the layers were separate stores
-        per_layer = drive_model(model, PROMPTS, method, STEPS)
+        per_layer = drive_model(model, prompts, method, STEPS)
     assert calls[-STEPS * layers:] == list(range(layers)) * STEPS
+    return stacked, per_layer
+
+
+def _assert_same_trace(stacked, per_layer) -> None:
     for step, (a, b) in enumerate(zip(stacked.snapshots, per_layer.snapshots)):
         for layer, (mine, theirs) in enumerate(zip(a.layers, b.layers)):
             for name in ("pos", "logw", "budget"):
@@ -60,6 +63,32 @@ def test_the_layer_batched_update_equals_one_update_per_layer(models, case, layo
     for a, b in zip(stacked.logits, per_layer.logits):
         torch.testing.assert_close(a, b, atol=TOL, rtol=TOL)
     assert stacked.tokens == per_layer.tokens
+
+
+@pytest.mark.parametrize("layout", ["llama-gqa", "falcon-mha"])
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_the_layer_batched_update_equals_one_update_per_layer(models, case, layout, monkeypatch):
+    _assert_same_trace(*_stacked_and_per_layer(models(layout), case.make(0.5), monkeypatch))
+
+
+def test_the_layer_batched_update_reads_zsmerges_lapsing_standing(models, monkeypatch):
+    """ZSMerge's decode step reads per-slot state, the standing it lets lapse (`decode_slot_state`), which the
+    stacked view copies in: batched, it keeps what one update per layer keeps, on prompts where the lapsing
+    standing changes what is kept (against standing_half_life=0). The tiny model's attention is sharpened
+    (query, key and value projections x 8), so that its last queries read a few tokens, as a trained model's
+    do; its near-uniform attention gives no token a standing above its accumulated attention."""
+    model = copy.deepcopy(models("llama-gqa"))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.weight.mul_(8.0)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 60, (n,), generator=g).tolist() for n in (24, 20)]
+    method = ZSMerge(budget=0.5, standing_half_life=4.0)
+    stacked, per_layer = _stacked_and_per_layer(model, method, monkeypatch, prompts)
+    _assert_same_trace(stacked, per_layer)
+    without = drive_model(model, prompts, replace(method, standing_half_life=0.0), STEPS)
+    assert any(not torch.equal(mine["pos"], theirs["pos"]) for a, b in zip(stacked.snapshots, without.snapshots)
+               for mine, theirs in zip(a.layers, b.layers)), "the standing changed no decode step's choice here"
 
 
 def test_stacked_layers_are_rows_of_one_allocation(models):

@@ -96,6 +96,54 @@ def test_hand_worked_decode_steps():
     torch.testing.assert_close(slots.slot_bias(1.0)[0, 0, 0], torch.tensor(math.log(3.0)))
 
 
+def test_hand_worked_lapsing_standing():
+    """standing_half_life=1: a decode step evicts the lowest of context ∪ {leaving} by score + bonus * 2^-t (t
+    decode steps since the prompt ended), counting the bonus of context slots only, and stores the scores
+    without it. Slot 2 (pos 1) holds a token kept for its standing (bonus 0.8); ring slot 4 (pos 3) has a
+    bonus of 5, which must not count."""
+    method = ZSMerge(budget=5, proximity=2, residual=1, decay=1.0, standing_half_life=1.0)
+    slots = _hand_slots(method)
+    slots.state["standing_bonus"] = torch.tensor([[[0.0, 0.0, 0.8, 0.0, 5.0]]])
+    slots.state["standing_pos"] = slots.pos.to(torch.int32)
+    slots.state["standing_written"] = torch.tensor([4])  # the prompt ended at position 3
+
+    # Step 1 (pos 4, t = 0): scores -> [_, .5, .3, .6, .3]; pos 2 leaves ring slot 3. Slot 2 competes with
+    # .3 + .8 = 1.1, so the weakest is slot 1 (.5; without the bonus slot 2 would be): pos 0 is copied into
+    # the empty residual slot and pos 2 takes slot 1. Slot 2 stores .3, not 1.1.
+    _step(method, slots, 4, [2.0, 0.0], [4.0, 4.0], [0.0, 0.1, 0.2, 0.3, 0.1, 0.3])
+    _assert_slots(slots, {
+        0: (0, [1.0, 0.0], [1.0, 1.0], 1, 0.5),
+        1: (2, [1.0, 1.0], [0.0, 2.0], 1, 0.6),
+        2: (1, [0.0, 1.0], [2.0, 0.0], 1, 0.3),
+        3: (4, [2.0, 0.0], [4.0, 4.0], 1, 0.3),
+        4: (3, [-1.0, 0.0], [1.0, 0.0], 1, 0.3),
+    })
+
+    # Step 2 (pos 5, t = 1, bonus .4): scores -> [.6, .7, .4, .5, .4]; pos 3 leaves ring slot 4 with .4 (with
+    # its ring bonus it would have 2.9 and stay), below slot 1 (.7) and slot 2 (.4 + .4): it is merged into
+    # residual slot 0, mean key [0, 0], count 2, score max(.6, .4).
+    _step(method, slots, 5, [0.0, 2.0], [2.0, 2.0], [0.1, 0.1, 0.1, 0.2, 0.1, 0.4])
+    _assert_slots(slots, {
+        0: (3, [0.0, 0.0], [1.0, 0.5], 2, 0.6),
+        1: (2, [1.0, 1.0], [0.0, 2.0], 1, 0.7),
+        2: (1, [0.0, 1.0], [2.0, 0.0], 1, 0.4),
+        3: (4, [2.0, 0.0], [4.0, 4.0], 1, 0.5),
+        4: (5, [0.0, 2.0], [2.0, 2.0], 1, 0.4),
+    })
+
+    # Step 3 (pos 6, t = 2, bonus .2): scores -> [.9, .75, .4, .8, .5]; pos 4 leaves with .8. Slot 2 has
+    # .4 + .2 = .6 (the unlapsed .8 would keep it at 1.2): it is the weakest, merged into residual slot 0
+    # (count 3), and pos 4 takes slot 2.
+    _step(method, slots, 6, [1.0, -1.0], [0.0, 0.0], [0.3, 0.05, 0.0, 0.3, 0.1, 0.25])
+    _assert_slots(slots, {
+        0: (3, [0.0, 1 / 3], [4 / 3, 1 / 3], 3, 0.9),
+        1: (2, [1.0, 1.0], [0.0, 2.0], 1, 0.75),
+        2: (4, [2.0, 0.0], [4.0, 4.0], 1, 0.8),
+        3: (6, [1.0, -1.0], [0.0, 0.0], 1, 0.25),
+        4: (5, [0.0, 2.0], [2.0, 2.0], 1, 0.5),
+    })
+
+
 # --- invariants on random states --------------------------------------------------------------------------
 
 def _run(method: ZSMerge, prompt_len: int, steps: int, chunk: int | None, seed: int, heads: int = 2,
@@ -274,6 +322,8 @@ def test_score_recursion_without_eviction():
         (dict(window_weight=-1.0), r"window_weight must be a number >= 0, got -1.0"),
         (dict(window_share=1.5), r"window_share must be a fraction in \[0, 1\], got 1.5"),
         (dict(decode_score="share"), r"decode_score must be one of 'accumulated', 'standing', got 'share'"),
+        (dict(standing_half_life=-1.0), r"standing_half_life must be a number >= 0, got -1.0"),
+        (dict(standing_half_life="8"), r"standing_half_life must be a number >= 0, got '8'"),
         (dict(context_rank="compactor", rank="shares"), r"context_rank='compactor' .* \(got rank='shares'\)"),
         (dict(leverage_tokens="rank"), r"leverage_tokens must be 'basis', 'all' or a token count >= 0, got 'rank'"),
         (dict(leverage_tokens=-1), r"leverage_tokens must be .*, got -1"),

@@ -48,6 +48,8 @@ class CompressionMethod:
     # layer's store at once (`KVCache.stacked_layers`: layers become rows), after the last layer's attention.
     # The result is the same, since a layer's update is only read by that layer's next step.
     decode_step_rowwise: bool = False
+    # The per-slot state entries ([B, Hkv, C]) a row-wise decode step reads (the stacked view copies them in).
+    decode_slot_state: tuple[str, ...] = ()
     # True for methods that compress only the prompt they were made for and append what follows (prefill-only
     # methods): a later prompt to their cache (a question to a stored document, `generate(cache=...)`) is
     # kept whole, in the headroom `continue_cache` gives its fork for it, as their generated tokens are;

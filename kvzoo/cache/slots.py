@@ -280,18 +280,20 @@ class KVCache:
                 return False
         return True
 
-    def stacked_layers(self) -> LayerSlots | None:
+    def stacked_layers(self, slot_state: tuple[str, ...] = ()) -> LayerSlots | None:
         """Every layer's store as one LayerSlots of L * B rows, layer-major (row l * B + b is sequence b of
-        layer l; per-sequence counters [B] concatenated likewise, per-slot state such as ZSMerge's standing
-        left out: no decode step reads it, and it would be copied every step), or None when the layers are not
-        the views of one `stack` any more or some state is shared (0-dim) rather than per sequence.
+        layer l; per-sequence counters [B] concatenated likewise, and of the per-slot state only the entries
+        named in `slot_state`, which the method's decode step reads: the rest, such as a later chunk's
+        ranking state, would be copied every step for nothing), or None when the layers are not the views of
+        one `stack` any more or some state is shared (0-dim) rather than per sequence.
         Writes to its slots and budget are writes to the layers'; its state is a copy (read-only)."""
         stack = self.stack
         if stack is None or not self.is_stacked():
             return None
         return LayerSlots(stack.k, stack.v, stack.logw, stack.score, stack.pos, stack.budget,
                           state={name: torch.cat([layer.state[name] for layer in self.layers])
-                                 for name, first in self.layers[0].state.items() if first.dim() == 1})
+                                 for name, first in self.layers[0].state.items()
+                                 if first.dim() == 1 or name in slot_state})
 
     def save(self, path: "str | os.PathLike[str]", notes: dict[str, Any] | None = None) -> None:
         """Write this cache to a safetensors file with a header saying what it belongs to; `notes` (JSON
