@@ -32,7 +32,7 @@ Defaults: budget 0.2 of the prompt (code), B_p = 0.5 B (paper's recommendation),
 over a token and the 6 before it (paper 5, centred),
 dot-product slot choice (Eq. 6), alpha 0.5 (paper 1), no leverage term; a kept slot stores its accumulated
 attention, the standing it was ranked by kept beside it for later prompt chunks (`decode_score`) and for the
-first decode steps, where it lapses with a half-life of 8 steps (`standing_half_life`). A document
+first decode steps, where it lapses with a half-life of 2 steps (`standing_half_life`). A document
 stored for later questions (`for_stored_document`, not in the paper) keeps a ring of at most 32 tokens and
 ranks the rest of its context by Compactor's query-agnostic score (`stored_ring`).
 
@@ -58,13 +58,14 @@ instances):
 - decode_score "accumulated" (session 13): a token kept for its window or leverage share is evicted in decode
   when the attention it gets falls below the token leaving the ring's: NLL 0.015 +- 0.005 lower at 5% kept
   (held out; 0.006 / 0.002 at 10 / 20%), the same needles; see `decode_score`.
-- standing_half_life 8 (session 27; 0 before): a token kept for the window's share was the first a decode
+- standing_half_life 2 (session 27; 0 before): a token kept for the window's share was the first a decode
   step gave up, since its accumulated attention is small, so a question asked with its document lost the
   answer's later digits while the first were written ("1800." for 18792). Its standing now lapses, halving
-  every 8 decode steps. Seeds 12, 13, 14 and 16 (96 needles asked with the context): 54 / 68 / 69 at 5 / 10 /
+  every 2 decode steps. Seeds 12, 13, 14 and 16 (96 needles asked with the context): 54 / 68 / 69 at 5 / 10 /
   20% kept against 55 / 67 / 67 (the full cache 68; at 20% every needle the full cache answers, on each
-  seed); half-life 2 answers the same instances; continuation NLL level (seed 15: +0.002 +- 0.002 / -0.002 +-
-  0.001 / +0.002 +- 0.001); a stored document's needles unchanged (its rank stores no standing).
+  seed; half-lives 2 and 8 answer the same instances); continuation NLL level (seed 15: -0.002 +- 0.002 /
+  -0.001 +- 0.001 / +0.000 +- 0.000; seed 12: -0.001 +- 0.002 / +0.001 +- 0.001 / +0.000 +- 0.000; half-life
+  8: +0.003 / +0.001 / +0.002 on seed 12); a stored document's needles unchanged (its rank stores no standing).
 - alpha 0.5 instead of 1 lowers the continuation NLL increase by 0.019 +- 0.009 at 5% kept, 0.007 +- 0.005
   at 10%, 0.001 +- 0.002 at 20% (alpha = 0 measures the same) and leaves needle retrieval unchanged; on 16
   held-out instances (seed 2) it is neutral: 0.007 +- 0.008 better at 5%, 0.004 +- 0.003 worse at 20%.
@@ -255,9 +256,11 @@ class ZSMerge(CompressionMethod):
     # the ring} by score + bonus * 2^(-t / standing_half_life), t the decode steps since the prompt ended, so
     # a token kept for the window's share is not the first given up while the answer the window asked for is
     # written, and competes on the attention it gets once the text has moved on. 0: the bonus plays no part in
-    # decode (the accumulated attention alone). 8, the window's length, as the last 8 queries are the evidence
-    # that the next ones read the token; 2 answers the same needles (see "Measured effect" above).
-    standing_half_life: float = 8.0
+    # decode (the accumulated attention alone). On a 2048-token text a context slot's bonus is a few to a
+    # hundred times a typical slot's accumulated attention (median 3-9 against 1.3-1.4, the top tenth 30-145,
+    # at 20 and 5% kept), so with 2 it holds its slot for about 5-15 decode steps, a short answer's length;
+    # 8 answers the same needles and costs 0.002 nats of continuation NLL at 10-20% kept ("Measured effect").
+    standing_half_life: float = 2.0
     window_weight: float = 1.0  # "blend" and "split": the pooled window's weight in the blended score
     window_share: float = 0.25  # "split": the share of the context slots picked by the pooled window
     # Rank each layer's context candidates by the larger of their share of that head's stored score and the
