@@ -558,11 +558,20 @@ class ZSMerge(CompressionMethod):
             return None
         t = chunk.k.shape[2]
         used = chunk.keys.shape[2] - t
-        bonus, granted_to = slots.state["standing_bonus"][..., :used], slots.state["standing_pos"][..., :used]
-        held = granted_to == chunk.key_pos[..., :used]  # [B, Hkv, used]
-        steps = (chunk.first_positions() - slots.state["standing_written"]).clamp(min=0)  # [B] decode steps
-        decayed = bonus * held * (self.decay ** steps.double()).float()[:, None, None]
-        return F.pad(decayed, (0, t))
+        held = self._held_bonus(slots.state, chunk.key_pos[..., :used], chunk.first_positions(), self.decay)
+        return F.pad(held, (0, t))
+
+    @staticmethod
+    def _held_bonus(state: dict[str, torch.Tensor], positions: torch.Tensor, now: torch.Tensor,
+                    rate: float) -> torch.Tensor:
+        """[B, Hkv, N] state["standing_bonus"] of the first N slots times rate^(the decode steps from
+        state["standing_written"], where the last prefill chunk ended, to the positions `now` [B]), for a slot
+        whose token is still the one the bonus was granted to (state["standing_pos"] == positions [B, Hkv, N],
+        the slots' or the candidates' positions); 0 for the others."""
+        n = positions.shape[-1]
+        held = state["standing_pos"][..., :n] == positions
+        steps = (now - state["standing_written"]).clamp(min=0)  # [B]
+        return state["standing_bonus"][..., :n] * held * (rate ** steps.double()).float()[:, None, None]
 
     def _leverage_share(self, chunk: "PrefillChunk", valid: torch.Tensor) -> torch.Tensor:
         """[B, Hkv, S] the leverage share of rank="shares": each of the chunk's tokens' share of the chunk's
@@ -853,9 +862,7 @@ class ZSMerge(CompressionMethod):
         if not self.standing_half_life or "standing_bonus" not in slots.state:
             return None
         state = slots.state
-        steps = (pos_new - state["standing_written"]).clamp(min=0).float()  # [B] decode steps since
-        fade = torch.exp2(-steps / self.standing_half_life) * torch.pow(self.decay, steps)  # [B]
+        rate = self.decay * 2.0 ** (-1.0 / self.standing_half_life)  # per decode step: decayed, then halving
         slot = torch.arange(slots.capacity, device=slots.pos.device)[None, :]
         context = (slot >= state["residual"][:, None]) & (slot < (slots.budget - state["proximity"])[:, None])
-        held = slots.pos == state["standing_pos"]  # [B, Hkv, C]
-        return state["standing_bonus"] * (held & context[:, None, :]) * fade[:, None, None]
+        return self._held_bonus(state, slots.pos, pos_new, rate) * context[:, None, :]
