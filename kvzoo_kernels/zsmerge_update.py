@@ -5,7 +5,8 @@
 3. the leaving token moves into a free context slot; if there is none, the lowest-scored of
    context ∪ {leaving} is merged (count-weighted mean, log-count bias) into the first empty residual slot,
    or else into the residual slot whose key is most similar (dot product or L2), and the leaving token takes
-   the merged token's context slot unless it was the one merged.
+   the merged token's context slot unless it was the one merged. An optional eviction bias per slot counts
+   in that "lowest-scored" comparison and nowhere else (ZSMerge's lapsing standing).
 
 Slot layout: [residual R: residual[b] slots | context | ring: proximity[b] slots ending at budget[b]].
 
@@ -85,23 +86,28 @@ def zsmerge_update_reference(
     decay: float,
     metric: str,
     score_update: str,
+    eviction_bias: torch.Tensor | None = None,
 ) -> None:
     """One ZSMerge decode step on a layer's slots, in place.
 
     k, v: [B, Hkv, C, D]; logw, score: [B, Hkv, C] fp32; pos: [B, Hkv, C] int64; budget, residual,
     proximity: [B] int64 (slots per KV head of each region); k_new, v_new: [B, Hkv, D]; pos_new: [B];
     probs: [B, Hq, C + 1] this step's attention (last column: the new token); metric "dot" | "l2";
-    score_update "max" | "sum" (a merged slot's score).
+    score_update "max" | "sum" (a merged slot's score); eviction_bias: None or [B, Hkv, C] fp32, added to the
+    updated scores where the step chooses what to merge (the weakest context slot, and it against the token
+    leaving the ring, whose slot's entry counts for it) and nowhere else: no stored score includes it.
     """
     b, hkv, c = logw.shape
     slots = (k, v, logw, score, pos)
     per_kv = probs.reshape(b, hkv, probs.shape[1] // hkv, c + 1).mean(2)  # group mean over query heads
     slot_p, new_p = per_kv[..., :-1], per_kv[..., -1]
     score.copy_(torch.where(torch.isfinite(logw), decay * score + slot_p, 0.0))
+    rank = score if eviction_bias is None else score + eviction_bias  # what the eviction compares
 
     ring_start = budget - proximity
     ring_slot = (ring_start + pos_new % proximity)[:, None].expand(b, hkv)
     leaving = _read(slots, ring_slot)  # the oldest proximity token (may be an empty slot)
+    leaving_rank = rank.gather(2, ring_slot[..., None])[..., 0]
     # Every read below is of the residual or context region, so the three writes (ring, residual, context
     # slot: distinct regions) wait until the end and go in as one.
     new_token = (k_new, v_new, torch.zeros(b, hkv, device=k.device), new_p, pos_new[:, None].expand(b, hkv))
@@ -113,9 +119,9 @@ def zsmerge_update_reference(
     filled = torch.isfinite(logw)
     free = context & ~filled
     has_free, first_free = free.any(-1), free.to(torch.int8).argmax(-1)
-    weakest = score.masked_fill(~(context & filled), float("inf")).argmin(-1)
+    weakest = rank.masked_fill(~(context & filled), float("inf")).argmin(-1)
     weakest_tok = _read(slots, weakest)
-    leaving_is_weakest = leaving[3] <= weakest_tok[3]
+    leaving_is_weakest = leaving_rank <= rank.gather(2, weakest[..., None])[..., 0]
 
     # Merge (cache full): the lowest-scored of context ∪ {leaving} goes into a residual slot.
     do_merge = leaving_valid & ~has_free
@@ -162,13 +168,14 @@ def zsmerge_update(
     decay: float,
     metric: str,
     score_update: str,
+    eviction_bias: torch.Tensor | None = None,
 ) -> None:
     """`zsmerge_update_reference`'s contract; Triton on CUDA tensors (see kvzoo_kernels.dispatch)."""
     args = (k, v, logw, score, pos, budget, residual, proximity, k_new, v_new, pos_new, probs)
     if use_triton(k):
-        zsmerge_update_triton(*args, decay, metric, score_update)
+        zsmerge_update_triton(*args, decay, metric, score_update, eviction_bias=eviction_bias)
     else:
-        zsmerge_update_reference(*args, decay, metric, score_update)
+        zsmerge_update_reference(*args, decay, metric, score_update, eviction_bias)
 
 
 # --- Triton ---------------------------------------------------------------------------------------------
@@ -192,6 +199,7 @@ def zsmerge_update_triton(
     decay: float,
     metric: str,
     score_update: str,
+    eviction_bias: torch.Tensor | None = None,
     block_r: int | None = None,
 ) -> None:
     """The Triton path (a torch custom op that mutates the slot tensors). `block_r` (residual slots per
@@ -203,7 +211,7 @@ def zsmerge_update_triton(
     if block_r & (block_r - 1):
         raise ValueError(f"zsmerge_update_triton: block_r={block_r} must be a power of two")
     torch.ops.kvzoo.zsmerge_update(k, v, logw, score, pos, budget, residual, proximity, k_new, v_new, pos_new,
-                                   probs, float(decay), metric == "dot", score_update == "max", block_r)
+                                   probs, eviction_bias, float(decay), metric == "dot", score_update == "max", block_r)
 
 
 @torch.library.custom_op("kvzoo::zsmerge_update", mutates_args=("k", "v", "logw", "score", "pos"))
@@ -220,12 +228,15 @@ def _zsmerge_update_op(
     v_new: torch.Tensor,
     pos_new: torch.Tensor,
     probs: torch.Tensor,
+    eviction_bias: torch.Tensor | None,
     decay: float,
     dot: bool,
     score_max: bool,
     block_r: int,
 ) -> None:
     check_launchable(k, v, logw, score, pos, k_new, v_new, probs)
+    # Without a bias the kernel never reads its pointer (HAS_BIAS=False): any fp32 tensor stands in.
+    bias = logw if eviction_bias is None else eviction_bias.float().contiguous()
     slots = (k, v, logw, score, pos)
     work = tuple(t if t.is_contiguous() else t.contiguous() for t in slots)  # the kernel writes in place
     b, hkv, c, d = k.shape
@@ -234,9 +245,9 @@ def _zsmerge_update_op(
     budget, residual, proximity, pos_new = (x.to(torch.int64).contiguous() for x in (budget, residual, proximity,
                                                                                     pos_new))
     _zsmerge_update_kernel[(b * hkv,)](
-        *work, budget, residual, proximity, k_new, v_new, pos_new, probs.float().contiguous(),
+        *work, budget, residual, proximity, k_new, v_new, pos_new, probs.float().contiguous(), bias,
         b, c, d, hkv, groups, decay,
-        DOT=dot, SCORE_MAX=score_max,
+        DOT=dot, SCORE_MAX=score_max, HAS_BIAS=eviction_bias is not None,
         BLOCK_C=block_size(c), BLOCK_D=block_size(d), BLOCK_G=block_size(groups, minimum=1), BLOCK_R=block_r,
     )
     for t, w in zip(slots, work):
@@ -245,16 +256,16 @@ def _zsmerge_update_op(
 
 
 @_zsmerge_update_op.register_fake
-def _(k, v, logw, score, pos, budget, residual, proximity, k_new, v_new, pos_new, probs, decay, dot, score_max,
-      block_r):  # noqa: ANN001, ANN202
+def _(k, v, logw, score, pos, budget, residual, proximity, k_new, v_new, pos_new, probs, eviction_bias, decay, dot,
+      score_max, block_r):  # noqa: ANN001, ANN202
     return None
 
 
 @triton_kernel
 def _zsmerge_update_kernel(
-    k, v, logw, score, pos, budget, residual, proximity, k_new, v_new, pos_new, probs,
+    k, v, logw, score, pos, budget, residual, proximity, k_new, v_new, pos_new, probs, bias,
     B, C, D, HKV, G, decay,
-    DOT: tl.constexpr, SCORE_MAX: tl.constexpr,
+    DOT: tl.constexpr, SCORE_MAX: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Program (sequence * KV head). Row vectors hold the slot statistics after each step of the
@@ -281,6 +292,9 @@ def _zsmerge_update_kernel(
     sc = tl.load(score + row + c, mask=c_ok, other=0.0)
     ps = tl.load(pos + row + c, mask=c_ok, other=-1)
     sc = tl.where(lw > float("-inf"), decay * sc + slot_p, 0.0)
+    rank = sc  # what the eviction compares: the score plus the eviction bias, stored nowhere
+    if HAS_BIAS:
+        rank = sc + tl.load(bias + row + c, mask=c_ok, other=0.0)
 
     # 2. The new token takes the ring slot of the oldest proximity token.
     proximity_b = tl.load(proximity + b, mask=b_ok, other=1).to(tl.int32)
@@ -290,6 +304,7 @@ def _zsmerge_update_kernel(
     at_ring = c == ring
     leave_lw = tl.max(tl.where(at_ring, lw, float("-inf")), axis=0)
     leave_sc = tl.sum(tl.where(at_ring, sc, 0.0), axis=0)
+    leave_rank = tl.sum(tl.where(at_ring, rank, 0.0), axis=0)
     leave_pos = tl.sum(tl.where(at_ring, ps, 0), axis=0)
     ring_d_ok = d_ok & (ring >= 0) & (ring < C)
     k_leave = tl.load(k + kv_row + ring * D + d, mask=ring_d_ok, other=0.0)
@@ -306,13 +321,14 @@ def _zsmerge_update_kernel(
     free = context & ~filled
     has_free = tl.max(free.to(tl.int32), axis=0) > 0
     first_free = tl.where(has_free, tl.min(tl.where(free, c, BLOCK_C), axis=0), 0)
-    ranked = tl.where(context & filled, sc, float("inf"))
+    ranked = tl.where(context & filled, rank, float("inf"))
     weakest = tl.min(tl.where(ranked == tl.min(ranked, axis=0), c, BLOCK_C), axis=0)
     at_weakest = c == weakest
+    weak_rank = tl.sum(tl.where(at_weakest, rank, 0.0), axis=0)
     weak_lw = tl.max(tl.where(at_weakest, lw, float("-inf")), axis=0)
     weak_sc = tl.sum(tl.where(at_weakest, sc, 0.0), axis=0)
     weak_pos = tl.sum(tl.where(at_weakest, ps, 0), axis=0)
-    leaving_is_weakest = leave_sc <= weak_sc
+    leaving_is_weakest = leave_rank <= weak_rank
     do_merge = leave_valid & ~has_free
     src_lw = tl.where(leaving_is_weakest, leave_lw, weak_lw)
     src_sc = tl.where(leaving_is_weakest, leave_sc, weak_sc)

@@ -260,17 +260,21 @@ def _zsmerge_state(case):  # noqa: ANN001, ANN202
 
 
 @settings(max_examples=50, deadline=None, derandomize=True)
-@given(zsmerge_cases())
+@given(zsmerge_cases(), st.sampled_from([None, 0.5, 2.0]))
 # Full stores whose residual slots hold identical keys: ties across similarity tiles go to the first slot.
-@example((1, 1, 1, 4, [(3, 2, 2)], 7, "full", "dot", "max", 1, torch.float32, 5, True))
-@example((2, 1, 2, 4, [(4, 1, 2), (2, 2, 3)], 8, "full", "l2", "sum", 2, torch.float16, 6, True))
-def test_zsmerge_update_equals_reference(case):
+@example((1, 1, 1, 4, [(3, 2, 2)], 7, "full", "dot", "max", 1, torch.float32, 5, True), None)
+@example((2, 1, 2, 4, [(4, 1, 2), (2, 2, 3)], 8, "full", "l2", "sum", 2, torch.float16, 6, True), None)
+# An eviction bias as large as the scores: it decides which slot is merged.
+@example((2, 2, 1, 4, [(2, 4, 2), (1, 6, 3)], 10, "full", "dot", "max", 2, torch.float32, 7, False), 1.0)
+def test_zsmerge_update_equals_reference(case, bias_scale):
+    """bias_scale: None (no eviction bias) or the scale of a random one [B, Hkv, C] (ring slots included)."""
     metric, score_update, block_r, dtype = case[7], case[8], case[9], case[10]
     slots, rest = _zsmerge_state(case)
+    bias = None if bias_scale is None else _dev(torch.rand(slots[2].shape, generator=_gen(case[11] + 1)) * bias_scale)[0]
     ref = [t.clone() for t in slots]
     out = [t.clone() for t in slots]
-    zsmerge_update_reference(*ref, *rest, 0.9, metric, score_update)
-    zsmerge_update_triton(*out, *rest, 0.9, metric, score_update, block_r=block_r)
+    zsmerge_update_reference(*ref, *rest, 0.9, metric, score_update, bias)
+    zsmerge_update_triton(*out, *rest, 0.9, metric, score_update, eviction_bias=bias, block_r=block_r)
     assert torch.equal(out[4], ref[4]), "positions differ: a different slot was chosen"
     assert torch.equal(torch.isfinite(out[2]), torch.isfinite(ref[2])), "different slots are filled"
     # Same fp32 operations on both sides; a merged key/value is rounded to the storage dtype once.
@@ -314,7 +318,9 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.kvzoo.weighted_column_sums.default,
                           (qc, keys, q_pos, key_pos, key_bias, 4, torch.ones(q_pos.shape, device=DEVICE), 16, 16))
     slots, rest = _zsmerge_state((1, 1, 2, 8, [(1, 2, 2)], 5, "full", "dot", "max", 1, torch.float32, 0, False))
-    torch.library.opcheck(torch.ops.kvzoo.zsmerge_update.default, (*slots, *rest, 0.9, True, True, 1))
+    torch.library.opcheck(torch.ops.kvzoo.zsmerge_update.default, (*slots, *rest, None, 0.9, True, True, 1))
+    bias = torch.rand(slots[2].shape, generator=_gen(1)).to(slots[2].device)
+    torch.library.opcheck(torch.ops.kvzoo.zsmerge_update.default, (*slots, *rest, bias, 0.9, True, True, 1))
 
 
 

@@ -843,26 +843,22 @@ class ZSMerge(CompressionMethod):
         into a free context slot, or else merge the lowest-scored of context ∪ {it} into the residual slot
         with the most similar key. The fused update lives in kvzoo_kernels.zsmerge_update (torch on CPU,
         Triton on CUDA)."""
-        lapsing = self._lapsing_bonus(slots, pos_new)
-        if lapsing is not None:  # compete with the standing's lapsing part; taken off again below
-            slots.score.add_(lapsing)
         zsmerge_update(slots.k, slots.v, slots.logw, slots.score, slots.pos, slots.budget,
                        slots.state["residual"], slots.state["proximity"], k_new, v_new, pos_new, probs,
-                       decay=self.decay, metric=self.metric, score_update=self.score_update)
-        if lapsing is not None:  # a slot given to another token holds that token's score, without the bonus
-            still_held = slots.pos == slots.state["standing_pos"]
-            slots.score.sub_(lapsing * still_held * self.decay)
+                       decay=self.decay, metric=self.metric, score_update=self.score_update,
+                       eviction_bias=self._lapsing_bonus(slots, pos_new))
 
     def _lapsing_bonus(self, slots: LayerSlots, pos_new: torch.Tensor) -> torch.Tensor | None:
-        """[B, Hkv, C] the part of each context slot's standing bonus a decode step at positions pos_new [B]
-        still counts (`standing_half_life`): state["standing_bonus"] decayed as the scores were and halved every
-        standing_half_life steps since the prompt ended, for a context slot still holding the token it was
-        granted to; 0 for the ring (its tokens were kept for their place, not their standing) and the residual
-        slots (never evicted). None when no bonus lapses."""
+        """[B, Hkv, C] the eviction bias of a decode step at positions pos_new [B]: the part of each context
+        slot's standing bonus it still counts (`standing_half_life`), state["standing_bonus"] decayed as the
+        scores were (this step's decay included) and halved every standing_half_life steps since the prompt
+        ended, for a context slot still holding the token it was granted to; 0 for the ring (its tokens were
+        kept for their place, not their standing) and the residual slots (never evicted). It counts where the
+        step chooses what to merge and is stored nowhere. None when no bonus lapses."""
         if not self.standing_half_life or "standing_bonus" not in slots.state:
             return None
         state = slots.state
         rate = self.decay * 2.0 ** (-1.0 / self.standing_half_life)  # per decode step: decayed, then halving
         slot = torch.arange(slots.capacity, device=slots.pos.device)[None, :]
         context = (slot >= state["residual"][:, None]) & (slot < (slots.budget - state["proximity"])[:, None])
-        return self._held_bonus(state, slots.pos, pos_new, rate) * context[:, None, :]
+        return self._held_bonus(state, slots.pos, pos_new, rate) * (self.decay * context[:, None, :])
