@@ -18,6 +18,7 @@ from kvzoo.cache.budgets import min_budget_attention, min_budget_output, zigzag_
 from kvzoo.cache.kvmerger import (
     adjacent_cosine,
     budget_merging_sets,
+    evict_lowest_sets,
     gaussian_merge_weights,
     merge_sets,
     merging_sets,
@@ -136,6 +137,51 @@ def test_budget_sets_are_algorithm_1_at_some_epsilon(row, data):
     if not (merged.any() and cut.any()) or cos[merged].min() > cos[cut].max():
         epsilon = float(cos[merged].min()) if merged.any() else 1.5
         assert torch.equal(merging_sets(keys, protected, epsilon), sets)
+
+
+@SETTINGS
+@given(token_rows(), st.data())
+def test_a_similarity_floor_cuts_every_less_similar_link_and_eviction_keeps_the_budget(row, data):
+    """min_similarity: no set joins two adjacent keys less similar than it, whatever the budget; the sets
+    beyond the budget are then evicted, lowest summed score first, never one holding a protected token, and
+    the kept sets are numbered in order. Without a floor (or with one below every similarity) nothing changes."""
+    keys, score, protected = row
+    t = len(keys)
+    budget = data.draw(st.integers(max(1, int(protected.sum())), t + 2))
+    floor = data.draw(st.floats(-0.5, 1.0))
+    cos = adjacent_cosine(keys)
+    sets = budget_merging_sets(keys, protected, budget, min_similarity=floor)
+    _check_partition(sets, protected)
+    assert not (sets[1:] == sets[:-1])[cos < floor].any()
+    assert torch.equal(budget_merging_sets(keys, protected, budget, min_similarity=-1.01),
+                       budget_merging_sets(keys, protected, budget))
+
+    renumbered, kept = evict_lowest_sets(sets, protected, score, budget)
+    entries = int(sets.max()) + 1
+    assert int(renumbered[kept].max()) + 1 == min(budget, entries)
+    assert kept[protected].all()
+    _check_partition(renumbered[kept], protected[kept])  # the kept sets, in order, numbered 0, 1, ...
+    if entries > budget:
+        set_score = torch.zeros(entries).scatter_add(0, sets, score)
+        dropped = sets[~kept].unique()
+        held = sets[kept & ~torch.isin(sets, sets[protected])].unique()  # kept sets that could have gone
+        if len(held):
+            assert set_score[dropped].max() <= set_score[held].min()
+        assert torch.equal(renumbered[~kept], torch.full_like(renumbered[~kept], t - 1))
+    else:
+        assert kept.all() and torch.equal(renumbered, sets)
+
+
+def test_eviction_drops_the_lowest_scored_unprotected_set():
+    """Three sets [0, 1] [2] [3, 4] (token 2 protected), budget 2: the set of lower summed score goes."""
+    sets = torch.tensor([0, 0, 1, 2, 2])
+    protected = torch.tensor([False, False, True, False, False])
+    score = torch.tensor([0.3, 0.3, 0.0, 0.1, 0.4])  # sums 0.6, 0.0 (protected), 0.5
+    renumbered, kept = evict_lowest_sets(sets, protected, score, 2)
+    assert kept.tolist() == [True, True, True, False, False]
+    assert renumbered.tolist() == [0, 0, 1, 4, 4]
+    _, kept = evict_lowest_sets(sets, protected, score, 1)  # the protected set always stays
+    assert kept.tolist() == [False, False, True, False, False]
 
 
 def test_protected_heavy_hitters_are_dropped_only_as_needed():
@@ -408,28 +454,52 @@ def test_fixed_epsilon_above_one_keeps_the_full_cache_contents(run):
 @pytest.mark.parametrize("name", MODELS)
 def test_kvmerger_sizes_are_exact_and_memory_shrinks(run, name):
     lens = (41, 26)
-    for method in (KVMerger(), KVMerger.paper(budget=0.3, skip_layers=(-1,))):
+    for method in (KVMerger(), KVMerger(min_similarity=None), KVMerger.paper(budget=0.3, skip_layers=(-1,))):
         out = run(name, 1, lens, method)
         cache, skipped = out.cache, method.skipped(NUM_LAYERS)
         filled = cache.filled_slots()  # [L, B, Hkv]: the compressed prompt + NEW - 1 appended tokens
         for layer, (b, n) in itertools.product(range(NUM_LAYERS), enumerate(lens)):
             expected = n if layer in skipped else int(method.budget * n)
             assert (filled[layer, b] == expected + NEW - 1).all(), (layer, b)
-            tokens = cache.layers[layer].logw[b].exp().sum(-1)  # every token is accounted for once
-            torch.testing.assert_close(tokens, torch.full_like(tokens, float(n + NEW - 1)))
+            tokens = cache.layers[layer].logw[b].exp().sum(-1)
+            if method.min_similarity is None:  # every token is accounted for once
+                torch.testing.assert_close(tokens, torch.full_like(tokens, float(n + NEW - 1)))
+            else:  # dissimilar keys (random weights) were evicted rather than merged
+                assert (tokens <= n + NEW - 1 + 1e-4).all() and (tokens >= expected + NEW - 1 - 1e-4).all()
         assert cache.nbytes() < run(name, 1, lens).cache.nbytes()
+
+
+def test_kvmerger_with_a_floor_of_one_evicts_instead_of_merging(run):
+    """min_similarity=1: no two (position-rotated, random) keys are similar enough to merge, so every kept
+    slot is one prompt token, verbatim: the budget is met by eviction alone. (The generated tokens' keys
+    differ from the full cache's: they were computed over the compressed cache.)"""
+    full = run("llama-gqa").cache
+    out = run("llama-gqa", method=KVMerger(budget=0.4, skip_layers=(), min_similarity=1.0)).cache
+    for a, b in zip(full.layers, out.layers):
+        assert (b.logw[b.filled] == 0).all()
+        for bi, h in itertools.product(range(2), range(a.k.shape[1])):
+            pos, k, v = _sorted_contents(b, bi, h)
+            prompt = pos < int(b.state["prompt_len"][bi])
+            pos, k, v = pos[prompt], k[prompt], v[prompt]
+            assert len(pos) == int(0.4 * (37, 22)[bi])
+            full_pos, full_k, full_v = _sorted_contents(a, bi, h)
+            at = torch.searchsorted(full_pos, pos)
+            assert torch.equal(full_pos[at], pos) and torch.equal(full_k[at], k) and torch.equal(full_v[at], v)
 
 
 def test_kvmerger_chunked_prefill(run):
     full = run("mistral-window", 2)
     assert run("mistral-window", 2, method=KVMerger(budget=64, skip_layers=()), prefill_chunk=6).token_ids == (
         full.token_ids)
-    cache = run("mistral-window", 2, method=KVMerger(budget=0.4, skip_layers=()), prefill_chunk=6).cache
-    for layer, (b, n) in itertools.product(cache.layers, enumerate((37, 22))):
-        assert (layer.filled[b].sum(-1) == int(0.4 * n) + NEW - 1).all()
-        tokens = layer.logw[b].exp().sum(-1)
-        torch.testing.assert_close(tokens, torch.full_like(tokens, float(n + NEW - 1)))
-        assert torch.isfinite(layer.k[b]).all() and torch.isfinite(layer.v[b]).all()
+    for floor in (None, 0.5):
+        method = KVMerger(budget=0.4, skip_layers=(), min_similarity=floor)
+        cache = run("mistral-window", 2, method=method, prefill_chunk=6).cache
+        for layer, (b, n) in itertools.product(cache.layers, enumerate((37, 22))):
+            assert (layer.filled[b].sum(-1) == int(0.4 * n) + NEW - 1).all()
+            tokens = layer.logw[b].exp().sum(-1)
+            if floor is None:  # every token is accounted for once
+                torch.testing.assert_close(tokens, torch.full_like(tokens, float(n + NEW - 1)))
+            assert torch.isfinite(layer.k[b]).all() and torch.isfinite(layer.v[b]).all()
 
 
 def test_kvmerger_fixed_epsilon_shrinks_to_the_data(run):
@@ -491,6 +561,8 @@ def test_zigzag_refuses_chunked_prefill(run):
         (lambda: KVMerger(skip_layers=(0.5,)), "skip_layers must be a tuple"),
         (lambda: KVMerger(value_scale="mean"), "value_scale must be one of"),
         (lambda: KVMerger(decode_cap=0), "decode_cap"),
+        (lambda: KVMerger(min_similarity=1.5), "min_similarity must be None or a cosine similarity in"),
+        (lambda: KVMerger(min_similarity="0.5"), "min_similarity must be None or a cosine similarity in"),
         (lambda: ZigZagKV(tau=0.0), "tau must be in"),
         (lambda: ZigZagKV(tau=1.5), "tau must be in"),
         (lambda: ZigZagKV(bound_ratio=2.0), "bound_ratio must be in"),

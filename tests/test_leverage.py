@@ -402,7 +402,10 @@ def test_kvmerger_attention_shares_keeps_the_top_of_the_larger_share_verbatim(po
     heavy = set(sorted(range(n - 4), key=lambda j: share[j].item(), reverse=True)[:3])
     verbatim = {}
     for rank in ("attention_shares", "accumulated"):
-        method = KVMerger(budget=budget, rank=rank, window_size=w, kernel_size=kernel, pooling=pooling)
+        # min_similarity=None: every older token is merged or protected (random keys are too dissimilar for
+        # the floor, which would keep singletons of either rank verbatim)
+        method = KVMerger(budget=budget, rank=rank, window_size=w, kernel_size=kernel, pooling=pooling,
+                          min_similarity=None)
         layer = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]
         single = layer["logw"][0, 0] == 0
         verbatim[rank] = set(layer["pos"][0, 0][single].tolist())

@@ -406,8 +406,9 @@ def test_snapkv_selection_under_a_sliding_window(n, seed, kv_heads, groups, wind
 # --- merged slots stay inside what they merge -------------------------------------------------------------
 
 @pytest.mark.parametrize("make", [lambda: ZSMerge(budget=8, proximity=2, residual=2),
-                                  lambda: KVMerger(budget=8, skip_layers=()),
-                                  lambda: KVMerger(budget=8, skip_layers=(), sigma=float("inf"))],
+                                  # min_similarity=None: random keys would mostly be evicted, not merged
+                                  lambda: KVMerger(budget=8, skip_layers=(), min_similarity=None),
+                                  lambda: KVMerger(budget=8, skip_layers=(), sigma=float("inf"), min_similarity=None)],
                          ids=["ZSMerge", "KVMerger", "KVMerger-plain-mean"])
 @pytest.mark.parametrize("seed", range(4))
 def test_attention_over_merged_slots_stays_in_the_values_hull(make, seed):

@@ -26,6 +26,16 @@ Ambiguities (METHODS.md 2.2, 2.6) and how they are resolved here:
   defined). `threshold` is then unused: it is the epsilon of `budget=None`, the paper's own mode, where
   the data decides the size (#protected + #sets) and each layer's store is shrunk to fit at the end of
   prefill; `threshold > 1` there merges nothing and reproduces the full cache.
+- A floor on epsilon (`min_similarity`, not in the paper's budget reading): the paper merges runs of keys whose
+  adjacent cosine similarity is at least epsilon (0.75), a set of similar keys being its premise, and skips
+  layers 0, 1 and L-1, where adjacent keys are not similar. Without skipped layers, a small budget drives the
+  bisection's epsilon far down in such a layer: SmolLM2-135M's layer 0 at 5% kept merges across links of
+  cosine 0.19 (its other layers 0.58-0.86), and its attention output there was 0.37 off the full cache's
+  against SnapKV's 0.24 (`kvzoo eval --tasks attn_error`). So epsilon stops at `min_similarity` (0.5): a less
+  similar link is always cut, and the entries beyond the budget are evicted, the sets of lowest summed A_t
+  first (never a protected token). A layer whose keys are similar merges as before; one whose keys are not
+  becomes eviction by A_t. `min_similarity=None` (`KVMerger.paper()`) lets the budget lower epsilon as far as
+  it must, so every token is merged somewhere. Measured: see the field's comment.
 - recent_ratio / heavy_ratio: the paper reports 0.17 / 0.12 of the prompt at a 50% budget. As fractions of
   the prompt they outgrow any budget below 29%: at 5% the recent window alone took all but one slot and
   every older token merged into that one slot. The default keeps the paper's proportions *of the budget*
@@ -140,13 +150,16 @@ def merging_sets(
 
 
 def budget_merging_sets(
-    keys: torch.Tensor, protected: torch.Tensor, budget: torch.Tensor | int, valid: torch.Tensor | None = None
+    keys: torch.Tensor, protected: torch.Tensor, budget: torch.Tensor | int, valid: torch.Tensor | None = None,
+    min_similarity: float | None = None,
 ) -> torch.Tensor:
     """Sets for exactly min(budget, #valid) entries (protected singletons included), per row.
 
     Cuts the least similar links between adjacent unprotected tokens (ties: the earlier link) until
     #protected + #sets = budget; i.e. Algorithm 1 with the epsilon a bisection on the budget converges to.
     If budget < #protected + #runs of unprotected tokens, every run becomes one set (the fewest possible).
+    With `min_similarity`, every link less similar than it is cut as well, so epsilon never falls below it
+    and there may be more entries than the budget (`evict_lowest_sets` drops the excess).
     budget: int or [...] tensor.
     """
     free, link = _mergeable_links(protected, valid)
@@ -156,7 +169,35 @@ def budget_merging_sets(
     cuts = (budget - kept.sum(-1) - runs).clamp(min=0).minimum(link.sum(-1))
     similarity = adjacent_cosine(keys).masked_fill(~link, float("inf"))
     cut = link & (_ranks(similarity) < cuts[..., None])
+    if min_similarity is not None:
+        cut |= link & (similarity < min_similarity)
     return set_ids(~link | cut)
+
+
+def evict_lowest_sets(
+    sets: torch.Tensor, protected: torch.Tensor, score: torch.Tensor, budget: torch.Tensor | int,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the sets with the lowest total score (ties: the earlier set) that hold no protected token, until
+    at most `budget` sets of valid tokens remain, per row (budget: int or [...]).
+
+    sets: [..., T] set numbers in order (`set_ids`); protected, valid: [..., T] bool; score: [..., T].
+    Returns (sets renumbered 0, 1, ... over the kept sets, in order, with every other token in set T - 1;
+    kept [..., T]: the valid tokens of the kept sets). Set T - 1 is never a kept set (at most budget < T are
+    kept whenever one is dropped), so a caller storing the sets treats tokens outside `kept` as empty."""
+    t = sets.shape[-1]
+    valid = torch.ones_like(protected) if valid is None else valid
+
+    def per_set(x: torch.Tensor, reduce: str) -> torch.Tensor:
+        return torch.zeros_like(x).scatter_reduce(-1, sets, x, reduce, include_self=False)
+
+    filled = per_set(valid.long(), "amax").bool()  # [..., T] by set number
+    droppable = filled & ~per_set((protected & valid).long(), "amax").bool()
+    excess = (filled.sum(-1) - torch.as_tensor(budget, device=sets.device).expand(filled.shape[:-1])).clamp(min=0)
+    lowest_first = _ranks(per_set(score.float(), "sum").masked_fill(~droppable, float("inf")))
+    kept_set = filled & ~(droppable & (lowest_first < excess[..., None]))
+    renumbered = torch.where(kept_set, kept_set.long().cumsum(-1) - 1, t - 1)
+    return renumbered.gather(-1, sets), valid & kept_set.gather(-1, sets)
 
 
 def _ranks(x: torch.Tensor, descending: bool = False) -> torch.Tensor:
@@ -297,6 +338,11 @@ class KVMerger(PrefillOnlyMethod):
     # rank="attention_shares": of the kernel_size pooled positions, how many follow a token (None: centred);
     # 0 lends a token's window score to the 6 after it (see the module doc)
     pool_ahead: int | None = 0
+    # Budget mode never merges keys less similar than this (cosine of adjacent keys): a link below it is cut,
+    # and the entries beyond the budget are evicted, the sets with the lowest summed A_t first
+    # (`evict_lowest_sets`). None: the budget lowers epsilon as far as it must (every token is merged
+    # somewhere). See "A floor on epsilon" in the module doc.
+    min_similarity: float | None = 0.5
 
     def __post_init__(self) -> None:
         if self.budget is not None:
@@ -322,6 +368,10 @@ class KVMerger(PrefillOnlyMethod):
             raise KvzooError(f"KVMerger: alpha must be a finite number, got {self.alpha!r}")
         if self.rank not in RANKS:
             raise KvzooError(f"KVMerger: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
+        if self.min_similarity is not None and (not _is_number(self.min_similarity)
+                                                or not -1 <= self.min_similarity <= 1):
+            raise KvzooError(f"KVMerger: min_similarity must be None or a cosine similarity in [-1, 1], "
+                             f"got {self.min_similarity!r}")
         check_counts(self, "KVMerger", ("recent_tokens", "stored_recent"), least=0, optional=True)
         check_counts(self, "KVMerger", ("window_size", "kernel_size"))
         check_pooling(self, "KVMerger")
@@ -333,7 +383,7 @@ class KVMerger(PrefillOnlyMethod):
         shares of the prompt, layers 0, 1 and L-1 uncompressed, heavy hitters by A_t alone."""
         paper = {"value_scale": "set_size", "alpha": 0.0, "recent_ratio": 0.17, "heavy_ratio": 0.12,
                  "ratio_of": "prompt", "skip_layers": (0, 1, -1), "rank": "accumulated", "pool_ahead": None,
-                 "stored_recent": None}
+                 "stored_recent": None, "min_similarity": None}
         return cls(**{**paper, **overrides})  # type: ignore[arg-type]
 
     def for_stored_document(self, chunked: bool = False) -> "KVMerger":
@@ -409,7 +459,9 @@ class KVMerger(PrefillOnlyMethod):
             sets = merging_sets(keys, protected, self.threshold, valid)
         else:
             protected = protected_tokens(heavy_rank, recent_m, heavy, budget[:, None], valid)
-            sets = budget_merging_sets(keys, protected, budget[:, None], valid)
+            sets = budget_merging_sets(keys, protected, budget[:, None], valid, self.min_similarity)
+            if self.min_similarity is not None:  # too few links left to merge down to the budget: evict
+                sets, valid = evict_lowest_sets(sets, protected, score, budget[:, None], valid)
         counts = torch.where(valid, logw.exp().round(), 1.0)
         pivots = set_pivots(score, sets)
         weights = gaussian_merge_weights(keys, sets, pivots, self.sigma, counts)
