@@ -174,6 +174,12 @@ def budget_merging_sets(
     return set_ids(~link | cut)
 
 
+def per_set(x: torch.Tensor, sets: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+    """[..., T] -> [..., T] by set number: x reduced ("sum", "amax", ...) over each set's members (`sets`:
+    [..., T] set numbers); 0 where a number has no member."""
+    return torch.zeros_like(x).scatter_reduce(-1, sets, x, reduce, include_self=False)
+
+
 def evict_lowest_sets(
     sets: torch.Tensor, protected: torch.Tensor, score: torch.Tensor, budget: torch.Tensor | int,
     valid: torch.Tensor | None = None,
@@ -187,14 +193,10 @@ def evict_lowest_sets(
     kept whenever one is dropped), so a caller storing the sets treats tokens outside `kept` as empty."""
     t = sets.shape[-1]
     valid = torch.ones_like(protected) if valid is None else valid
-
-    def per_set(x: torch.Tensor, reduce: str) -> torch.Tensor:
-        return torch.zeros_like(x).scatter_reduce(-1, sets, x, reduce, include_self=False)
-
-    filled = per_set(valid.long(), "amax").bool()  # [..., T] by set number
-    droppable = filled & ~per_set((protected & valid).long(), "amax").bool()
+    filled = per_set(valid.long(), sets, "amax").bool()  # [..., T] by set number
+    droppable = filled & ~per_set((protected & valid).long(), sets, "amax").bool()
     excess = (filled.sum(-1) - torch.as_tensor(budget, device=sets.device).expand(filled.shape[:-1])).clamp(min=0)
-    lowest_first = _ranks(per_set(score.float(), "sum").masked_fill(~droppable, float("inf")))
+    lowest_first = _ranks(per_set(score.float(), sets).masked_fill(~droppable, float("inf")))
     kept_set = filled & ~(droppable & (lowest_first < excess[..., None]))
     renumbered = torch.where(kept_set, kept_set.long().cumsum(-1) - 1, t - 1)
     return renumbered.gather(-1, sets), valid & kept_set.gather(-1, sets)
@@ -490,18 +492,15 @@ class KVMerger(PrefillOnlyMethod):
     def _store(slots: LayerSlots, sets: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                counts: torch.Tensor, score: torch.Tensor, pivot_pos: torch.Tensor) -> None:
         """Write the sets (in order) to the first slots; sets of empty candidates stay empty."""
-        def per_set(x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
-            return torch.zeros_like(x).scatter_reduce(-1, sets, x, reduce, include_self=False)
-
-        filled = per_set(valid.long(), "amax").bool()
+        filled = per_set(valid.long(), sets, "amax").bool()
         n = min(slots.capacity, sets.shape[-1])  # sets of valid candidates <= budget <= capacity
         filled = filled[..., :n]
         slots.replace_all(
             torch.where(filled[..., None], k[..., :n, :], 0.0).to(slots.k.dtype),
             torch.where(filled[..., None], v[..., :n, :], 0.0).to(slots.v.dtype),
-            torch.where(filled, per_set(counts)[..., :n].log(), NEG_INF),
-            torch.where(filled, per_set(score)[..., :n], 0.0),
-            torch.where(filled, per_set(pivot_pos, "amax")[..., :n], -1),
+            torch.where(filled, per_set(counts, sets)[..., :n].log(), NEG_INF),
+            torch.where(filled, per_set(score, sets)[..., :n], 0.0),
+            torch.where(filled, per_set(pivot_pos, sets, "amax")[..., :n], -1),
         )
 
     def end_prefill(self, cache: KVCache) -> None:
