@@ -6,7 +6,7 @@
    context ∪ {leaving} is merged (count-weighted mean, log-count bias) into the first empty residual slot,
    or else into the residual slot whose key is most similar (dot product or L2), and the leaving token takes
    the merged token's context slot unless it was the one merged. An optional eviction bias per slot counts
-   in that "lowest-scored" comparison and nowhere else (ZSMerge's lapsing standing).
+   for the context slots in that "lowest-scored" comparison and nowhere else (ZSMerge's lapsing standing).
 
 Slot layout: [residual R: residual[b] slots | context | ring: proximity[b] slots ending at budget[b]].
 
@@ -94,8 +94,9 @@ def zsmerge_update_reference(
     proximity: [B] int64 (slots per KV head of each region); k_new, v_new: [B, Hkv, D]; pos_new: [B];
     probs: [B, Hq, C + 1] this step's attention (last column: the new token); metric "dot" | "l2";
     score_update "max" | "sum" (a merged slot's score); eviction_bias: None or [B, Hkv, C] fp32, added to the
-    updated scores where the step chooses what to merge (the weakest context slot, and it against the token
-    leaving the ring, whose slot's entry counts for it) and nowhere else: no stored score includes it.
+    context slots' updated scores where the step chooses what to merge (the weakest context slot, which the
+    token leaving the ring meets with its score alone) and nowhere else: the residual and ring entries are
+    never read, and no stored score includes it.
     """
     b, hkv, c = logw.shape
     slots = (k, v, logw, score, pos)
@@ -107,7 +108,6 @@ def zsmerge_update_reference(
     ring_start = budget - proximity
     ring_slot = (ring_start + pos_new % proximity)[:, None].expand(b, hkv)
     leaving = _read(slots, ring_slot)  # the oldest proximity token (may be an empty slot)
-    leaving_rank = rank.gather(2, ring_slot[..., None])[..., 0]
     # Every read below is of the residual or context region, so the three writes (ring, residual, context
     # slot: distinct regions) wait until the end and go in as one.
     new_token = (k_new, v_new, torch.zeros(b, hkv, device=k.device), new_p, pos_new[:, None].expand(b, hkv))
@@ -121,7 +121,7 @@ def zsmerge_update_reference(
     has_free, first_free = free.any(-1), free.to(torch.int8).argmax(-1)
     weakest = rank.masked_fill(~(context & filled), float("inf")).argmin(-1)
     weakest_tok = _read(slots, weakest)
-    leaving_is_weakest = leaving_rank <= rank.gather(2, weakest[..., None])[..., 0]
+    leaving_is_weakest = leaving[3] <= rank.gather(2, weakest[..., None])[..., 0]
 
     # Merge (cache full): the lowest-scored of context ∪ {leaving} goes into a residual slot.
     do_merge = leaving_valid & ~has_free
@@ -292,7 +292,7 @@ def _zsmerge_update_kernel(
     sc = tl.load(score + row + c, mask=c_ok, other=0.0)
     ps = tl.load(pos + row + c, mask=c_ok, other=-1)
     sc = tl.where(lw > float("-inf"), decay * sc + slot_p, 0.0)
-    rank = sc  # what the eviction compares: the score plus the eviction bias, stored nowhere
+    rank = sc  # what the eviction compares for a context slot: its score plus the eviction bias, stored nowhere
     if HAS_BIAS:
         rank = sc + tl.load(bias + row + c, mask=c_ok, other=0.0)
 
@@ -304,7 +304,6 @@ def _zsmerge_update_kernel(
     at_ring = c == ring
     leave_lw = tl.max(tl.where(at_ring, lw, float("-inf")), axis=0)
     leave_sc = tl.sum(tl.where(at_ring, sc, 0.0), axis=0)
-    leave_rank = tl.sum(tl.where(at_ring, rank, 0.0), axis=0)
     leave_pos = tl.sum(tl.where(at_ring, ps, 0), axis=0)
     ring_d_ok = d_ok & (ring >= 0) & (ring < C)
     k_leave = tl.load(k + kv_row + ring * D + d, mask=ring_d_ok, other=0.0)
@@ -328,7 +327,7 @@ def _zsmerge_update_kernel(
     weak_lw = tl.max(tl.where(at_weakest, lw, float("-inf")), axis=0)
     weak_sc = tl.sum(tl.where(at_weakest, sc, 0.0), axis=0)
     weak_pos = tl.sum(tl.where(at_weakest, ps, 0), axis=0)
-    leaving_is_weakest = leave_rank <= weak_rank
+    leaving_is_weakest = leave_sc <= weak_rank
     do_merge = leave_valid & ~has_free
     src_lw = tl.where(leaving_is_weakest, leave_lw, weak_lw)
     src_sc = tl.where(leaving_is_weakest, leave_sc, weak_sc)

@@ -267,7 +267,8 @@ def _zsmerge_state(case):  # noqa: ANN001, ANN202
 # An eviction bias as large as the scores: it decides which slot is merged.
 @example((2, 2, 1, 4, [(2, 4, 2), (1, 6, 3)], 10, "full", "dot", "max", 2, torch.float32, 7, False), 1.0)
 def test_zsmerge_update_equals_reference(case, bias_scale):
-    """bias_scale: None (no eviction bias) or the scale of a random one [B, Hkv, C] (ring slots included)."""
+    """bias_scale: None (no eviction bias) or the scale of a random one [B, Hkv, C], nonzero in every region
+    (the update must read it for the context slots alone)."""
     metric, score_update, block_r, dtype = case[7], case[8], case[9], case[10]
     slots, rest = _zsmerge_state(case)
     bias = None if bias_scale is None else _dev(torch.rand(slots[2].shape, generator=_gen(case[11] + 1)) * bias_scale)[0]

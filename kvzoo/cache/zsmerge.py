@@ -849,16 +849,13 @@ class ZSMerge(CompressionMethod):
                        eviction_bias=self._lapsing_bonus(slots, pos_new))
 
     def _lapsing_bonus(self, slots: LayerSlots, pos_new: torch.Tensor) -> torch.Tensor | None:
-        """[B, Hkv, C] the eviction bias of a decode step at positions pos_new [B]: the part of each context
-        slot's standing bonus it still counts (`standing_half_life`), state["standing_bonus"] decayed as the
-        scores were (this step's decay included) and halved every standing_half_life steps since the prompt
-        ended, for a context slot still holding the token it was granted to; 0 for the ring (its tokens were
-        kept for their place, not their standing) and the residual slots (never evicted). It counts where the
-        step chooses what to merge and is stored nowhere. None when no bonus lapses."""
+        """[B, Hkv, C] the eviction bias of a decode step at positions pos_new [B]: the part of each slot's
+        standing bonus it still counts (`standing_half_life`), state["standing_bonus"] decayed as the scores
+        were (this step's decay included) and halved every standing_half_life steps since the prompt ended, for
+        a slot still holding the token it was granted to. The update reads it for the context slots alone (the
+        ring's tokens were kept for their place, not their standing; the residual slots are never evicted) and
+        stores it nowhere. None when no bonus lapses."""
         if not self.standing_half_life or "standing_bonus" not in slots.state:
             return None
-        state = slots.state
         rate = self.decay * 2.0 ** (-1.0 / self.standing_half_life)  # per decode step: decayed, then halving
-        slot = torch.arange(slots.capacity, device=slots.pos.device)[None, :]
-        context = (slot >= state["residual"][:, None]) & (slot < (slots.budget - state["proximity"])[:, None])
-        return self._held_bonus(state, slots.pos, pos_new, rate) * (self.decay * context[:, None, :])
+        return self._held_bonus(slots.state, slots.pos, pos_new, rate) * self.decay
