@@ -1,0 +1,158 @@
+"""How much continuation NLL a perfect ranking would win: the clairvoyant bound of issue 11's NLL table.
+
+    python tools/oracle_bound.py --seed 18 --n 16 --methods h2o,zsmerge [--source FILE] [--budgets 0.05,0.1,0.2]
+
+Pass 1: one exact forward of the full model over context + continuation records, for every layer and KV head,
+the attention the continuation's queries give each position (summed over those queries, mean over the query
+heads of the KV head): the attention a cache will be asked for. Pass 2: `Clairvoyant`, H2O's layout (half the
+budget the newest tokens, the rest chosen by score, one eviction per decode step) ranked by that recorded
+attention instead of the attention seen so far, scores the continuation as `kvzoo eval --tasks nll --memory
+matched` does (teacher-forced decode steps, the budget raised by the continuation's length), beside the methods
+named. It reads the future, so it is a bound to measure methods against, never a method.
+
+Prints each method's NLL increase over the full cache per budget, its paired difference to the first method
+named (mean +- standard error over windows), and every window's increase, since a few windows (a passage the
+continuation copies from far back) can carry most of a mean. Runs one window batch at a time; alone it takes
+about one minute per method, budget and 8 windows of 2048 tokens on 2 CPU threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kvzoo.cache.base import CompressionMethod  # noqa: E402
+from kvzoo.cache.h2o import H2O  # noqa: E402
+from kvzoo.cache.observe import PrefillObserver, observe_prefill  # noqa: E402
+from kvzoo.cache.scoring import group_mean  # noqa: E402
+from kvzoo.cache.selection import argmin_where, place_or_evict  # noqa: E402
+from kvzoo.cache.slots import LayerSlots  # noqa: E402
+from kvzoo.likelihood import score_ids  # noqa: E402
+from kvzoo_kernels.window_scores import weighted_column_sums  # noqa: E402
+
+if TYPE_CHECKING:
+    from kvzoo.cache.chunk import PrefillChunk
+    from kvzoo.models.base import CausalLM
+
+
+class FutureAttention(PrefillObserver):
+    """Records, per layer, [B, Hkv, T] the attention the queries at positions >= context_len pay each of the T
+    positions (a one-shot prefill of context + continuation; padding queries pay nothing)."""
+
+    def __init__(self, context_len: int) -> None:
+        self.context_len = context_len
+        self.tables: list[torch.Tensor] = []
+
+    def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
+        weights = (chunk.q_pos >= self.context_len).float()  # [B, T]: the continuation's queries count once
+        sums = weighted_column_sums(chunk.q, chunk.keys, chunk.q_pos, chunk.key_pos, chunk.key_bias, chunk.window,
+                                    weights)  # [B, Hq, T]
+        self.tables.append(group_mean(sums, chunk.keys.shape[1]))
+
+
+def future_attention(model: "CausalLM", ids: torch.Tensor, context_len: int) -> list[torch.Tensor]:
+    """Per layer [B, Hkv, T]: the attention the tokens of ids [B, T] at positions >= context_len pay each
+    position, in the full model's exact forward."""
+    observer = FutureAttention(context_len)
+    positions = torch.arange(ids.shape[1])[None].expand_as(ids)
+    with torch.inference_mode():
+        observe_prefill(model, ids, positions, observer)
+    return observer.tables
+
+
+@dataclass
+class Clairvoyant(H2O):
+    """H2O's layout ranked by `tables` (per layer [B, Hkv, T], `future_attention`), the attention each position
+    will be paid, for prefill and for the token each decode step places; scores never change after."""
+
+    tables: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
+        self._layer = layer_idx  # prefill_scores is not told the layer
+        super().compress_prefill(layer_idx, slots, chunk)
+
+    def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
+        return self.tables[self._layer].gather(-1, chunk.key_pos.clamp(min=0))
+
+    def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
+                    pos_new: torch.Tensor, probs: torch.Tensor) -> None:
+        # Layer-batched decode passes layer_idx -1 and every layer's rows stacked layer-major (L * B rows).
+        table = torch.cat(self.tables) if layer_idx < 0 else self.tables[layer_idx]
+        recent = slots.pos > (pos_new - self._recent(slots))[:, None, None]
+        evict = argmin_where(slots.score, slots.filled & ~recent)
+        new_score = table.gather(-1, pos_new[:, None, None].expand(-1, table.shape[1], 1))[..., 0]
+        place_or_evict(slots, evict, k_new, v_new, pos_new, new_score)
+
+
+def nll_increases(model: "CausalLM", contexts: list[list[int]], continuations: list[list[int]],
+                  methods: dict[str, CompressionMethod]) -> dict[str, list[float]]:
+    """Mean continuation NLL of every window under each method, minus the full cache's."""
+    def nll(method: CompressionMethod | None) -> list[float]:
+        return [float(-lp.mean()) for lp in score_ids(model, contexts, continuations, method)]
+
+    full = nll(None)
+    return {name: [a - f for a, f in zip(nll(m), full)] for name, m in methods.items()}
+
+
+def _summary(name: str, values: list[float], reference: list[float]) -> str:
+    diff = [a - b for a, b in zip(values, reference)]
+    se = statistics.stdev(diff) / len(diff) ** 0.5 if len(diff) > 1 else 0.0
+    return (f"{name:24s} {statistics.mean(values):+.3f}  vs first {statistics.mean(diff):+.3f} ± {se:.3f}  "
+            f"windows: {' '.join(f'{v:+.2f}' for v in values)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from kvzoo.cli import load_model
+    from kvzoo.eval.runner import method_cases
+    from kvzoo.eval.tasks import text_instances
+    from kvzoo.eval.texts import BUILTIN_SOURCE, read_source
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default="h2o,zsmerge", help="comma-separated method specs, as kvzoo eval's")
+    p.add_argument("--budgets", default="0.05,0.1,0.2")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--context-len", type=int, default=2048)
+    p.add_argument("--continuation-len", type=int, default=128)
+    p.add_argument("--source", default=BUILTIN_SOURCE)
+    args = p.parse_args(argv)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    cases = [c for c in method_cases(args.methods.split(","), budgets) if c.budget is not None]
+    model = load_model(None, None)
+    corpus = model.require_tokenizer().encode(read_source(args.source), add_special_tokens=False)
+    windows = text_instances(corpus, args.n, args.context_len, args.continuation_len, args.seed)
+    extra = args.continuation_len / args.context_len  # --memory matched: the budget holds the continuation too
+    rows: dict[tuple[str, float], list[float]] = {}
+    for first in range(0, len(windows), args.batch_size):
+        batch = windows[first:first + args.batch_size]
+        contexts, continuations = [w.context for w in batch], [w.continuation for w in batch]
+        tables = future_attention(model, torch.tensor([c + t for c, t in zip(contexts, continuations)]),
+                                  args.context_len)
+        for budget in budgets:
+            methods: dict[str, CompressionMethod] = {
+                c.label: dataclasses.replace(c.method, budget=budget + extra)  # type: ignore[type-var]
+                for c in cases if c.budget == budget}
+            methods["clairvoyant"] = Clairvoyant(budget=budget + extra, tables=tables)
+            for name, values in nll_increases(model, contexts, continuations, methods).items():
+                rows.setdefault((name, budget), []).extend(values)
+            print(f"windows {first + 1}-{first + len(batch)} of {len(windows)}, {budget:.0%} kept: done",
+                  file=sys.stderr, flush=True)
+    for budget in budgets:
+        print(f"\n{budget:.0%} kept (+{extra:.2%} for the continuation), NLL increase over the full cache:")
+        names = [n for n, b in rows if b == budget]
+        for name in names:
+            print(_summary(name, rows[(name, budget)], rows[(names[0], budget)]))
+
+
+if __name__ == "__main__":
+    main()
