@@ -19,7 +19,6 @@ about one minute per method, budget and 8 windows of 2048 tokens on 2 CPU thread
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -112,7 +111,7 @@ def _summary(name: str, values: list[float], reference: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from kvzoo.cli import load_model
-    from kvzoo.eval.runner import method_cases
+    from kvzoo.eval.runner import matched_memory, method_cases
     from kvzoo.eval.tasks import text_instances
     from kvzoo.eval.texts import BUILTIN_SOURCE, read_source
 
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(None, None)
     corpus = model.require_tokenizer().encode(read_source(args.source), add_special_tokens=False)
     windows = text_instances(corpus, args.n, args.context_len, args.continuation_len, args.seed)
-    extra = args.continuation_len / args.context_len  # --memory matched: the budget holds the continuation too
+    steps = args.continuation_len - 1  # decode steps: the first continuation token is predicted by the prefill
     rows: dict[tuple[str, float], list[float]] = {}
     for first in range(0, len(windows), args.batch_size):
         batch = windows[first:first + args.batch_size]
@@ -139,16 +138,17 @@ def main(argv: list[str] | None = None) -> None:
         tables = future_attention(model, torch.tensor([c + t for c, t in zip(contexts, continuations)]),
                                   args.context_len)
         for budget in budgets:
-            methods: dict[str, CompressionMethod] = {
-                c.label: dataclasses.replace(c.method, budget=budget + extra)  # type: ignore[type-var]
-                for c in cases if c.budget == budget}
-            methods["clairvoyant"] = Clairvoyant(budget=budget + extra, tables=tables)
+            # as `kvzoo eval --memory matched`: every method's budget holds the decode steps too
+            matched = [matched_memory(c, args.context_len, steps) for c in cases if c.budget == budget]
+            methods: dict[str, CompressionMethod] = {c.label: c.method for c in matched}
+            methods["clairvoyant"] = Clairvoyant(budget=min(budget + steps / args.context_len, 0.999), tables=tables)
             for name, values in nll_increases(model, contexts, continuations, methods).items():
                 rows.setdefault((name, budget), []).extend(values)
             print(f"windows {first + 1}-{first + len(batch)} of {len(windows)}, {budget:.0%} kept: done",
                   file=sys.stderr, flush=True)
     for budget in budgets:
-        print(f"\n{budget:.0%} kept (+{extra:.2%} for the continuation), NLL increase over the full cache:")
+        print(f"\n{budget:.0%} kept (+{steps / args.context_len:.2%} for the continuation), NLL increase over the "
+              "full cache:")
         names = [n for n, b in rows if b == budget]
         for name in names:
             print(_summary(name, rows[(name, budget)], rows[(names[0], budget)]))
