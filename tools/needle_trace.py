@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--instance", type=int, required=True, help="the needle's index in the eval's results")
     parser.add_argument("--method", required=True, help="a compression spec, e.g. 'zsmerge:budget=0.05'")
     parser.add_argument("--lengths", default="1024,2048", help="the eval's --needle-lengths")
+    parser.add_argument("--source", default=None, help="the eval's --source (default: its built-in text)")
     parser.add_argument("--layers", default="", help="layers whose context positions are listed")
     parser.add_argument("--steps", type=int, default=6, help="greedy answer tokens")
     parser.add_argument("--agnostic", action="store_true", help="compress the haystack, then ask the question")
@@ -117,7 +118,7 @@ def main() -> None:
 
     model = load(ensure_default_model(progress=True))
     tok = model.require_tokenizer()
-    corpus = tok.encode(read_source(None), add_special_tokens=False)
+    corpus = tok.encode(read_source(args.source), add_special_tokens=False)
     config = EvalConfig(methods=["full"], budgets=[0.05], tasks=["needle"], seed=args.seed, needle_repeats=1,
                         needle_lengths=[int(x) for x in args.lengths.split(",")])
     needles = Runner(model, config, corpus, progress=False).needles()
