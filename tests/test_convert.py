@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import build_hf_model
+from tests.tool_loading import load_tool
 from kvzoo.convert import convert_gguf, convert_meta
 from kvzoo.convert import common as convert_common
 from kvzoo.convert.common import half_to_interleaved, interleaved_to_half
@@ -498,18 +499,8 @@ def test_sharded_writer_and_progress_bar(tmp_path, capsys):
     assert quiet.getvalue() == ""
 
 
-def _load_tool(name: str):
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"kvzoo_tool_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_convert_tools(tmp_path, tiny_gguf, capsys):
-    tool = _load_tool("convert_gguf")
+    tool = load_tool("convert_gguf")
     assert tool.main([str(tiny_gguf), str(tmp_path / "o"), "--quiet"]) == 0
     assert (tmp_path / "o" / "config.json").is_file()
     capsys.readouterr()
@@ -520,7 +511,7 @@ def test_convert_tools(tmp_path, tiny_gguf, capsys):
 
     source = build_hf_model("llama-gqa", seed=5)
     ckpt = meta_checkpoint(source, tmp_path / "meta", n_shards=1)
-    meta_tool = _load_tool("convert_meta")
+    meta_tool = load_tool("convert_meta")
     assert meta_tool.main([str(ckpt), str(tmp_path / "m"), "--quiet"]) == 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
     assert meta_tool.main([str(tmp_path / "missing"), str(tmp_path / "m2")]) == 2

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from kvzoo.eval.tasks import NeedleInstance
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tool():  # noqa: ANN201 - the tool module
-    spec = importlib.util.spec_from_file_location("needle_trace", ROOT / "tools" / "needle_trace.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
-
+from tests.tool_loading import load_tool
 
 def test_answer_positions_start_at_the_asked_needle_and_stop_before_the_question():
-    tool = load_tool()
+    tool = load_tool("needle_trace")
     # haystack: a decoy code token (7) before the needle, the needle " 7 8" at 3-5, its repeat at 7-8
     haystack = [1, 7, 2, 9, 7, 8, 3, 7, 8, 4]
     instance = NeedleInstance("passkey", 12, 0.3, haystack, [7, 5], "78", 3)
@@ -30,7 +18,7 @@ def test_answer_positions_start_at_the_asked_needle_and_stop_before_the_question
 
 
 def test_kept_map_marks_the_positions_each_layer_and_head_holds():
-    tool = load_tool()
+    tool = load_tool("needle_trace")
     layer0 = SimpleNamespace(pos=torch.tensor([[[5, 1, -1], [2, 3, 4]]]))  # [B=1, Hkv=2, C=3]
     layer1 = SimpleNamespace(pos=torch.tensor([[[-1, -1, -1], [1, 5, 9]]]))
     cache = SimpleNamespace(layers=[layer0, layer1])
@@ -38,14 +26,14 @@ def test_kept_map_marks_the_positions_each_layer_and_head_holds():
 
 
 def test_answer_run_is_the_first_whole_copy_after_the_needle_start():
-    tool = load_tool()
+    tool = load_tool("needle_trace")
     haystack = [7, 8, 1, 7, 9, 7, 8, 2, 7, 8]  # a copy before the needle, a broken one, then two whole ones
     instance = NeedleInstance("passkey", 12, 0.3, haystack, [5], "78", 2)
     assert tool.answer_run(instance, [7, 8]) == [5, 6]
 
 
 def test_read_shares_take_the_strongest_query_head_of_each_group_at_the_token_each_query_writes():
-    tool = load_tool()
+    tool = load_tool("needle_trace")
     # 4 query heads in 2 KV groups, 2 writing queries over 5 keys; the answer's tokens sit at keys 1 and 3
     probs = torch.zeros(4, 2, 5)
     probs[0, 0, 1], probs[1, 0, 1] = 0.2, 0.6  # group 0, first token: its best head reads 0.6

@@ -3,27 +3,12 @@ clairvoyant cache keeping and evicting by it."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import kvzoo
 from kvzoo.likelihood import prefill_cache
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_tool():  # noqa: ANN201 - the tool module
-    spec = importlib.util.spec_from_file_location("oracle_bound", ROOT / "tools" / "oracle_bound.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up while being defined
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
-
+from tests.tool_loading import load_tool
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_checkpoint):
@@ -31,7 +16,7 @@ def checkpoint(tiny_checkpoint):
 
 
 def test_future_attention_is_the_continuation_queries_attention_in_transformers(checkpoint):
-    tool = load_tool()
+    tool = load_tool("oracle_bound")
     hf_model, path = checkpoint
     model = kvzoo.load(path)
     ids = torch.randint(3, 100, (2, 14), generator=torch.Generator().manual_seed(0))
@@ -51,7 +36,7 @@ def test_future_attention_is_the_continuation_queries_attention_in_transformers(
 
 
 def test_clairvoyant_keeps_the_newest_half_and_the_highest_recorded_attention_then_evicts_the_lowest(checkpoint):
-    tool = load_tool()
+    tool = load_tool("oracle_bound")
     model = kvzoo.load(checkpoint[1])
     cfg = model.config
     n, budget = 20, 8  # 4 newest positions kept, 4 of the 16 before them by score

@@ -12,8 +12,8 @@ named. It reads the future, so it is a bound to measure methods against, never a
 
 Prints each method's NLL increase over the full cache per budget, its paired difference to the first method
 named (mean +- standard error over windows), and every window's increase, since a few windows (a passage the
-continuation copies from far back) can carry most of a mean. Runs one window batch at a time; alone it takes
-about one minute per method, budget and 8 windows of 2048 tokens on 2 CPU threads.
+continuation copies from far back) can carry most of a mean. Runs one window batch at a time: about two
+minutes per method, budget and 8 windows of 2048 tokens on one CPU thread (seen beside other jobs, not timed).
 """
 
 from __future__ import annotations
@@ -52,9 +52,10 @@ class FutureAttention(PrefillObserver):
         self.tables: list[torch.Tensor] = []
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
-        weights = (chunk.q_pos >= self.context_len).float()  # [B, T]: the continuation's queries count once
-        sums = weighted_column_sums(chunk.q, chunk.keys, chunk.q_pos, chunk.key_pos, chunk.key_bias, chunk.window,
-                                    weights)  # [B, Hq, T]
+        # Only the continuation's queries (the chunk's last ones: `future_attention` feeds unpadded rows) attend.
+        q_pos = chunk.q_pos[:, self.context_len:]  # [B, C]
+        sums = weighted_column_sums(chunk.q[:, :, self.context_len:], chunk.keys, q_pos, chunk.key_pos,
+                                    chunk.key_bias, chunk.window, torch.ones_like(q_pos, dtype=torch.float32))
         self.tables.append(group_mean(sums, chunk.keys.shape[1]))
 
 
@@ -75,6 +76,11 @@ class Clairvoyant(H2O):
 
     tables: list[torch.Tensor] = field(default_factory=list, repr=False)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Layer-batched decode passes layer_idx -1 and every layer's rows stacked layer-major (L * B rows).
+        self._stacked = torch.cat(self.tables) if self.tables else None
+
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         self._layer = layer_idx  # prefill_scores is not told the layer
         super().compress_prefill(layer_idx, slots, chunk)
@@ -84,22 +90,17 @@ class Clairvoyant(H2O):
 
     def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
                     pos_new: torch.Tensor, probs: torch.Tensor) -> None:
-        # Layer-batched decode passes layer_idx -1 and every layer's rows stacked layer-major (L * B rows).
-        table = torch.cat(self.tables) if layer_idx < 0 else self.tables[layer_idx]
+        table = self._stacked if layer_idx < 0 else self.tables[layer_idx]
         recent = slots.pos > (pos_new - self._recent(slots))[:, None, None]
         evict = argmin_where(slots.score, slots.filled & ~recent)
         new_score = table.gather(-1, pos_new[:, None, None].expand(-1, table.shape[1], 1))[..., 0]
         place_or_evict(slots, evict, k_new, v_new, pos_new, new_score)
 
 
-def nll_increases(model: "CausalLM", contexts: list[list[int]], continuations: list[list[int]],
-                  methods: dict[str, CompressionMethod]) -> dict[str, list[float]]:
-    """Mean continuation NLL of every window under each method, minus the full cache's."""
-    def nll(method: CompressionMethod | None) -> list[float]:
-        return [float(-lp.mean()) for lp in score_ids(model, contexts, continuations, method)]
-
-    full = nll(None)
-    return {name: [a - f for a, f in zip(nll(m), full)] for name, m in methods.items()}
+def mean_nll(model: "CausalLM", contexts: list[list[int]], continuations: list[list[int]],
+             method: CompressionMethod | None) -> list[float]:
+    """Mean continuation NLL of every window under `method` (None: the full cache)."""
+    return [float(-lp.mean()) for lp in score_ids(model, contexts, continuations, method)]
 
 
 def _summary(name: str, values: list[float], reference: list[float]) -> str:
@@ -137,13 +138,15 @@ def main(argv: list[str] | None = None) -> None:
         contexts, continuations = [w.context for w in batch], [w.continuation for w in batch]
         tables = future_attention(model, torch.tensor([c + t for c, t in zip(contexts, continuations)]),
                                   args.context_len)
+        full = mean_nll(model, contexts, continuations, None)
         for budget in budgets:
             # as `kvzoo eval --memory matched`: every method's budget holds the decode steps too
             matched = [matched_memory(c, args.context_len, steps) for c in cases if c.budget == budget]
             methods: dict[str, CompressionMethod] = {c.label: c.method for c in matched}
             methods["clairvoyant"] = Clairvoyant(budget=min(budget + steps / args.context_len, 0.999), tables=tables)
-            for name, values in nll_increases(model, contexts, continuations, methods).items():
-                rows.setdefault((name, budget), []).extend(values)
+            for name, method in methods.items():
+                nll = mean_nll(model, contexts, continuations, method)
+                rows.setdefault((name, budget), []).extend(a - f for a, f in zip(nll, full))
             print(f"windows {first + 1}-{first + len(batch)} of {len(windows)}, {budget:.0%} kept: done",
                   file=sys.stderr, flush=True)
     for budget in budgets:
