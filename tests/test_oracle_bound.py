@@ -3,10 +3,13 @@ clairvoyant cache keeping and evicting by it."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import kvzoo
+from kvzoo.cache.h2o import H2O
 from kvzoo.likelihood import prefill_cache
 from tests.tool_loading import load_tool
 
@@ -35,28 +38,53 @@ def test_future_attention_is_the_continuation_queries_attention_in_transformers(
         torch.testing.assert_close(table.sum(-1), torch.full((b, hkv), t - context, dtype=torch.float32))
 
 
-def test_clairvoyant_keeps_the_newest_half_and_the_highest_recorded_attention_then_evicts_the_lowest(checkpoint):
+def _kept(cache) -> list[list[set[int]]]:
+    """Per layer and KV head, the positions held in the cache's first sequence."""
+    return [[set(layer.pos[0, h][layer.filled[0, h]].tolist()) for h in range(layer.pos.shape[1])]
+            for layer in cache.layers]
+
+
+@pytest.mark.parametrize("phase", ["both", "prefill", "decode"])
+def test_clairvoyant_keeps_and_evicts_by_the_recorded_attention_in_its_phases(checkpoint, phase):
+    """Prefill (phases "both" and "prefill"): the newest half of the budget, then the highest recorded
+    attention; "decode" keeps what H2O keeps. A slot stores the recorded attention, except with "prefill",
+    where it stores H2O's accumulated attention (H2O's own scores, read from an H2O cache that keeps every
+    token). A decode step (phases "both" and "decode") evicts the kept older token of lowest recorded attention;
+    with "prefill" it evicts as H2O does."""
     tool = load_tool("oracle_bound")
     model = kvzoo.load(checkpoint[1])
     cfg = model.config
     n, budget = 20, 8  # 4 newest positions kept, 4 of the 16 before them by score
     gen = torch.Generator().manual_seed(1)
     tables = [torch.rand(1, cfg.num_kv_heads, n + 1, generator=gen) for _ in range(cfg.num_layers)]
-    method = tool.Clairvoyant(budget=budget, tables=tables)
-    cache, _ = prefill_cache(model, [list(range(3, 3 + n))], method, headroom=1)
-    for layer, table in zip(cache.layers, tables):
+    prompt = [list(range(3, 3 + n))]
+    cache, _ = prefill_cache(model, prompt, tool.Clairvoyant(budget=budget, tables=tables, phase=phase), headroom=1)
+    h2o_cache, _ = prefill_cache(model, prompt, H2O(budget=budget), headroom=1)
+    every_token, _ = prefill_cache(model, prompt, H2O(budget=n), headroom=1)
+    h2o_kept = _kept(h2o_cache)
+    for i, (layer, table, full) in enumerate(zip(cache.layers, tables, every_token.layers)):
         for h in range(cfg.num_kv_heads):
             kept = set(layer.pos[0, h][layer.filled[0, h]].tolist())
-            older = table[0, h, :n - 4]
-            assert kept == set(range(n - 4, n)) | set(older.topk(4).indices.tolist())
-    before = [layer.pos.clone() for layer in cache.layers]
-    # one decode step: the new token (position n) replaces the kept older token of lowest recorded attention
-    step_pos = torch.tensor([[n]])
-    model(torch.tensor([[5]]), step_pos, cache=cache, decode=True)
-    for layer, old, table in zip(cache.layers, before, tables):
+            by_table = set(range(n - 4, n)) | set(table[0, h, :n - 4].topk(4).indices.tolist())
+            assert kept == (h2o_kept[i][h] if phase == "decode" else by_table)
+            pos = layer.pos[0, h][layer.filled[0, h]]
+            accumulated = full.score[0, h][full.pos[0, h].argsort()][pos]
+            expected = accumulated if phase == "prefill" else table[0, h, pos]
+            torch.testing.assert_close(layer.score[0, h][layer.filled[0, h]], expected)
+    assert h2o_kept != _kept(cache) or phase == "decode", "the table must pick other tokens than H2O"
+    before = _kept(cache)
+    as_h2o = copy.deepcopy(cache)  # the same slots and scores, decoded by H2O itself
+    as_h2o.method = H2O(budget=budget)
+    step = (torch.tensor([[5]]), torch.tensor([[n]]))
+    model(*step, cache=cache, decode=True)
+    model(*step, cache=as_h2o, decode=True)
+    for i, table in enumerate(tables):
         for h in range(cfg.num_kv_heads):
-            old_set = set(old[0, h][old[0, h] >= 0].tolist())
-            now = set(layer.pos[0, h][layer.filled[0, h]].tolist())
-            candidates = [p for p in old_set if p <= n - budget // 2]  # still older than the newest 4
+            now = set(cache.layers[i].pos[0, h][cache.layers[i].filled[0, h]].tolist())
+            if phase == "prefill":  # the step's attention added to every score, as in H2O
+                assert now == _kept(as_h2o)[i][h] and now != before[i][h] | {n}
+                torch.testing.assert_close(cache.layers[i].score, as_h2o.layers[i].score)
+                continue
+            candidates = [p for p in before[i][h] if p <= n - budget // 2]  # still older than the newest 4
             lowest = min(candidates, key=lambda p: table[0, h, p].item())
-            assert now == old_set - {lowest} | {n}
+            assert now == before[i][h] - {lowest} | {n}

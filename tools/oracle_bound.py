@@ -1,6 +1,7 @@
 """How much continuation NLL a perfect ranking would win: the clairvoyant bound of issue 11's NLL table.
 
     python tools/oracle_bound.py --seed 18 --n 16 --methods h2o,zsmerge [--source FILE] [--budgets 0.05,0.1,0.2]
+                                 [--split]
 
 Pass 1: one exact forward of the full model over context + continuation records, for every layer and KV head,
 the attention the continuation's queries give each position (summed over those queries, mean over the query
@@ -8,7 +9,9 @@ heads of the KV head): the attention a cache will be asked for. Pass 2: `Clairvo
 budget the newest tokens, the rest chosen by score, one eviction per decode step) ranked by that recorded
 attention instead of the attention seen so far, scores the continuation as `kvzoo eval --tasks nll --memory
 matched` does (teacher-forced decode steps, the budget raised by the continuation's length), beside the methods
-named. It reads the future, so it is a bound to measure methods against, never a method.
+named. It reads the future, so it is a bound to measure methods against, never a method. `--split` also
+scores it at prefill only and at decode only (`Clairvoyant.phase`): which of the two a better method should
+improve.
 
 Prints each method's NLL increase over the full cache per budget, its paired difference to the first method
 named (mean +- standard error over windows), and every window's increase, since a few windows (a passage the
@@ -33,7 +36,7 @@ from kvzoo.cache.base import CompressionMethod  # noqa: E402
 from kvzoo.cache.h2o import H2O  # noqa: E402
 from kvzoo.cache.observe import PrefillObserver, observe_prefill  # noqa: E402
 from kvzoo.cache.scoring import group_mean  # noqa: E402
-from kvzoo.cache.selection import argmin_where, place_or_evict  # noqa: E402
+from kvzoo.cache.selection import argmin_where, keep_top, place_or_evict  # noqa: E402
 from kvzoo.cache.slots import LayerSlots  # noqa: E402
 from kvzoo.likelihood import score_ids  # noqa: E402
 from kvzoo_kernels.window_scores import weighted_column_sums  # noqa: E402
@@ -69,27 +72,42 @@ def future_attention(model: "CausalLM", ids: torch.Tensor, context_len: int) -> 
     return observer.tables
 
 
+PHASES = ("both", "prefill", "decode")
+
+
 @dataclass
 class Clairvoyant(H2O):
     """H2O's layout ranked by `tables` (per layer [B, Hkv, T], `future_attention`), the attention each position
-    will be paid, for prefill and for the token each decode step places; scores never change after."""
+    will be paid, for prefill and for the token each decode step places; scores never change after.
+
+    `phase` splits the bound: "prefill" keeps the prompt's tokens by the recorded attention but stores H2O's
+    accumulated attention and decodes as H2O (what a perfect prefill ranking alone wins); "decode" keeps them as
+    H2O does but stores the recorded attention, by which every decode step evicts (what perfect evictions
+    alone win)."""
 
     tables: list[torch.Tensor] = field(default_factory=list, repr=False)
+    phase: str = "both"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.phase not in PHASES:
+            raise ValueError(f"Clairvoyant: phase must be one of {PHASES}, got {self.phase!r}")
         # Layer-batched decode passes layer_idx -1 and every layer's rows stacked layer-major (L * B rows).
         self._stacked = torch.cat(self.tables) if self.tables else None
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
-        self._layer = layer_idx  # prefill_scores is not told the layer
-        super().compress_prefill(layer_idx, slots, chunk)
-
-    def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
-        return self.tables[self._layer].gather(-1, chunk.key_pos.clamp(min=0))
+        recorded = self.tables[layer_idx].gather(-1, chunk.key_pos.clamp(min=0))  # [B, Hkv, S]
+        accumulated = super().prefill_scores(slots, chunk)
+        rank = accumulated if self.phase == "decode" else recorded
+        stored = accumulated if self.phase == "prefill" else recorded
+        keep_top(slots, chunk, rank.masked_fill(self.protected(slots, chunk), float("inf")),
+                 self.prefill_keep(slots), stored_score=stored)
 
     def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
                     pos_new: torch.Tensor, probs: torch.Tensor) -> None:
+        if self.phase == "prefill":
+            super().decode_step(layer_idx, slots, k_new, v_new, pos_new, probs)
+            return
         table = self._stacked if layer_idx < 0 else self.tables[layer_idx]
         recent = slots.pos > (pos_new - self._recent(slots))[:, None, None]
         evict = argmin_where(slots.score, slots.filled & ~recent)
@@ -125,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context-len", type=int, default=2048)
     p.add_argument("--continuation-len", type=int, default=128)
     p.add_argument("--source", default=BUILTIN_SOURCE)
+    p.add_argument("--split", action="store_true",
+                   help="also score the bound's two halves: clairvoyant at prefill only (decode as H2O) and at "
+                        "decode only (prefill as H2O)")
     args = p.parse_args(argv)
     budgets = [float(b) for b in args.budgets.split(",")]
     cases = [c for c in method_cases(args.methods.split(","), budgets) if c.budget is not None]
@@ -143,7 +164,10 @@ def main(argv: list[str] | None = None) -> None:
             # as `kvzoo eval --memory matched`: every method's budget holds the decode steps too
             matched = [matched_memory(c, args.context_len, steps) for c in cases if c.budget == budget]
             methods: dict[str, CompressionMethod] = {c.label: c.method for c in matched}
-            methods["clairvoyant"] = Clairvoyant(budget=min(budget + steps / args.context_len, 0.999), tables=tables)
+            raised = min(budget + steps / args.context_len, 0.999)
+            for phase in PHASES if args.split else PHASES[:1]:
+                name = "clairvoyant" if phase == "both" else f"clairvoyant {phase} only"
+                methods[name] = Clairvoyant(budget=raised, tables=tables, phase=phase)
             for name, method in methods.items():
                 nll = mean_nll(model, contexts, continuations, method)
                 rows.setdefault((name, budget), []).extend(a - f for a, f in zip(nll, full))
