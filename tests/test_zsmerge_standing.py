@@ -154,3 +154,29 @@ def test_a_fork_with_headroom_pads_the_standing_as_empty_slots():
     for name, empty in (("standing_bonus", 0), ("standing_pos", -1)):
         assert torch.equal(new.state[name][:, :, :c], old.state[name].expand(2, -1, -1))
         assert bool((new.state[name][:, :, c:] == empty).all())
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), groups=st.integers(1, 2))
+def test_the_accumulated_share_of_every_query_or_of_its_rate(seed, groups):
+    """A one-chunk prompt of n tokens, per KV head: the context is the top (B - B_p - B_r) of the older tokens by
+    max(a_j / sum a, w_j / sum w), w the last W queries' attention and a, with accumulated="sum", every query's
+    attention a_j = sum_i A_i(j), with "rate", a_j = sum_i A_i(j) / (n - j), the queries that saw token j
+    (float64 softmax reference; GQA: the mean over a KV head's query heads)."""
+    n, w, budget, proximity, residual = 40, 4, 12, 3, 1
+    qkv = random_qkv(1, 1, 1, groups, n, seed=seed, scale=1.5)
+    probs = reference_probs(qkv.q[0][0], qkv.k[0][0, 0], list(range(n)), list(range(n)), None).mean(0)  # [n, n]
+    summed, window = probs.sum(0), probs[n - w:].sum(0)
+    rate = summed / torch.arange(n, 0, -1, dtype=torch.float64)
+    older, context = list(range(n - proximity)), budget - proximity - residual
+    kept = {}
+    for accumulated, a in (("sum", summed), ("rate", rate)):
+        method = ZSMerge(budget=budget, proximity=proximity, residual=residual, window_size=w, kernel_size=1,
+                         decay=1.0, accumulated=accumulated)
+        slots = drive_synthetic(method, qkv, [n], 0).cache.layers[0]
+        kept[accumulated] = set(slots.pos[0, 0, residual:budget - proximity].tolist())
+        share = torch.maximum(a / a.sum(), window / window.sum())
+        assert len(kept[accumulated]) == context
+        chosen = [share[p].item() for p in older if p in kept[accumulated]]
+        dropped = [share[p].item() for p in older if p not in kept[accumulated]]
+        assert min(chosen) >= max(dropped) - 1e-6, (accumulated, sorted(kept[accumulated]))

@@ -128,6 +128,18 @@ def accumulated_scores(chunk: "PrefillChunk", decay: float = 1.0, normalise: boo
     return scores
 
 
+def attention_rate(accumulated: torch.Tensor, chunk: "PrefillChunk") -> torch.Tensor:
+    """[B, Hkv, S] each candidate's attention per query that could see it: `accumulated` (its attention summed
+    over every query of the prompt so far, earlier chunks included) over the queries from its own position
+    to the chunk's last (at most the sliding window). A sum favours a token for how long it has been seen;
+    the rate is what one more query pays it, if the text goes on as it went."""
+    last = chunk.q_pos.max(dim=1).values[:, None, None]  # [B, 1, 1]
+    seen = (last - chunk.key_pos + 1).clamp(min=1).float()
+    if chunk.window is not None:
+        seen = seen.clamp(max=chunk.window)
+    return accumulated / seen
+
+
 def attention_shares(accumulated: torch.Tensor, window: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[B, Hkv, S] each candidate's larger share of attention, max(accumulated / its sum, window / its sum),
     the sums over the `valid` candidates: large when every query or the last ones (the window, e.g. a

@@ -103,7 +103,7 @@ from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, check_counts, check_pooling, part_tokens
 from kvzoo.cache.compactor import sinks_then_compactor
 from kvzoo.cache.copy_heads import induction_scores
-from kvzoo.cache.scoring import (accumulated_scores, attention_shares, block_attention,
+from kvzoo.cache.scoring import (accumulated_scores, attention_rate, attention_shares, block_attention,
                                  leverage_scores, on_the_scale_of, own_key_leverage, window_scores)
 from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, slot_candidates, top_mask,
                                    widest_shares)
@@ -261,6 +261,19 @@ class ZSMerge(CompressionMethod):
     # at 20 and 5% kept), so with 2 it holds its slot for about 5-15 decode steps, a short answer's length;
     # 8 answers the same needles and costs 0.002 nats of continuation NLL at 10-20% kept ("Measured effect").
     standing_half_life: float = 2.0
+    # With a share rank: what the accumulated share is a share of. "sum" (default): each token's attention
+    # summed over every prompt query (H2O's statistic), which favours a token for the number of queries that
+    # have seen it: at equal attention per query the first tokens of a 2048-token prompt outscore those 1000
+    # positions later twofold, though every continuation query sees both. "rate": that sum over the queries
+    # that could see the token (`scoring.attention_rate`; kvpress' observed attention), an unbiased estimate of
+    # what one more query pays it if the text goes on as it went. Standings stay on the sum's scale (a later
+    # chunk divides an older slot's standing by the queries that have seen it). Not the default (tools/RESULTS.md,
+    # "Session 30"; continuation NLL, 16 windows, equal memory, paired with "sum" at 5 / 10 / 20% kept): seed 19
+    # -0.017 +- 0.007 / -0.008 +- 0.005 / -0.002 +- 0.003, the Rust reference -0.007 +- 0.018 / -0.012 +- 0.018 /
+    # -0.012 +- 0.008, the nightly Rustonomicon -0.011 +- 0.008 / -0.010 +- 0.004 / -0.003 +- 0.003, but seed 18
+    # +0.004 / +0.004 / +0.012, all of it one window whose continuation copies a table from 1,700 tokens back
+    # (+0.18 / +0.12 / +0.18 there): the sum kept what the prompt's own earlier copy read. Needles not measured.
+    accumulated: str = "sum"
     window_weight: float = 1.0  # "blend" and "split": the pooled window's weight in the blended score
     window_share: float = 0.25  # "split": the share of the context slots picked by the pooled window
     # Rank each layer's context candidates by the larger of their share of that head's stored score and the
@@ -388,6 +401,8 @@ class ZSMerge(CompressionMethod):
                              f"'accumulated' (got rank={self.rank!r})")
         if self.leverage_of not in ("keys", "values"):
             raise KvzooError(f"ZSMerge: leverage_of must be 'keys' or 'values', got {self.leverage_of!r}")
+        if self.accumulated not in ("sum", "rate"):
+            raise KvzooError(f"ZSMerge: accumulated must be 'sum' or 'rate', got {self.accumulated!r}")
         if self.decode_score not in DECODE_SCORES:
             raise KvzooError(f"ZSMerge: decode_score must be one of {', '.join(map(repr, DECODE_SCORES))}, got "
                              f"{self.decode_score!r}")
@@ -526,7 +541,8 @@ class ZSMerge(CompressionMethod):
             return total + on_the_scale_of(total, fresh, valid, self.window_weight), fresh, total
         standing = total if bonus is None else total + bonus * self.decay**t
         mass = (standing * valid).sum(-1, keepdim=True)  # [B, Hkv, 1]: the standings are shares of this mass
-        share = attention_shares(standing, fresh, valid)
+        share = attention_shares(standing if self.accumulated == "sum" else attention_rate(standing, chunk), fresh,
+                                 valid)
         if self.rank in ("shares", "block_shares"):
             share = torch.maximum(share, self._leverage_share(chunk, valid))
         if self.rank == "block_shares":  # Compactor's defaults: 256-position blocks, unscaled logits, pooled 3
