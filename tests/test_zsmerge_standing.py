@@ -11,8 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kvzoo
+import kvzoo.cache.zsmerge as zsmerge_module
 from kvzoo.cache.chunk import make_prefill_chunk
+from kvzoo.cache.copy_heads import induction_scores
 from kvzoo.cache.zsmerge import ZSMerge
+from kvzoo.likelihood import prefill_cache
 from tests.method_helpers import _at, drive_synthetic, random_qkv, reference_probs
 
 
@@ -156,27 +160,56 @@ def test_a_fork_with_headroom_pads_the_standing_as_empty_slots():
         assert bool((new.state[name][:, :, c:] == empty).all())
 
 
+@dataclasses.dataclass
+class _HeadOneCopies(ZSMerge):
+    """ZSMerge whose KV head 1 of every layer is a copy head (what before_prefill marks from a model)."""
+
+    def make_cache(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        cache = super().make_cache(*args, **kwargs)
+        for slots in cache.layers:
+            if "sum_head" in slots.state:  # accumulated="rate_outside_copy_heads" only
+                slots.state["sum_head"][:, 1] = True
+        return cache
+
+
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 10_000), groups=st.integers(1, 2))
-def test_the_accumulated_share_of_every_query_or_of_its_rate(seed, groups):
+@given(seed=st.integers(0, 10_000), groups=st.integers(1, 2),
+       accumulated=st.sampled_from(["sum", "rate", "rate_outside_copy_heads"]))
+def test_the_accumulated_share_of_every_query_or_of_its_rate(seed, groups, accumulated):
     """A one-chunk prompt of n tokens, per KV head: the context is the top (B - B_p - B_r) of the older tokens by
-    max(a_j / sum a, w_j / sum w), w the last W queries' attention and a, with accumulated="sum", every query's
-    attention a_j = sum_i A_i(j), with "rate", a_j = sum_i A_i(j) / (n - j), the queries that saw token j
-    (float64 softmax reference; GQA: the mean over a KV head's query heads)."""
+    max(a_j / sum a, w_j / sum w), w the last W queries' attention and a every query's attention, summed,
+    a_j = sum_i A_i(j) ("sum"), or its rate, a_j = sum_i A_i(j) / (n - j), over the queries that saw token j
+    ("rate"; "rate_outside_copy_heads": the rate, the sum in the copy heads, here KV head 1). Float64 softmax
+    reference; GQA: the mean over a KV head's query heads."""
     n, w, budget, proximity, residual = 40, 4, 12, 3, 1
-    qkv = random_qkv(1, 1, 1, groups, n, seed=seed, scale=1.5)
-    probs = reference_probs(qkv.q[0][0], qkv.k[0][0, 0], list(range(n)), list(range(n)), None).mean(0)  # [n, n]
-    summed, window = probs.sum(0), probs[n - w:].sum(0)
-    rate = summed / torch.arange(n, 0, -1, dtype=torch.float64)
-    older, context = list(range(n - proximity)), budget - proximity - residual
-    kept = {}
-    for accumulated, a in (("sum", summed), ("rate", rate)):
-        method = ZSMerge(budget=budget, proximity=proximity, residual=residual, window_size=w, kernel_size=1,
-                         decay=1.0, accumulated=accumulated)
-        slots = drive_synthetic(method, qkv, [n], 0).cache.layers[0]
-        kept[accumulated] = set(slots.pos[0, 0, residual:budget - proximity].tolist())
+    qkv = random_qkv(1, 1, 2, groups, n, seed=seed, scale=1.5)
+    method = _HeadOneCopies(budget=budget, proximity=proximity, residual=residual, window_size=w, kernel_size=1,
+                            decay=1.0, accumulated=accumulated)
+    slots = drive_synthetic(method, qkv, [n], 0).cache.layers[0]
+    older = list(range(n - proximity))
+    for h in range(2):
+        q = qkv.q[0][0, h * groups:(h + 1) * groups]
+        probs = reference_probs(q, qkv.k[0][0, h], list(range(n)), list(range(n)), None).mean(0)  # [n, n]
+        summed, window = probs.sum(0), probs[n - w:].sum(0)
+        by_sum = accumulated == "sum" or (accumulated == "rate_outside_copy_heads" and h == 1)
+        a = summed if by_sum else summed / torch.arange(n, 0, -1, dtype=torch.float64)
         share = torch.maximum(a / a.sum(), window / window.sum())
-        assert len(kept[accumulated]) == context
-        chosen = [share[p].item() for p in older if p in kept[accumulated]]
-        dropped = [share[p].item() for p in older if p not in kept[accumulated]]
-        assert min(chosen) >= max(dropped) - 1e-6, (accumulated, sorted(kept[accumulated]))
+        kept = set(slots.pos[0, h, residual:budget - proximity].tolist())
+        assert len(kept) == budget - proximity - residual
+        chosen = [share[p].item() for p in older if p in kept]
+        dropped = [share[p].item() for p in older if p not in kept]
+        assert min(chosen) >= max(dropped) - 1e-6, (accumulated, h, sorted(kept))
+
+
+def test_the_copy_heads_ranked_by_the_sum_are_the_models_induction_heads(tiny_checkpoint, monkeypatch):
+    """accumulated="rate_outside_copy_heads" marks, before the prompt, the KV heads whose induction score
+    (copy_heads.induction_scores) is above COPY_HEAD_THRESHOLD (here the scores' median, so that some are
+    and some are not)."""
+    model = kvzoo.load(tiny_checkpoint("llama-gqa")[1])
+    scores = induction_scores(model)  # [L, Hkv]
+    threshold = float(scores.flatten().median())
+    monkeypatch.setattr(zsmerge_module, "COPY_HEAD_THRESHOLD", threshold)
+    cache, _ = prefill_cache(model, [list(range(3, 23))], ZSMerge(budget=8, accumulated="rate_outside_copy_heads"),
+                             headroom=0)
+    marked = torch.stack([slots.state["sum_head"][0] for slots in cache.layers])
+    assert torch.equal(marked, scores > threshold) and bool(marked.any()) and not bool(marked.all())

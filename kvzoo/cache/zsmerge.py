@@ -102,7 +102,7 @@ import torch.nn.functional as F
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, check_counts, check_pooling, part_tokens
 from kvzoo.cache.compactor import sinks_then_compactor
-from kvzoo.cache.copy_heads import induction_scores
+from kvzoo.cache.copy_heads import COPY_HEAD_THRESHOLD, induction_scores
 from kvzoo.cache.scoring import (accumulated_scores, attention_rate, attention_shares, block_attention,
                                  leverage_scores, on_the_scale_of, own_key_leverage, window_scores)
 from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, slot_candidates, top_mask,
@@ -123,6 +123,7 @@ WINDOW_RANKS = ("window", "accumulated")  # the paper's: one attention signal, n
 SHARE_RANKS = ("attention_shares", "shares", "block_shares")  # rank by the largest share (see ZSMerge.decode_score)
 NOT_ATTENTION_ONLY = ("split", "shares", "block_shares")  # ranks cross_layer cannot take (leverage or a split)
 DECODE_SCORES = ("accumulated", "standing")
+ACCUMULATED = ("sum", "rate", "rate_outside_copy_heads")  # see ZSMerge.accumulated
 
 
 @dataclass(frozen=True)
@@ -272,7 +273,12 @@ class ZSMerge(CompressionMethod):
     # -0.017 +- 0.007 / -0.008 +- 0.005 / -0.002 +- 0.003, the Rust reference -0.007 +- 0.018 / -0.012 +- 0.018 /
     # -0.012 +- 0.008, the nightly Rustonomicon -0.011 +- 0.008 / -0.010 +- 0.004 / -0.003 +- 0.003, but seed 18
     # +0.004 / +0.004 / +0.012, all of it one window whose continuation copies a table from 1,700 tokens back
-    # (+0.18 / +0.12 / +0.18 there): the sum kept what the prompt's own earlier copy read. Needles not measured.
+    # (+0.18 / +0.12 / +0.18 there): the sum kept what the prompt's own earlier copy read. "rate_outside_copy_heads":
+    # the rate, except in the copy heads (`copy_heads.induction_scores` above COPY_HEAD_THRESHOLD), which read
+    # whichever earlier passage the text is repeating, so that how much the earlier repeats read a token, the sum,
+    # is what tells them what a copy will need: seed 18 -0.005 +- 0.005 / -0.003 +- 0.003 / +0.002 +- 0.003 (that
+    # window +0.05 / +0.01 / +0.02), seed 19 -0.012 +- 0.004 / -0.007 +- 0.003 / -0.001 +- 0.002, the Rust
+    # reference -0.008 +- 0.007 / -0.006 +- 0.005 / -0.010 +- 0.005. Needles not yet measured.
     accumulated: str = "sum"
     window_weight: float = 1.0  # "blend" and "split": the pooled window's weight in the blended score
     window_share: float = 0.25  # "split": the share of the context slots picked by the pooled window
@@ -401,8 +407,9 @@ class ZSMerge(CompressionMethod):
                              f"'accumulated' (got rank={self.rank!r})")
         if self.leverage_of not in ("keys", "values"):
             raise KvzooError(f"ZSMerge: leverage_of must be 'keys' or 'values', got {self.leverage_of!r}")
-        if self.accumulated not in ("sum", "rate"):
-            raise KvzooError(f"ZSMerge: accumulated must be 'sum' or 'rate', got {self.accumulated!r}")
+        if self.accumulated not in ACCUMULATED:
+            raise KvzooError(f"ZSMerge: accumulated must be one of {', '.join(map(repr, ACCUMULATED))}, got "
+                             f"{self.accumulated!r}")
         if self.decode_score not in DECODE_SCORES:
             raise KvzooError(f"ZSMerge: decode_score must be one of {', '.join(map(repr, DECODE_SCORES))}, got "
                              f"{self.decode_score!r}")
@@ -484,6 +491,9 @@ class ZSMerge(CompressionMethod):
                 slots.state["standing_bonus"] = torch.zeros_like(slots.score)  # [B, Hkv, C] (see `_compress`)
                 slots.state["standing_pos"] = torch.full_like(slots.pos, -1, dtype=torch.int32)  # [B, Hkv, C]
                 slots.state["standing_written"] = torch.zeros_like(residual)  # [B] position after that chunk
+            if self.accumulated == "rate_outside_copy_heads":  # filled from the model (before_prefill)
+                slots.state["sum_head"] = torch.zeros(len(prompt_lens), cfg.num_kv_heads, dtype=torch.bool,
+                                                      device=device)  # [B, Hkv]
             if self.copy_heads is not None:  # filled from the model before each prompt chunk (before_prefill)
                 slots.state["copy_head"] = torch.zeros(len(prompt_lens), cfg.num_kv_heads, dtype=torch.bool,
                                                        device=device)  # [B, Hkv]
@@ -506,22 +516,28 @@ class ZSMerge(CompressionMethod):
         return self
 
     def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
-        """Mark each layer's copy heads (`copy_heads`) in the cache, from the model's induction scores."""
-        if self.copy_heads is None:
+        """Mark each layer's copy heads in the cache, from the model's induction scores: those whose ring lends
+        its slots (`copy_heads`) and those ranked by the attention sum (`accumulated`)."""
+        marks = [] if self.copy_heads is None else [("copy_head", self.copy_heads)]
+        if self.accumulated == "rate_outside_copy_heads":
+            marks.append(("sum_head", COPY_HEAD_THRESHOLD))
+        if not marks:
             return
         scores = induction_scores(model)  # [L, Hkv], computed once per model
         for slots, layer_scores in zip(cache.layers, scores):
-            slots.state["copy_head"].copy_((layer_scores > self.copy_heads)[None].expand_as(slots.state["copy_head"]))
+            for key, threshold in marks:
+                slots.state[key].copy_((layer_scores > threshold)[None].expand_as(slots.state[key]))
 
     # --- prefill --------------------------------------------------------------------------------------
-    def _scores(self, chunk: "PrefillChunk", bonus: torch.Tensor | None = None,
+    def _scores(self, chunk: "PrefillChunk", bonus: torch.Tensor | None = None, sum_head: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(standing, fresh, accumulated), each [B, Hkv, S]: the contribution scores that rank the context
         (older slots' scores decayed over the chunk, plus the chunk's part as `rank` says); the chunk's own
         windowed, pooled (or, rank="accumulated", accumulated) attention; the attention accumulated over every
         query (older slots' stored scores included) for the ranks that read it (else None). Except with
         rank="split" the context is ranked by the standing. `bonus` [B, Hkv, S]: what the share ranks add to
-        an older slot's stored score to get its standing (`_standing_bonus`)."""
+        an older slot's stored score to get its standing (`_standing_bonus`); `sum_head` [B, Hkv] bool: the heads
+        whose accumulated share stays the sum with accumulated="rate_outside_copy_heads"."""
         t = chunk.q.shape[2]
         older = chunk.key_score * self.decay**t  # [B, Hkv, S]: 0 for the chunk's own tokens
         if self.rank == "accumulated":
@@ -541,8 +557,11 @@ class ZSMerge(CompressionMethod):
             return total + on_the_scale_of(total, fresh, valid, self.window_weight), fresh, total
         standing = total if bonus is None else total + bonus * self.decay**t
         mass = (standing * valid).sum(-1, keepdim=True)  # [B, Hkv, 1]: the standings are shares of this mass
-        share = attention_shares(standing if self.accumulated == "sum" else attention_rate(standing, chunk), fresh,
-                                 valid)
+        signal = standing  # what the accumulated share is a share of
+        if self.accumulated != "sum":
+            rate = attention_rate(standing, chunk)
+            signal = rate if sum_head is None else torch.where(sum_head[:, :, None], standing, rate)
+        share = attention_shares(signal, fresh, valid)  # shares within each head: sum and rate heads never mix
         if self.rank in ("shares", "block_shares"):
             share = torch.maximum(share, self._leverage_share(chunk, valid))
         if self.rank == "block_shares":  # Compactor's defaults: 256-position blocks, unscaled logits, pooled 3
@@ -634,7 +653,8 @@ class ZSMerge(CompressionMethod):
         if "cross_layer_tie" in slots.state:  # a second chunk before end_prefill
             raise KvzooError("ZSMerge(cross_layer=True) ranks every layer's tokens over the whole prompt, so it "
                              "cannot compress a prompt fed in chunks; generate without prefill_chunk")
-        score, window, accumulated = self._scores(chunk, self._standing_bonus(slots, chunk))
+        score, window, accumulated = self._scores(chunk, self._standing_bonus(slots, chunk),
+                                                  slots.state.get("sum_head"))
         # The share ranks keep a token for its largest share, but its slot's score is what decode steps add
         # each query's attention to and evict by: the accumulated attention, with the standing kept beside it
         # for a later prompt chunk (see `decode_score`).
