@@ -278,7 +278,10 @@ class ZSMerge(CompressionMethod):
     # whichever earlier passage the text is repeating, so that how much the earlier repeats read a token, the sum,
     # is what tells them what a copy will need: seed 18 -0.005 +- 0.005 / -0.003 +- 0.003 / +0.002 +- 0.003 (that
     # window +0.05 / +0.01 / +0.02), seed 19 -0.012 +- 0.004 / -0.007 +- 0.003 / -0.001 +- 0.002, the Rust
-    # reference -0.008 +- 0.007 / -0.006 +- 0.005 / -0.010 +- 0.005. Needles not yet measured.
+    # reference -0.008 +- 0.007 / -0.006 +- 0.005 / -0.010 +- 0.005, the nightly Rustonomicon -0.009 +- 0.005 /
+    # -0.007 +- 0.003 / -0.001 +- 0.003. Not the default: it costs query-aware needles (seed 19, 24 asked with
+    # the context: 8 / 13 / 16 against the default's 8 / 14 / 17, the full cache 17; "rate" 8 / 11 / 15; asked
+    # after compression 3 / 6 / 9 for all three).
     accumulated: str = "sum"
     window_weight: float = 1.0  # "blend" and "split": the pooled window's weight in the blended score
     window_share: float = 0.25  # "split": the share of the context slots picked by the pooled window
