@@ -163,6 +163,8 @@ def test_for_stored_document_changes_zsmerge_kvmerger_and_zigzag_only():
                                                                                      rank="window")
     # Compactor's context rank takes no leverage term, nor a document fed in chunks: then the copy heads
     assert ZSMerge(leverage=1.0).for_stored_document() == ZSMerge(leverage=1.0, copy_heads=0.3, rank="shares")
+    rate = ZSMerge(accumulated="rate").for_stored_document()  # Compactor ranks a stored document's context
+    assert rate.context_rank == "compactor" and rate.accumulated == "sum"
     assert ZSMerge().for_stored_document(chunked=True) == ZSMerge(copy_heads=0.3, rank="shares")
     assert KVMerger().for_stored_document(chunked=True) == KVMerger()  # Compactor's score is of one chunk
 

@@ -413,6 +413,9 @@ class ZSMerge(CompressionMethod):
         if self.accumulated not in ACCUMULATED:
             raise KvzooError(f"ZSMerge: accumulated must be one of {', '.join(map(repr, ACCUMULATED))}, got "
                              f"{self.accumulated!r}")
+        if self.accumulated != "sum" and self.rank not in SHARE_RANKS:
+            raise KvzooError(f"ZSMerge: accumulated={self.accumulated!r} is the accumulated share of a share rank "
+                             f"({', '.join(map(repr, SHARE_RANKS))}), got rank={self.rank!r}")
         if self.decode_score not in DECODE_SCORES:
             raise KvzooError(f"ZSMerge: decode_score must be one of {', '.join(map(repr, DECODE_SCORES))}, got "
                              f"{self.decode_score!r}")
@@ -511,7 +514,8 @@ class ZSMerge(CompressionMethod):
         if self.copy_heads is not None or self.cross_layer or self.context_rank != "score":
             return self
         if self.stored_ring is not None and not self.leverage and not chunked:
-            return replace(self, proximity_cap=self.stored_ring, context_rank="compactor", rank="window")
+            return replace(self, proximity_cap=self.stored_ring, context_rank="compactor", rank="window",
+                           accumulated="sum")
         if self.stored_copy_heads is not None:  # with the keys' leverage share, as measured (session 22): the
             # query-agnostic signal beside the copy heads, which a prompt to continue no longer needs (`rank`)
             rank = "shares" if self.rank == "attention_shares" else self.rank
