@@ -15,8 +15,9 @@ improve.
 
 Prints each method's NLL increase over the full cache per budget, its paired difference to the first method
 named (mean +- standard error over windows), and every window's increase, since a few windows (a passage the
-continuation copies from far back) can carry most of a mean. Runs one window batch at a time: about two
-minutes per method, budget and 8 windows of 2048 tokens on one CPU thread (seen beside other jobs, not timed).
+continuation copies from far back) can carry most of a mean. Runs one window batch at a time: two to three
+and a half minutes per method, budget and 8 windows of 2048 tokens on one CPU thread (seen beside one other
+job, not timed alone).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from kvzoo.cache.base import CompressionMethod  # noqa: E402
 from kvzoo.cache.h2o import H2O  # noqa: E402
 from kvzoo.cache.observe import PrefillObserver, observe_prefill  # noqa: E402
 from kvzoo.cache.scoring import group_mean  # noqa: E402
-from kvzoo.cache.selection import argmin_where, keep_top, place_or_evict  # noqa: E402
+from kvzoo.cache.selection import keep_top  # noqa: E402
 from kvzoo.cache.slots import LayerSlots  # noqa: E402
 from kvzoo.likelihood import score_ids  # noqa: E402
 from kvzoo_kernels.window_scores import weighted_column_sums  # noqa: E402
@@ -97,7 +98,8 @@ class Clairvoyant(H2O):
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         recorded = self.tables[layer_idx].gather(-1, chunk.key_pos.clamp(min=0))  # [B, Hkv, S]
-        accumulated = super().prefill_scores(slots, chunk)
+        # H2O's accumulated attention (one more attention pass over the prompt) only where a phase uses it
+        accumulated = recorded if self.phase == "both" else super().prefill_scores(slots, chunk)
         rank = accumulated if self.phase == "decode" else recorded
         stored = accumulated if self.phase == "prefill" else recorded
         keep_top(slots, chunk, rank.masked_fill(self.protected(slots, chunk), float("inf")),
@@ -109,10 +111,8 @@ class Clairvoyant(H2O):
             super().decode_step(layer_idx, slots, k_new, v_new, pos_new, probs)
             return
         table = self._stacked if layer_idx < 0 else self.tables[layer_idx]
-        recent = slots.pos > (pos_new - self._recent(slots))[:, None, None]
-        evict = argmin_where(slots.score, slots.filled & ~recent)
         new_score = table.gather(-1, pos_new[:, None, None].expand(-1, table.shape[1], 1))[..., 0]
-        place_or_evict(slots, evict, k_new, v_new, pos_new, new_score)
+        self.place_evicting_lowest(slots, k_new, v_new, pos_new, new_score)
 
 
 def mean_nll(model: "CausalLM", contexts: list[list[int]], continuations: list[list[int]],

@@ -28,10 +28,11 @@ if TYPE_CHECKING:
     from kvzoo.models.base import CausalLM
 
 PROBE_TOKENS = 256  # length of the random sequence; it is fed twice
-# An induction score above this marks a copy head (on SmolLM2-135M the five heads above it are the ones every
-# needle's answer is read through; tools/RESULTS.md, "Session 21"): ZSMerge(accumulated="rate_outside_copy_heads").
-COPY_HEAD_THRESHOLD = 0.3
 PROBE_SEED = 0
+# An induction score above this marks a copy head (on SmolLM2-135M the five heads above it are the ones every
+# needle's answer is read through; tools/RESULTS.md, "Session 21"): ZSMerge's
+# `stored_copy_heads` default and accumulated="rate_outside_copy_heads".
+COPY_HEAD_THRESHOLD = 0.3
 _SCORES: "weakref.WeakKeyDictionary[CausalLM, torch.Tensor]" = weakref.WeakKeyDictionary()
 
 

@@ -60,6 +60,12 @@ class H2O(ScoredSelection):
                     pos_new: torch.Tensor, probs: torch.Tensor) -> None:
         slot_p, new_p = kv_probs(probs, k_new.shape[1])
         slots.score.add_(slot_p)
+        self.place_evicting_lowest(slots, k_new, v_new, pos_new, new_p)
+
+    def place_evicting_lowest(self, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
+                              pos_new: torch.Tensor, new_score: torch.Tensor) -> None:
+        """Place the new token (score new_score [B, Hkv]) in a free slot, or over the lowest-scored slot older
+        than the recent window."""
         recent = slots.pos > (pos_new - self._recent(slots))[:, None, None]
         evict = argmin_where(slots.score, slots.filled & ~recent)
-        place_or_evict(slots, evict, k_new, v_new, pos_new, new_p)
+        place_or_evict(slots, evict, k_new, v_new, pos_new, new_score)

@@ -116,16 +116,21 @@ def accumulated_scores(chunk: "PrefillChunk", decay: float = 1.0, normalise: boo
     sums = _column_sums(chunk, ("all", decay), chunk.q, chunk.q_pos, weights, chunk.row_lse)
     scores = group_mean(sums, chunk.keys.shape[1])
     if normalise:
-        # A chunk's valid queries have consecutive positions, so the queries that see key j number
-        # last_pos - pos_j + 1, at most the count of valid queries.
-        last_pos = chunk.q_pos.max(dim=1).values[:, None, None]  # [B, 1, 1]
-        n_valid = valid.sum(1)[:, None, None]
-        seen_by = torch.minimum((last_pos - chunk.key_pos + 1).float(), n_valid)
-        if chunk.window is not None:  # under a sliding window at most `window` queries see a key
-            seen_by = seen_by.clamp(max=chunk.window)
-        seen_by = seen_by.clamp(min=1)
-        scores = scores / seen_by
+        scores = scores / queries_that_saw(chunk, within_chunk=True)
     return scores
+
+
+def queries_that_saw(chunk: "PrefillChunk", within_chunk: bool) -> torch.Tensor:
+    """[B, Hkv, S] fp32 how many queries have seen each candidate, at least 1: positions are consecutive, so
+    those from its position to the chunk's last, last_pos - pos_j + 1; only the chunk's own queries with
+    `within_chunk` (for a statistic of this chunk's attention alone); at most the sliding window."""
+    last_pos = chunk.q_pos.max(dim=1).values[:, None, None]  # [B, 1, 1]
+    seen_by = (last_pos - chunk.key_pos + 1).float()
+    if within_chunk:
+        seen_by = torch.minimum(seen_by, (chunk.q_pos >= 0).sum(1)[:, None, None].float())
+    if chunk.window is not None:  # under a sliding window at most `window` queries see a key
+        seen_by = seen_by.clamp(max=chunk.window)
+    return seen_by.clamp(min=1)
 
 
 def attention_rate(accumulated: torch.Tensor, chunk: "PrefillChunk") -> torch.Tensor:
@@ -133,11 +138,7 @@ def attention_rate(accumulated: torch.Tensor, chunk: "PrefillChunk") -> torch.Te
     over every query of the prompt so far, earlier chunks included) over the queries from its own position
     to the chunk's last (at most the sliding window). A sum favours a token for how long it has been seen;
     the rate is what one more query pays it, if the text goes on as it went."""
-    last = chunk.q_pos.max(dim=1).values[:, None, None]  # [B, 1, 1]
-    seen = (last - chunk.key_pos + 1).clamp(min=1).float()
-    if chunk.window is not None:
-        seen = seen.clamp(max=chunk.window)
-    return accumulated / seen
+    return accumulated / queries_that_saw(chunk, within_chunk=False)
 
 
 def attention_shares(accumulated: torch.Tensor, window: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -358,7 +358,7 @@ class ZSMerge(CompressionMethod):
     # of 6 questions against 5 / 5 / 3 / 0 / 0 without (a 2000-token document at 50 / 20 / 10%: 5 / 5 / 2
     # against 5 / 3 / 1; the full cache 5); needles asked after compression 17 of 72 at 20% kept against 12
     # on seeds 5, 6 and 10 (5% and 10%: as without).
-    stored_copy_heads: float | None = 0.3
+    stored_copy_heads: float | None = COPY_HEAD_THRESHOLD
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "ZSMerge")
