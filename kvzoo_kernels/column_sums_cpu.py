@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _NO_WEIGHT = -1.0e4  # log-weight of a query with weight 0: exp(-1e4) underflows to 0 without a NaN
@@ -48,9 +49,13 @@ def fits_causal_fast_path(
 
 
 def causal_column_sums(q: torch.Tensor, k: torch.Tensor, query_weights: torch.Tensor,
-                       row_lse: torch.Tensor | None = None) -> torch.Tensor:
+                       row_lse: torch.Tensor | None = None, min_distance: int = 0) -> torch.Tensor:
     """sum_i w_i * softmax(causal q k^T / sqrt(D))[i, j] -> [B, Hq, T] fp32, for q [B, Hq, T, D],
     k [B, Hkv, T, D] (GQA: Hq a multiple of Hkv), w [B, T]; computed in fp32 like the reference.
+
+    `min_distance` = h > 0 sums only the queries i >= j + h. In pass 2's reversed order (row r = T-1-j, column
+    c = T-1-i) that is c <= r - h: dropping the first h rows makes it the kernel's causal mask, which for fewer
+    rows than columns is aligned top-left (row r' sees columns c <= r'), and the last h keys get 0.
 
     `row_lse` [B, Hq, T]: the queries' log partition functions if the caller has them (the model's own causal
     attention returns them, kvzoo_kernels.attention.causal_attention), which saves pass 1. Read only for fp32
@@ -68,5 +73,7 @@ def causal_column_sums(q: torch.Tensor, k: torch.Tensor, query_weights: torch.Te
     offset = (log_w - lse) / scale  # [B, Hq, T], times sqrt(D) so that the kernel's scale gives it back
     rows = torch.cat([k, torch.ones_like(k[..., :1])], dim=-1).flip(2)  # keys act as queries, last first
     cols = torch.cat([q, offset[..., None]], dim=-1).flip(2)
-    _, log_sums = _flash(rows, cols, cols, is_causal=True, scale=scale)
-    return log_sums.flip(2).exp()
+    if min_distance >= t:
+        return torch.zeros(b, hq, t, dtype=torch.float32, device=q.device)
+    _, log_sums = _flash(rows[:, :, min_distance:].contiguous(), cols, cols, is_causal=True, scale=scale)
+    return F.pad(log_sums.flip(2).exp(), (0, min_distance))

@@ -186,18 +186,19 @@ def test_chunk_attention_equals_reference(case):
 
 
 @SETTINGS
-@given(chunk_cases(), st.sampled_from([None, 4]))
-def test_window_column_scores_equal_reference(case, observed):
+@given(chunk_cases(), st.sampled_from([None, 4]), st.sampled_from([0, 0, 2, 5]))
+def test_window_column_scores_equal_reference(case, observed, min_distance):
     """The decay-weighted column sums over the last `observed` queries (None: all of them, H2O-style), with
-    non-zero weights on padding queries too, so their rule is checked as well."""
+    non-zero weights on padding queries too, so their rule is checked as well; over every query or only those
+    at least `min_distance` positions after the key (ZSMerge's distant rate)."""
     window, (block_t, block_s), dtype, seed = case[7], case[8], case[9], case[10]
     q, keys, _, q_pos, key_pos, key_bias = _chunk(case)
     if observed is not None:
         q, q_pos = q[:, :, -observed:], q_pos[:, -observed:]
     (weights,) = _dev(torch.rand(q_pos.shape, generator=_gen(seed + 1)))
     out = weighted_column_sums_triton(q, keys, q_pos, key_pos, key_bias, window, weights, block_t=block_t,
-                                      block_s=block_s)
-    ref = weighted_column_sums_reference(q, keys, q_pos, key_pos, key_bias, window, weights)
+                                      block_s=block_s, min_distance=min_distance)
+    ref = weighted_column_sums_reference(q, keys, q_pos, key_pos, key_bias, window, weights, min_distance)
     torch.testing.assert_close(out, ref, **PROB_TOL[dtype])
 
 
@@ -317,7 +318,7 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(torch.ops.kvzoo.chunk_attention.default,
                           (qc, keys, values, q_pos, key_pos, key_bias, 4, 3, 16, 16))
     torch.library.opcheck(torch.ops.kvzoo.weighted_column_sums.default,
-                          (qc, keys, q_pos, key_pos, key_bias, 4, torch.ones(q_pos.shape, device=DEVICE), 16, 16))
+                          (qc, keys, q_pos, key_pos, key_bias, 4, torch.ones(q_pos.shape, device=DEVICE), 16, 16, 2))
     slots, rest = _zsmerge_state((1, 1, 2, 8, [(1, 2, 2)], 5, "full", "dot", "max", 1, torch.float32, 0, False))
     torch.library.opcheck(torch.ops.kvzoo.zsmerge_update.default, (*slots, *rest, None, 0.9, True, True, 1))
     bias = torch.rand(slots[2].shape, generator=_gen(1)).to(slots[2].device)

@@ -15,7 +15,7 @@ import kvzoo
 import kvzoo.cache.zsmerge as zsmerge_module
 from kvzoo.cache.chunk import make_prefill_chunk
 from kvzoo.cache.copy_heads import induction_scores
-from kvzoo.cache.zsmerge import ZSMerge
+from kvzoo.cache.zsmerge import ACCUMULATED, KEEP_SUM_IN_COPY_HEADS, ZSMerge
 from kvzoo.likelihood import prefill_cache
 from tests.method_helpers import _at, drive_synthetic, random_qkv, reference_probs
 
@@ -167,20 +167,21 @@ class _HeadOneCopies(ZSMerge):
     def make_cache(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         cache = super().make_cache(*args, **kwargs)
         for slots in cache.layers:
-            if "sum_head" in slots.state:  # accumulated="rate_outside_copy_heads" only
+            if "sum_head" in slots.state:  # accumulated in KEEP_SUM_IN_COPY_HEADS only
                 slots.state["sum_head"][:, 1] = True
         return cache
 
 
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 10_000), groups=st.integers(1, 2),
-       accumulated=st.sampled_from(["sum", "rate", "rate_outside_copy_heads"]))
+       accumulated=st.sampled_from(ACCUMULATED))
 def test_the_accumulated_share_of_every_query_or_of_its_rate(seed, groups, accumulated):
     """A one-chunk prompt of n tokens, per KV head: the context is the top (B - B_p - B_r) of the older tokens by
     max(a_j / sum a, w_j / sum w), w the last W queries' attention and a every query's attention, summed,
     a_j = sum_i A_i(j) ("sum"), or its rate, a_j = sum_i A_i(j) / (n - j), over the queries that saw token j
-    ("rate"; "rate_outside_copy_heads": the rate, the sum in the copy heads, here KV head 1). Float64 softmax
-    reference; GQA: the mean over a KV head's query heads."""
+    ("rate"), or its distant rate, a_j = sum_{i >= j + B_p} A_i(j) / (n - j - B_p), over the queries at least
+    the ring's size after it ("distant_rate"); "..._outside_copy_heads": the sum in the copy heads, here KV
+    head 1. Float64 softmax reference; GQA: the mean over a KV head's query heads."""
     n, w, budget, proximity, residual = 40, 4, 12, 3, 1
     qkv = random_qkv(1, 1, 2, groups, n, seed=seed, scale=1.5)
     method = _HeadOneCopies(budget=budget, proximity=proximity, residual=residual, window_size=w, kernel_size=1,
@@ -191,8 +192,11 @@ def test_the_accumulated_share_of_every_query_or_of_its_rate(seed, groups, accum
         q = qkv.q[0][0, h * groups:(h + 1) * groups]
         probs = reference_probs(q, qkv.k[0][0, h], list(range(n)), list(range(n)), None).mean(0)  # [n, n]
         summed, window = probs.sum(0), probs[n - w:].sum(0)
-        by_sum = accumulated == "sum" or (accumulated == "rate_outside_copy_heads" and h == 1)
-        a = summed if by_sum else summed / torch.arange(n, 0, -1, dtype=torch.float64)
+        by_sum = accumulated == "sum" or (accumulated in KEEP_SUM_IN_COPY_HEADS and h == 1)
+        seen_by = torch.arange(n, 0, -1, dtype=torch.float64)  # queries i >= j
+        far = torch.arange(n)[:, None] - torch.arange(n)[None, :] >= proximity  # [i, j]
+        distant = (probs * far).sum(0) / (seen_by - proximity).clamp(min=1)
+        a = summed if by_sum else distant if accumulated.startswith("distant") else summed / seen_by
         share = torch.maximum(a / a.sum(), window / window.sum())
         kept = set(slots.pos[0, h, residual:budget - proximity].tolist())
         assert len(kept) == budget - proximity - residual

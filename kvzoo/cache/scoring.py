@@ -70,12 +70,12 @@ def pool_by_position(
 
 
 def _column_sums(chunk: "PrefillChunk", key: tuple, q: torch.Tensor, q_pos: torch.Tensor,
-                 weights: torch.Tensor, row_lse: torch.Tensor | None = None) -> torch.Tensor:
+                 weights: torch.Tensor, row_lse: torch.Tensor | None = None, min_distance: int = 0) -> torch.Tensor:
     """weighted_column_sums of these queries over the chunk's candidates [B, Hq, S], once per chunk and key
     (`row_lse`: these queries' log partition functions, when known)."""
     if key not in chunk.memo:
         chunk.memo[key] = weighted_column_sums(q, chunk.keys, q_pos, chunk.key_pos, chunk.key_bias, chunk.window,
-                                               weights, row_lse)
+                                               weights, row_lse, min_distance)
     return chunk.memo[key]
 
 
@@ -104,16 +104,19 @@ def window_scores(
     return group_mean(scores, hkv)
 
 
-def accumulated_scores(chunk: "PrefillChunk", decay: float = 1.0, normalise: bool = False) -> torch.Tensor:
+def accumulated_scores(chunk: "PrefillChunk", decay: float = 1.0, normalise: bool = False,
+                       min_distance: int = 0) -> torch.Tensor:
     """Column sums of the chunk's attention over all its queries (decay^(age)-weighted), per KV head [B, Hkv, S].
 
     `normalise=True` divides each key's sum by the number of queries that could see it (kvpress' observed
-    attention), removing the bias towards early tokens."""
+    attention), removing the bias towards early tokens. `min_distance` > 0: only the queries at least that
+    many positions after the key (the attention it got from that far; `distant_attention`)."""
     t = chunk.q.shape[2]
     ages = torch.arange(t - 1, -1, -1, device=chunk.q.device, dtype=torch.float32)
     valid = (chunk.q_pos >= 0).float()
     weights = (decay**ages)[None] * valid
-    sums = _column_sums(chunk, ("all", decay), chunk.q, chunk.q_pos, weights, chunk.row_lse)
+    key = ("all", decay) if min_distance == 0 else ("all", decay, min_distance)
+    sums = _column_sums(chunk, key, chunk.q, chunk.q_pos, weights, chunk.row_lse, min_distance)
     scores = group_mean(sums, chunk.keys.shape[1])
     if normalise:
         scores = scores / queries_that_saw(chunk, within_chunk=True)
@@ -139,6 +142,26 @@ def attention_rate(accumulated: torch.Tensor, chunk: "PrefillChunk") -> torch.Te
     to the chunk's last (at most the sliding window). A sum favours a token for how long it has been seen;
     the rate is what one more query pays it, if the text goes on as it went."""
     return accumulated / queries_that_saw(chunk, within_chunk=False)
+
+
+def distant_attention_rate(standing: torch.Tensor, chunk: "PrefillChunk", horizon: torch.Tensor,
+                           decay: float = 1.0) -> torch.Tensor:
+    """[B, Hkv, S] each candidate's attention per query at least `horizon` [B] positions after it (per
+    sequence): what a query that far ahead paid it, as the rate (`attention_rate`) is per query of any
+    distance. A token's nearest queries read it for local reasons (the next words lean on the last ones),
+    which a query `horizon` or more positions later, past a ring of that many recent tokens, no longer
+    does; the rate divides that local part by the few queries that have seen a recent token, so it favours
+    the tokens just outside the ring. `standing` [B, Hkv, S]: the attention accumulated over every query of
+    the prompt so far (earlier chunks included; `decay` as it was summed with); this chunk's part from
+    nearer queries is taken out of it. A slot kept from an earlier chunk keeps all of its earlier attention
+    (where it came from is no longer known). 0 where no query is that far (the ring's own tokens)."""
+    near = None
+    for h in horizon.unique().tolist():  # one pass per distinct ring size (host sync: prefill only)
+        part = accumulated_scores(chunk, decay) - accumulated_scores(chunk, decay, min_distance=int(h))
+        near = part if near is None else torch.where((horizon == h)[:, None, None], part, near)
+    assert near is not None
+    far_queries = (queries_that_saw(chunk, within_chunk=False) - horizon[:, None, None]).clamp(min=0)
+    return torch.where(far_queries > 0, (standing - near).clamp(min=0) / far_queries.clamp(min=1), 0.0)
 
 
 def attention_shares(accumulated: torch.Tensor, window: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -104,7 +104,8 @@ from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, check_count
 from kvzoo.cache.compactor import sinks_then_compactor
 from kvzoo.cache.copy_heads import COPY_HEAD_THRESHOLD, induction_scores
 from kvzoo.cache.scoring import (accumulated_scores, attention_rate, attention_shares, block_attention,
-                                 leverage_scores, on_the_scale_of, own_key_leverage, window_scores)
+                                 distant_attention_rate, leverage_scores, on_the_scale_of, own_key_leverage,
+                                 window_scores)
 from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, slot_candidates, top_mask,
                                    widest_shares)
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots, allocate_stores
@@ -123,7 +124,8 @@ WINDOW_RANKS = ("window", "accumulated")  # the paper's: one attention signal, n
 SHARE_RANKS = ("attention_shares", "shares", "block_shares")  # rank by the largest share (see ZSMerge.decode_score)
 NOT_ATTENTION_ONLY = ("split", "shares", "block_shares")  # ranks cross_layer cannot take (leverage or a split)
 DECODE_SCORES = ("accumulated", "standing")
-ACCUMULATED = ("sum", "rate", "rate_outside_copy_heads")  # see ZSMerge.accumulated
+ACCUMULATED = ("sum", "rate", "rate_outside_copy_heads", "distant_rate", "distant_rate_outside_copy_heads")
+KEEP_SUM_IN_COPY_HEADS = ("rate_outside_copy_heads", "distant_rate_outside_copy_heads")  # see ZSMerge.accumulated
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,14 @@ class ZSMerge(CompressionMethod):
     # reference -0.008 +- 0.007 / -0.006 +- 0.005 / -0.010 +- 0.005, the nightly Rustonomicon -0.009 +- 0.005 /
     # -0.007 +- 0.003 / -0.001 +- 0.003. Not the default: it costs query-aware needles (seed 19, 24 asked with
     # the context: 8 / 13 / 16 against the default's 8 / 14 / 17, the full cache 17; "rate" 8 / 11 / 15; asked
-    # after compression 3 / 6 / 9 for all three).
+    # after compression 3 / 6 / 9 for all three). "distant_rate" (session 31): the attention per query at least
+    # the ring's size (B_p) after the token (`scoring.distant_attention_rate`). Every decode query reads a
+    # context token from at least that far, past the ring; its nearest queries read it for local reasons (the
+    # next words lean on the last ones), and the plain rate divides that local part by the few queries that
+    # have seen a recent token, so it favours the tokens just outside the ring over older ones a later query
+    # still reads (what cost "rate_outside_copy_heads" its needles: the answer's last digits lost their slots
+    # in layers 21-22 to such tokens). "distant_rate_outside_copy_heads": the distant rate, the sum in the
+    # copy heads, as above.
     accumulated: str = "sum"
     window_weight: float = 1.0  # "blend" and "split": the pooled window's weight in the blended score
     window_share: float = 0.25  # "split": the share of the context slots picked by the pooled window
@@ -497,7 +506,7 @@ class ZSMerge(CompressionMethod):
                 slots.state["standing_bonus"] = torch.zeros_like(slots.score)  # [B, Hkv, C] (see `_compress`)
                 slots.state["standing_pos"] = torch.full_like(slots.pos, -1, dtype=torch.int32)  # [B, Hkv, C]
                 slots.state["standing_written"] = torch.zeros_like(residual)  # [B] position after that chunk
-            if self.accumulated == "rate_outside_copy_heads":  # filled from the model (before_prefill)
+            if self.accumulated in KEEP_SUM_IN_COPY_HEADS:  # filled from the model (before_prefill)
                 slots.state["sum_head"] = torch.zeros(len(prompt_lens), cfg.num_kv_heads, dtype=torch.bool,
                                                       device=device)  # [B, Hkv]
             if self.copy_heads is not None:  # filled from the model before each prompt chunk (before_prefill)
@@ -526,7 +535,7 @@ class ZSMerge(CompressionMethod):
         """Mark each layer's copy heads in the cache, from the model's induction scores: those whose ring lends
         its slots (`copy_heads`) and those ranked by the attention sum (`accumulated`)."""
         marks = [] if self.copy_heads is None else [("copy_head", self.copy_heads)]
-        if self.accumulated == "rate_outside_copy_heads":
+        if self.accumulated in KEEP_SUM_IN_COPY_HEADS:
             marks.append(("sum_head", COPY_HEAD_THRESHOLD))
         if not marks:
             return
@@ -537,14 +546,15 @@ class ZSMerge(CompressionMethod):
 
     # --- prefill --------------------------------------------------------------------------------------
     def _scores(self, chunk: "PrefillChunk", bonus: torch.Tensor | None = None, sum_head: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                ring: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(standing, fresh, accumulated), each [B, Hkv, S]: the contribution scores that rank the context
         (older slots' scores decayed over the chunk, plus the chunk's part as `rank` says); the chunk's own
         windowed, pooled (or, rank="accumulated", accumulated) attention; the attention accumulated over every
         query (older slots' stored scores included) for the ranks that read it (else None). Except with
         rank="split" the context is ranked by the standing. `bonus` [B, Hkv, S]: what the share ranks add to
         an older slot's stored score to get its standing (`_standing_bonus`); `sum_head` [B, Hkv] bool: the heads
-        whose accumulated share stays the sum with accumulated="rate_outside_copy_heads"."""
+        whose accumulated share stays the sum (`KEEP_SUM_IN_COPY_HEADS`); `ring` [B]: each sequence's ring size,
+        the horizon of accumulated="distant_rate"."""
         t = chunk.q.shape[2]
         older = chunk.key_score * self.decay**t  # [B, Hkv, S]: 0 for the chunk's own tokens
         if self.rank == "accumulated":
@@ -566,7 +576,11 @@ class ZSMerge(CompressionMethod):
         mass = (standing * valid).sum(-1, keepdim=True)  # [B, Hkv, 1]: the standings are shares of this mass
         signal = standing  # what the accumulated share is a share of
         if self.accumulated != "sum":
-            rate = attention_rate(standing, chunk)
+            if self.accumulated.startswith("distant_rate"):
+                assert ring is not None, "the distant rate reads the ring's size"
+                rate = distant_attention_rate(standing, chunk, ring, self.decay)
+            else:
+                rate = attention_rate(standing, chunk)
             signal = rate if sum_head is None else torch.where(sum_head[:, :, None], standing, rate)
         share = attention_shares(signal, fresh, valid)  # shares within each head: sum and rate heads never mix
         if self.rank in ("shares", "block_shares"):
@@ -661,7 +675,7 @@ class ZSMerge(CompressionMethod):
             raise KvzooError("ZSMerge(cross_layer=True) ranks every layer's tokens over the whole prompt, so it "
                              "cannot compress a prompt fed in chunks; generate without prefill_chunk")
         score, window, accumulated = self._scores(chunk, self._standing_bonus(slots, chunk),
-                                                  slots.state.get("sum_head"))
+                                                  slots.state.get("sum_head"), slots.state["proximity"])
         # The share ranks keep a token for its largest share, but its slot's score is what decode steps add
         # each query's attention to and evict by: the accumulated attention, with the standing kept beside it
         # for a later prompt chunk (see `decode_score`).
