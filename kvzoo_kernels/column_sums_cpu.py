@@ -21,6 +21,10 @@ to the kernel are any contiguous tensor of the right shape (each pass's own keys
 tensor, the obvious choice, made each pass 2-3x slower on torch 2.13's CPU kernel (1024 tokens, 9 heads).
 Measured ~3x faster than the block reference at 2k and 8k tokens with the zero values (H2O, KVMerger
 prefill; tools/RESULTS.md), about twice that since.
+
+`causal_band_column_sums` sums only the queries within a band after each key (ZSMerge's distant rate is the
+whole sum less that band): with lse_i known it is a [keys x (keys + band)] product per block of keys, a
+fraction of a full pass when the band is short.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _NO_WEIGHT = -1.0e4  # log-weight of a query with weight 0: exp(-1e4) underflows to 0 without a NaN
@@ -49,13 +52,9 @@ def fits_causal_fast_path(
 
 
 def causal_column_sums(q: torch.Tensor, k: torch.Tensor, query_weights: torch.Tensor,
-                       row_lse: torch.Tensor | None = None, min_distance: int = 0) -> torch.Tensor:
+                       row_lse: torch.Tensor | None = None) -> torch.Tensor:
     """sum_i w_i * softmax(causal q k^T / sqrt(D))[i, j] -> [B, Hq, T] fp32, for q [B, Hq, T, D],
     k [B, Hkv, T, D] (GQA: Hq a multiple of Hkv), w [B, T]; computed in fp32 like the reference.
-
-    `min_distance` = h > 0 sums only the queries i >= j + h. In pass 2's reversed order (row r = T-1-j, column
-    c = T-1-i) that is c <= r - h: dropping the first h rows makes it the kernel's causal mask, which for fewer
-    rows than columns is aligned top-left (row r' sees columns c <= r'), and the last h keys get 0.
 
     `row_lse` [B, Hq, T]: the queries' log partition functions if the caller has them (the model's own causal
     attention returns them, kvzoo_kernels.attention.causal_attention), which saves pass 1. Read only for fp32
@@ -73,7 +72,34 @@ def causal_column_sums(q: torch.Tensor, k: torch.Tensor, query_weights: torch.Te
     offset = (log_w - lse) / scale  # [B, Hq, T], times sqrt(D) so that the kernel's scale gives it back
     rows = torch.cat([k, torch.ones_like(k[..., :1])], dim=-1).flip(2)  # keys act as queries, last first
     cols = torch.cat([q, offset[..., None]], dim=-1).flip(2)
-    if min_distance >= t:
-        return torch.zeros(b, hq, t, dtype=torch.float32, device=q.device)
-    _, log_sums = _flash(rows[:, :, min_distance:].contiguous(), cols, cols, is_causal=True, scale=scale)
-    return F.pad(log_sums.flip(2).exp(), (0, min_distance))
+    _, log_sums = _flash(rows, cols, cols, is_causal=True, scale=scale)
+    return log_sums.flip(2).exp()
+
+
+KEY_BLOCK = 256  # keys per block of the band sums: memory [B, Hq, KEY_BLOCK, KEY_BLOCK + band - 1]
+
+
+def causal_band_column_sums(q: torch.Tensor, k: torch.Tensor, query_weights: torch.Tensor, within: int,
+                            row_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_{j <= i < j + within} w_i * softmax(causal q k^T / sqrt(D))[i, j] -> [B, Hq, T] fp32: the part of
+    `causal_column_sums` from the queries fewer than `within` positions after each key (same shapes and
+    `row_lse` rule). Block by block of keys: each block's probabilities to the queries of its band only."""
+    b, hq, t, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    q = q.float()
+    k = k.float().repeat_interleave(hq // k.shape[1], dim=1)  # [B, Hq, T, D]
+    if row_lse is not None and row_lse.dtype == torch.float32:
+        lse = row_lse
+    else:
+        _, lse = _flash(q, k, k, is_causal=True, scale=scale)  # [B, Hq, T]
+    weights = query_weights.float()
+    out = torch.empty(b, hq, t, dtype=torch.float32, device=q.device)
+    for start in range(0, t, KEY_BLOCK):
+        stop = min(t, start + KEY_BLOCK)
+        reach = min(t, stop + within - 1)  # the band's last query (exclusive)
+        logits = k[:, :, start:stop] @ q[:, :, start:reach].transpose(-1, -2) * scale  # [B, Hq, keys, queries]
+        distance = torch.arange(start, reach, device=q.device)[None, :] - torch.arange(start, stop, device=q.device)[:, None]
+        in_band = (distance >= 0) & (distance < within)  # [keys, queries]
+        probs = torch.exp(logits - lse[:, :, None, start:reach]).masked_fill(~in_band, 0.0)
+        out[:, :, start:stop] = (probs * weights[:, None, None, start:reach]).sum(-1)
+    return out

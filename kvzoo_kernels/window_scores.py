@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from kvzoo_kernels.attention import QUERY_BLOCK, attention_probs
-from kvzoo_kernels.column_sums_cpu import causal_column_sums, fits_causal_fast_path
+from kvzoo_kernels.column_sums_cpu import causal_band_column_sums, causal_column_sums, fits_causal_fast_path
 from kvzoo_kernels.dispatch import block_size, check_launchable, kernels_setting, triton_kernel, use_triton, window_arg
 
 tl: Any = None  # triton.language, bound on the first Triton launch (kvzoo_kernels.dispatch.triton_kernel)
@@ -37,7 +37,7 @@ def weighted_column_sums_reference(
     key_bias: torch.Tensor,
     window: int | None,
     query_weights: torch.Tensor,
-    min_distance: int = 0,
+    within: int | None = None,
 ) -> torch.Tensor:
     """sum_i query_weights[b, i] * probs[b, h, i, j] -> [B, Hq, S] in fp32, computed block by block.
 
@@ -45,9 +45,10 @@ def weighted_column_sums_reference(
     the last w queries it is ZSMerge's decayed contribution score. q: [B, Hq, T, D]; k: [B, Hkv, S, D];
     q_pos, query_weights: [B, T]; key_pos, key_bias: [B, Hkv, S].
 
-    `min_distance` > 0 sums only the queries at least that many positions after the key (query position -
-    key position >= min_distance); the probabilities stay those of the whole softmax (each query's attention
-    over every key it sees), so the sum is the part of the key's attention that came from that far.
+    `within` sums only the queries fewer than that many positions after the key (query position - key
+    position < within: the key's own query and the within - 1 after it); the probabilities stay those of the
+    whole softmax (each query's attention over every key it sees), so the sum is the part of the key's
+    attention that came from that near, and the whole sum less it the part from further away.
     """
     t = q.shape[2]
     groups = q.shape[1] // k.shape[1]
@@ -55,9 +56,9 @@ def weighted_column_sums_reference(
     for start in range(0, t, QUERY_BLOCK):
         stop = min(t, start + QUERY_BLOCK)
         probs = attention_probs(q[:, :, start:stop], k, q_pos[:, start:stop], key_pos, key_bias, window)
-        if min_distance > 0:
+        if within is not None:
             distance = q_pos[:, None, start:stop, None] - key_pos.repeat_interleave(groups, dim=1)[:, :, None, :]
-            probs = probs * (distance >= min_distance)  # [B, Hq, block, S]
+            probs = probs * (distance < within)  # [B, Hq, block, S]
         part = torch.einsum("bhts,bt->bhs", probs, query_weights[:, start:stop].float())
         total = part if total is None else total + part
     assert total is not None
@@ -73,20 +74,21 @@ def weighted_column_sums(
     window: int | None,
     query_weights: torch.Tensor,
     row_lse: torch.Tensor | None = None,
-    min_distance: int = 0,
+    within: int | None = None,
 ) -> torch.Tensor:
     """`weighted_column_sums_reference`'s contract; Triton on CUDA tensors (see kvzoo_kernels.dispatch); on
     the CPU, a fresh causal prompt takes two fused attention passes (kvzoo_kernels.column_sums_cpu), one if
     the queries' log partition functions `row_lse` [B, Hq, T] are given, unless KVZOO_KERNELS=torch asks for
     the reference."""
-    if min_distance < 0:
-        raise ValueError(f"weighted_column_sums: min_distance must be >= 0, got {min_distance}")
+    if within is not None and within < 1:
+        raise ValueError(f"weighted_column_sums: within must be None or >= 1, got {within}")
     if use_triton(q):
-        return weighted_column_sums_triton(q, k, q_pos, key_pos, key_bias, window, query_weights,
-                                           min_distance=min_distance)
+        return weighted_column_sums_triton(q, k, q_pos, key_pos, key_bias, window, query_weights, within=within)
     if kernels_setting() != "torch" and fits_causal_fast_path(q, k, q_pos, key_pos, key_bias, window, query_weights):
-        return causal_column_sums(q, k, query_weights, row_lse, min_distance)
-    return weighted_column_sums_reference(q, k, q_pos, key_pos, key_bias, window, query_weights, min_distance)
+        if within is None:
+            return causal_column_sums(q, k, query_weights, row_lse)
+        return causal_band_column_sums(q, k, query_weights, within, row_lse)
+    return weighted_column_sums_reference(q, k, q_pos, key_pos, key_bias, window, query_weights, within)
 
 
 # --- Triton ---------------------------------------------------------------------------------------------
@@ -105,7 +107,7 @@ def weighted_column_sums_triton(
     query_weights: torch.Tensor,
     block_t: int | None = None,
     block_s: int | None = None,
-    min_distance: int = 0,
+    within: int | None = None,
 ) -> torch.Tensor:
     """The Triton path (a torch custom op). Tile sizes (powers of two >= 16) default to GPU-sized values;
     tests pass small ones to exercise several tiles on tiny shapes."""
@@ -115,7 +117,8 @@ def weighted_column_sums_triton(
         if value < 16 or value & (value - 1):
             raise ValueError(f"weighted_column_sums_triton: {name}={value} must be a power of two >= 16")
     return torch.ops.kvzoo.weighted_column_sums(
-        q, k, q_pos, key_pos, key_bias, window_arg(window), query_weights, block_t, block_s, min_distance
+        q, k, q_pos, key_pos, key_bias, window_arg(window), query_weights, block_t, block_s,
+        window_arg(within)
     )
 
 
@@ -130,7 +133,7 @@ def _weighted_column_sums_op(
     query_weights: torch.Tensor,
     block_t: int,
     block_s: int,
-    min_distance: int,
+    within: int,
 ) -> torch.Tensor:
     check_launchable(q, k, q_pos, key_pos, key_bias, query_weights)
     q, k = (t.contiguous() for t in (q, k))
@@ -153,14 +156,14 @@ def _weighted_column_sums_op(
     )
     _column_kernel[(b * hq, max(1, -(-s // block_s)))](
         q, k, q_pos, key_pos, key_bias, row_max, row_sum, row_masked, query_weights, out,
-        t, s, d, hq, hq // hkv, window, min_distance, sqrt_d,
+        t, s, d, hq, hq // hkv, window, within, sqrt_d,
         BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=block_d,
     )
     return out
 
 
 @_weighted_column_sums_op.register_fake
-def _(q, k, q_pos, key_pos, key_bias, window, query_weights, block_t, block_s, min_distance):  # noqa: ANN001, ANN202
+def _(q, k, q_pos, key_pos, key_bias, window, query_weights, block_t, block_s, within):  # noqa: ANN001, ANN202
     return q.new_empty(q.shape[0], q.shape[1], k.shape[2], dtype=torch.float32)
 
 
@@ -223,10 +226,10 @@ def _row_stats_kernel(
 @triton_kernel
 def _column_kernel(
     q, k, q_pos, key_pos, key_bias, row_max, row_sum, row_masked, query_weights, out,
-    T, S, D, HQ, G, window, min_distance, sqrt_d,
+    T, S, D, HQ, G, window, within, sqrt_d,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Program (sequence * query head, block of keys): sum over the queries at least min_distance positions
+    """Program (sequence * query head, block of keys): sum over the queries fewer than `within` positions
     after each key of weight * probability (the probabilities of the whole softmax, pass 1's row stats)."""
     bh = tl.program_id(0)
     b = bh // HQ
@@ -259,6 +262,6 @@ def _column_kernel(
         visible = tl.where(masked[:, None], visible, s_ok[None, :])
         m_safe = tl.where(m == float("-inf"), 0.0, m)  # only tile rows past T: no inf - inf
         p = tl.where(visible, tl.exp(logits - m_safe[:, None]) / total[:, None], 0.0)
-        far = (qp[:, None] - kp[None, :]) >= min_distance  # every pair when min_distance is 0 (padding too)
-        column += tl.sum(tl.where(far | (min_distance == 0), p, 0.0) * weight[:, None], axis=0)
+        near = (qp[:, None] - kp[None, :]) < within  # every pair without a band (within = 2**62)
+        column += tl.sum(tl.where(near, p, 0.0) * weight[:, None], axis=0)
     tl.store(out + bh * S + s, column, mask=s_ok)

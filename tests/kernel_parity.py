@@ -186,19 +186,19 @@ def test_chunk_attention_equals_reference(case):
 
 
 @SETTINGS
-@given(chunk_cases(), st.sampled_from([None, 4]), st.sampled_from([0, 0, 2, 5]))
-def test_window_column_scores_equal_reference(case, observed, min_distance):
+@given(chunk_cases(), st.sampled_from([None, 4]), st.sampled_from([None, None, 2, 5]))
+def test_window_column_scores_equal_reference(case, observed, within):
     """The decay-weighted column sums over the last `observed` queries (None: all of them, H2O-style), with
     non-zero weights on padding queries too, so their rule is checked as well; over every query or only those
-    at least `min_distance` positions after the key (ZSMerge's distant rate)."""
+    fewer than `within` positions after the key (the band ZSMerge's distant rate leaves out)."""
     window, (block_t, block_s), dtype, seed = case[7], case[8], case[9], case[10]
     q, keys, _, q_pos, key_pos, key_bias = _chunk(case)
     if observed is not None:
         q, q_pos = q[:, :, -observed:], q_pos[:, -observed:]
     (weights,) = _dev(torch.rand(q_pos.shape, generator=_gen(seed + 1)))
     out = weighted_column_sums_triton(q, keys, q_pos, key_pos, key_bias, window, weights, block_t=block_t,
-                                      block_s=block_s, min_distance=min_distance)
-    ref = weighted_column_sums_reference(q, keys, q_pos, key_pos, key_bias, window, weights, min_distance)
+                                      block_s=block_s, within=within)
+    ref = weighted_column_sums_reference(q, keys, q_pos, key_pos, key_bias, window, weights, within)
     torch.testing.assert_close(out, ref, **PROB_TOL[dtype])
 
 

@@ -18,7 +18,7 @@ from kvzoo.cache.full import FullCache
 from kvzoo.cache.scoring import accumulated_scores, group_mean
 from kvzoo_kernels import column_sums_cpu
 from kvzoo_kernels.attention import causal_attention
-from kvzoo_kernels.column_sums_cpu import causal_column_sums, fits_causal_fast_path
+from kvzoo_kernels.column_sums_cpu import causal_band_column_sums, causal_column_sums, fits_causal_fast_path
 from kvzoo_kernels.window_scores import weighted_column_sums, weighted_column_sums_reference
 from tests.method_helpers import FakeConfig
 
@@ -34,12 +34,12 @@ def _prompt(b: int, hq: int, hkv: int, t: int, d: int, sharp: float, seed: int, 
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 3), st.integers(1, 40), st.sampled_from([4, 16, 64]),
        st.sampled_from([0.3, 1.0, 3.0]), st.sampled_from(["ones", "decay", "window", "sparse"]), st.integers(0, 2**16),
-       st.sampled_from([0, 0, 1, 3, 39, 45]))
-def test_fast_path_equals_the_reference(b, hkv, groups, t, d, sharp, weighting, seed, min_distance):
+       st.sampled_from([None, None, 1, 3, 39, 45]))
+def test_fast_path_equals_the_reference(b, hkv, groups, t, d, sharp, weighting, seed, within):
     """Every weighting the methods use: all ones (H2O, KVMerger), decayed (ZSMerge rank="accumulated"), the last
     few queries only (an observation window, zero weight elsewhere), and random zeros; over every query or only
-    those at least `min_distance` positions after the key (ZSMerge's distant rate; as long as the prompt or
-    longer too)."""
+    those fewer than `within` positions after the key (the band ZSMerge's distant rate leaves out; as long as
+    the prompt or longer too)."""
     q, k, q_pos, key_pos, key_bias = _prompt(b, hkv * groups, hkv, t, d, sharp, seed)
     ages = torch.arange(t - 1, -1, -1, dtype=torch.float32)
     weights = {
@@ -49,32 +49,38 @@ def test_fast_path_equals_the_reference(b, hkv, groups, t, d, sharp, weighting, 
         "sparse": (torch.rand(b, t, generator=torch.Generator().manual_seed(seed)) < 0.5).float(),
     }[weighting]
     assert fits_causal_fast_path(q, k, q_pos, key_pos, key_bias, None, weights)
-    expected = weighted_column_sums_reference(q, k, q_pos, key_pos, key_bias, None, weights, min_distance)
-    torch.testing.assert_close(causal_column_sums(q, k, weights, None, min_distance), expected, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(weighted_column_sums(q, k, q_pos, key_pos, key_bias, None, weights, None, min_distance),
+    expected = weighted_column_sums_reference(q, k, q_pos, key_pos, key_bias, None, weights, within)
+    fast = causal_column_sums(q, k, weights) if within is None else causal_band_column_sums(q, k, weights, within)
+    torch.testing.assert_close(fast, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weighted_column_sums(q, k, q_pos, key_pos, key_bias, None, weights, None, within),
                                expected, rtol=1e-4, atol=1e-6)
 
 
-def test_the_distant_sums_are_the_attention_from_that_far():
-    """The specification itself: with min_distance h, key j sums exactly the full softmax's probabilities of the
-    queries i >= j + h (float64 brute force over a [T, T] matrix), i.e. the whole sum less the band of the h
-    nearest queries."""
-    q, k, q_pos, key_pos, key_bias = _prompt(1, 4, 2, 23, 8, 1.0, 3)
-    weights = torch.rand(1, 23, generator=torch.Generator().manual_seed(4))
+def test_the_band_sums_are_the_attention_from_that_near():
+    """The specification itself: with within = h, key j sums exactly the full softmax's probabilities of the
+    queries j <= i < j + h (float64 brute force over a [T, T] matrix); the band path, with and without the
+    queries' lse given, sums the same, also across several key blocks."""
+    t = column_sums_cpu.KEY_BLOCK + 23
+    q, k, q_pos, key_pos, key_bias = _prompt(1, 4, 2, t, 8, 1.0, 3)
+    weights = torch.rand(1, t, generator=torch.Generator().manual_seed(4))
     logits = q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2) / 8**0.5  # [1, 4, T, T]
-    causal = torch.ones(23, 23, dtype=torch.bool).tril()
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
     probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
-    distance = torch.arange(23)[:, None] - torch.arange(23)[None, :]  # [i, j]
-    for h in (0, 1, 5, 22, 23):
-        brute = (probs * (distance >= h) * weights[0, None, :, None].double()).sum(2)
+    lse = logits.masked_fill(~causal, float("-inf")).logsumexp(-1).float()  # [1, 4, T]
+    distance = torch.arange(t)[:, None] - torch.arange(t)[None, :]  # [i, j]
+    for h in (1, 5, 40, t - 1, t):
+        brute = (probs * (distance < h) * weights[0, None, :, None].double()).sum(2).float()
         torch.testing.assert_close(weighted_column_sums_reference(q, k, q_pos, key_pos, key_bias, None, weights, h),
-                                   brute.float(), rtol=1e-5, atol=1e-7)
+                                   brute, rtol=1e-5, atol=1e-7)
+        for given_lse in (None, lse):
+            torch.testing.assert_close(causal_band_column_sums(q, k, weights, h, given_lse), brute, rtol=1e-5,
+                                       atol=1e-7)
 
 
-def test_a_negative_min_distance_is_refused():
+def test_an_empty_band_is_refused():
     q, k, q_pos, key_pos, key_bias = _prompt(1, 2, 1, 5, 4, 1.0, 0)
-    with pytest.raises(ValueError, match="min_distance must be >= 0, got -1"):
-        weighted_column_sums(q, k, q_pos, key_pos, key_bias, None, torch.ones(1, 5), None, -1)
+    with pytest.raises(ValueError, match="within must be None or >= 1, got 0"):
+        weighted_column_sums(q, k, q_pos, key_pos, key_bias, None, torch.ones(1, 5), None, 0)
 
 
 def test_bf16_inputs_are_summed_in_fp32_like_the_reference():

@@ -70,12 +70,13 @@ def pool_by_position(
 
 
 def _column_sums(chunk: "PrefillChunk", key: tuple, q: torch.Tensor, q_pos: torch.Tensor,
-                 weights: torch.Tensor, row_lse: torch.Tensor | None = None, min_distance: int = 0) -> torch.Tensor:
+                 weights: torch.Tensor, row_lse: torch.Tensor | None = None, within: int | None = None,
+                 ) -> torch.Tensor:
     """weighted_column_sums of these queries over the chunk's candidates [B, Hq, S], once per chunk and key
     (`row_lse`: these queries' log partition functions, when known)."""
     if key not in chunk.memo:
         chunk.memo[key] = weighted_column_sums(q, chunk.keys, q_pos, chunk.key_pos, chunk.key_bias, chunk.window,
-                                               weights, row_lse, min_distance)
+                                               weights, row_lse, within)
     return chunk.memo[key]
 
 
@@ -105,18 +106,18 @@ def window_scores(
 
 
 def accumulated_scores(chunk: "PrefillChunk", decay: float = 1.0, normalise: bool = False,
-                       min_distance: int = 0) -> torch.Tensor:
+                       within: int | None = None) -> torch.Tensor:
     """Column sums of the chunk's attention over all its queries (decay^(age)-weighted), per KV head [B, Hkv, S].
 
     `normalise=True` divides each key's sum by the number of queries that could see it (kvpress' observed
-    attention), removing the bias towards early tokens. `min_distance` > 0: only the queries at least that
-    many positions after the key (the attention it got from that far; `distant_attention`)."""
+    attention), removing the bias towards early tokens. `within`: only the queries fewer than that many
+    positions after the key (the attention it got from that near; `distant_attention_rate`)."""
     t = chunk.q.shape[2]
     ages = torch.arange(t - 1, -1, -1, device=chunk.q.device, dtype=torch.float32)
     valid = (chunk.q_pos >= 0).float()
     weights = (decay**ages)[None] * valid
-    key = ("all", decay) if min_distance == 0 else ("all", decay, min_distance)
-    sums = _column_sums(chunk, key, chunk.q, chunk.q_pos, weights, chunk.row_lse, min_distance)
+    key = ("all", decay) if within is None else ("all", decay, within)
+    sums = _column_sums(chunk, key, chunk.q, chunk.q_pos, weights, chunk.row_lse, within)
     scores = group_mean(sums, chunk.keys.shape[1])
     if normalise:
         scores = scores / queries_that_saw(chunk, within_chunk=True)
@@ -157,7 +158,7 @@ def distant_attention_rate(standing: torch.Tensor, chunk: "PrefillChunk", horizo
     (where it came from is no longer known). 0 where no query is that far (the ring's own tokens)."""
     near = None
     for h in horizon.unique().tolist():  # one pass per distinct ring size (host sync: prefill only)
-        part = accumulated_scores(chunk, decay) - accumulated_scores(chunk, decay, min_distance=int(h))
+        part = accumulated_scores(chunk, decay, within=int(h))
         near = part if near is None else torch.where((horizon == h)[:, None, None], part, near)
     assert near is not None
     far_queries = (queries_that_saw(chunk, within_chunk=False) - horizon[:, None, None]).clamp(min=0)
