@@ -90,7 +90,7 @@ def test_a_stored_document_is_compressed_by_the_stored_rule_and_a_prompt_to_cont
     doc = [(7 * i + 3) % 120 + 1 for i in range(200)]
     if rule == "stored_ring":
         method = ZSMerge(budget=80)  # a ring of 40 by the budget, capped at 32 for a stored document
-        asked = replace(method, proximity_cap=32, context_rank="compactor", rank="window")
+        asked = replace(method, proximity_cap=32, context_rank="compactor", rank="window", accumulated="sum")
     else:
         method = ZSMerge(budget=40, stored_ring=None, stored_copy_heads=0.0)  # every random head scores above 0
         asked = replace(method, copy_heads=0.0, rank="shares")
@@ -157,7 +157,8 @@ def test_for_stored_document_changes_zsmerge_kvmerger_and_zigzag_only():
                    ZSMerge(stored_ring=None, stored_copy_heads=None), ZSMerge(cross_layer=True, rank="window"),
                    ZSMerge(proximity=0.1, context_rank="compactor", rank="window")):
         assert method.for_stored_document() is method
-    assert ZSMerge().for_stored_document() == ZSMerge(proximity_cap=32, context_rank="compactor", rank="window")
+    assert ZSMerge().for_stored_document() == ZSMerge(proximity_cap=32, context_rank="compactor", rank="window",
+                                                      accumulated="sum")
     assert ZSMerge(stored_ring=None).for_stored_document() == ZSMerge(stored_ring=None, copy_heads=0.3, rank="shares")
     assert ZSMerge(stored_ring=None, rank="window").for_stored_document() == ZSMerge(stored_ring=None, copy_heads=0.3,
                                                                                      rank="window")

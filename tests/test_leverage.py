@@ -160,6 +160,12 @@ def test_zsmerge_window_share_is_not_spent_on_a_heavy_hitter():
     assert 2 in kept and 20 in kept, kept
 
 
+# The share ranks' tests below build their reference from the attention sum: what they check is how the shares
+# combine (max, leverage, block attention); each accumulated statistic, the default's distant rate included, is
+# checked against its definition in tests/test_zsmerge_standing.py.
+SUM = {"accumulated": "sum"}
+
+
 def _attention_shares(qkv, n: int, w: int, kernel: int, pooling: str = "max", ahead: int | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(accumulated / its sum, pooled window / its sum, the window's own unpooled scores), float64, for one
@@ -189,7 +195,8 @@ def test_zsmerge_combine_max_keeps_the_largest_attention_shares():
     n, w, kernel, context = 40, 8, 3, 4
     qkv = random_qkv(1, 1, 1, 1, n, seed=7, scale=1.5)
     accumulated, window, own = _attention_shares(qkv, n, w, kernel, ahead=ZSMerge.pool_ahead)  # the default
-    method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0, rank="attention_shares")
+    method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0, rank="attention_shares",
+                     **SUM)
     kept = set(drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist())
     assert kept == _top(torch.maximum(accumulated, window), own, n, context)
     others = [accumulated, window, accumulated + window]
@@ -237,7 +244,7 @@ def test_zsmerge_leverage_share_keeps_a_key_nobody_reads():
     accumulated, window, own = _attention_shares(qkv, n, w, kernel, ahead=ZSMerge.pool_ahead)  # the default
     leverage = reference_leverage(keys[0, 0])
     share = torch.maximum(torch.maximum(accumulated, window), leverage / leverage.sum())
-    spec = dict(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0)
+    spec = dict(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0, **SUM)
     kept = set(drive_synthetic(ZSMerge(**spec, rank="shares"), qkv, [n], 0).snapshots[0].layers[0]["pos"]
                [0, 0, 1:5].tolist())
     without = set(drive_synthetic(ZSMerge(**spec, rank="attention_shares"), qkv, [n], 0).snapshots[0].layers[0]
@@ -261,7 +268,7 @@ def test_zsmerge_leverage_share_goes_to_a_basis_of_the_keys():
     leverage = reference_leverage(qkv.k[0][0, 0])
     dimension = round(leverage.sum().item()) + 1
     assert 7 <= dimension <= 9  # head_dim 8
-    spec = dict(budget=context + 4, proximity=3, residual=1, kernel_size=kernel, decay=1.0, rank="shares")
+    spec = dict(budget=context + 4, proximity=3, residual=1, kernel_size=kernel, decay=1.0, rank="shares", **SUM)
     kept, expected = {}, {}
     for tokens, count in (("basis", dimension), ("all", n), (2, 2)):
         highest = set(leverage.argsort(descending=True)[:count].tolist())
@@ -315,7 +322,7 @@ def test_zsmerge_block_shares_adds_what_the_text_around_a_token_reads():
     leverage = reference_leverage(qkv.k[0][0, 0])
     three = torch.maximum(torch.maximum(accumulated, window), leverage / leverage.sum())
     four = torch.maximum(three, block / block.sum())
-    spec = dict(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0)
+    spec = dict(budget=8, proximity=3, residual=1, kernel_size=kernel, decay=1.0, **SUM)
     kept = {}
     for rank in ("block_shares", "shares"):
         pos = drive_synthetic(ZSMerge(**spec, rank=rank), qkv, [n], 0).snapshots[0].layers[0]["pos"]
@@ -343,7 +350,7 @@ def test_zsmerge_shares_a_short_chunk_does_not_outrank_what_every_query_reads():
     qkv.q[0][0, 0, :] = eye[0]  # every query reads the 8 keys along e0
     for i, j in enumerate(range(first, n)):
         qkv.k[0][0, 0, j] = 3 * eye[2 + i]  # the second chunk: 6 orthogonal keys no query reads
-    method = ZSMerge(budget=12, proximity=3, residual=1, kernel_size=1, rank="shares")  # 8 context slots
+    method = ZSMerge(budget=12, proximity=3, residual=1, kernel_size=1, rank="shares", **SUM)  # 8 context slots
     one_chunk = drive_synthetic(method, qkv, [first], 0).snapshots[0].layers[0]["pos"][0, 0, 1:9].tolist()
     assert sorted(one_chunk) == read  # the first chunk alone keeps what every query reads
     two_chunks = drive_synthetic(method, qkv, [n], 0, prefill_chunk=first).snapshots[0].layers[0]["pos"]

@@ -322,8 +322,6 @@ def test_score_recursion_without_eviction():
         (dict(window_weight=-1.0), r"window_weight must be a number >= 0, got -1.0"),
         (dict(window_share=1.5), r"window_share must be a fraction in \[0, 1\], got 1.5"),
         (dict(accumulated="mean"), r"accumulated must be one of 'sum', 'rate', 'rate_outside_copy_heads', 'distant_rate', 'distant_rate_outside_copy_heads', got 'mean'"),
-        (dict(accumulated="rate", rank="window"), r"accumulated='rate' is the accumulated share of a share rank .*, "
-                                                  r"got rank='window'"),
         (dict(decode_score="share"), r"decode_score must be one of 'accumulated', 'standing', got 'share'"),
         (dict(standing_half_life=-1.0), r"standing_half_life must be a number >= 0, got -1.0"),
         (dict(standing_half_life="8"), r"standing_half_life must be a number >= 0, got '8'"),

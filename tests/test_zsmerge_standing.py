@@ -34,10 +34,11 @@ def _unique_key_prompt(n: int):
 def test_slots_store_the_accumulated_attention_and_the_standing_beside_it(rank):
     """After a one-chunk prompt every verbatim slot's score is the token's attention summed over every prompt
     query (float64 reference from the softmax definition), and state["standing_bonus"] + score is what ranked it:
-    for the token kept for its leverage the standing is far above its accumulated attention."""
+    with the accumulated share of the sum, a share of the head's mass at least the token's own, so never below
+    its accumulated attention, and for the token kept for its leverage far above it."""
     n = 40
     qkv, unique = _unique_key_prompt(n)
-    method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=3, decay=1.0, rank=rank)
+    method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=3, decay=1.0, rank=rank, accumulated="sum")
     slots = drive_synthetic(method, qkv, [n], 0).cache.layers[0]
     accumulated = reference_probs(qkv.q[0][0], qkv.k[0][0, 0], list(range(n)), list(range(n)), None)[0].sum(0)
     exact = slots.logw[0, 0] == 0  # verbatim slots: the context and the ring

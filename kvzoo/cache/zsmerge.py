@@ -30,7 +30,9 @@ Ambiguities (METHODS.md 1.6) resolved as recommended:
 Defaults: budget 0.2 of the prompt (code), B_p = 0.5 B (paper's recommendation), B_r = 0.02 (B - B_p)
 (paper; at least 1), rank "attention_shares" (paper "window"), decay 1.0 (paper 0.98), window 8, max-pool 7
 over a token and the 6 before it (paper 5, centred),
-dot-product slot choice (Eq. 6), alpha 0.5 (paper 1), no leverage term; a kept slot stores its accumulated
+dot-product slot choice (Eq. 6), alpha 0.5 (paper 1), no leverage term; the accumulated share is of each
+token's attention per query at least the ring's size after it, except in the copy heads (`accumulated`); a
+kept slot stores its accumulated
 attention, the standing it was ranked by kept beside it for later prompt chunks (`decode_score`) and for the
 first decode steps, where it lapses with a half-life of 2 steps (`standing_half_life`). A document
 stored for later questions (`for_stored_document`, not in the paper) keeps a ring of at most 32 tokens and
@@ -66,6 +68,15 @@ instances):
   seed; half-lives 2 and 8 answer the same instances); continuation NLL level (seed 15: -0.002 +- 0.002 /
   -0.001 +- 0.001 / +0.000 +- 0.000; seed 12: -0.001 +- 0.002 / +0.001 +- 0.001 / +0.000 +- 0.000; half-life
   8: +0.003 / +0.001 / +0.002 on seed 12); a stored document's needles unchanged (its rank stores no standing).
+- accumulated "distant_rate_outside_copy_heads" (session 31; "sum" before): the accumulated share ranks a token
+  by the attention per query from at least the ring's size away, as every decode query reads the context,
+  instead of the sum over every query, which favours early tokens for how many queries have seen them (the
+  copy heads keep the sum). Continuation NLL on four sets (seeds 18 and 19, the Rust reference, the
+  Rustonomicon): -0.007 / -0.015 / -0.020 / -0.011 at 5% kept (each 2-3 standard errors), -0.001 to -0.008 at
+  10%, +0.000 to -0.010 at 20%; needles (seeds 19-22, 96 per layout): asked with the context 49 / 65 / 71
+  against 50 / 66 / 71 at 5 / 10 / 20% kept (the full cache 71; at 20% one the full cache answers lost, one it
+  misses answered), asked after compression the same 15 / 20 / 34. One-shot prefill +17-23% (one attention band
+  per layer).
 - alpha 0.5 instead of 1 lowers the continuation NLL increase by 0.019 +- 0.009 at 5% kept, 0.007 +- 0.005
   at 10%, 0.001 +- 0.002 at 20% (alpha = 0 measures the same) and leaves needle retrieval unchanged; on 16
   held-out instances (seed 2) it is neutral: 0.007 +- 0.008 better at 5%, 0.004 +- 0.003 worse at 20%.
@@ -264,34 +275,36 @@ class ZSMerge(CompressionMethod):
     # at 20 and 5% kept), so with 2 it holds its slot for about 5-15 decode steps, a short answer's length;
     # 8 answers the same needles and costs 0.002 nats of continuation NLL at 10-20% kept ("Measured effect").
     standing_half_life: float = 2.0
-    # With a share rank: what the accumulated share is a share of. "sum" (default): each token's attention
-    # summed over every prompt query (H2O's statistic), which favours a token for the number of queries that
-    # have seen it: at equal attention per query the first tokens of a 2048-token prompt outscore those 1000
-    # positions later twofold, though every continuation query sees both. "rate": that sum over the queries
-    # that could see the token (`scoring.attention_rate`; kvpress' observed attention), an unbiased estimate of
-    # what one more query pays it if the text goes on as it went. Standings stay on the sum's scale (a later
-    # chunk divides an older slot's standing by the queries that have seen it). Not the default (tools/RESULTS.md,
-    # "Session 30"; continuation NLL, 16 windows, equal memory, paired with "sum" at 5 / 10 / 20% kept): seed 19
-    # -0.017 +- 0.007 / -0.008 +- 0.005 / -0.002 +- 0.003, the Rust reference -0.007 +- 0.018 / -0.012 +- 0.018 /
-    # -0.012 +- 0.008, the nightly Rustonomicon -0.011 +- 0.008 / -0.010 +- 0.004 / -0.003 +- 0.003, but seed 18
-    # +0.004 / +0.004 / +0.012, all of it one window whose continuation copies a table from 1,700 tokens back
-    # (+0.18 / +0.12 / +0.18 there): the sum kept what the prompt's own earlier copy read. "rate_outside_copy_heads":
-    # the rate, except in the copy heads (`copy_heads.induction_scores` above COPY_HEAD_THRESHOLD), which read
-    # whichever earlier passage the text is repeating, so that how much the earlier repeats read a token, the sum,
-    # is what tells them what a copy will need: seed 18 -0.005 +- 0.005 / -0.003 +- 0.003 / +0.002 +- 0.003 (that
-    # window +0.05 / +0.01 / +0.02), seed 19 -0.012 +- 0.004 / -0.007 +- 0.003 / -0.001 +- 0.002, the Rust
-    # reference -0.008 +- 0.007 / -0.006 +- 0.005 / -0.010 +- 0.005, the nightly Rustonomicon -0.009 +- 0.005 /
-    # -0.007 +- 0.003 / -0.001 +- 0.003. Not the default: it costs query-aware needles (seed 19, 24 asked with
-    # the context: 8 / 13 / 16 against the default's 8 / 14 / 17, the full cache 17; "rate" 8 / 11 / 15; asked
-    # after compression 3 / 6 / 9 for all three). "distant_rate" (session 31): the attention per query at least
-    # the ring's size (B_p) after the token (`scoring.distant_attention_rate`). Every decode query reads a
-    # context token from at least that far, past the ring; its nearest queries read it for local reasons (the
-    # next words lean on the last ones), and the plain rate divides that local part by the few queries that
-    # have seen a recent token, so it favours the tokens just outside the ring over older ones a later query
-    # still reads (what cost "rate_outside_copy_heads" its needles: the answer's last digits lost their slots
-    # in layers 21-22 to such tokens). "distant_rate_outside_copy_heads": the distant rate, the sum in the
-    # copy heads, as above.
-    accumulated: str = "sum"
+    # With a share rank (other ranks do not read it): what the accumulated share is a share of.
+    # - "sum" (the default until session 31): each token's attention summed over every prompt query (H2O's
+    #   statistic), which favours a token for the number of queries that have seen it: at equal attention per
+    #   query the first tokens of a 2048-token prompt outscore those 1000 positions later twofold, though every
+    #   continuation query sees both.
+    # - "rate": that sum over the queries that could see the token (`scoring.attention_rate`; kvpress' observed
+    #   attention). Standings stay on the sum's scale (a later chunk divides an older slot's standing by the
+    #   queries that have seen it). Session 30, against "sum" (continuation NLL, 16 windows, equal memory, at
+    #   5 / 10 / 20% kept): seed 19 -0.017 +- 0.007 / -0.008 +- 0.005 / -0.002 +- 0.003, the Rust reference
+    #   -0.007 / -0.012 / -0.012, the nightly Rustonomicon -0.011 / -0.010 / -0.003, but seed 18 +0.004 / +0.004 /
+    #   +0.012, all of it one window whose continuation copies a table from 1,700 tokens back (+0.18 / +0.12 /
+    #   +0.18 there): the sum kept what the prompt's own earlier copy read.
+    # - "distant_rate" (session 31): the attention per query at least the ring's size (B_p) after the token
+    #   (`scoring.distant_attention_rate`). Every decode query reads a context token from at least that far,
+    #   past the ring; its nearest queries read it for local reasons (the next words lean on the last ones),
+    #   and the plain rate divides that local part by the few queries that have seen a recent token, so it
+    #   favours the tokens just outside the ring.
+    # - "..._outside_copy_heads": as the rate or the distant rate, except in the copy heads
+    #   (`copy_heads.induction_scores` above COPY_HEAD_THRESHOLD), which keep the sum: they read whichever
+    #   earlier passage the text is repeating, so how much the earlier repeats read a token is what tells
+    #   them what a copy will need (seed 18's copy window: +0.05 / +0.01 / +0.02 with the rate outside them).
+    # Measured against "sum" (tools/RESULTS.md, "Sessions 30-31"; paired, 16 windows each at 5 / 10 / 20%):
+    # "rate_outside_copy_heads" seed 18 -0.005 / -0.003 / +0.002, seed 19 -0.012 / -0.007 / -0.001, the Rust
+    # reference -0.008 / -0.006 / -0.010, the nightly Rustonomicon -0.009 / -0.007 / -0.001, and one query-aware
+    # needle fewer at 10 and at 20% on seed 19. "distant_rate_outside_copy_heads" (the default) seed 18 -0.007
+    # +- 0.004 / -0.001 +- 0.004 / +0.000 +- 0.002, seed 19 -0.015 +- 0.004 / -0.006 +- 0.004 / -0.001 +- 0.002,
+    # the Rust reference -0.020 +- 0.007 / -0.007 +- 0.005 / -0.010 +- 0.005, the nightly Rustonomicon -0.011 +-
+    # 0.003 / -0.008 +- 0.003 / -0.003 +- 0.003; needles (seeds 19-22, 96 per layout): asked with the context
+    # 49 / 65 / 71 against 50 / 66 / 71 (the full cache 71), asked after compression 15 / 20 / 34 for both.
+    accumulated: str = "distant_rate_outside_copy_heads"
     window_weight: float = 1.0  # "blend" and "split": the pooled window's weight in the blended score
     window_share: float = 0.25  # "split": the share of the context slots picked by the pooled window
     # Rank each layer's context candidates by the larger of their share of that head's stored score and the
@@ -422,9 +435,6 @@ class ZSMerge(CompressionMethod):
         if self.accumulated not in ACCUMULATED:
             raise KvzooError(f"ZSMerge: accumulated must be one of {', '.join(map(repr, ACCUMULATED))}, got "
                              f"{self.accumulated!r}")
-        if self.accumulated != "sum" and self.rank not in SHARE_RANKS:
-            raise KvzooError(f"ZSMerge: accumulated={self.accumulated!r} is the accumulated share of a share rank "
-                             f"({', '.join(map(repr, SHARE_RANKS))}), got rank={self.rank!r}")
         if self.decode_score not in DECODE_SCORES:
             raise KvzooError(f"ZSMerge: decode_score must be one of {', '.join(map(repr, DECODE_SCORES))}, got "
                              f"{self.decode_score!r}")
@@ -456,6 +466,11 @@ class ZSMerge(CompressionMethod):
     def _splits_standing(self) -> bool:
         """Whether slots store the accumulated attention with the standing beside it (`decode_score`)."""
         return self.rank in SHARE_RANKS and self.decode_score == "accumulated"
+
+    @property
+    def _sum_in_copy_heads(self) -> bool:
+        """Whether the copy heads' accumulated share stays the sum (`accumulated`, read by the share ranks)."""
+        return self.rank in SHARE_RANKS and self.accumulated in KEEP_SUM_IN_COPY_HEADS
 
     @property
     def decode_slot_state(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -506,7 +521,7 @@ class ZSMerge(CompressionMethod):
                 slots.state["standing_bonus"] = torch.zeros_like(slots.score)  # [B, Hkv, C] (see `_compress`)
                 slots.state["standing_pos"] = torch.full_like(slots.pos, -1, dtype=torch.int32)  # [B, Hkv, C]
                 slots.state["standing_written"] = torch.zeros_like(residual)  # [B] position after that chunk
-            if self.accumulated in KEEP_SUM_IN_COPY_HEADS:  # filled from the model (before_prefill)
+            if self._sum_in_copy_heads:  # filled from the model (before_prefill)
                 slots.state["sum_head"] = torch.zeros(len(prompt_lens), cfg.num_kv_heads, dtype=torch.bool,
                                                       device=device)  # [B, Hkv]
             if self.copy_heads is not None:  # filled from the model before each prompt chunk (before_prefill)
@@ -535,7 +550,7 @@ class ZSMerge(CompressionMethod):
         """Mark each layer's copy heads in the cache, from the model's induction scores: those whose ring lends
         its slots (`copy_heads`) and those ranked by the attention sum (`accumulated`)."""
         marks = [] if self.copy_heads is None else [("copy_head", self.copy_heads)]
-        if self.accumulated in KEEP_SUM_IN_COPY_HEADS:
+        if self._sum_in_copy_heads:
             marks.append(("sum_head", COPY_HEAD_THRESHOLD))
         if not marks:
             return
