@@ -157,7 +157,7 @@ def distant_attention_rate(standing: torch.Tensor, chunk: "PrefillChunk", horizo
     nearer queries is taken out of it. A slot kept from an earlier chunk keeps all of its earlier attention
     (where it came from is no longer known). 0 where no query is that far (the ring's own tokens)."""
     near = None
-    for h in horizon.unique().tolist():  # one pass per distinct ring size (host sync: prefill only)
+    for h in horizon.unique().tolist():  # one band per distinct ring size (host sync: prefill only)
         part = accumulated_scores(chunk, decay, within=int(h))
         near = part if near is None else torch.where((horizon == h)[:, None, None], part, near)
     assert near is not None
