@@ -51,14 +51,14 @@ def weighted_column_sums_reference(
     attention that came from that near, and the whole sum less it the part from further away.
     """
     t = q.shape[2]
-    groups = q.shape[1] // k.shape[1]
+    # [B, Hq, 1, S] each query head's key positions, once (the band's distances are q_pos - these)
+    head_key_pos = key_pos.repeat_interleave(q.shape[1] // k.shape[1], dim=1)[:, :, None, :]
     total = None
     for start in range(0, t, QUERY_BLOCK):
         stop = min(t, start + QUERY_BLOCK)
         probs = attention_probs(q[:, :, start:stop], k, q_pos[:, start:stop], key_pos, key_bias, window)
         if within is not None:
-            distance = q_pos[:, None, start:stop, None] - key_pos.repeat_interleave(groups, dim=1)[:, :, None, :]
-            probs = probs * (distance < within)  # [B, Hq, block, S]
+            probs = probs * (q_pos[:, None, start:stop, None] - head_key_pos < within)  # [B, Hq, block, S]
         part = torch.einsum("bhts,bt->bhs", probs, query_weights[:, start:stop].float())
         total = part if total is None else total + part
     assert total is not None

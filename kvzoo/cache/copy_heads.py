@@ -31,7 +31,7 @@ PROBE_TOKENS = 256  # length of the random sequence; it is fed twice
 PROBE_SEED = 0
 # An induction score above this marks a copy head (on SmolLM2-135M the five heads above it are the ones every
 # needle's answer is read through; tools/RESULTS.md, "Session 21"): ZSMerge's
-# `stored_copy_heads` default and accumulated="rate_outside_copy_heads".
+# `stored_copy_heads` default and the heads that keep the sum with accumulated="..._outside_copy_heads".
 COPY_HEAD_THRESHOLD = 0.3
 _SCORES: "weakref.WeakKeyDictionary[CausalLM, torch.Tensor]" = weakref.WeakKeyDictionary()
 

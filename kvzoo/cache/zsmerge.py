@@ -72,7 +72,7 @@ instances):
   by the attention per query from at least the ring's size away, as every decode query reads the context,
   instead of the sum over every query, which favours early tokens for how many queries have seen them (the
   copy heads keep the sum). Continuation NLL on four sets (seeds 18 and 19, the Rust reference, the
-  Rustonomicon): -0.007 / -0.015 / -0.020 / -0.011 at 5% kept (each 2-3 standard errors), -0.001 to -0.008 at
+  Rustonomicon): -0.007 / -0.015 / -0.020 / -0.011 at 5% kept (1.8 to 3.7 standard errors), -0.001 to -0.008 at
   10%, +0.000 to -0.010 at 20%; needles (seeds 19-22, 96 per layout): asked with the context 49 / 65 / 71
   against 50 / 66 / 71 at 5 / 10 / 20% kept (the full cache 71; at 20% one the full cache answers lost, one it
   misses answered), asked after compression the same 15 / 20 / 34. One-shot prefill +17-23% (one attention band
