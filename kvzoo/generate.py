@@ -311,6 +311,13 @@ class Request:
     prompt_lens: list[int]
 
 
+def _made_by(method: CompressionMethod) -> tuple[CompressionMethod, ...]:
+    """The methods a cache asked to be compressed with `method` may have been made with: itself, or what it
+    becomes for a stored document or a prompt fed in chunks."""
+    return (method, method.for_chunked_prefill(), method.for_stored_document(),
+            method.for_stored_document(chunked=True).for_chunked_prefill())
+
+
 def prepare(model: "CausalLM", prompt_ids: list[list[int]], max_new_tokens: int,
             compression: Compression, prefill_chunk: int | None, cache: KVCache | None = None,
             in_place: bool = False, stored: bool = False) -> Request:
@@ -321,6 +328,8 @@ def prepare(model: "CausalLM", prompt_ids: list[list[int]], max_new_tokens: int,
         method = as_method(compression)
         if stored:
             method = method.for_stored_document(chunked=prefill_chunk is not None)
+        if prefill_chunk is not None:
+            method = method.for_chunked_prefill()
         _check_request(model, prompt_ids, max_new_tokens, prefill_chunk, method)
         if prefill_chunk is not None and not method.supports_chunked_prefill:
             raise KvzooError(
@@ -331,8 +340,7 @@ def prepare(model: "CausalLM", prompt_ids: list[list[int]], max_new_tokens: int,
         start = None
     else:
         asked = as_method(compression) if compression is not None else None
-        if asked is not None and cache.method not in (asked, asked.for_stored_document(),
-                                                      asked.for_stored_document(chunked=True)):
+        if asked is not None and cache.method not in _made_by(asked):
             raise KvzooError(f"the cache was compressed with {cache.method}; leave compression unset when passing "
                              f"cache= (got {compression})")
         _check_cache_fits(model, cache)

@@ -64,16 +64,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvzoo.cache.budgets import (Budget, check_counts, check_pooling, min_budget_attention, min_budget_output,
-                                 zigzag_budgets)
+from kvzoo.cache.budgets import Budget, check_counts, check_pooling, zigzag_budgets
 from kvzoo.cache.compactor import sinks_then_compactor
+from kvzoo.cache.layer_uncertainty import BOUND_RATIO, TAU, WINDOW, attention_uncertainty, output_uncertainty
 from kvzoo.cache.scoring import accumulated_scores, attention_shares, share_of, window_scores
 from kvzoo.cache.selection import (cross_layer_rank, keep_top, recent_mask, shrink_slots, slot_candidates,
                                    widest_shares)
 from kvzoo.cache.slots import KVCache, LayerSlots
 from kvzoo.cache.snapkv import WindowSelection
 from kvzoo.errors import KvzooError
-from kvzoo_kernels.attention import attention_probs
 
 if TYPE_CHECKING:
     from kvzoo.cache.chunk import PrefillChunk
@@ -94,12 +93,12 @@ class ZigZagKV(WindowSelection):
     budget: Budget = 0.2  # B_avg: average slots per KV head over the layers
     # SnapKV's own observation window: its 32 queries average out what one sentence reads, which the paper's
     # LongBench runs' 8 (max-pool 7, `ZigZagKV.paper()`) do not (see `rank`).
-    window_size: int = 32
+    window_size: int = WINDOW
     kernel_size: int = 5
     pooling: str = "avg"
     pool_ahead: int | None = 0  # SnapKV's: None, centred (see the module doc)
-    tau: float = 0.9  # attention mass MBA must retain
-    bound_ratio: float = 0.2  # B_bound = bound_ratio * B_avg (1.0: every layer B_avg, uniform)
+    tau: float = TAU  # attention mass MBA must retain
+    bound_ratio: float = BOUND_RATIO  # B_bound = bound_ratio * B_avg (1.0: every layer B_avg, uniform)
     # Rank each layer's tokens by the larger of their share of that head's (pooled) window attention and the
     # largest share any head of any layer gives them: a token one layer's retrieval head reads is kept in
     # every layer, since an answer copied from the context is read through all of them (the question finds
@@ -253,17 +252,11 @@ class ZigZagKV(WindowSelection):
 
     def _uncertainty(self, chunk: "PrefillChunk", rank: torch.Tensor) -> torch.Tensor:
         """[B] fp32: the layer's uncertainty, the mean over query heads of MBA(tau) of the observation window's
-        summed attention, or (uncertainty="output") of the keys, in `rank` [B, Hkv, S] order after the window,
-        that keep the window's attention output within 1 - tau."""
-        w = min(self.window_size, chunk.q.shape[2])
-        q_pos = chunk.q_pos[:, -w:]
-        probs = attention_probs(chunk.q[:, :, -w:], chunk.keys, q_pos, chunk.key_pos, chunk.key_bias, chunk.window)
+        summed attention, or (uncertainty="output") of the keys, in `rank` [B, Hkv, S] order after the window
+        (end_prefill keeps it), that keep the window's attention output within 1 - tau."""
         if self.uncertainty == "attention":
-            per_head = torch.einsum("bhts,bt->bhs", probs, (q_pos >= 0).float())  # [B, Hq, S]
-            return min_budget_attention(per_head, self.tau).float().mean(dim=1)
-        first = rank.masked_fill(recent_mask(chunk, self.window_size), float("inf"))  # end_prefill keeps the window
-        order = first.argsort(dim=-1, descending=True, stable=True)  # [B, Hkv, S]
-        return min_budget_output(probs, chunk.values, order, 1.0 - self.tau, q_pos >= 0).float().mean(dim=1)
+            return attention_uncertainty(chunk, self.window_size, self.tau)
+        return output_uncertainty(chunk, rank, self.window_size, self.window_size, self.tau)
 
     def layer_budgets(self, lmba: list[float], prompt_len: int) -> list[int]:
         """Per-layer budgets of one sequence from its layers' uncertainty (LMBO or LMBA)."""

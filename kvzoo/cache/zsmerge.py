@@ -94,6 +94,9 @@ instances):
   +0.000 +- 0.001, 23 windows; 31 of the Rust book: -0.009 +- 0.004 / -0.004 +- 0.003 / -0.002 +- 0.001); `make
   demo` 5 of 6 facts at 50% and 80% as before. One position after the token (`pool_ahead=1`, for a question that
   reads the end of a fact's sentence): 23 / 27 / 33 of 48 against 28 / 29 / 33 on seeds 5 and 6.
+- Not yet the default: the layers sharing the budget by need (`layer_budgets="uncertainty"`, ZigZagKV's
+  allocation, session 32): 0.003-0.056 nats lower continuation NLL on four texts at every budget, for a slower
+  eager decode step and the whole prompt held during prefill (see the field).
 - Not adopted: a quarter of the budget as ring (proximity 0.25) doubles the context and retrieves more
   (58% at 20%) but costs 0.056 +- 0.026 NLL at 5%; the leverage term (`leverage`, below) retrieves far more
   and costs more NLL still (see its comment).
@@ -111,9 +114,11 @@ import torch
 import torch.nn.functional as F
 
 from kvzoo.cache.base import CompressionMethod
-from kvzoo.cache.budgets import Budget, budget_tokens, check_budget, check_counts, check_pooling, part_tokens
+from kvzoo.cache.budgets import (Budget, budget_tokens, check_budget, check_counts, check_pooling, part_tokens,
+                                 zigzag_budgets)
 from kvzoo.cache.compactor import sinks_then_compactor
 from kvzoo.cache.copy_heads import COPY_HEAD_THRESHOLD, induction_scores
+from kvzoo.cache import layer_uncertainty
 from kvzoo.cache.scoring import (accumulated_scores, attention_rate, attention_shares, block_attention,
                                  distant_attention_rate, leverage_scores, on_the_scale_of, own_key_leverage,
                                  window_scores)
@@ -135,6 +140,7 @@ WINDOW_RANKS = ("window", "accumulated")  # the paper's: one attention signal, n
 SHARE_RANKS = ("attention_shares", "shares", "block_shares")  # rank by the largest share (see ZSMerge.decode_score)
 NOT_ATTENTION_ONLY = ("split", "shares", "block_shares")  # ranks cross_layer cannot take (leverage or a split)
 DECODE_SCORES = ("accumulated", "standing")
+LAYER_BUDGETS = ("uniform", "uncertainty")  # see ZSMerge.layer_budgets
 ACCUMULATED = ("sum", "rate", "rate_outside_copy_heads", "distant_rate", "distant_rate_outside_copy_heads")
 KEEP_SUM_IN_COPY_HEADS = ("rate_outside_copy_heads", "distant_rate_outside_copy_heads")  # see ZSMerge.accumulated
 
@@ -381,6 +387,26 @@ class ZSMerge(CompressionMethod):
     # against 5 / 3 / 1; the full cache 5); needles asked after compression 17 of 72 at 20% kept against 12
     # on seeds 5, 6 and 10 (5% and 10%: as without).
     stored_copy_heads: float | None = COPY_HEAD_THRESHOLD
+    # How the layers share the budget (the average over layers stays `budget`, so the cache's memory is the
+    # same). "uniform" (paper): every layer keeps `budget`. "uncertainty": ZigZagKV's allocation
+    # (`layer_uncertainty`, `budgets.zigzag_budgets`): each layer's need is the fewest keys, taken as ZSMerge keeps
+    # them (the ring, then the context by its rank), that keep the attention output of the prompt's last 32
+    # queries within a tenth of the full one; the layers split L x budget slots in proportion to it, none
+    # below a fifth of the budget (nor the smallest layout), each with its own ring, context and residual
+    # regions. The allocation needs every layer's need, so the whole prompt is held until the end of prefill
+    # (the full cache's peak memory at prefill, as ZigZagKV); a prompt fed in chunks (`prefill_chunk`), whose
+    # memory has to stay flat, and a document stored for later questions (`for_stored_document`, not
+    # measured) keep "uniform" (`for_chunked_prefill`). Different capacities per layer cannot share one
+    # allocation, so each eager decode step updates the layers one by one instead of all at once (`SlotStack`).
+    # Measured (tools/RESULTS.md, "Session 32"; continuation NLL, 16 windows each, equal memory, paired against
+    # "uniform" at 5 / 10 / 20% kept): seed 19 -0.004 +- 0.005 / -0.003 +- 0.003 / -0.004 +- 0.002, seed 23
+    # -0.014 +- 0.006 / -0.020 +- 0.012 / -0.016 +- 0.008, the Rust reference -0.056 +- 0.016 / -0.055 +- 0.025 /
+    # -0.014 +- 0.008, the nightly Rustonomicon -0.014 +- 0.005 / -0.017 +- 0.004 / -0.013 +- 0.004; a fixed
+    # profile of the layers' needs (measured once on other text) gained about a quarter of that. Not the default
+    # yet: eager decode 32.8 -> 49.2 ms/token at 2048 tokens, 33.4 -> 53.3 at 8192 (5% kept, `kvzoo bench`; the
+    # compiled step 29.4 -> 28.7), and the prefill holds the whole prompt (peak RSS +100 MiB at 2048 tokens,
+    # +340 MiB at 8192 for SmolLM2-135M).
+    layer_budgets: str = "uniform"
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "ZSMerge")
@@ -435,6 +461,14 @@ class ZSMerge(CompressionMethod):
         if self.accumulated not in ACCUMULATED:
             raise KvzooError(f"ZSMerge: accumulated must be one of {', '.join(map(repr, ACCUMULATED))}, got "
                              f"{self.accumulated!r}")
+        if self.layer_budgets not in LAYER_BUDGETS:
+            raise KvzooError(f"ZSMerge: layer_budgets must be one of {', '.join(map(repr, LAYER_BUDGETS))}, got "
+                             f"{self.layer_budgets!r}")
+        if self.layer_budgets != "uniform" and (self.copy_heads is not None or self.context_rank != "score"):
+            raise KvzooError(f"ZSMerge: layer_budgets={self.layer_budgets!r} compresses each layer after the whole "
+                             f"prompt is read, which copy_heads and context_rank='compactor' do not (got "
+                             f"copy_heads={self.copy_heads!r}, context_rank={self.context_rank!r}); use "
+                             f"layer_budgets='uniform' with them")
         if self.decode_score not in DECODE_SCORES:
             raise KvzooError(f"ZSMerge: decode_score must be one of {', '.join(map(repr, DECODE_SCORES))}, got "
                              f"{self.decode_score!r}")
@@ -492,10 +526,28 @@ class ZSMerge(CompressionMethod):
     def layout(self, prompt_len: int) -> ZSMergeLayout:
         """The regions for one sequence: the budget rule with the smallest layout holding a context slot as
         minimum (a budget that resolves below it is raised to it)."""
-        layout = self._split(budget_tokens(self.budget, prompt_len))
+        return self._fit(budget_tokens(self.budget, prompt_len))
+
+    def _fit(self, budget: int) -> ZSMergeLayout:
+        """The regions of `budget` slots, or of the fewest more that hold a context slot."""
+        layout = self._split(budget)
         while layout.context < 1:  # the context grows ~ (1 - proximity)(1 - residual) per slot: terminates
             layout = self._split(layout.budget + 1)
         return layout
+
+    @property
+    def _holds_prompt(self) -> bool:
+        """Whether every layer keeps the whole prompt until end_prefill compresses it (`cross_layer`,
+        `layer_budgets`)."""
+        return self.cross_layer or self.layer_budgets != "uniform"
+
+    def for_chunked_prefill(self) -> "ZSMerge":
+        """This ZSMerge with uniform layer budgets (`layer_budgets`) when it would hold the whole prompt for
+        them: a prompt fed in chunks keeps its memory flat. Itself otherwise (a cross-layer rank refuses
+        chunks: `supports_chunked_prefill`)."""
+        if self.layer_budgets == "uniform" or self.cross_layer:
+            return self
+        return replace(self, layer_budgets="uniform")
 
     @property
     def supports_chunked_prefill(self) -> bool:  # type: ignore[override]
@@ -504,19 +556,18 @@ class ZSMerge(CompressionMethod):
         return not self.cross_layer and self.context_rank != "compactor"
 
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
-        if self.cross_layer:  # the whole prompt until end_prefill
+        if self._holds_prompt:  # the whole prompt until end_prefill
             return [[max(n, self.layout(n).budget) for n in prompt_lens]] * cfg.num_layers
         return [[self.layout(n).budget for n in prompt_lens]] * cfg.num_layers
 
     def make_cache(self, cfg: "ModelConfig", prompt_lens: list[int], max_new_tokens: int,
                    dtype: torch.dtype, device: torch.device | str) -> KVCache:
         cache = super().make_cache(cfg, prompt_lens, max_new_tokens, dtype, device)
-        layouts = [self.layout(n) for n in prompt_lens]
-        residual = torch.tensor([lay.residual for lay in layouts], device=device)
-        proximity = torch.tensor([lay.proximity for lay in layouts], device=device)
+        # Every layer's regions are the average budget's, until end_prefill allocates (`layer_budgets`).
+        regions = self._regions([self.layout(n).budget for n in prompt_lens], device)
         for slots in cache.layers:
-            slots.state["residual"] = residual  # [B] slots 0 .. residual-1 are R
-            slots.state["proximity"] = proximity  # [B] ring = budget - proximity .. budget-1
+            slots.state.update(regions)
+            residual = regions["residual"]
             if self._splits_standing:  # allocated up front: the cache's memory is constant from the start
                 slots.state["standing_bonus"] = torch.zeros_like(slots.score)  # [B, Hkv, C] (see `_compress`)
                 slots.state["standing_pos"] = torch.full_like(slots.pos, -1, dtype=torch.int32)  # [B, Hkv, C]
@@ -529,6 +580,13 @@ class ZSMerge(CompressionMethod):
                                                        device=device)  # [B, Hkv]
         return cache
 
+    def _regions(self, budgets: list[int], device: torch.device | str) -> dict[str, torch.Tensor]:
+        """The state that places the regions of layouts of `budgets` slots (one per sequence): "residual" [B]
+        (slots 0 .. residual-1 are R) and "proximity" [B] (the ring is budget - proximity .. budget-1)."""
+        layouts = [self._split(n) for n in budgets]
+        return {"residual": torch.tensor([lay.residual for lay in layouts], device=device),
+                "proximity": torch.tensor([lay.proximity for lay in layouts], device=device)}
+
     def for_stored_document(self, chunked: bool = False) -> "ZSMerge":
         """This ZSMerge with a ring of at most `stored_ring` tokens and its context ranked by Compactor's score,
         or else (also for a document fed in chunks, which Compactor's rank cannot take) with copy heads at
@@ -539,11 +597,11 @@ class ZSMerge(CompressionMethod):
             return self
         if self.stored_ring is not None and not self.leverage and not chunked:
             return replace(self, proximity_cap=self.stored_ring, context_rank="compactor", rank="window",
-                           accumulated="sum")
+                           accumulated="sum", layer_budgets="uniform")
         if self.stored_copy_heads is not None:  # with the keys' leverage share, as measured (session 22): the
             # query-agnostic signal beside the copy heads, which a prompt to continue no longer needs (`rank`)
             rank = "shares" if self.rank == "attention_shares" else self.rank
-            return replace(self, copy_heads=self.stored_copy_heads, rank=rank)
+            return replace(self, copy_heads=self.stored_copy_heads, rank=rank, layer_budgets="uniform")
         return self
 
     def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
@@ -686,26 +744,30 @@ class ZSMerge(CompressionMethod):
         return top_mask(window.masked_fill(~ctx_cand | heavy, NEG_INF), chunk.key_pos, n_pick, own)
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
-        if "cross_layer_tie" in slots.state:  # a second chunk before end_prefill
-            raise KvzooError("ZSMerge(cross_layer=True) ranks every layer's tokens over the whole prompt, so it "
-                             "cannot compress a prompt fed in chunks; generate without prefill_chunk")
+        if "held_tie" in slots.state:  # a second chunk before end_prefill
+            raise KvzooError(f"ZSMerge(cross_layer={self.cross_layer}, layer_budgets={self.layer_budgets!r}) ranks or "
+                             "allocates from every layer's attention over the whole prompt, so it cannot compress "
+                             "a prompt fed in chunks; generate without prefill_chunk")
         score, window, accumulated = self._scores(chunk, self._standing_bonus(slots, chunk),
                                                   slots.state.get("sum_head"), slots.state["proximity"])
         # The share ranks keep a token for its largest share, but its slot's score is what decode steps add
         # each query's attention to and evict by: the accumulated attention, with the standing kept beside it
         # for a later prompt chunk (see `decode_score`).
         stored = self._stored_scores(slots, chunk, score, accumulated) if self._splits_standing else None
-        if self.cross_layer and chunk.keys.shape[2] == chunk.k.shape[2]:  # a prompt on a fresh cache
+        if self._holds_prompt and chunk.keys.shape[2] == chunk.k.shape[2]:  # a prompt on a fresh cache
             # Keep every token with its standing as score (what the cross-layer rank reads); end_prefill
-            # compresses with that rank and stores `stored`.
+            # allocates, then compresses with that rank and stores `stored`.
             slots.replace_all(chunk.keys, chunk.values, chunk.key_logw, score, chunk.key_pos)
             tie = score if self.rank == "accumulated" else window_scores(chunk, self.window_size, self.decay)
             # One entry per slot, as end_prefill's candidates are (a prompt shorter than the smallest layout
             # leaves empty slots past its tokens).
             empty_slots = (0, slots.capacity - tie.shape[-1])
-            slots.state["cross_layer_tie"] = F.pad(tie, empty_slots)
+            slots.state["held_tie"] = F.pad(tie, empty_slots)
             if stored is not None:
-                slots.state["cross_layer_stored"] = F.pad(stored, empty_slots)
+                slots.state["held_stored"] = F.pad(stored, empty_slots)
+            if self.layer_budgets == "uncertainty":  # the ring first, as _compress keeps it, then the rank
+                slots.state["uncertainty"] = layer_uncertainty.output_uncertainty(
+                    chunk, score, slots.state["proximity"], layer_uncertainty.WINDOW, layer_uncertainty.TAU)
             return
         prompt_len = slots.state["prompt_len"]  # Compactor's rank blends by the fraction the layout drops
         rank = sinks_then_compactor(chunk, slots.budget, prompt_len) if self.context_rank == "compactor" else None
@@ -885,27 +947,45 @@ class ZSMerge(CompressionMethod):
             sc.copy_(torch.where(merge.merged, sc.scatter_add(-1, merge.target, score * merge.leftover), sc))
 
     def end_prefill(self, cache: KVCache) -> None:
-        """With cross_layer: compress every layer's whole prompt into its layout, ranking the context by
-        max(the token's share of its head's score, the largest share any layer's head gives it); the new stores
-        are stacked again (one allocation, so decode steps still batch the layers)."""
-        if not self.cross_layer or "cross_layer_tie" not in cache.layers[0].state:
+        """With a held prompt (`cross_layer`, `layer_budgets`): allocate each layer's budget, then compress its
+        whole prompt into its layout, ranking the context by the standing or (cross_layer) by max(the token's
+        share of its head's score, the largest share any layer's head gives it). Stores of equal capacity are
+        stacked again (one allocation, so decode steps still batch the layers)."""
+        if "held_tie" not in cache.layers[0].state:
             return
-        widest = widest_shares(cache.layers)  # [B, P]
+        widest = widest_shares(cache.layers) if self.cross_layer else None
         first = cache.layers[0]
-        budgets = torch.tensor([self.layout(int(n)).budget for n in first.state["prompt_len"].tolist()],
-                               device=first.pos.device)
+        budgets = self._layer_budgets(cache)
         _, hkv, _, d = first.k.shape
-        stack, stores = allocate_stores([budgets] * len(cache.layers), [int(budgets.max())] * len(cache.layers),
-                                        hkv, d, first.k.dtype, first.k.device)
-        for layer_idx, (old, new) in enumerate(zip(cache.layers, stores)):
-            tie, stored = old.state.pop("cross_layer_tie"), old.state.pop("cross_layer_stored", None)
-            new.state = {**old.state, "prefill_budget": budgets}
-            rank = cross_layer_rank(old, widest)
+        stack, stores = allocate_stores(budgets, [int(b.max()) for b in budgets], hkv, d, first.k.dtype,
+                                        first.k.device)
+        for layer_idx, (old, new, budget) in enumerate(zip(cache.layers, stores, budgets)):
+            tie, stored = old.state.pop("held_tie"), old.state.pop("held_stored", None)
+            new.state = {**old.state, "prefill_budget": budget, **self._regions(budget.tolist(), budget.device)}
+            rank = None if widest is None else cross_layer_rank(old, widest)
             candidates = slot_candidates(old)
             candidates.k, candidates.v = old.k, old.v  # every slot is a fresh candidate (none is a residual)
             self._compress(new, candidates, old.score, None, None, rank=rank, tie=tie, stored=stored)
             cache.layers[layer_idx] = new
         cache.stack = stack
+
+    def _layer_budgets(self, cache: KVCache) -> list[torch.Tensor]:
+        """Per layer, the [B] slots of each sequence (`layer_budgets`): the average budget's layout, or a share
+        of L times it by the layer's uncertainty (recorded in state["uncertainty"] [B] at compress_prefill)."""
+        prompt_lens = cache.layers[0].state["prompt_len"]
+        average = torch.tensor([self.layout(int(n)).budget for n in prompt_lens.tolist()], device=prompt_lens.device)
+        if self.layer_budgets == "uniform":
+            return [average] * len(cache.layers)
+        need = torch.stack([layer.state.pop("uncertainty") for layer in cache.layers]).T.tolist()  # [B][L]
+        smallest = self._fit(1).budget
+        per_sequence = []
+        for uncertainty, n, avg in zip(need, prompt_lens.tolist(), average.tolist()):
+            if avg >= n:  # every layer holds the whole prompt: nothing to share
+                per_sequence.append([avg] * len(need[0]))
+                continue
+            bound = max(smallest, int(layer_uncertainty.BOUND_RATIO * avg))
+            per_sequence.append([self._fit(b).budget for b in zigzag_budgets(uncertainty, avg, bound, smallest, n)])
+        return [torch.tensor(layer, device=prompt_lens.device) for layer in zip(*per_sequence)]
 
     # --- decode ---------------------------------------------------------------------------------------
     def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,

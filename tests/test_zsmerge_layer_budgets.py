@@ -1,0 +1,122 @@
+"""ZSMerge(layer_budgets="uncertainty"): the layers share L x budget slots by ZigZagKV's rule, from each layer's
+output uncertainty measured in ZSMerge's own keeping order, and each layer is then exactly a uniform ZSMerge
+with its own budget. References are computed from the definitions (float64 attention)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvzoo.cache import ZSMerge
+from kvzoo.cache import zsmerge as zsmerge_module
+from kvzoo.cache.budgets import zigzag_budgets
+from kvzoo.errors import KvzooError
+from tests.method_helpers import QKV, drive_synthetic, random_qkv, reference_min_budget_output, reference_probs
+
+SPEC = dict(budget=16, rank="accumulated")  # a standing that does not depend on the layout: a plain reference
+
+
+def _layer(qkv: QKV, layer: int, b: int) -> QKV:
+    """One layer of sequence b, as a one-layer model's q/k/v."""
+    return QKV([qkv.q[layer]], [qkv.k[layer]], [qkv.v[layer]], qkv.seed).select(b)
+
+
+def _reference_uncertainty(qkv: QKV, layer: int, b: int, n: int, ring: int, window: int = 32,
+                           tau: float = 0.9) -> float:
+    """The mean over query heads of the fewest keys, the `ring` newest first and then by accumulated attention
+    (the KV head's mean over its query heads of every prompt query's), that keep the attention output of the
+    last `window` queries within 1 - tau; sequence b's n tokens (drive_synthetic feeds positions 0 .. n-1)."""
+    q, k, v = (x[layer][b, :, :n] for x in (qkv.q, qkv.k, qkv.v))  # [H, n, D]: positions 0 .. n-1
+    groups = q.shape[0] // k.shape[0]
+    counts = []
+    for kv_head in range(k.shape[0]):
+        probs = reference_probs(q[kv_head * groups:(kv_head + 1) * groups], k[kv_head], list(range(n)),
+                                list(range(n)), None)  # [G, n, n]
+        score = probs.sum(1).mean(0)  # [n]
+        rank = score.masked_fill(torch.arange(n) >= n - ring, float("inf")).float()
+        order = rank.argsort(descending=True, stable=True).tolist()
+        for head_probs in probs:
+            counts.append(reference_min_budget_output(head_probs[-window:], v[kv_head].double(), order, 1 - tau))
+    return float(torch.tensor(counts, dtype=torch.float32).mean())
+
+
+def test_budgets_are_shares_of_the_layers_output_uncertainty(monkeypatch):
+    """Each sequence's layer budgets are ZigZagKV's shares of L x its average layout (none below a fifth of
+    it) by each layer's uncertainty, measured as ZSMerge keeps its tokens: the ring first, then the rank."""
+    qkv = random_qkv(2, 3, 2, 2, 64, seed=5)
+    qkv.q[0], qkv.q[2] = qkv.q[0] * 0.2, qkv.q[2] * 3  # layer 0 reads diffusely, layer 2 sharply
+    lens = [60, 45]
+    method = ZSMerge(layer_budgets="uncertainty", **SPEC)
+    needs: list[list[float]] = []  # what the allocation was given, per sequence
+
+    def recording(need, *args):
+        needs.append(list(need))
+        return zigzag_budgets(need, *args)
+
+    monkeypatch.setattr(zsmerge_module, "zigzag_budgets", recording)
+    got = drive_synthetic(method, qkv, lens, 0).cache.budgets()  # [L, B]
+    for b, n in enumerate(lens):
+        layout = method.layout(n)
+        need = [_reference_uncertainty(qkv, layer, b, n, layout.proximity) for layer in range(3)]
+        assert needs[b] == need
+        smallest = 4  # the smallest layout of the defaults: ring 2, residual 1, context 1 (README)
+        expected = zigzag_budgets(need, layout.budget, max(smallest, layout.budget // 5), smallest, n)
+        assert got[:, b].tolist() == expected, (need, expected)
+        assert sum(expected) == 3 * layout.budget  # the same memory as uniform layouts
+    assert (got[0] > got[2]).all(), "the diffuse layer needs more slots than the sharp one"
+
+
+def test_each_layer_is_a_uniform_zsmerge_with_its_own_budget():
+    """After the allocation, every layer holds (and decodes) exactly what a one-layer ZSMerge with that layer's
+    budget holds: its own ring, context and residual regions, for a left-padded batch."""
+    qkv = random_qkv(2, 3, 2, 2, 64, seed=7)
+    lens = [60, 45]
+    trace = drive_synthetic(ZSMerge(layer_budgets="uncertainty", **SPEC), qkv, lens, 4)
+    budgets = trace.cache.budgets()
+    for layer in range(3):
+        for b, n in enumerate(lens):
+            alone = drive_synthetic(ZSMerge(**{**SPEC, "budget": int(budgets[layer, b])}), _layer(qkv, layer, b),
+                                    [n], 4)
+            for step, (mine, theirs) in enumerate(zip(trace.snapshots, alone.snapshots)):
+                got, want = mine.layers[layer], theirs.layers[0]
+                filled = torch.isfinite(got["logw"][b])
+                assert int(filled.sum(-1).max()) <= int(budgets[layer, b])
+                assert got["pos"][b][filled].tolist() == want["pos"][0][torch.isfinite(want["logw"][0])].tolist(), \
+                    (layer, b, step)
+                for name in ("k", "v", "logw", "score"):
+                    torch.testing.assert_close(got[name][b][filled], want[name][0][torch.isfinite(want["logw"][0])],
+                                               atol=1e-5, rtol=1e-5)
+
+
+def test_one_sequence_holds_the_memory_of_uniform_layouts():
+    """Per-layer capacities differ, so the stores are not one stacked allocation, but together they hold as many
+    bytes as the uniform layouts (L x the average budget)."""
+    qkv = random_qkv(1, 3, 2, 2, 64, seed=3)
+    qkv.q[0] = qkv.q[0] * 0.2  # a diffuse layer: the budgets differ
+    shared = drive_synthetic(ZSMerge(layer_budgets="uncertainty", **SPEC), qkv, [60], 2).cache
+    uniform = drive_synthetic(ZSMerge(**SPEC), qkv, [60], 2).cache
+    assert len(set(shared.budgets()[:, 0].tolist())) > 1
+    assert not shared.is_stacked() and uniform.is_stacked()
+    assert shared.nbytes() == uniform.nbytes()
+
+
+def test_a_prompt_in_chunks_keeps_uniform_layouts():
+    """Chunked prefill keeps its memory flat: the method becomes uniform (`for_chunked_prefill`); driven in
+    chunks as it is, it refuses with a message naming the setting."""
+    method = ZSMerge(layer_budgets="uncertainty")
+    assert method.for_chunked_prefill() == ZSMerge()
+    uniform = ZSMerge()
+    assert uniform.for_chunked_prefill() is uniform
+    assert method.for_stored_document().layer_budgets == "uniform"
+    qkv = random_qkv(1, 2, 1, 2, 40, seed=1)
+    with pytest.raises(KvzooError, match="layer_budgets='uncertainty'.*prompt fed in chunks"):
+        drive_synthetic(ZSMerge(layer_budgets="uncertainty", budget=8), qkv, [40], 0, prefill_chunk=16)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(KvzooError, match="layer_budgets must be one of 'uniform', 'uncertainty', got 'layers'"):
+        ZSMerge(layer_budgets="layers")
+    with pytest.raises(KvzooError, match="copy_heads=0.3, context_rank='score'"):
+        ZSMerge(layer_budgets="uncertainty", copy_heads=0.3)
+    with pytest.raises(KvzooError, match="context_rank='compactor'"):
+        ZSMerge(layer_budgets="uncertainty", context_rank="compactor", rank="window")
