@@ -19,10 +19,11 @@ from kvzoo_kernels.chunk_attention import chunk_attention
 
 @dataclass
 class DeferredUpdates:
-    """A decode step's per-layer updates waiting for the last layer (`ForwardContext.deferred`), and the store
-    they go into: every layer's as one (`KVCache.stacked_layers`)."""
+    """A decode step's per-layer updates waiting for the last layer (`ForwardContext.deferred`), and the stores
+    they go into: groups of layers whose stores are one allocation (`KVCache.stacked_groups`), a layer alone
+    otherwise."""
 
-    target: LayerSlots  # [L * B, ...] rows
+    groups: list[tuple[tuple[int, ...], LayerSlots]]  # layer ids, and their store ([L' * B, ...] rows)
     k_new: list[torch.Tensor] = field(default_factory=list)  # per layer [B, Hkv, D]
     v_new: list[torch.Tensor] = field(default_factory=list)
     probs: list[torch.Tensor | None] = field(default_factory=list)  # per layer [B, Hq, C + 1] or None
@@ -115,23 +116,31 @@ def _decode(
 
 
 def defer_decode_updates(cache: KVCache) -> DeferredUpdates | None:
-    """Where to collect a decode step's updates when the cache's method can run them for every layer at once
+    """Where to collect a decode step's updates when the cache's method can run them for several layers at once
     (row-wise, after attending, on stacked stores), else None."""
     method = cache.method
     if not method.decode_step_rowwise or method.decode_writes_first:
         return None
-    stacked = cache.stacked_layers(method.decode_slot_state)
-    return None if stacked is None else DeferredUpdates(stacked)
+    groups = cache.stacked_groups(method.decode_slot_state)
+    return None if groups is None else DeferredUpdates(groups)
 
 
 def apply_deferred_updates(cache: KVCache, positions: torch.Tensor, deferred: DeferredUpdates) -> None:
-    """Run the method's decode step once over every layer's store with the layers' updates in layer order
-    (row l * B + b: sequence b of layer l); positions [B, 1]."""
-    layers = len(deferred.k_new)
-    assert layers == len(cache.layers)
-    probs = None if deferred.probs[0] is None else torch.cat(deferred.probs)  # type: ignore[arg-type]
-    cache.method.decode_step(-1, deferred.target, torch.cat(deferred.k_new), torch.cat(deferred.v_new),
-                             positions[:, 0].repeat(layers), probs)
+    """Run the method's decode step once per group of layers, over the group's store with its layers' updates
+    in layer order (row i * B + b: sequence b of the group's i-th layer; a layer alone: its own step);
+    positions [B, 1]."""
+    assert len(deferred.k_new) == len(cache.layers)
+    for layer_ids, target in deferred.groups:
+        if len(layer_ids) == 1:
+            i = layer_ids[0]
+            cache.method.decode_step(i, target, deferred.k_new[i], deferred.v_new[i], positions[:, 0],
+                                     deferred.probs[i])
+            continue
+        probs = deferred.probs
+        cache.method.decode_step(
+            -1, target, torch.cat([deferred.k_new[i] for i in layer_ids]),
+            torch.cat([deferred.v_new[i] for i in layer_ids]), positions[:, 0].repeat(len(layer_ids)),
+            None if probs[0] is None else torch.cat([probs[i] for i in layer_ids]))  # type: ignore[misc]
 
 
 def _decode_bias(slots: LayerSlots, alpha: float, pos: torch.Tensor, window: int | None) -> torch.Tensor:

@@ -47,7 +47,7 @@ def _stacked_and_per_layer(model, method, monkeypatch, prompts=PROMPTS):
     assert decode_calls == [-1] * STEPS, "the eager decode did not batch the layers' updates"
     calls.clear()
     with monkeypatch.context() as m:
-        m.setattr(KVCache, "is_stacked", lambda self: False)  # as if the layers were separate stores
+        m.setattr(KVCache, "stacked_groups", lambda self, *_: None)  # as if the layers were separate stores
         per_layer = drive_model(model, prompts, method, STEPS)
     assert calls[-STEPS * layers:] == list(range(layers)) * STEPS
     return stacked, per_layer
@@ -95,7 +95,9 @@ def test_stacked_layers_are_rows_of_one_allocation(models):
     model = models("llama-gqa")
     method = DECODE_TIME[0].make(0.5)
     cache = method.make_cache(model.config, [13, 6], 4, torch.float32, "cpu")
-    whole = cache.stacked_layers()
+    assert cache.is_stacked()
+    [(layer_ids, whole)] = cache.stacked_groups()
+    assert layer_ids == tuple(range(len(cache.layers)))
     assert whole is not None
     b = 2
     for i, layer in enumerate(cache.layers):
@@ -110,17 +112,17 @@ def test_a_fork_is_stacked_again_and_a_replaced_layer_falls_back(models):
     cache = DECODE_TIME[0].make(0.5).make_cache(model.config, [13], 4, torch.float32, "cpu")
     cache.layers[1].k[0, 0, 0, 0] = 7.0
     fork = cache.fork(headroom=3, batch=2)
-    whole = fork.stacked_layers()
+    [(_, whole)] = fork.stacked_groups()
     assert whole is not None and whole.k.shape[0] == 2 * model.config.num_layers
     assert whole.k.shape[2] == cache.layers[0].capacity + 3
     assert torch.equal(fork.layers[1].k[:, 0, 0, 0], torch.tensor([7.0, 7.0]))
-    assert fork.stack is not None and fork.stack.k.data_ptr() != cache.stack.k.data_ptr()  # its own copy
+    assert fork.stacks[0].k.data_ptr() != cache.stacks[0].k.data_ptr()  # its own copy
 
     fork.layers[0] = replace(fork.layers[0], k=fork.layers[0].k.clone())  # e.g. a method shrinking a layer
-    assert fork.stacked_layers() is None
+    assert fork.stacked_groups() is None and not fork.is_stacked()
     fork = cache.fork()
     fork.layers[0].state["shared"] = torch.tensor(True)  # 0-dim state cannot be split into rows
-    assert fork.stacked_layers() is None
+    assert fork.stacked_groups() is None
 
 
 def test_layers_of_different_capacities_are_not_stacked(models):
@@ -129,8 +131,8 @@ def test_layers_of_different_capacities_are_not_stacked(models):
     model = models("llama-gqa")
     cache = PyramidKV(budget=0.5, window_size=2).make_cache(model.config, [40], 4, torch.float32, "cpu")
     assert len({layer.capacity for layer in cache.layers}) > 1
-    assert cache.stack is None and cache.stacked_layers() is None
-    assert cache.fork().stack is None
+    assert cache.stacks == [] and cache.stacked_groups() is None
+    assert cache.fork().stacks == []
 
 
 def test_stores_replaced_at_the_end_of_prefill_release_the_stack(models):
@@ -144,11 +146,11 @@ def test_stores_replaced_at_the_end_of_prefill_release_the_stack(models):
 
     model = models("llama-gqa")
     cache = ZigZagKV(budget=0.3, window_size=2).make_cache(model.config, [40], 4, torch.float32, "cpu")
-    assert cache.stack is not None and cache.layers[0].capacity == 40 + 4
-    whole = weakref.ref(cache.stack.k)
+    assert cache.is_stacked() and cache.layers[0].capacity == 40 + 4
+    whole = weakref.ref(cache.stacks[0].k)
     prompt = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         prefill(model, prompt, torch.arange(40)[None], cache)
     gc.collect()
     assert all(layer.capacity < 40 for layer in cache.layers)
-    assert cache.stack is None and whole() is None
+    assert cache.stacks == [] and whole() is None

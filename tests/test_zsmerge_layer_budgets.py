@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvzoo.cache import ZSMerge
 from kvzoo.cache import zsmerge as zsmerge_module
-from kvzoo.cache.budgets import zigzag_budgets
+from kvzoo.cache.budgets import level_budgets, zigzag_budgets
+from kvzoo.cache.zsmerge import LAYER_LEVELS
 from kvzoo.errors import KvzooError
 from tests.method_helpers import QKV, drive_synthetic, random_qkv, reference_min_budget_output, reference_probs
 
@@ -61,7 +64,7 @@ def test_budgets_are_shares_of_the_layers_output_uncertainty(monkeypatch):
         assert needs[b] == need
         smallest = 4  # the smallest layout of the defaults: ring 2, residual 1, context 1 (README)
         expected = zigzag_budgets(need, layout.budget, max(smallest, layout.budget // 5), smallest, n)
-        assert got[:, b].tolist() == expected, (need, expected)
+        assert got[:, b].tolist() == expected, (need, expected)  # three layers: a run each, nothing evened out
         assert sum(expected) == 3 * layout.budget  # the same memory as uniform layouts
     assert (got[0] > got[2]).all(), "the diffuse layer needs more slots than the sharp one"
 
@@ -120,3 +123,34 @@ def test_bad_settings_are_refused():
         ZSMerge(layer_budgets="uncertainty", copy_heads=0.3)
     with pytest.raises(KvzooError, match="context_rank='compactor'"):
         ZSMerge(layer_budgets="uncertainty", context_rank="compactor", rank="window")
+
+
+@given(st.lists(st.lists(st.integers(1, 60), min_size=7, max_size=7), min_size=1, max_size=3),
+       st.permutations(range(7)), st.integers(1, 8))
+@settings(max_examples=60, deadline=None)
+def test_levelled_budgets_keep_each_total_in_few_sizes(per_sequence, order, levels):
+    """Evened out into `levels` runs of the layers in need order, each sequence keeps its total, a run's
+    layers share one size except the neediest layer (which takes what the floors leave), and no layer falls
+    below the smallest budget of its run."""
+    out = level_budgets(per_sequence, order, levels)
+    runs = min(levels, 7)
+    for mine, theirs in zip(out, per_sequence):
+        assert sum(mine) == sum(theirs)
+        assert len(set(mine[i] for i in order[1:])) <= runs
+        assert min(mine) >= min(theirs)
+    sizes = {tuple(seq[i] for seq in out) for i in order[1:]}  # a layer's sizes over the batch
+    assert len(sizes) <= runs
+
+
+def test_a_deep_model_decodes_its_layers_in_a_few_stacked_groups():
+    """Eight layers of different needs become at most LAYER_LEVELS + 1 stores sizes, so an eager decode step
+    updates a few stacked groups rather than eight layers one by one; the total stays L x the budget."""
+    qkv = random_qkv(1, 8, 2, 2, 64, seed=9)
+    for layer in range(8):
+        qkv.q[layer] = qkv.q[layer] * (0.2 + 0.4 * layer)  # from diffuse to sharp
+    cache = drive_synthetic(ZSMerge(layer_budgets="uncertainty", **SPEC), qkv, [60], 2).cache
+    budgets = cache.budgets()[:, 0].tolist()
+    assert sum(budgets) == 8 * SPEC["budget"] and len(set(budgets)) > 1
+    groups = cache.stacked_groups()
+    assert groups is not None and len(groups) <= LAYER_LEVELS + 1
+    assert sorted(i for ids, _ in groups for i in ids) == list(range(8))

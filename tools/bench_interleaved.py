@@ -10,7 +10,7 @@ decode step in turn, so a slow minute hits all of them; medians and ratios to tr
 Arms: transformers (StaticCache) and, for every method, kvzoo eager and compiled, each on its own cache
 prefilled with the same random prompt; with `--per-layer` also eager with each layer's decode update run
 after its own attention (the cache's stack dropped: what eager decode did before the layers were batched,
-see `KVCache.stacked_layers`). Run it alone.
+see `KVCache.stacked_groups`). Run it alone.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main() -> None:
                 arms[f"{spec} compiled"] = kvzoo_stepper(model, spec, prompts, total, True)[0]
                 if args.per_layer:
                     step, cache = kvzoo_stepper(model, spec, prompts, total, False)
-                    cache.stack = None  # every layer updates its own store, after its own attention
+                    cache.stacks = []  # every layer updates its own store, after its own attention
                     arms[f"{spec} eager per layer"] = step
             times: dict[str, list[float]] = {name: [] for name in arms}
             for i in range(total):

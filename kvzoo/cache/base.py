@@ -45,7 +45,7 @@ class CompressionMethod:
     decode_writes_first: bool = False
     # True for methods whose `decode_step` treats every (sequence) row alike and on its own, never reads
     # `layer_idx` and never writes `budget` or `state`: eager decode then runs it once per step on every
-    # layer's store at once (`KVCache.stacked_layers`: layers become rows), after the last layer's attention.
+    # layer's store at once (`KVCache.stacked_groups`: layers become rows), after the last layer's attention.
     # The result is the same, since a layer's update is only read by that layer's next step.
     decode_step_rowwise: bool = False
     # The per-slot state entries ([B, Hkv, C]) a row-wise decode step reads (the stacked view copies them in).
@@ -104,14 +104,14 @@ class CompressionMethod:
         prefill_budgets = [torch.tensor(budgets, dtype=torch.int64)
                            for budgets in self.prefill_budgets(cfg, prompt_lens)]
         # Equal capacities become one allocation (`SlotStack`): row-wise decode updates then batch the layers.
-        stack, layers = allocate_stores([budgets + headroom for budgets in prefill_budgets],
+        stacks, layers = allocate_stores([budgets + headroom for budgets in prefill_budgets],
                                         [int(budgets.max()) + headroom for budgets in prefill_budgets],
                                         cfg.num_kv_heads, cfg.head_dim, dtype, device)
         for slots, budgets in zip(layers, prefill_budgets):
             slots.state["prefill_budget"] = budgets.to(device)
             slots.state["prompt_len"] = torch.tensor(prompt_lens, dtype=torch.int64, device=device)
         return KVCache(layers=layers, method=self, max_position=max(prompt_lens, default=0) + max_new_tokens,
-                       stack=stack)
+                       stacks=stacks)
 
     def take_prefill_chunk(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         """What the attention layer hands each prompt chunk to: `compress_prefill`, except that a method that

@@ -32,20 +32,26 @@ def allocate_stores(
     head_dim: int,
     dtype: torch.dtype,
     device: torch.device | str,
-) -> tuple["SlotStack | None", list["LayerSlots"]]:
+) -> tuple[list["SlotStack"], list["LayerSlots"]]:
     """Empty stores for len(budgets) layers (budgets[l]: [B] slots per sequence, capacities[l] slots per row).
-    Equal capacities are allocated as one (`SlotStack`: layer l's tensors are rows l*B .. (l+1)*B - 1 of the
-    stack's); otherwise each layer has its own tensors and there is no stack."""
+    Layers of equal capacity are allocated as one (`SlotStack`: the i-th of its layers has rows i*B ..
+    (i+1)*B - 1 of the stack's tensors); a layer whose capacity no other layer has gets its own tensors."""
     batch = budgets[0].shape[0]
-    if len(set(capacities)) > 1:
-        return None, [LayerSlots.empty(batch, kv_heads, c, head_dim, b, dtype, device)
-                      for b, c in zip(budgets, capacities)]
-    whole = LayerSlots.empty(len(budgets) * batch, kv_heads, capacities[0], head_dim, torch.cat(budgets), dtype,
-                             device)
-    layers = [LayerSlots(*(t[i * batch:(i + 1) * batch] for t in (*whole.fields(), whole.budget)))
-              for i in range(len(budgets))]
-    views = tuple((*layer.fields(), layer.budget) for layer in layers)
-    return SlotStack(*whole.fields(), whole.budget, views=views), layers
+    layers: list[LayerSlots | None] = [None] * len(budgets)
+    stacks = []
+    for capacity in dict.fromkeys(capacities):  # each capacity once, in layer order
+        members = [i for i, c in enumerate(capacities) if c == capacity]
+        if len(members) == 1:
+            layers[members[0]] = LayerSlots.empty(batch, kv_heads, capacity, head_dim, budgets[members[0]], dtype,
+                                                  device)
+            continue
+        whole = LayerSlots.empty(len(members) * batch, kv_heads, capacity, head_dim,
+                                 torch.cat([budgets[i] for i in members]), dtype, device)
+        for row, i in enumerate(members):
+            layers[i] = LayerSlots(*(t[row * batch:(row + 1) * batch] for t in (*whole.fields(), whole.budget)))
+        views = tuple((*layers[i].fields(), layers[i].budget) for i in members)  # type: ignore[union-attr]
+        stacks.append(SlotStack(*whole.fields(), whole.budget, views=views, layer_ids=tuple(members)))
+    return stacks, layers  # type: ignore[return-value]
 
 
 def pad_slot_state(t: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -63,9 +69,9 @@ def _repeat_rows(x: torch.Tensor, repeats: int) -> torch.Tensor:
 
 @dataclass
 class SlotStack:
-    """Every layer's store as one allocation of L * B rows: layer l's k is k[l*B:(l+1)*B] (likewise v, logw,
-    score, pos). A decode update that treats rows alike then runs once per step for all layers instead of
-    once per layer (`KVCache.stacked_layers`, `CompressionMethod.decode_step_rowwise`): the same arithmetic in
+    """The stores of layers of one capacity as one allocation of L' * B rows: the i-th layer's k is
+    k[i*B:(i+1)*B] (likewise v, logw, score, pos). A decode update that treats rows alike then runs once per step for all layers instead of
+    once per layer (`KVCache.stacked_groups`, `CompressionMethod.decode_step_rowwise`): the same arithmetic in
     ~30x fewer, larger tensor ops, which is what eager decode on a CPU pays for."""
 
     k: torch.Tensor  # [L * B, Hkv, C, D]
@@ -75,6 +81,7 @@ class SlotStack:
     pos: torch.Tensor
     budget: torch.Tensor  # [L * B]
     views: tuple[tuple[torch.Tensor, ...], ...]  # per layer, the (k, v, logw, score, pos, budget) views handed out
+    layer_ids: tuple[int, ...]  # the layers whose stores they are, in row order
 
 
 @dataclass
@@ -212,9 +219,10 @@ class KVCache:
     # Host-side: the largest position the planned generation reaches (prompt + new tokens); the model's
     # RoPE table is grown to cover it before the first step, so decode steps never read past it.
     max_position: int = 0
-    # The allocation the layers' stores are views of, when they are (`allocate_stores`); layers a
-    # method replaces later (e.g. at `end_prefill`) simply stop being part of it (see `stacked_layers`).
-    stack: SlotStack | None = None
+    # The allocations the layers' stores are views of (`allocate_stores`: one per capacity that several layers
+    # share); layers a method replaces later (e.g. at `end_prefill`) simply stop being part of it (see
+    # `stacked_groups`).
+    stacks: list[SlotStack] = field(default_factory=list)
 
     @property
     def batch_size(self) -> int:
@@ -246,7 +254,7 @@ class KVCache:
             raise KvzooError(f"fork: headroom must be an integer >= 0, got {headroom!r}")
         repeats = batch // b
         first = self.layers[0]
-        stack, layers = allocate_stores([layer.fork_budget(headroom, repeats) for layer in self.layers],
+        stacks, layers = allocate_stores([layer.fork_budget(headroom, repeats) for layer in self.layers],
                                         [layer.capacity + headroom for layer in self.layers], first.k.shape[1],
                                         first.k.shape[3], first.k.dtype, first.k.device)
         for mine, new in zip(self.layers, layers):
@@ -257,43 +265,55 @@ class KVCache:
             tokens_seen=self.tokens_seen,
             lengths=[n for n in self.lengths for _ in range(repeats)],
             origin=self.origin,
-            stack=stack,
+            stacks=stacks,
         )
 
     def end_prefill(self) -> None:
-        """The method's end of prefill, which may replace layers (e.g. with smaller stores); the stack is then
-        let go, so that the memory of the stores it replaced is released."""
+        """The method's end of prefill, which may replace layers (e.g. with smaller stores); the stacks they left
+        are then let go, so that the memory of the stores they replaced is released."""
         self.method.end_prefill(self)  # type: ignore[attr-defined]
-        if not self.is_stacked():
-            self.stack = None
+        self.stacks = [stack for stack in self.stacks if self._holds(stack)]
 
-    def is_stacked(self) -> bool:
-        """Whether `stacked_layers` has the layers as rows (host-side identity checks only, no tensor op)."""
-        stack = self.stack
-        if stack is None or len(stack.views) != len(self.layers):
+    def _holds(self, stack: SlotStack) -> bool:
+        """Whether the stack's layers are still its views, with the same per-sequence state names (host-side
+        identity checks only, no tensor op)."""
+        members = [self.layers[i] for i in stack.layer_ids if i < len(self.layers)]
+        if len(members) != len(stack.views):
             return False
-        names = list(self.layers[0].state)
-        for layer, views in zip(self.layers, stack.views):
+        names = list(members[0].state)
+        for layer, views in zip(members, stack.views):
             if not all(mine is theirs for mine, theirs in zip((*layer.fields(), layer.budget), views)):
                 return False
             if list(layer.state) != names or any(t.dim() == 0 for t in layer.state.values()):
                 return False
         return True
 
-    def stacked_layers(self, slot_state: tuple[str, ...] = ()) -> LayerSlots | None:
-        """Every layer's store as one LayerSlots of L * B rows, layer-major (row l * B + b is sequence b of
-        layer l; per-sequence counters [B] concatenated likewise, and of the per-slot state only the entries
-        named in `slot_state`, which the method's decode step reads: the rest, such as a later chunk's
-        ranking state, would be copied every step for nothing), or None when the layers are not the views of
-        one `stack` any more or some state is shared (0-dim) rather than per sequence.
-        Writes to its slots and budget are writes to the layers'; its state is a copy (read-only)."""
-        stack = self.stack
-        if stack is None or not self.is_stacked():
+    def is_stacked(self) -> bool:
+        """Whether every layer is a row block of one stack (`stacked_groups` is then a single group)."""
+        return len(self.stacks) == 1 and len(self.stacks[0].layer_ids) == len(self.layers) and \
+            self._holds(self.stacks[0])
+
+    def stacked_groups(self, slot_state: tuple[str, ...] = ()) -> list[tuple[tuple[int, ...], LayerSlots]] | None:
+        """The layers as groups that one decode update can treat as rows: each stack's layers as one LayerSlots
+        of L' * B rows, layer-major (row i * B + b is sequence b of its i-th layer; per-sequence counters [B]
+        concatenated likewise, and of the per-slot state only the entries named in `slot_state`, which the
+        method's decode step reads: the rest, such as a later chunk's ranking state, would be copied every step
+        for nothing), and every other layer alone (its own store); with the layer ids of each. None when no
+        stack holds its layers any more (nothing to batch). Writes to a group's slots and budget are writes to
+        the layers'; a stacked group's state is a copy (read-only)."""
+        held = [stack for stack in self.stacks if self._holds(stack)]
+        if not held:
             return None
-        return LayerSlots(stack.k, stack.v, stack.logw, stack.score, stack.pos, stack.budget,
-                          state={name: torch.cat([layer.state[name] for layer in self.layers])
-                                 for name, first in self.layers[0].state.items()
-                                 if first.dim() == 1 or name in slot_state})
+        groups: list[tuple[tuple[int, ...], LayerSlots]] = []
+        for stack in held:
+            members = [self.layers[i] for i in stack.layer_ids]
+            groups.append((stack.layer_ids, LayerSlots(
+                stack.k, stack.v, stack.logw, stack.score, stack.pos, stack.budget,
+                state={name: torch.cat([layer.state[name] for layer in members])
+                       for name, first in members[0].state.items() if first.dim() == 1 or name in slot_state})))
+        stacked = {i for ids, _ in groups for i in ids}
+        groups += [((i,), layer) for i, layer in enumerate(self.layers) if i not in stacked]
+        return groups
 
     def save(self, path: "str | os.PathLike[str]", notes: dict[str, Any] | None = None) -> None:
         """Write this cache to a safetensors file with a header saying what it belongs to; `notes` (JSON

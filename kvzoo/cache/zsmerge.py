@@ -114,8 +114,8 @@ import torch
 import torch.nn.functional as F
 
 from kvzoo.cache.base import CompressionMethod
-from kvzoo.cache.budgets import (Budget, budget_tokens, check_budget, check_counts, check_pooling, part_tokens,
-                                 zigzag_budgets)
+from kvzoo.cache.budgets import (Budget, budget_tokens, check_budget, check_counts, check_pooling, level_budgets,
+                                 part_tokens, zigzag_budgets)
 from kvzoo.cache.compactor import sinks_then_compactor
 from kvzoo.cache.copy_heads import COPY_HEAD_THRESHOLD, induction_scores
 from kvzoo.cache import layer_uncertainty
@@ -141,6 +141,9 @@ SHARE_RANKS = ("attention_shares", "shares", "block_shares")  # rank by the larg
 NOT_ATTENTION_ONLY = ("split", "shares", "block_shares")  # ranks cross_layer cannot take (leverage or a split)
 DECODE_SCORES = ("accumulated", "standing")
 LAYER_BUDGETS = ("uniform", "uncertainty")  # see ZSMerge.layer_budgets
+# layer_budgets="uncertainty" evens the layers' budgets out into this many runs by need, so that an eager decode
+# step updates a handful of stacked stores, not every layer alone (`budgets.level_budgets`)
+LAYER_LEVELS = 4
 ACCUMULATED = ("sum", "rate", "rate_outside_copy_heads", "distant_rate", "distant_rate_outside_copy_heads")
 KEEP_SUM_IN_COPY_HEADS = ("rate_outside_copy_heads", "distant_rate_outside_copy_heads")  # see ZSMerge.accumulated
 
@@ -957,7 +960,7 @@ class ZSMerge(CompressionMethod):
         first = cache.layers[0]
         budgets = self._layer_budgets(cache)
         _, hkv, _, d = first.k.shape
-        stack, stores = allocate_stores(budgets, [int(b.max()) for b in budgets], hkv, d, first.k.dtype,
+        stacks, stores = allocate_stores(budgets, [int(b.max()) for b in budgets], hkv, d, first.k.dtype,
                                         first.k.device)
         for layer_idx, (old, new, budget) in enumerate(zip(cache.layers, stores, budgets)):
             tie, stored = old.state.pop("held_tie"), old.state.pop("held_stored", None)
@@ -967,25 +970,29 @@ class ZSMerge(CompressionMethod):
             candidates.k, candidates.v = old.k, old.v  # every slot is a fresh candidate (none is a residual)
             self._compress(new, candidates, old.score, None, None, rank=rank, tie=tie, stored=stored)
             cache.layers[layer_idx] = new
-        cache.stack = stack
+        cache.stacks = stacks
 
     def _layer_budgets(self, cache: KVCache) -> list[torch.Tensor]:
         """Per layer, the [B] slots of each sequence (`layer_budgets`): the average budget's layout, or a share
-        of L times it by the layer's uncertainty (recorded in state["uncertainty"] [B] at compress_prefill)."""
+        of L times it by the layer's uncertainty (recorded in state["uncertainty"] [B] at compress_prefill),
+        evened out into `LAYER_LEVELS` runs of layers by need (`budgets.level_budgets`)."""
         prompt_lens = cache.layers[0].state["prompt_len"]
-        average = torch.tensor([self.layout(int(n)).budget for n in prompt_lens.tolist()], device=prompt_lens.device)
+        average = [self.layout(int(n)).budget for n in prompt_lens.tolist()]
+        device = prompt_lens.device
         if self.layer_budgets == "uniform":
-            return [average] * len(cache.layers)
-        need = torch.stack([layer.state.pop("uncertainty") for layer in cache.layers]).T.tolist()  # [B][L]
+            return [torch.tensor(average, device=device)] * len(cache.layers)
+        need = torch.stack([layer.state.pop("uncertainty") for layer in cache.layers])  # [L, B]
         smallest = self._fit(1).budget
         per_sequence = []
-        for uncertainty, n, avg in zip(need, prompt_lens.tolist(), average.tolist()):
+        for uncertainty, n, avg in zip(need.T.tolist(), prompt_lens.tolist(), average):
             if avg >= n:  # every layer holds the whole prompt: nothing to share
-                per_sequence.append([avg] * len(need[0]))
+                per_sequence.append([avg] * len(uncertainty))
                 continue
             bound = max(smallest, int(layer_uncertainty.BOUND_RATIO * avg))
-            per_sequence.append([self._fit(b).budget for b in zigzag_budgets(uncertainty, avg, bound, smallest, n)])
-        return [torch.tensor(layer, device=prompt_lens.device) for layer in zip(*per_sequence)]
+            per_sequence.append(zigzag_budgets(uncertainty, avg, bound, smallest, n))
+        order = need.mean(dim=1).argsort(descending=True, stable=True).tolist()  # the batch's layers by need
+        levelled = level_budgets(per_sequence, order, LAYER_LEVELS)
+        return [torch.tensor([self._fit(b).budget for b in layer], device=device) for layer in zip(*levelled)]
 
     # --- decode ---------------------------------------------------------------------------------------
     def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
