@@ -4,6 +4,8 @@ with its own budget. References are computed from the definitions (float64 atten
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,7 +16,9 @@ from kvzoo.cache import zsmerge as zsmerge_module
 from kvzoo.cache.budgets import level_budgets, zigzag_budgets
 from kvzoo.cache.zsmerge import LAYER_LEVELS
 from kvzoo.errors import KvzooError
-from tests.method_helpers import QKV, drive_synthetic, random_qkv, reference_min_budget_output, reference_probs
+from kvzoo.attention import ForwardContext, apply_deferred_updates, attend, defer_decode_updates
+from tests.method_helpers import (QKV, _at, drive_synthetic, random_qkv, reference_min_budget_output,
+                                 reference_probs)
 
 SPEC = dict(budget=16, rank="accumulated")  # a standing that does not depend on the layout: a plain reference
 
@@ -154,3 +158,27 @@ def test_a_deep_model_decodes_its_layers_in_a_few_stacked_groups():
     groups = cache.stacked_groups()
     assert groups is not None and len(groups) <= LAYER_LEVELS + 1
     assert sorted(i for ids, _ in groups for i in ids) == list(range(8))
+
+
+def test_grouped_stacked_updates_equal_one_update_per_layer():
+    """Eager decode defers the layers' updates and runs one per stacked group (`apply_deferred_updates`): the
+    stores after several steps must be those of updating every layer right after its own attention."""
+    qkv = random_qkv(1, 8, 2, 2, 64, seed=9)
+    for layer in range(8):
+        qkv.q[layer] = qkv.q[layer] * (0.2 + 0.4 * layer)
+    prefilled = drive_synthetic(ZSMerge(layer_budgets="uncertainty", **SPEC), qkv, [56], 0).cache
+    grouped, per_layer = copy.deepcopy(prefilled), copy.deepcopy(prefilled)
+    with torch.no_grad():
+        for step in range(6):
+            pos = torch.tensor([[56 + step]])
+            for cache, deferred in ((grouped, defer_decode_updates(grouped)), (per_layer, None)):
+                ctx = ForwardContext(pos, None, None, cache, True, None, False, deferred=deferred)  # type: ignore[arg-type]
+                for layer in range(8):
+                    attend(layer, *(_at(x[layer], pos) for x in (qkv.q, qkv.k, qkv.v)), ctx)
+                if deferred is not None:
+                    assert 1 < len(deferred.groups) < 8
+                    apply_deferred_updates(cache, pos, deferred)
+    for mine, theirs in zip(grouped.layers, per_layer.layers):
+        assert torch.equal(mine.pos, theirs.pos) and torch.equal(mine.logw, theirs.logw)
+        torch.testing.assert_close(mine.score, theirs.score, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(mine.k, theirs.k, atol=1e-6, rtol=1e-6)
