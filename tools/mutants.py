@@ -298,7 +298,7 @@ MUTANTS: list[Mutant] = [
            'if self.layer_budgets == "uniform":\n            return [torch.tensor(average', 'if True:\n            return [torch.tensor(average',
            ("tests/test_zsmerge_layer_budgets.py",), "layer_budgets='uncertainty': the layers share the budget by need"),
     Mutant("level-budgets-drop-the-remainder", "kvzoo/cache/budgets.py",
-           "        even[order[0]] += left\n", "",
+           "    even[order[0]] += left\n", "",
            ("tests/test_zsmerge_layer_budgets.py",), "evened-out layer budgets keep each sequence's total"),
     Mutant("zsmerge-layer-need-ranks-the-ring-last", "kvzoo/cache/zsmerge.py",
            'chunk, score, slots.state["proximity"], layer_uncertainty.WINDOW',

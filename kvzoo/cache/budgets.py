@@ -229,32 +229,28 @@ def zigzag_budgets(lmba: Sequence[float], avg_budget: int, bound: int, low: int,
     return budgets
 
 
-def level_budgets(per_sequence: Sequence[Sequence[int]], order: Sequence[int], levels: int) -> list[list[int]]:
-    """Per-layer budgets of every sequence (per_sequence[b][l]) evened out into `levels` runs of layers, so that
-    a batch's layers take at most levels + 1 distinct sizes (stores of one size share an allocation, and a
-    row-wise decode update then runs once per size: `allocate_stores`).
+def level_budgets(budgets: Sequence[int], order: Sequence[int], levels: int) -> list[int]:
+    """Per-layer budgets of one sequence evened out into `levels` runs of layers, so that its layers take at
+    most levels + 1 distinct sizes (stores of one size share an allocation, and a row-wise decode update then
+    runs once per size: `allocate_stores`).
 
-    `order` lists the layers by need, neediest first (the same for every sequence of a batch); it is cut into
-    `levels` consecutive runs of near-equal length (the longer runs first). In each run every layer gets the
-    floor of the run's mean budget, and what the floors leave over, summed over the runs, goes to the neediest
-    layer, so each sequence keeps exactly its total and no layer falls below the smallest budget of its run.
+    `order` lists the layers by need, neediest first; it is cut into `levels` consecutive runs of near-equal
+    length. In each run every layer gets the floor of the run's mean budget, and what the floors leave over,
+    summed over the runs, goes to the neediest layer, so the total is kept and no layer falls below the
+    smallest budget of its run.
     """
     n = len(order)
-    if sorted(order) != list(range(n)):
-        raise ValueError(f"order must list each of the {n} layers once, got {list(order)}")
+    if sorted(order) != list(range(n)) or len(budgets) != n:
+        raise ValueError(f"order must list each of the {len(budgets)} layers once, got {list(order)}")
     if levels < 1:
         raise ValueError(f"levels must be >= 1, got {levels}")
     cuts = [round(i * n / min(levels, n)) for i in range(min(levels, n) + 1)]
-    runs = [order[a:b] for a, b in zip(cuts, cuts[1:])]
-    out = []
-    for budgets in per_sequence:
-        even = list(budgets)
-        left = 0
-        for run in runs:
-            total = sum(budgets[i] for i in run)
-            for i in run:
-                even[i] = total // len(run)
-            left += total % len(run)
-        even[order[0]] += left
-        out.append(even)
-    return out
+    even = list(budgets)
+    left = 0
+    for run in (order[a:b] for a, b in zip(cuts, cuts[1:])):
+        total = sum(budgets[i] for i in run)
+        for i in run:
+            even[i] = total // len(run)
+        left += total % len(run)
+    even[order[0]] += left
+    return even

@@ -975,7 +975,8 @@ class ZSMerge(CompressionMethod):
     def _layer_budgets(self, cache: KVCache) -> list[torch.Tensor]:
         """Per layer, the [B] slots of each sequence (`layer_budgets`): the average budget's layout, or a share
         of L times it by the layer's uncertainty (recorded in state["uncertainty"] [B] at compress_prefill),
-        evened out into `LAYER_LEVELS` runs of layers by need (`budgets.level_budgets`)."""
+        evened out into `LAYER_LEVELS` runs of the sequence's layers by need (`budgets.level_budgets`; a batch's
+        sequences are allocated alone, so a batch decodes as its sequences would alone)."""
         prompt_lens = cache.layers[0].state["prompt_len"]
         average = [self.layout(int(n)).budget for n in prompt_lens.tolist()]
         device = prompt_lens.device
@@ -989,10 +990,10 @@ class ZSMerge(CompressionMethod):
                 per_sequence.append([avg] * len(uncertainty))
                 continue
             bound = max(smallest, int(layer_uncertainty.BOUND_RATIO * avg))
-            per_sequence.append(zigzag_budgets(uncertainty, avg, bound, smallest, n))
-        order = need.mean(dim=1).argsort(descending=True, stable=True).tolist()  # the batch's layers by need
-        levelled = level_budgets(per_sequence, order, LAYER_LEVELS)
-        return [torch.tensor([self._fit(b).budget for b in layer], device=device) for layer in zip(*levelled)]
+            shares = zigzag_budgets(uncertainty, avg, bound, smallest, n)
+            neediest = sorted(range(len(uncertainty)), key=lambda i: -uncertainty[i])  # each sequence its own
+            per_sequence.append(level_budgets(shares, neediest, LAYER_LEVELS))
+        return [torch.tensor([self._fit(b).budget for b in layer], device=device) for layer in zip(*per_sequence)]
 
     # --- decode ---------------------------------------------------------------------------------------
     def decode_step(self, layer_idx: int, slots: LayerSlots, k_new: torch.Tensor, v_new: torch.Tensor,
