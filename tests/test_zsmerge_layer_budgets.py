@@ -181,3 +181,22 @@ def test_grouped_stacked_updates_equal_one_update_per_layer():
         assert torch.equal(mine.pos, theirs.pos) and torch.equal(mine.logw, theirs.logw)
         torch.testing.assert_close(mine.score, theirs.score, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(mine.k, theirs.k, atol=1e-6, rtol=1e-6)
+
+
+def test_a_batch_gets_the_budgets_and_tokens_each_prompt_gets_alone(tiny_checkpoint):
+    """Each sequence is allocated from its own layers' needs (left padding neither counts as a key nor changes
+    the order), so a left-padded batch keeps, per layer, the budget and the tokens each prompt keeps alone."""
+    import kvzoo
+
+    model = kvzoo.load(tiny_checkpoint("llama-gqa")[1])
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (40, 25, 33)]
+    method = ZSMerge(budget=0.4, layer_budgets="uncertainty")
+    alone = [model.generate_ids(p, max_new_tokens=10, eos_token_ids=[], compression=method) for p in prompts]
+    batch = model.generate_ids(prompts, max_new_tokens=10, eos_token_ids=[], compression=method)
+    assert batch.token_ids == [a.token_ids[0] for a in alone]
+    for i, a in enumerate(alone):
+        assert batch.cache.budgets()[:, i].tolist() == a.cache.budgets()[:, 0].tolist()
+        for mine, theirs in zip(batch.cache.layers, a.cache.layers):
+            for x, y in zip(mine.pos[i], theirs.pos[0]):
+                assert sorted(p for p in x.tolist() if p >= 0) == sorted(p for p in y.tolist() if p >= 0)

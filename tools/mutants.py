@@ -402,7 +402,7 @@ MUTANTS: list[Mutant] = [
            'if self.uncertainty == "attention":', "if True:",
            (EQUATIONS,), "uncertainty='output': LMBO from the attention output, not LMBA"),
     Mutant("zigzag-output-budget-window-not-first", "kvzoo/cache/layer_uncertainty.py",
-           'first = rank.masked_fill(recent_mask(chunk, recent), float("inf"))', "first = rank",
+           'first = rank.masked_fill(recent_mask(chunk, recent), float("inf"))', "first = rank.clone()",
            (EQUATIONS,), "LMBO counts keys in the order the layer keeps them: the window first"),
     Mutant("compactor-causal", "kvzoo/cache/scoring.py",
            "same = (block_of[:, start:stop, None] == block_of[:, None, lo:hi]) & valid[:, start:stop, None]",

@@ -44,6 +44,8 @@ def output_uncertainty(chunk: "PrefillChunk", rank: torch.Tensor, recent: torch.
     newest tokens first, [B] or an int, then by `rank` [B, Hkv, S]), that keep the window's attention output
     within relative error 1 - tau of the full one (`budgets.min_budget_output`)."""
     probs, q_pos = window_attention(chunk, window)
-    first = rank.masked_fill(recent_mask(chunk, recent), float("inf"))
+    # Padding and empty slots are no keys: last, whatever their rank (a real token ranked 0 must not follow them).
+    first = rank.masked_fill(recent_mask(chunk, recent), float("inf")).masked_fill(~torch.isfinite(chunk.key_logw),
+                                                                                   float("-inf"))
     order = first.argsort(dim=-1, descending=True, stable=True)  # [B, Hkv, S]
     return min_budget_output(probs, chunk.values, order, 1.0 - tau, q_pos >= 0).float().mean(dim=1)
