@@ -95,8 +95,8 @@ instances):
   demo` 5 of 6 facts at 50% and 80% as before. One position after the token (`pool_ahead=1`, for a question that
   reads the end of a fact's sentence): 23 / 27 / 33 of 48 against 28 / 29 / 33 on seeds 5 and 6.
 - Not yet the default: the layers sharing the budget by need (`layer_budgets="uncertainty"`, ZigZagKV's
-  allocation, session 32): 0.003-0.056 nats lower continuation NLL on four texts at every budget, for a slower
-  eager decode step and the whole prompt held during prefill (see the field).
+  allocation, session 32): 0.002-0.073 nats lower continuation NLL on four texts at every budget, for a 5-9%
+  slower eager decode step and the whole prompt held during prefill (see the field).
 - Not adopted: a quarter of the budget as ring (proximity 0.25) doubles the context and retrieves more
   (58% at 20%) but costs 0.056 +- 0.026 NLL at 5%; the leverage term (`leverage`, below) retrieves far more
   and costs more NLL still (see its comment).
@@ -395,20 +395,21 @@ class ZSMerge(CompressionMethod):
     # (`layer_uncertainty`, `budgets.zigzag_budgets`): each layer's need is the fewest keys, taken as ZSMerge keeps
     # them (the ring, then the context by its rank), that keep the attention output of the prompt's last 32
     # queries within a tenth of the full one; the layers split L x budget slots in proportion to it, none
-    # below a fifth of the budget (nor the smallest layout), each with its own ring, context and residual
-    # regions. The allocation needs every layer's need, so the whole prompt is held until the end of prefill
-    # (the full cache's peak memory at prefill, as ZigZagKV); a prompt fed in chunks (`prefill_chunk`), whose
-    # memory has to stay flat, and a document stored for later questions (`for_stored_document`, not
-    # measured) keep "uniform" (`for_chunked_prefill`). Different capacities per layer cannot share one
-    # allocation, so each eager decode step updates the layers one by one instead of all at once (`SlotStack`).
+    # below a fifth of the budget (nor the smallest layout), evened out into `LAYER_LEVELS` runs of layers by
+    # need (`budgets.level_budgets`), each layer with its own ring, context and residual regions. Layers of one
+    # size share an allocation, so an eager decode step runs about five updates, not one per layer. The
+    # allocation needs every layer's need, so the whole prompt is held until the end of prefill (the full
+    # cache's peak memory at prefill, as ZigZagKV); a prompt fed in chunks (`prefill_chunk`), whose memory has
+    # to stay flat, and a document stored for later questions (`for_stored_document`, not measured) keep
+    # "uniform" (`for_chunked_prefill`).
     # Measured (tools/RESULTS.md, "Session 32"; continuation NLL, 16 windows each, equal memory, paired against
-    # "uniform" at 5 / 10 / 20% kept): seed 19 -0.004 +- 0.005 / -0.003 +- 0.003 / -0.004 +- 0.002, seed 23
-    # -0.014 +- 0.006 / -0.020 +- 0.012 / -0.016 +- 0.008, the Rust reference -0.056 +- 0.016 / -0.055 +- 0.025 /
-    # -0.014 +- 0.008, the nightly Rustonomicon -0.014 +- 0.005 / -0.017 +- 0.004 / -0.013 +- 0.004; a fixed
-    # profile of the layers' needs (measured once on other text) gained about a quarter of that. Not the default
-    # yet: eager decode 32.8 -> 49.2 ms/token at 2048 tokens, 33.4 -> 53.3 at 8192 (5% kept, `kvzoo bench`; the
-    # compiled step 29.4 -> 28.7), and the prefill holds the whole prompt (peak RSS +100 MiB at 2048 tokens,
-    # +340 MiB at 8192 for SmolLM2-135M).
+    # "uniform" at 5 / 10 / 20% kept): seed 19 -0.006 +- 0.005 / -0.002 +- 0.004 / -0.004 +- 0.002, seed 23
+    # -0.017 +- 0.006 / -0.023 +- 0.012 / -0.020 +- 0.010, the Rust reference -0.073 +- 0.026 / -0.058 +- 0.024 /
+    # -0.019 +- 0.010, the nightly Rustonomicon -0.022 +- 0.008 / -0.020 +- 0.005 / -0.010 +- 0.005; a fixed
+    # profile of the layers' needs (measured once on other text) gained about a quarter of that. Eager decode
+    # 35.6 -> 38.8 ms/token at 2048 tokens, 34.7 -> 36.6 at 8192 (5% kept, `kvzoo bench`); prefill peak RSS
+    # +95 / +440 MiB for SmolLM2-135M. Not the default yet: the tests that assume a uniform ZSMerge() have to
+    # be moved over, and its needles re-measured.
     layer_budgets: str = "uniform"
 
     def __post_init__(self) -> None:
