@@ -127,16 +127,11 @@ def defer_decode_updates(cache: KVCache) -> DeferredUpdates | None:
 
 def apply_deferred_updates(cache: KVCache, positions: torch.Tensor, deferred: DeferredUpdates) -> None:
     """Run the method's decode step once per group of layers, over the group's store with its layers' updates
-    in layer order (row i * B + b: sequence b of the group's i-th layer; a layer alone: its own step);
+    in layer order (row i * B + b: sequence b of the group's i-th layer; a layer alone is a group of one);
     positions [B, 1]."""
     assert len(deferred.k_new) == len(cache.layers)
-    for layer_ids, target in deferred.groups:
-        if len(layer_ids) == 1:
-            i = layer_ids[0]
-            cache.method.decode_step(i, target, deferred.k_new[i], deferred.v_new[i], positions[:, 0],
-                                     deferred.probs[i])
-            continue
-        probs = deferred.probs
+    probs = deferred.probs
+    for layer_ids, target in deferred.groups:  # a row-wise step never reads the layer number: one call per group
         cache.method.decode_step(
             -1, target, torch.cat([deferred.k_new[i] for i in layer_ids]),
             torch.cat([deferred.v_new[i] for i in layer_ids]), positions[:, 0].repeat(len(layer_ids)),
