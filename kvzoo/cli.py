@@ -276,9 +276,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     full = parse_spec("full").make_cache(cfg, [n], 0, dtype, "meta")
     print(f"full cache for a {n}-token prompt: {full.nbytes():,} bytes ({full.nbytes() / 2**20:.2f} MiB)")
     if method is not None:
-        cache = method.make_cache(cfg, [n], 0, dtype, "meta")
+        cache = method.make_cache(cfg, [n], 0, dtype, "meta", compressed=True)
         print(f"{args.compression} for a {n}-token prompt: {cache.nbytes():,} bytes "
               f"({cache.nbytes() / 2**20:.2f} MiB, {full.nbytes() / max(cache.nbytes(), 1):.1f}x smaller)")
+        held = method.make_cache(cfg, [n], 0, dtype, "meta").nbytes()
+        if held > cache.nbytes():  # it allocates from the whole prompt (ZigZagKV, ZSMerge's layer budgets)
+            chunks = " (--prefill-chunk keeps it flat)" if method.for_chunked_prefill() is not method else ""
+            print(f"  a one-shot prefill holds the whole prompt first: {held:,} bytes ({held / 2**20:.2f} MiB)"
+                  f"{chunks}")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:

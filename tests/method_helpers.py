@@ -148,7 +148,10 @@ class SynthTrace:
 def drive_synthetic(method: CompressionMethod, qkv: QKV, prompt_lens: list[int], steps: int,
                     window: int | None = None, prefill_chunk: int | None = None) -> SynthTrace:
     """Left-padded prefill (optionally chunked) and `steps` decode steps through `kvzoo.attention.attend`,
-    layer by layer, with the given q/k/v instead of projections."""
+    layer by layer, with the given q/k/v instead of projections. A chunked prompt is compressed by the method
+    generate would use for it (`for_chunked_prefill`)."""
+    if prefill_chunk is not None:
+        method = method.for_chunked_prefill()
     layers, kv_heads, head_dim = len(qkv.k), qkv.k[0].shape[1], qkv.k[0].shape[-1]
     t = max(prompt_lens)
     positions = torch.full((len(prompt_lens), t), -1, dtype=torch.long)

@@ -5,7 +5,8 @@ holding exactly the documented number of slots.
 The documented size is recomputed here from the README's statement of the rule and each method's minimum
 layout as its docstring states it (MINIMUM below), not from the library's own budget code:
     slots = max(ratio * prompt_len (at least 1) or the integer budget, minimum layout),
-    at most the prompt for prefill-only methods; decode-time methods keep this constant size.
+    at most the prompt for prefill-only methods; decode-time methods keep this constant size (ZSMerge's layers
+    share L times it by need, each at least its minimum layout).
 """
 
 from __future__ import annotations
@@ -66,7 +67,15 @@ def check_cache(name: str, budget: float | int, lens: list[int], steps: int, cac
         elif name in ("streamingllm", "h2o", "tova"):
             assert (got == min(want, n + fed)).all(), (name, budget, n, want, got)
         elif name == "zsmerge":  # merges keep every token's weight: sum of w = tokens seen
-            assert (got <= want).all() and (got >= min(want, n + fed) - 1).all(), (name, budget, n, want, got)
+            # the layers share L * want by need (each at least the minimum layout; each want when the prompt
+            # fits), or keep want each (a prompt in chunks)
+            layer_budget = cache.budgets()[:, b, None]  # [L, 1]
+            assert int(layer_budget.sum()) == NUM_LAYERS * want and (layer_budget >= MINIMUM[name]).all(), \
+                (name, budget, n, want, layer_budget)
+            if n <= want:
+                assert (layer_budget == want).all(), (name, budget, n, want, layer_budget)
+            assert (got <= layer_budget).all() and (got >= torch.clamp(layer_budget, max=n + fed) - 1).all(), \
+                (name, budget, n, layer_budget, got)
             weight = torch.stack([layer.logw[b].exp().sum(-1) for layer in cache.layers])  # [L, Hkv]
             assert torch.allclose(weight, torch.full_like(weight, n + fed)), (name, budget, n, weight)
         else:

@@ -49,6 +49,11 @@ def test_info_reports_kv_bytes_per_token(default_model_dir, capsys):
     line = next(x for x in out.splitlines() if x.startswith("zsmerge:budget=0.05 for a 2048-token prompt"))
     reported = int(re.search(r"([\d,]+) bytes", line).group(1).replace(",", ""))
     assert expected <= reported <= expected + 64 * layers, f"{line!r}: expected about {expected:,} bytes"
+    # Its layers share those slots by need, after a one-shot prefill that holds the whole prompt first.
+    held = out.splitlines()[out.splitlines().index(line) + 1]
+    assert "a one-shot prefill holds the whole prompt first" in held and "--prefill-chunk keeps it flat" in held
+    held_bytes = int(re.search(r"([\d,]+) bytes", held).group(1).replace(",", ""))
+    assert held_bytes >= layers * kv_heads * 2048 * (2 * head_dim * 4 + 4 + 4 + 8), held
     full_line = next(x for x in out.splitlines() if x.startswith("full cache for a 2048-token prompt"))
     full = int(re.search(r"([\d,]+) bytes", full_line).group(1).replace(",", ""))
     assert full >= per_token * 2048 and reported * 15 < full

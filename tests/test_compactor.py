@@ -103,7 +103,7 @@ def test_zsmerge_compactor_context_is_the_top_of_compactor_score(n, kv_heads, gr
     slots first, and the other context slots go to the top of Compactor's score (blend: the dropped fraction
     of the prompt) among the tokens before the ring; what is left merges into the residual slot."""
     qkv = random_qkv(1, 1, kv_heads, groups, n, seed=seed)
-    method = ZSMerge(budget=budget, rank="window", context_rank="compactor")
+    method = ZSMerge(budget=budget, rank="window", context_rank="compactor", layer_budgets="uniform")
     layout = method.layout(n)
     trace = drive_synthetic(method, qkv, [n], 0)
     ref = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - budget / n)

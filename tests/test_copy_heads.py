@@ -48,7 +48,7 @@ def test_copy_heads_lend_their_ring_to_the_context_and_decode_overwrites_the_low
     model = models("llama-gqa")
     prompt = [(7 * i + 3) % 120 + 1 for i in range(80)]
     # A threshold of 0 makes every head of the random model a copy head (every score is above 0).
-    method = ZSMerge(budget=40, proximity=0.5, copy_heads=0.0, copy_recent=4)
+    method = ZSMerge(budget=40, proximity=0.5, copy_heads=0.0, copy_recent=4, layer_budgets="uniform")
     trace = drive_model(model, [prompt], method, steps=3)
     layout = method.layout(len(prompt))  # proximity 20, residual 1, context 19
     ring_start = layout.budget - layout.proximity
@@ -70,7 +70,7 @@ def test_copy_heads_lend_their_ring_to_the_context_and_decode_overwrites_the_low
 def test_without_copy_heads_the_ring_holds_the_most_recent_tokens(models):
     model = models("llama-gqa")
     prompt = [(7 * i + 3) % 120 + 1 for i in range(80)]
-    method = ZSMerge(budget=40, proximity=0.5)
+    method = ZSMerge(budget=40, proximity=0.5, layer_budgets="uniform")
     trace = drive_model(model, [prompt], method, steps=0)
     layout = method.layout(len(prompt))
     ring = trace.snapshots[0].layers[0]["pos"][0, :, layout.budget - layout.proximity:layout.budget]
@@ -90,10 +90,11 @@ def test_a_stored_document_is_compressed_by_the_stored_rule_and_a_prompt_to_cont
     doc = [(7 * i + 3) % 120 + 1 for i in range(200)]
     if rule == "stored_ring":
         method = ZSMerge(budget=80)  # a ring of 40 by the budget, capped at 32 for a stored document
-        asked = replace(method, proximity_cap=32, context_rank="compactor", rank="window", accumulated="sum")
+        asked = replace(method, proximity_cap=32, context_rank="compactor", rank="window", accumulated="sum",
+                        layer_budgets="uniform")
     else:
         method = ZSMerge(budget=40, stored_ring=None, stored_copy_heads=0.0)  # every random head scores above 0
-        asked = replace(method, copy_heads=0.0, rank="shares")
+        asked = replace(method, copy_heads=0.0, rank="shares", layer_budgets="uniform")
     stored = prefill_cache(model, [doc], method)
     assert stored.method == asked
     explicit = prepare(model, [doc], 0, asked, None)
@@ -109,7 +110,11 @@ def test_a_stored_document_is_compressed_by_the_stored_rule_and_a_prompt_to_cont
     plain = prepare(model, [doc], 0, method, None)
     prefill(model, plain.ids, plain.positions, plain.cache, None)
     assert plain.cache.method == method and "copy_head" not in plain.cache.layers[0].state
-    assert int(plain.cache.layers[0].state["proximity"][0]) == (40 if rule == "stored_ring" else 20)
+    # the prompt's layers share the budget by need, each with a ring of half its budget, not capped at 32
+    rings = [int(layer.state["proximity"][0]) for layer in plain.cache.layers]
+    assert rings == [int(layer.budget[0]) // 2 for layer in plain.cache.layers]
+    if rule == "stored_ring":
+        assert max(rings) > 32
     assert any(not torch.equal(a.pos, b.pos) for a, b in zip(plain.cache.layers, stored.layers))
 
 
@@ -153,20 +158,24 @@ def test_for_stored_document_changes_zsmerge_kvmerger_and_zigzag_only():
     assert KVMerger(stored_recent=8).for_stored_document() == KVMerger(stored_recent=8, rank="compactor",
                                                                        recent_tokens=8)
     for method in (H2O(), SnapKV(), ZigZagKV.paper(), ZigZagKV(stored_rank=None), ZigZagKV(cross_layer=True),
-                   KVMerger.paper(), KVMerger(stored_recent=None), ZSMerge.paper(), ZSMerge(copy_heads=0.5),
-                   ZSMerge(stored_ring=None, stored_copy_heads=None), ZSMerge(cross_layer=True, rank="window"),
-                   ZSMerge(proximity=0.1, context_rank="compactor", rank="window")):
+                   KVMerger.paper(), KVMerger(stored_recent=None), ZSMerge.paper(),
+                   ZSMerge(copy_heads=0.5, layer_budgets="uniform"), ZSMerge(stored_ring=None, stored_copy_heads=None),
+                   ZSMerge(cross_layer=True, rank="window"),
+                   ZSMerge(proximity=0.1, context_rank="compactor", rank="window", layer_budgets="uniform")):
         assert method.for_stored_document() is method
+    uniform = {"layer_budgets": "uniform"}  # what a stored document keeps (`for_stored_document`)
     assert ZSMerge().for_stored_document() == ZSMerge(proximity_cap=32, context_rank="compactor", rank="window",
-                                                      accumulated="sum")
-    assert ZSMerge(stored_ring=None).for_stored_document() == ZSMerge(stored_ring=None, copy_heads=0.3, rank="shares")
+                                                      accumulated="sum", **uniform)
+    assert ZSMerge(stored_ring=None).for_stored_document() == ZSMerge(stored_ring=None, copy_heads=0.3, rank="shares",
+                                                                      **uniform)
     assert ZSMerge(stored_ring=None, rank="window").for_stored_document() == ZSMerge(stored_ring=None, copy_heads=0.3,
-                                                                                     rank="window")
+                                                                                     rank="window", **uniform)
     # Compactor's context rank takes no leverage term, nor a document fed in chunks: then the copy heads
-    assert ZSMerge(leverage=1.0).for_stored_document() == ZSMerge(leverage=1.0, copy_heads=0.3, rank="shares")
+    assert ZSMerge(leverage=1.0).for_stored_document() == ZSMerge(leverage=1.0, copy_heads=0.3, rank="shares",
+                                                                  **uniform)
     rate = ZSMerge(accumulated="rate").for_stored_document()  # Compactor ranks a stored document's context
     assert rate.context_rank == "compactor" and rate.accumulated == "sum"
-    assert ZSMerge().for_stored_document(chunked=True) == ZSMerge(copy_heads=0.3, rank="shares")
+    assert ZSMerge().for_stored_document(chunked=True) == ZSMerge(copy_heads=0.3, rank="shares", **uniform)
     assert KVMerger().for_stored_document(chunked=True) == KVMerger()  # Compactor's score is of one chunk
 
 
@@ -175,7 +184,7 @@ def test_a_stored_document_fed_in_chunks_gets_the_copy_heads_and_answers(models)
     doc = [(7 * i + 3) % 120 + 1 for i in range(200)]
     method = ZSMerge(budget=80)
     cache = model.prefill(doc, compression=method, prefill_chunk=64)
-    assert cache.method == ZSMerge(budget=80, copy_heads=0.3, rank="shares")
+    assert cache.method == ZSMerge(budget=80, copy_heads=0.3, rank="shares", layer_budgets="uniform")
     out = model.generate_ids([9, 8, 7], max_new_tokens=2, eos_token_ids=[], cache=cache, compression=method)
     assert len(out.token_ids[0]) == 2
 

@@ -62,10 +62,12 @@ def test_return_cache_exposes_the_slot_tensors(smol):
                                  compression=kvzoo.ZSMerge(budget=8, proximity=2, residual=1))
     assert len(texts) == 2
     cfg = smol.config
-    layer = cache.layers[0]
-    assert layer.k.shape == (2, cfg.num_kv_heads, 8, cfg.head_dim) == layer.v.shape
-    assert layer.logw.shape == layer.score.shape == layer.pos.shape == (2, cfg.num_kv_heads, 8)
     assert cache.budgets().shape == (cfg.num_layers, 2)
+    assert cache.budgets().sum(0).tolist() == [8 * cfg.num_layers] * 2  # each prompt's layers share 8 by need
+    for layer, budgets in zip(cache.layers, cache.budgets()):
+        slots = int(budgets.max())  # a layer's store holds its largest budget
+        assert layer.k.shape == (2, cfg.num_kv_heads, slots, cfg.head_dim) == layer.v.shape
+        assert layer.logw.shape == layer.score.shape == layer.pos.shape == (2, cfg.num_kv_heads, slots)
     assert cache.nbytes() == sum(t.nbytes for lay in cache.layers for t in lay.tensors())
 
 
@@ -103,7 +105,8 @@ def test_bad_prompts(smol, tiny_checkpoint):
                           prefill_chunk=8)
     with pytest.raises(KvzooError, match="ZSMerge .* cannot compress chunk by chunk"):
         tiny.generate_ids([1, 2, 3] * 20, max_new_tokens=1, prefill_chunk=8,
-                          compression=kvzoo.ZSMerge(budget=24, rank="window", context_rank="compactor"))
+                          compression=kvzoo.ZSMerge(budget=24, rank="window", context_rank="compactor",
+                                                    layer_budgets="uniform"))
     with pytest.raises(KvzooError, match="KVMerger .* cannot compress chunk by chunk"):
         tiny.generate_ids([1, 2, 3] * 20, max_new_tokens=1, prefill_chunk=8,
                           compression=kvzoo.KVMerger(budget=24, rank="compactor"))

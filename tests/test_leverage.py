@@ -113,7 +113,7 @@ def test_zsmerge_window_share_keeps_the_window_peak_and_fills_the_rest_by_accumu
     kept = {}
     for share in (0.0, 0.5):
         method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, decay=1.0, rank="split",
-                         window_weight=0.0, window_share=share)
+                         window_weight=0.0, window_share=share, layer_budgets="uniform")
         s = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]
         kept[share] = sorted(s["pos"][0, 0, 1:5].tolist())  # slots: [residual | 4 context | 3 proximity]
     assert 20 not in kept[0.0] and 20 in kept[0.5], kept
@@ -155,7 +155,7 @@ def test_zsmerge_window_share_is_not_spent_on_a_heavy_hitter():
     qkv.q[0][0, 0, :] = 0.5 * a
     qkv.q[0][0, 0, n - 8:] += 0.25 * b
     method = ZSMerge(budget=8, proximity=3, residual=1, kernel_size=1, decay=1.0, rank="split",
-                     window_weight=0.0, window_share=0.25)  # 1 of the 4 context slots
+                     window_weight=0.0, window_share=0.25, layer_budgets="uniform")  # 1 of the 4 context slots
     kept = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers[0]["pos"][0, 0, 1:5].tolist()
     assert 2 in kept and 20 in kept, kept
 

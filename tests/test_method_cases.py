@@ -104,3 +104,15 @@ def test_memory_is_fixed_before_decoding(models, case):
         assert nbytes(1) == nbytes(10) == nbytes(40)
     else:
         assert nbytes(1) < nbytes(10) < nbytes(40)
+
+
+@pytest.mark.parametrize("case", METHOD_CASES, ids=repr)
+def test_the_compressed_cache_is_known_before_the_prompt(models, case):
+    """make_cache(compressed=True), what `kvzoo info` reports without a prompt, holds the bytes a generation's
+    cache holds once prefill is over, also for the methods that allocate from the whole prompt."""
+    model = models("mistral-window")
+    for n, new_tokens in ((70, 10), (97, 1)):
+        out = model.generate_ids([prompt(n, 82)], max_new_tokens=new_tokens, eos_token_ids=[],
+                                 compression=case.make(0.5))
+        known = case.make(0.5).make_cache(model.config, [n], new_tokens, torch.float32, "meta", compressed=True)
+        assert known.nbytes() == out.cache.nbytes(), (n, new_tokens)

@@ -262,9 +262,11 @@ def test_asking_a_cache_equals_chunked_prefill_with_a_boundary_after_the_context
     slot counts). ZSMerge with decode_score="standing": with the default ("accumulated") a question to a
     stored document stores its older slots' standings and a chunk of the same prompt their accumulated
     attention, by design (tests/test_zsmerge_standing.py), so their decode steps may evict differently; and
-    without its stored-document rule (tests/test_copy_heads.py), so that both runs compress the context alike."""
+    without its stored-document rule (tests/test_copy_heads.py) and with uniform layer budgets (what a prompt fed
+    in chunks keeps), so that both runs compress the context alike."""
     if isinstance(method, kvzoo.ZSMerge):
-        method = dataclasses.replace(method, decode_score="standing", stored_ring=None, stored_copy_heads=None)
+        method = dataclasses.replace(method, decode_score="standing", stored_ring=None, stored_copy_heads=None,
+                                     layer_budgets="uniform")
     cache = model.prefill(CONTEXT, compression=method)
     for q in QUESTIONS:
         got = model.generate_ids(q, max_new_tokens=NEW, eos_token_ids=[], cache=cache).token_ids

@@ -4,6 +4,7 @@ driven through the library's own prefill and decode code paths."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -160,6 +161,9 @@ def _run(method: ZSMerge, prompt_len: int, steps: int, chunk: int | None, seed: 
         keys = keys[:, :, :1].expand_as(keys).contiguous()
     values = torch.eye(total)[None, None].expand(1, heads, total, total).contiguous()
     cfg = type("Cfg", (), {"num_layers": 1, "num_kv_heads": heads, "head_dim": total})()
+    # One layer's regions, step by step: each layer of layer_budgets="uncertainty" is exactly such a ZSMerge of its
+    # own budget (tests/test_zsmerge_layer_budgets.py).
+    method = replace(method, layer_budgets="uniform")
     cache = method.make_cache(cfg, [prompt_len], steps, torch.float32, "cpu")
     slots = cache.layers[0]
     # Keys are d-dimensional but slots hold total-dim values: store keys zero-padded to the value width.
@@ -351,22 +355,24 @@ def test_budget_smaller_than_fixed_parts():
 
 def test_nbytes_is_what_the_tensors_hold_and_a_fifteenth_of_full(tmp_path):
     """cache.nbytes() equals the bytes of its tensors, and at budget 0.05 of a 2048-token prompt it is
-    <= 1/15 of the full cache's."""
+    <= 1/15 of the full cache's; the layers share those bytes by need (the default; `compressed=True`: the
+    cache as it is after prefill, known before the prompt is read)."""
     from tests.conftest import build_hf_model
 
     build_hf_model("llama-gqa", max_position_embeddings=4096).save_pretrained(tmp_path)
     model = kvzoo.load(tmp_path)
     prompt = [[(7 * i) % 128 for i in range(2048)]]
     cfg = model.config
-    z = ZSMerge(budget=0.05).make_cache(cfg, [2048], 16, torch.float32, "cpu")
+    z = ZSMerge(budget=0.05).make_cache(cfg, [2048], 16, torch.float32, "cpu", compressed=True)
     full = kvzoo.FullCache().make_cache(cfg, [2048], 16, torch.float32, "cpu")
     for cache in (z, full):
         assert cache.nbytes() == sum(t.nbytes for layer in cache.layers for t in layer.tensors())
     assert z.nbytes() * 15 <= full.nbytes()
     # The same holds for the cache a real generation returns, after prefill and decoding.
     out = model.generate_ids(prompt, max_new_tokens=4, compression=ZSMerge(budget=0.05), eos_token_ids=[])
-    assert out.cache.nbytes() == z.nbytes()
-    assert (out.cache.filled_slots() == 102).all()
+    assert out.cache.nbytes() == sum(t.nbytes for layer in out.cache.layers for t in layer.tensors()) == z.nbytes()
+    assert out.cache.filled_slots().sum(0).tolist() == [[102 * cfg.num_layers] * cfg.num_kv_heads]
+    assert out.cache.budgets().sum(0).tolist() == [102 * cfg.num_layers]
 
 
 # --- through the real models ------------------------------------------------------------------------------
@@ -390,7 +396,8 @@ def test_compressed_batch_equals_each_prompt_alone(tiny_checkpoint, model_name):
         batch = model.generate_ids(prompts, max_new_tokens=10, eos_token_ids=[], compression=method,
                                    prefill_chunk=chunk)
         assert batch.token_ids == [a.token_ids[0] for a in alone], f"prefill_chunk={chunk}"
-        assert batch.cache.layers[0].budget.tolist() == budgets
+        # each prompt's layers share its budget by need (one-shot prefill) or keep it each (chunks)
+        assert batch.cache.budgets().sum(0).tolist() == [b * model.config.num_layers for b in budgets]
         for i, a in enumerate(alone):  # the same tokens kept, not only the same greedy output
             for mine, theirs in zip(batch.cache.layers, a.cache.layers):
                 for h, (x, y) in enumerate(zip(mine.pos[i], theirs.pos[0])):

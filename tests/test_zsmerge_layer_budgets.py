@@ -82,8 +82,8 @@ def test_each_layer_is_a_uniform_zsmerge_with_its_own_budget():
     budgets = trace.cache.budgets()
     for layer in range(3):
         for b, n in enumerate(lens):
-            alone = drive_synthetic(ZSMerge(**{**SPEC, "budget": int(budgets[layer, b])}), _layer(qkv, layer, b),
-                                    [n], 4)
+            uniform = ZSMerge(**{**SPEC, "budget": int(budgets[layer, b]), "layer_budgets": "uniform"})
+            alone = drive_synthetic(uniform, _layer(qkv, layer, b), [n], 4)
             for step, (mine, theirs) in enumerate(zip(trace.snapshots, alone.snapshots)):
                 got, want = mine.layers[layer], theirs.layers[0]
                 filled = torch.isfinite(got["logw"][b])
@@ -101,23 +101,26 @@ def test_one_sequence_holds_the_memory_of_uniform_layouts():
     qkv = random_qkv(1, 3, 2, 2, 64, seed=3)
     qkv.q[0] = qkv.q[0] * 0.2  # a diffuse layer: the budgets differ
     shared = drive_synthetic(ZSMerge(layer_budgets="uncertainty", **SPEC), qkv, [60], 2).cache
-    uniform = drive_synthetic(ZSMerge(**SPEC), qkv, [60], 2).cache
+    uniform = drive_synthetic(ZSMerge(layer_budgets="uniform", **SPEC), qkv, [60], 2).cache
     assert len(set(shared.budgets()[:, 0].tolist())) > 1
     assert not shared.is_stacked() and uniform.is_stacked()
     assert shared.nbytes() == uniform.nbytes()
 
 
-def test_a_prompt_in_chunks_keeps_uniform_layouts():
+def test_a_prompt_in_chunks_keeps_uniform_layouts(monkeypatch):
     """Chunked prefill keeps its memory flat: the method becomes uniform (`for_chunked_prefill`); driven in
-    chunks as it is, it refuses with a message naming the setting."""
-    method = ZSMerge(layer_budgets="uncertainty")
-    assert method.for_chunked_prefill() == ZSMerge()
-    uniform = ZSMerge()
+    chunks as it is (for_chunked_prefill bypassed), it refuses with a message naming the setting."""
+    method = ZSMerge()
+    assert method.layer_budgets == "uncertainty"  # the default
+    assert method.for_chunked_prefill() == ZSMerge(layer_budgets="uniform")
+    uniform = ZSMerge(layer_budgets="uniform")
     assert uniform.for_chunked_prefill() is uniform
     assert method.for_stored_document().layer_budgets == "uniform"
     qkv = random_qkv(1, 2, 1, 2, 40, seed=1)
+    as_it_is = ZSMerge(layer_budgets="uncertainty", budget=8)
+    monkeypatch.setattr(ZSMerge, "for_chunked_prefill", lambda self: self)
     with pytest.raises(KvzooError, match="layer_budgets='uncertainty'.*prompt fed in chunks"):
-        drive_synthetic(ZSMerge(layer_budgets="uncertainty", budget=8), qkv, [40], 0, prefill_chunk=16)
+        drive_synthetic(as_it_is, qkv, [40], 0, prefill_chunk=16)
 
 
 def test_bad_settings_are_refused():
@@ -127,6 +130,8 @@ def test_bad_settings_are_refused():
         ZSMerge(layer_budgets="uncertainty", copy_heads=0.3)
     with pytest.raises(KvzooError, match="context_rank='compactor'"):
         ZSMerge(layer_budgets="uncertainty", context_rank="compactor", rank="window")
+    with pytest.raises(KvzooError, match="rank='split'"):
+        ZSMerge(rank="split")
 
 
 @given(st.lists(st.integers(1, 60), min_size=7, max_size=7), st.permutations(range(7)), st.integers(1, 8))

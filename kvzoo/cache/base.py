@@ -68,8 +68,15 @@ class CompressionMethod:
         return capacity if tokens_seen > 0 else 0
 
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
-        """[L][B] slots per KV head kept once the prompt is in."""
+        """[L][B] slots per KV head a prompt is compressed into as it is read (the whole prompt, for a method
+        that allocates only once it has read all of it, at `end_prefill`)."""
         raise NotImplementedError
+
+    def compressed_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
+        """[L][B] slots per KV head held once prefill is over, as far as they are known before the prompt is
+        read: `prefill_budgets`, or for a method that allocates at `end_prefill` the average layer's share in
+        every layer (the same total)."""
+        return self.prefill_budgets(cfg, prompt_lens)
 
     def decode_headroom(self, max_new_tokens: int) -> int:
         return 0
@@ -98,11 +105,14 @@ class CompressionMethod:
         max_new_tokens: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        compressed: bool = False,
     ) -> KVCache:
-        """Allocate every layer's slot store; capacities are fixed here, before the first decode step."""
+        """Allocate every layer's slot store; capacities are fixed here, before the first decode step.
+        `compressed`: the cache as it is once prefill is over (`compressed_budgets`), to measure it without a
+        prompt (`kvzoo info`), not to prefill into."""
         headroom = self.decode_headroom(max_new_tokens)
-        prefill_budgets = [torch.tensor(budgets, dtype=torch.int64)
-                           for budgets in self.prefill_budgets(cfg, prompt_lens)]
+        budgets_of = self.compressed_budgets if compressed else self.prefill_budgets
+        prefill_budgets = [torch.tensor(budgets, dtype=torch.int64) for budgets in budgets_of(cfg, prompt_lens)]
         # Equal capacities become one allocation (`SlotStack`): row-wise decode updates then batch the layers.
         stacks, layers = allocate_stores([budgets + headroom for budgets in prefill_budgets],
                                         [int(budgets.max()) + headroom for budgets in prefill_budgets],

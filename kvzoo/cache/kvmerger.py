@@ -431,8 +431,8 @@ class KVMerger(PrefillOnlyMethod):
         ]
 
     def make_cache(self, cfg: "ModelConfig", prompt_lens: list[int], max_new_tokens: int, dtype: torch.dtype,
-                   device: torch.device | str) -> KVCache:
-        cache = super().make_cache(cfg, prompt_lens, max_new_tokens, dtype, device)
+                   device: torch.device | str, compressed: bool = False) -> KVCache:
+        cache = super().make_cache(cfg, prompt_lens, max_new_tokens, dtype, device, compressed)
         skipped = self.skipped(cfg.num_layers)
         for layer_idx, slots in enumerate(cache.layers):  # compress_prefill does not know L
             slots.state["merges"] = torch.tensor(layer_idx not in skipped, device=device)

@@ -220,6 +220,9 @@ class ZigZagKV(WindowSelection):
             self.sequence_budget(n)  # checks the budget covers the window, before any work is done
         return [list(prompt_lens)] * cfg.num_layers  # the whole prompt, until end_prefill
 
+    def compressed_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
+        return super().prefill_budgets(cfg, prompt_lens)  # the average layer's: the layers share L times it
+
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         if chunk.keys.shape[2] != chunk.k.shape[2]:  # a second chunk of the same prompt (a later prompt is
             # appended by take_prefill_chunk and never reaches here)

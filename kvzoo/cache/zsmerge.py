@@ -410,7 +410,7 @@ class ZSMerge(CompressionMethod):
     # 35.6 -> 38.8 ms/token at 2048 tokens, 34.7 -> 36.6 at 8192 (5% kept, `kvzoo bench`); prefill peak RSS
     # +95 / +440 MiB for SmolLM2-135M. Not the default yet: the tests that assume a uniform ZSMerge() have to
     # be moved over, and its needles re-measured.
-    layer_budgets: str = "uniform"
+    layer_budgets: str = "uncertainty"
 
     def __post_init__(self) -> None:
         check_budget(self.budget, "ZSMerge")
@@ -468,11 +468,12 @@ class ZSMerge(CompressionMethod):
         if self.layer_budgets not in LAYER_BUDGETS:
             raise KvzooError(f"ZSMerge: layer_budgets must be one of {', '.join(map(repr, LAYER_BUDGETS))}, got "
                              f"{self.layer_budgets!r}")
-        if self.layer_budgets != "uniform" and (self.copy_heads is not None or self.context_rank != "score"):
+        if self.layer_budgets != "uniform" and (self.copy_heads is not None or self.context_rank != "score"
+                                                or self.rank == "split"):
             raise KvzooError(f"ZSMerge: layer_budgets={self.layer_budgets!r} compresses each layer after the whole "
-                             f"prompt is read, which copy_heads and context_rank='compactor' do not (got "
-                             f"copy_heads={self.copy_heads!r}, context_rank={self.context_rank!r}); use "
-                             f"layer_budgets='uniform' with them")
+                             f"prompt is read, which copy_heads, context_rank='compactor' and rank='split' do not "
+                             f"(got copy_heads={self.copy_heads!r}, context_rank={self.context_rank!r}, "
+                             f"rank={self.rank!r}); use layer_budgets='uniform' with them")
         if self.decode_score not in DECODE_SCORES:
             raise KvzooError(f"ZSMerge: decode_score must be one of {', '.join(map(repr, DECODE_SCORES))}, got "
                              f"{self.decode_score!r}")
@@ -497,7 +498,7 @@ class ZSMerge(CompressionMethod):
         no copy heads for a stored document."""
         paper = {"proximity": 0.5, "residual": 0.02, "alpha": 1.0, "decay": 0.98, "rank": "window",
                  "window_size": 8, "kernel_size": 5, "pooling": "max", "pool_ahead": None, "metric": "dot",
-                 "score_update": "max", "stored_ring": None, "stored_copy_heads": None}
+                 "score_update": "max", "stored_ring": None, "stored_copy_heads": None, "layer_budgets": "uniform"}
         return cls(**{**paper, **overrides})  # type: ignore[arg-type]
 
     @property
@@ -562,11 +563,15 @@ class ZSMerge(CompressionMethod):
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
         if self._holds_prompt:  # the whole prompt until end_prefill
             return [[max(n, self.layout(n).budget) for n in prompt_lens]] * cfg.num_layers
+        return self.compressed_budgets(cfg, prompt_lens)
+
+    def compressed_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
+        # layer_budgets="uncertainty" shares L times each sequence's layout between its layers (the same slots)
         return [[self.layout(n).budget for n in prompt_lens]] * cfg.num_layers
 
     def make_cache(self, cfg: "ModelConfig", prompt_lens: list[int], max_new_tokens: int,
-                   dtype: torch.dtype, device: torch.device | str) -> KVCache:
-        cache = super().make_cache(cfg, prompt_lens, max_new_tokens, dtype, device)
+                   dtype: torch.dtype, device: torch.device | str, compressed: bool = False) -> KVCache:
+        cache = super().make_cache(cfg, prompt_lens, max_new_tokens, dtype, device, compressed)
         # Every layer's regions are the average budget's, until end_prefill allocates (`layer_budgets`).
         regions = self._regions([self.layout(n).budget for n in prompt_lens], device)
         for slots in cache.layers:
