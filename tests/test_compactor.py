@@ -55,9 +55,9 @@ def zscore(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / x.std(unbiased=False)
 
 
-def reference_scores(qkv, n: int, block: int, scale: float, kernel: int, blend: float) -> torch.Tensor:
-    """[Hkv, n] the Compactor score of one unpadded sequence (layer 0), float64, from the definition."""
-    q, k, v = (x[0][0, :, :n].double() for x in (qkv.q, qkv.k, qkv.v))
+def reference_scores(qkv, n: int, block: int, scale: float, kernel: int, blend: float, layer: int = 0) -> torch.Tensor:
+    """[Hkv, n] the Compactor score of one unpadded sequence, float64, from the definition."""
+    q, k, v = (x[layer][0, :, :n].double() for x in (qkv.q, qkv.k, qkv.v))
     attention = dense_block_attention(q, k, list(range(n)), block, scale) * v.norm(dim=-1)
     attention = pool_1d(attention, kernel, "avg")
     leverage = torch.stack([reference_leverage(k[h]) for h in range(k.shape[0])])
@@ -97,28 +97,39 @@ def test_compactor_refuses_bad_settings_by_name(field, value):
 
 
 @settings(max_examples=12, deadline=None)
-@given(st.integers(30, 48), st.integers(1, 2), st.integers(1, 3), st.integers(0, 2**16), st.integers(20, 26))
-def test_zsmerge_compactor_context_is_the_top_of_compactor_score(n, kv_heads, groups, seed, budget):
+@given(st.integers(30, 48), st.integers(1, 2), st.integers(1, 3), st.integers(0, 2**16), st.integers(20, 26),
+       st.sampled_from([(1, "uniform"), (3, "uncertainty")]))
+def test_zsmerge_compactor_context_is_the_top_of_compactor_score(n, kv_heads, groups, seed, budget, sharing):
     """ZSMerge(context_rank="compactor"): the ring holds the newest tokens, the first 8 tokens take context
-    slots first, and the other context slots go to the top of Compactor's score (blend: the dropped fraction
-    of the prompt) among the tokens before the ring; what is left merges into the residual slot."""
-    qkv = random_qkv(1, 1, kv_heads, groups, n, seed=seed)
-    method = ZSMerge(budget=budget, rank="window", context_rank="compactor", layer_budgets="uniform")
-    layout = method.layout(n)
+    slots first, and the other context slots go to the top of Compactor's score (blend: the fraction of the
+    prompt the average layout drops) among the tokens before the ring; what is left merges into the residual
+    slot. With the layers sharing the budget by need, so in each layer's own layout."""
+    layers, layer_budgets = sharing
+    qkv = random_qkv(1, layers, kv_heads, groups, n, seed=seed)
+    if layers > 1:  # layer 0 reads diffusely, the last one sharply: their needs differ
+        qkv.q[0], qkv.q[-1] = qkv.q[0] * 0.2, qkv.q[-1] * 3
+    method = ZSMerge(budget=budget, rank="window", context_rank="compactor", layer_budgets=layer_budgets)
     trace = drive_synthetic(method, qkv, [n], 0)
-    ref = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - budget / n)
-    snap = trace.snapshots[0].layers[0]
-    ring = set(range(n - layout.proximity, n))
-    older = [p for p in range(8, n - layout.proximity)]
-    for h in range(kv_heads):
-        exact = torch.isfinite(snap["logw"][0, h]) & (snap["logw"][0, h] == 0)
-        held = set(snap["pos"][0, h][exact].tolist())
-        assert ring <= held and set(range(8)) <= held, f"head {h}: held {sorted(held)}"
-        context = held - ring - set(range(8))
-        assert len(context) == layout.context - 8, f"head {h}: context {sorted(context)}"
-        chosen = [ref[h, p].item() for p in older if p in context]
-        dropped = [ref[h, p].item() for p in older if p not in context]
-        assert min(chosen) >= max(dropped) - SLACK, f"head {h}: context {sorted(context)}"
+    assert int(trace.cache.budgets().sum()) == layers * method.layout(n).budget
+    assert layers == 1 or len(set(trace.cache.budgets()[:, 0].tolist())) > 1
+    for layer in range(layers):
+        ref = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - method.layout(n).budget / n, layer)
+        slots = trace.cache.layers[layer]
+        proximity = int(slots.state["proximity"][0])
+        n_context = int(slots.budget[0]) - proximity - int(slots.state["residual"][0])
+        snap = trace.snapshots[0].layers[layer]
+        ring = set(range(n - proximity, n))
+        older = [p for p in range(8, n - proximity)]
+        for h in range(kv_heads):
+            exact = torch.isfinite(snap["logw"][0, h]) & (snap["logw"][0, h] == 0)
+            held = set(snap["pos"][0, h][exact].tolist())
+            where = f"layer {layer}, head {h}"
+            assert ring <= held and set(range(min(8, n_context))) <= held, f"{where}: held {sorted(held)}"
+            context = held - ring - set(range(8))
+            assert len(context) == max(0, n_context - 8), f"{where}: context {sorted(context)}"
+            chosen = [ref[h, p].item() for p in older if p in context]
+            dropped = [ref[h, p].item() for p in older if p not in context]
+            assert not chosen or min(chosen) >= max(dropped) - SLACK, f"{where}: context {sorted(context)}"
 
 
 def older_middle(n: int, recent: int) -> list[int]:

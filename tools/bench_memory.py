@@ -20,7 +20,8 @@ import time
 
 CONFIGS = {
     "full": ("full", None),
-    "zsmerge-0.05": ("zsmerge:budget=0.05", None),
+    "zsmerge-0.05": ("zsmerge:budget=0.05", None),  # holds the prompt until its layers share the budget by need
+    "zsmerge-0.05-uniform": ("zsmerge:budget=0.05,layer_budgets=uniform", None),  # compresses layer by layer
     "zsmerge-0.05+chunk512": ("zsmerge:budget=0.05", 512),
 }
 

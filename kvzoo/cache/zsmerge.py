@@ -27,16 +27,15 @@ Ambiguities (METHODS.md 1.6) resolved as recommended:
   (by Jensen, n exp(q.mean(k)) never exceeds the members' sum of exp(q.k)), but its value is the plain mean
   of their values, a blur of what attention would have read. alpha interpolates between merging (1) and
   evicting (0): alpha < 1 lends part of that mass back to the exact slots.
-Defaults: budget 0.2 of the prompt (code), B_p = 0.5 B (paper's recommendation), B_r = 0.02 (B - B_p)
-(paper; at least 1), rank "attention_shares" (paper "window"), decay 1.0 (paper 0.98), window 8, max-pool 7
-over a token and the 6 before it (paper 5, centred),
-dot-product slot choice (Eq. 6), alpha 0.5 (paper 1), no leverage term; the accumulated share is of each
-token's attention per query at least the ring's size after it, except in the copy heads (`accumulated`); a
-kept slot stores its accumulated
-attention, the standing it was ranked by kept beside it for later prompt chunks (`decode_score`) and for the
-first decode steps, where it lapses with a half-life of 2 steps (`standing_half_life`). A document
-stored for later questions (`for_stored_document`, not in the paper) keeps a ring of at most 32 tokens and
-ranks the rest of its context by Compactor's query-agnostic score (`stored_ring`).
+Defaults: budget 0.2 of the prompt (code) on average over the layers, shared by need (`layer_budgets`; paper:
+every layer the same), B_p = 0.5 B (paper's recommendation), B_r = 0.02 (B - B_p) (paper; at least 1), rank
+"attention_shares" (paper "window"), decay 1.0 (paper 0.98), window 8, max-pool 7 over a token and the 6 before
+it (paper 5, centred), dot-product slot choice (Eq. 6), alpha 0.5 (paper 1), no leverage term; the accumulated
+share is of each token's attention per query at least the ring's size after it, except in the copy heads
+(`accumulated`); a kept slot stores its accumulated attention, the standing it was ranked by kept beside it for
+later prompt chunks (`decode_score`) and for the first decode steps, where it lapses with a half-life of 2 steps
+(`standing_half_life`). A document stored for later questions (`for_stored_document`, not in the paper) keeps a
+ring of at most 32 tokens and ranks the rest of its context by Compactor's query-agnostic score (`stored_ring`).
 
 Measured effect of the defaults that differ from the paper (tools/RESULTS.md; SmolLM2-135M, 16 2048-token
 contexts, 128 teacher-forced tokens, equal memory, paired differences; needle: 12 development or 24 held-out
@@ -94,9 +93,10 @@ instances):
   +0.000 +- 0.001, 23 windows; 31 of the Rust book: -0.009 +- 0.004 / -0.004 +- 0.003 / -0.002 +- 0.001); `make
   demo` 5 of 6 facts at 50% and 80% as before. One position after the token (`pool_ahead=1`, for a question that
   reads the end of a fact's sentence): 23 / 27 / 33 of 48 against 28 / 29 / 33 on seeds 5 and 6.
-- Not yet the default: the layers sharing the budget by need (`layer_budgets="uncertainty"`, ZigZagKV's
-  allocation, session 32): 0.002-0.073 nats lower continuation NLL on four texts at every budget, for a 5-9%
-  slower eager decode step and the whole prompt held during prefill (see the field).
+- layer_budgets "uncertainty" instead of every layer keeping the budget (session 32, the default since session
+  33): the layers share it by need, as ZigZagKV allocates. Continuation NLL 0.002-0.073 lower on four texts at
+  every budget (see the field), for a 5-9% slower eager decode step and the whole prompt held during a one-shot
+  prefill; a prompt fed in chunks and a stored document keep uniform layers.
 - Not adopted: a quarter of the budget as ring (proximity 0.25) doubles the context and retrieves more
   (58% at 20%) but costs 0.056 +- 0.026 NLL at 5%; the leverage term (`leverage`, below) retrieves far more
   and costs more NLL still (see its comment).
@@ -400,16 +400,18 @@ class ZSMerge(CompressionMethod):
     # size share an allocation, so an eager decode step runs about five updates, not one per layer. The
     # allocation needs every layer's need, so the whole prompt is held until the end of prefill (the full
     # cache's peak memory at prefill, as ZigZagKV); a prompt fed in chunks (`prefill_chunk`), whose memory has
-    # to stay flat, and a document stored for later questions (`for_stored_document`, not measured) keep
-    # "uniform" (`for_chunked_prefill`).
+    # to stay flat, keeps "uniform" (`for_chunked_prefill`), and so does a document stored for later questions
+    # (`for_stored_document`): its layers' needs, read from the document's own last queries, say nothing of a
+    # question to come (measured, session 33: needles asked after compression 4 / 5 / 8 of 24 at 5 / 10 / 20%
+    # kept against 4 / 5 / 10 uniform, seed 25).
     # Measured (tools/RESULTS.md, "Session 32"; continuation NLL, 16 windows each, equal memory, paired against
     # "uniform" at 5 / 10 / 20% kept): seed 19 -0.006 +- 0.005 / -0.002 +- 0.004 / -0.004 +- 0.002, seed 23
     # -0.017 +- 0.006 / -0.023 +- 0.012 / -0.020 +- 0.010, the Rust reference -0.073 +- 0.026 / -0.058 +- 0.024 /
     # -0.019 +- 0.010, the nightly Rustonomicon -0.022 +- 0.008 / -0.020 +- 0.005 / -0.010 +- 0.005; a fixed
     # profile of the layers' needs (measured once on other text) gained about a quarter of that. Eager decode
     # 35.6 -> 38.8 ms/token at 2048 tokens, 34.7 -> 36.6 at 8192 (5% kept, `kvzoo bench`); prefill peak RSS
-    # +95 / +440 MiB for SmolLM2-135M. Not the default yet: the tests that assume a uniform ZSMerge() have to
-    # be moved over, and its needles re-measured.
+    # +95 / +440 MiB for SmolLM2-135M. The default since session 33 (tools/RESULTS.md, "Session 33"); copy_heads
+    # and rank="split" decide within each layer's layout as the prompt is read, so they take "uniform".
     layer_budgets: str = "uncertainty"
 
     def __post_init__(self) -> None:
@@ -468,12 +470,11 @@ class ZSMerge(CompressionMethod):
         if self.layer_budgets not in LAYER_BUDGETS:
             raise KvzooError(f"ZSMerge: layer_budgets must be one of {', '.join(map(repr, LAYER_BUDGETS))}, got "
                              f"{self.layer_budgets!r}")
-        if self.layer_budgets != "uniform" and (self.copy_heads is not None or self.context_rank != "score"
-                                                or self.rank == "split"):
+        if self.layer_budgets != "uniform" and (self.copy_heads is not None or self.rank == "split"):
             raise KvzooError(f"ZSMerge: layer_budgets={self.layer_budgets!r} compresses each layer after the whole "
-                             f"prompt is read, which copy_heads, context_rank='compactor' and rank='split' do not "
-                             f"(got copy_heads={self.copy_heads!r}, context_rank={self.context_rank!r}, "
-                             f"rank={self.rank!r}); use layer_budgets='uniform' with them")
+                             f"prompt is read, which copy_heads and rank='split' do not (got "
+                             f"copy_heads={self.copy_heads!r}, rank={self.rank!r}); use layer_budgets='uniform' "
+                             f"with them")
         if self.decode_score not in DECODE_SCORES:
             raise KvzooError(f"ZSMerge: decode_score must be one of {', '.join(map(repr, DECODE_SCORES))}, got "
                              f"{self.decode_score!r}")
@@ -763,9 +764,11 @@ class ZSMerge(CompressionMethod):
         # each query's attention to and evict by: the accumulated attention, with the standing kept beside it
         # for a later prompt chunk (see `decode_score`).
         stored = self._stored_scores(slots, chunk, score, accumulated) if self._splits_standing else None
+        prompt_len = slots.state["prompt_len"]  # Compactor's rank blends by the fraction the layout drops
         if self._holds_prompt and chunk.keys.shape[2] == chunk.k.shape[2]:  # a prompt on a fresh cache
             # Keep every token with its standing as score (what the cross-layer rank reads); end_prefill
-            # allocates, then compresses with that rank and stores `stored`.
+            # allocates, then compresses with that rank (or Compactor's, of the average layout) and stores
+            # `stored`.
             slots.replace_all(chunk.keys, chunk.values, chunk.key_logw, score, chunk.key_pos)
             tie = score if self.rank == "accumulated" else window_scores(chunk, self.window_size, self.decay)
             # One entry per slot, as end_prefill's candidates are (a prompt shorter than the smallest layout
@@ -774,11 +777,16 @@ class ZSMerge(CompressionMethod):
             slots.state["held_tie"] = F.pad(tie, empty_slots)
             if stored is not None:
                 slots.state["held_stored"] = F.pad(stored, empty_slots)
+            rank = None
+            if self.context_rank == "compactor":
+                average = torch.tensor([self.layout(n).budget for n in prompt_len.tolist()], device=score.device)
+                rank = sinks_then_compactor(chunk, average, prompt_len)
+                slots.state["held_rank"] = F.pad(rank, empty_slots)
             if self.layer_budgets == "uncertainty":  # the ring first, as _compress keeps it, then the rank
                 slots.state["uncertainty"] = layer_uncertainty.output_uncertainty(
-                    chunk, score, slots.state["proximity"], layer_uncertainty.WINDOW, layer_uncertainty.TAU)
+                    chunk, score if rank is None else rank, slots.state["proximity"], layer_uncertainty.WINDOW,
+                    layer_uncertainty.TAU)
             return
-        prompt_len = slots.state["prompt_len"]  # Compactor's rank blends by the fraction the layout drops
         rank = sinks_then_compactor(chunk, slots.budget, prompt_len) if self.context_rank == "compactor" else None
         copy = slots.state.get("copy_head")  # [B, Hkv] bool or None
         copy = copy[:, :, None] if copy is not None and bool(copy.any()) else None
@@ -970,8 +978,10 @@ class ZSMerge(CompressionMethod):
                                         first.k.device)
         for layer_idx, (old, new, budget) in enumerate(zip(cache.layers, stores, budgets)):
             tie, stored = old.state.pop("held_tie"), old.state.pop("held_stored", None)
+            rank = old.state.pop("held_rank", None)  # Compactor's (context_rank), or None: the standing
             new.state = {**old.state, "prefill_budget": budget, **self._regions(budget.tolist(), budget.device)}
-            rank = None if widest is None else cross_layer_rank(old, widest)
+            if widest is not None:
+                rank = cross_layer_rank(old, widest)
             candidates = slot_candidates(old)
             candidates.k, candidates.v = old.k, old.v  # every slot is a fresh candidate (none is a residual)
             self._compress(new, candidates, old.score, None, None, rank=rank, tie=tie, stored=stored)
