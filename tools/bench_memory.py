@@ -38,6 +38,8 @@ def run_one(spec: str, prompt_len: int, chunk: int | None, decode_steps: int, dt
     model = kvzoo.load(ensure_default_model(progress=False), dtype=dtype)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     method = parse_compression(spec)
+    if chunk is not None:  # as generate compresses a prompt fed in chunks (ZSMerge: uniform layer budgets)
+        method = method.for_chunked_prefill()
     ids = torch.randint(100, model.config.vocab_size, (1, prompt_len))
     positions = torch.arange(prompt_len)[None]
     t0 = time.perf_counter()
