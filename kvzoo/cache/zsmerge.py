@@ -546,6 +546,10 @@ class ZSMerge(CompressionMethod):
             layout = self._split(layout.budget + 1)
         return layout
 
+    def _average_budgets(self, prompt_lens: list[int]) -> list[int]:
+        """Each sequence's layout budget: every layer's with uniform layer budgets, their average by need."""
+        return [self.layout(n).budget for n in prompt_lens]
+
     @property
     def _holds_prompt(self) -> bool:
         """Whether every layer keeps the whole prompt until end_prefill compresses it (`cross_layer`,
@@ -573,13 +577,13 @@ class ZSMerge(CompressionMethod):
 
     def compressed_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
         # layer_budgets="uncertainty" shares L times each sequence's layout between its layers (the same slots)
-        return [[self.layout(n).budget for n in prompt_lens]] * cfg.num_layers
+        return [self._average_budgets(prompt_lens)] * cfg.num_layers
 
     def make_cache(self, cfg: "ModelConfig", prompt_lens: list[int], max_new_tokens: int,
                    dtype: torch.dtype, device: torch.device | str, compressed: bool = False) -> KVCache:
         cache = super().make_cache(cfg, prompt_lens, max_new_tokens, dtype, device, compressed)
         # Every layer's regions are the average budget's, until end_prefill allocates (`layer_budgets`).
-        regions = self._regions([self.layout(n).budget for n in prompt_lens], device)
+        regions = self._regions(self._average_budgets(prompt_lens), device)
         for slots in cache.layers:
             slots.state.update(regions)
             residual = regions["residual"]
@@ -784,7 +788,7 @@ class ZSMerge(CompressionMethod):
                 slots.state["held_stored"] = F.pad(stored, empty_slots)
             rank = None
             if self.context_rank == "compactor":
-                average = torch.tensor([self.layout(n).budget for n in prompt_len.tolist()], device=score.device)
+                average = torch.tensor(self._average_budgets(prompt_len.tolist()), device=score.device)
                 rank = sinks_then_compactor(chunk, average, prompt_len)
                 slots.state["held_rank"] = F.pad(rank, empty_slots)
             if self.layer_budgets == "uncertainty":  # the ring first, as _compress keeps it, then the rank
@@ -999,7 +1003,7 @@ class ZSMerge(CompressionMethod):
         evened out into `LAYER_LEVELS` runs of the sequence's layers by need (`budgets.level_budgets`; a batch's
         sequences are allocated alone, so a batch decodes as its sequences would alone)."""
         prompt_lens = cache.layers[0].state["prompt_len"]
-        average = [self.layout(int(n)).budget for n in prompt_lens.tolist()]
+        average = self._average_budgets(prompt_lens.tolist())
         device = prompt_lens.device
         if self.layer_budgets == "uniform":
             return [torch.tensor(average, device=device)] * len(cache.layers)
