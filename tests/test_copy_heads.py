@@ -121,8 +121,8 @@ def test_a_stored_document_is_compressed_by_the_stored_rule_and_a_prompt_to_cont
 @pytest.mark.parametrize("name", ["kvmerger", "zigzag"])
 def test_kvmerger_and_zigzag_store_a_document_with_compactors_rank(models, name):
     """`prefill_cache` with KVMerger or ZigZagKV keeps what an explicit prefill with their stored rule keeps (heavy
-    hitters, or every layer's tokens, by Compactor's score; KVMerger's recent window of `stored_recent`), which
-    is not what the prompt rule keeps."""
+    hitters, or every layer's tokens, by Compactor's score; KVMerger's recent window of `stored_recent` and its
+    merged slots' counts by `stored_merged_count`), which is not what the prompt rule keeps."""
     from kvzoo.cache.kvmerger import KVMerger
     from kvzoo.cache.zigzag import ZigZagKV
     from kvzoo.generate import prefill, prefill_cache, prepare
@@ -130,7 +130,7 @@ def test_kvmerger_and_zigzag_store_a_document_with_compactors_rank(models, name)
     model = models("llama-gqa")
     doc = [(7 * i + 3) % 120 + 1 for i in range(200)]
     method = KVMerger(budget=80) if name == "kvmerger" else ZigZagKV(budget=60, window_size=8)
-    asked = (KVMerger(budget=80, rank="compactor", recent_tokens=32) if name == "kvmerger"
+    asked = (KVMerger(budget=80, rank="compactor", recent_tokens=32, merged_count="attention") if name == "kvmerger"
              else ZigZagKV(budget=60, window_size=8, rank="compactor"))
     stored = prefill_cache(model, [doc], method)
     assert stored.method == asked
@@ -140,7 +140,7 @@ def test_kvmerger_and_zigzag_store_a_document_with_compactors_rank(models, name)
         prefill(model, request.ids, request.positions, request.cache, None)
         caches.append(request.cache)
     for got, want in zip(stored.layers, caches[0].layers):
-        assert torch.equal(got.pos, want.pos) and torch.equal(got.k, want.k)
+        assert torch.equal(got.pos, want.pos) and torch.equal(got.k, want.k) and torch.equal(got.logw, want.logw)
         newest = 32 if name == "kvmerger" else 8  # the recent window, or ZigZagKV's observation window
         assert set(range(200 - newest, 200)) <= set(got.pos[0, 0].tolist())
     assert any(not torch.equal(a.pos, b.pos) for a, b in zip(caches[1].layers, stored.layers))
@@ -154,11 +154,15 @@ def test_for_stored_document_changes_zsmerge_kvmerger_and_zigzag_only():
 
     assert ZigZagKV().for_stored_document() == ZigZagKV(rank="compactor")
     assert ZigZagKV(stored_rank="window").for_stored_document() == ZigZagKV(stored_rank="window", rank="window")
-    assert KVMerger().for_stored_document() == KVMerger(rank="compactor", recent_tokens=32)
+    by_attention = {"merged_count": "attention"}  # a stored document's merged slots (`stored_merged_count`)
+    assert KVMerger().for_stored_document() == KVMerger(rank="compactor", recent_tokens=32, **by_attention)
     assert KVMerger(stored_recent=8).for_stored_document() == KVMerger(stored_recent=8, rank="compactor",
-                                                                       recent_tokens=8)
+                                                                       recent_tokens=8, **by_attention)
+    assert KVMerger(stored_recent=None).for_stored_document() == KVMerger(stored_recent=None, **by_attention)
+    assert KVMerger(stored_merged_count=None).for_stored_document() == KVMerger(
+        stored_merged_count=None, rank="compactor", recent_tokens=32)
     for method in (H2O(), SnapKV(), ZigZagKV.paper(), ZigZagKV(stored_rank=None), ZigZagKV(cross_layer=True),
-                   KVMerger.paper(), KVMerger(stored_recent=None), ZSMerge.paper(),
+                   KVMerger.paper(), KVMerger(stored_recent=None, stored_merged_count=None), ZSMerge.paper(),
                    ZSMerge(copy_heads=0.5, layer_budgets="uniform"), ZSMerge(stored_ring=None, stored_copy_heads=None),
                    ZSMerge(cross_layer=True, rank="window"),
                    ZSMerge(proximity=0.1, context_rank="compactor", rank="window", layer_budgets="uniform")):
@@ -176,7 +180,8 @@ def test_for_stored_document_changes_zsmerge_kvmerger_and_zigzag_only():
     rate = ZSMerge(accumulated="rate").for_stored_document()  # Compactor ranks a stored document's context
     assert rate.context_rank == "compactor" and rate.accumulated == "sum"
     assert ZSMerge().for_stored_document(chunked=True) == ZSMerge(copy_heads=0.3, rank="shares", **uniform)
-    assert KVMerger().for_stored_document(chunked=True) == KVMerger()  # Compactor's score is of one chunk
+    # Compactor's score is of one chunk: a document fed in chunks keeps the prompt's rank and window
+    assert KVMerger().for_stored_document(chunked=True) == KVMerger(**by_attention)
 
 
 def test_a_stored_document_fed_in_chunks_gets_the_copy_heads_and_answers(models):

@@ -454,7 +454,8 @@ def test_fixed_epsilon_above_one_keeps_the_full_cache_contents(run):
 @pytest.mark.parametrize("name", MODELS)
 def test_kvmerger_sizes_are_exact_and_memory_shrinks(run, name):
     lens = (41, 26)
-    for method in (KVMerger(), KVMerger(min_similarity=None), KVMerger.paper(budget=0.3, skip_layers=(-1,))):
+    for method in (KVMerger(), KVMerger(min_similarity=None),
+                   KVMerger(min_similarity=None, merged_count="attention"), KVMerger.paper(budget=0.3, skip_layers=(-1,))):
         out = run(name, 1, lens, method)
         cache, skipped = out.cache, method.skipped(NUM_LAYERS)
         filled = cache.filled_slots()  # [L, B, Hkv]: the compressed prompt + NEW - 1 appended tokens
@@ -462,9 +463,10 @@ def test_kvmerger_sizes_are_exact_and_memory_shrinks(run, name):
             expected = n if layer in skipped else int(method.budget * n)
             assert (filled[layer, b] == expected + NEW - 1).all(), (layer, b)
             tokens = cache.layers[layer].logw[b].exp().sum(-1)
-            if method.min_similarity is None:  # every token is accounted for once
+            if method.min_similarity is None and method.merged_count == "members":  # every token counted once
                 torch.testing.assert_close(tokens, torch.full_like(tokens, float(n + NEW - 1)))
-            else:  # dissimilar keys (random weights) were evicted rather than merged
+            else:  # dissimilar keys (random weights) were evicted rather than merged, or a merged slot counts
+                # its members' attention relative to its pivot's: between 1 and |S| each
                 assert (tokens <= n + NEW - 1 + 1e-4).all() and (tokens >= expected + NEW - 1 - 1e-4).all()
         assert cache.nbytes() < run(name, 1, lens).cache.nbytes()
 
@@ -491,14 +493,18 @@ def test_kvmerger_chunked_prefill(run):
     full = run("mistral-window", 2)
     assert run("mistral-window", 2, method=KVMerger(budget=64, skip_layers=()), prefill_chunk=6).token_ids == (
         full.token_ids)
-    for floor in (None, 0.5):
-        method = KVMerger(budget=0.4, skip_layers=(), min_similarity=floor)
+    for floor, count in ((None, "members"), (0.5, "members"), (None, "attention")):
+        method = KVMerger(budget=0.4, skip_layers=(), min_similarity=floor, merged_count=count)
         cache = run("mistral-window", 2, method=method, prefill_chunk=6).cache
         for layer, (b, n) in itertools.product(cache.layers, enumerate((37, 22))):
-            assert (layer.filled[b].sum(-1) == int(0.4 * n) + NEW - 1).all()
+            kept = int(0.4 * n) + NEW - 1
+            assert (layer.filled[b].sum(-1) == kept).all()
             tokens = layer.logw[b].exp().sum(-1)
-            if floor is None:  # every token is accounted for once
+            if floor is None and count == "members":  # every token is accounted for once
                 torch.testing.assert_close(tokens, torch.full_like(tokens, float(n + NEW - 1)))
+            else:  # each slot counts for at least 1 and at most the tokens it merged
+                assert (tokens >= kept - 1e-4).all() and (tokens <= n + NEW - 1 + 1e-4).all()
+                assert (layer.logw[b][layer.filled[b]] >= -1e-6).all()
             assert torch.isfinite(layer.k[b]).all() and torch.isfinite(layer.v[b]).all()
 
 

@@ -254,17 +254,20 @@ def similar_run_qkv(n: int, kv_heads: int, groups: int, seed: int) -> QKV:
 
 @settings(max_examples=30, deadline=None)
 @given(st.integers(10, 36), st.integers(0, 2**16), st.integers(1, 2), st.integers(1, 2),
-       st.sampled_from([0.8, 0.9, 0.95]), st.sampled_from([0.5, 2.0]), st.sampled_from(["none", "set_size"]),
-       st.sampled_from([None, 6]))
-def test_kvmerger_prefill_against_the_definition(n, seed, kv_heads, groups, epsilon, sigma, value_scale, sliding):
+       st.sampled_from([0.8, 0.9, 0.95]), st.sampled_from([0.5, 2.0]),
+       st.sampled_from([("none", "members"), ("set_size", "members"), ("none", "attention")]), st.sampled_from([None, 6]))
+def test_kvmerger_prefill_against_the_definition(n, seed, kv_heads, groups, epsilon, sigma, scale_and_count, sliding):
     """METHODS.md 2.2 with a fixed epsilon (budget=None), one layer compressed: A_t = column sums of the
     prompt's causal attention (GQA mean); protected = the int(0.17 n) newest tokens + the int(0.12 n) older
     ones with the largest A_t; sets = runs of adjacent unprotected tokens with cos(k_t, k_t+1) >= epsilon;
     each set becomes one slot at its pivot p = argmax A_t, with key sum_t w_t k_t, w_t = g_t / sum g,
     g_t = exp(-|k_p - k_t|^2 / (2 sigma^2)) (sigma = 0.5 and 2: finite, not huge), value the same weighted
-    mean (times |S| with value_scale="set_size") and count |S|. Also under Mistral's sliding window of 6."""
+    mean (times |S| with value_scale="set_size") and count |S| (merged_count="members") or sum_t A_t / A_p
+    ("attention"). Also under Mistral's sliding window of 6."""
+    value_scale, merged_count = scale_and_count
     qkv = similar_run_qkv(n, kv_heads, groups, seed)
-    method = KVMerger.paper(budget=None, threshold=epsilon, sigma=sigma, skip_layers=(), value_scale=value_scale)
+    method = KVMerger.paper(budget=None, threshold=epsilon, sigma=sigma, skip_layers=(), value_scale=value_scale,
+                            merged_count=merged_count)
     snap = drive_synthetic(method, qkv, [n], 0, window=sliding).snapshots[0]
     g = qkv.groups
     for h in range(kv_heads):
@@ -287,11 +290,12 @@ def test_kvmerger_prefill_against_the_definition(n, seed, kv_heads, groups, epsi
             gw = torch.exp(-(keys[members] - keys[pivot]).square().sum(-1) / (2 * sigma**2))
             wts = gw / gw.sum()
             scale = len(members) if value_scale == "set_size" else 1
-            expected[pivot] = (wts @ keys[members], scale * (wts @ values[members]), len(members))
+            count = len(members) if merged_count == "members" else float(a[members].sum() / a[pivot])
+            expected[pivot] = (wts @ keys[members], scale * (wts @ values[members]), count)
         got = {p: (k, v, c) for p, k, v, c in filled_slots(snap, 0, h)}
         assert sorted(got) == sorted(expected), f"head {h}: slots at {sorted(got)}, expected pivots {sorted(expected)}"
         for p, (k, v, c) in expected.items():
-            assert got[p][2] == pytest.approx(c), f"head {h}, pivot {p}: count"
+            assert got[p][2] == pytest.approx(c, rel=1e-5), f"head {h}, pivot {p}: count"
             torch.testing.assert_close(got[p][0].double(), k, atol=1e-4, rtol=1e-4, msg=f"head {h}, pivot {p}: key")
             torch.testing.assert_close(got[p][1].double(), v, atol=1e-4, rtol=1e-4, msg=f"head {h}, pivot {p}: value")
 

@@ -53,6 +53,20 @@ Ambiguities (METHODS.md 2.2, 2.6) and how they are resolved here:
   attention bias alpha * log|S| with `alpha=1` (the ZSMerge-style compensation of METHODS.md 2.6): the slot
   then attracts the attention mass of |S| copies of its key, and its output stays a convex combination of
   values (exact for identical keys and values).
+- A merged slot's count (`merged_count`, `stored_merged_count`; not in the paper). The Gaussian weights put most
+  of a set's key on its pivot, the set's most attended token, so |S| copies of that key can draw more attention
+  than the set's members drew: a question asked after compression then reads the merged slots instead of the
+  verbatim answer in the recent window (seed 25's two 1024-token needles planted last, lost at 5% kept with
+  |S| and answered with the count below or with `alpha=0`). `merged_count="attention"` counts a slot as
+  n_p * sum_t A_t / A_p (`attention_counts`: the members' accumulated attention in units of the pivot's,
+  between 1 and |S|). Measured (tools/RESULTS.md, "Session 34"; SmolLM2-135M, equal memory): needles asked after
+  compression, seeds 24-28 (120, the full cache 86), 20 / 22 / 32 at 5 / 10 / 20% kept against 18 / 20 / 29 with
+  |S| (SnapKV 20 / 20 / 20): all of the gain on seed 25 (the two needles above and the same failure at 10 and
+  20%), level on the other four (16 / 18 / 26 both); asked with the context (seeds 24-26, 72) 21 / 38 / 44
+  against 20 / 36 / 43; but continuation NLL (seed 24, 16 windows) +0.015 +- 0.006 / +0.009 +- 0.006 / +0.008
+  +- 0.004 higher (why a continuation prefers |S| is not settled; the weights' effective count, 1 / sum w^2,
+  costs as much). So a prompt keeps |S| (`merged_count="members"`) and a document stored for later questions
+  counts by attention (`stored_merged_count="attention"`).
 - Pivot ties go to the earliest token; a merged slot's score is the sum of its members' A_t.
 - Granularity: sets, pivots and epsilon per KV head; every head keeps B entries (budget mode).
 - skip_layers (paper: {0, 1, L-1}; negative indices count from the end) are not compressed at all: they
@@ -110,6 +124,7 @@ if TYPE_CHECKING:
     from kvzoo.config import ModelConfig
 
 VALUE_SCALES = ("set_size", "none")
+MERGED_COUNTS = ("attention", "members")  # see KVMerger.merged_count
 RATIOS_OF = ("budget", "prompt")
 RANKS = ("accumulated", "attention_shares", "compactor")  # see KVMerger.rank
 
@@ -292,6 +307,24 @@ def merge_sets(
     return k_star, v_star
 
 
+def attention_counts(score: torch.Tensor, counts: torch.Tensor, sets: torch.Tensor, pivots: torch.Tensor,
+                     members: torch.Tensor) -> torch.Tensor:
+    """[..., T] by set number: what each set's merged slot counts for, n_p * sum_t A_t / A_p (A: `score`,
+    [..., T], the members' accumulated attention; p: the set's pivot, its largest; n_p: the pivot's own count
+    `counts`, 1 for a token), at most the tokens the set holds (`members`, by set number) and at least the
+    pivot's count. The slot's key is the members' Gaussian-weighted mean, which its pivot dominates, so a prompt
+    query gives it about the attention of the pivot: counted as n copies, it draws what its members drew
+    (members read as much as their pivot give n = |S|, the members count). A set whose scores are all 0
+    counts its members."""
+    score = score.float()
+    pivot_score, pivot_count = score.gather(-1, pivots), counts.gather(-1, pivots)  # [..., T] per token
+    total = per_set(score, sets)  # by set number
+    first = torch.zeros_like(score).scatter_reduce(-1, sets, pivot_score, "amax", include_self=False)
+    own = torch.zeros_like(score).scatter_reduce(-1, sets, pivot_count, "amax", include_self=False)
+    by_mass = own * total / first.clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.where(first > 0, by_mass.clamp(min=own).minimum(members), members)
+
+
 # --- the method ----------------------------------------------------------------------------------------
 
 
@@ -353,6 +386,15 @@ class KVMerger(PrefillOnlyMethod):
     # answers 15 / 29 / 33 of those needles asked with the context (mostly eviction: its floor is above most
     # layers' 5% epsilon).
     min_similarity: float | None = 0.5
+    # What a merged slot counts for (its log w: the attention bias alpha * log w, and its weight when it is
+    # merged again in a later chunk): "members", the |S| tokens it merged (ZSMerge's count, METHODS.md 2.6),
+    # or "attention", its members' accumulated attention in units of its pivot's, n_p * sum_t A_t / A_p
+    # (`attention_counts`; between 1 and |S|): a slot whose key is nearly its pivot's then draws from the
+    # prompt's queries about what its members drew. See "A merged slot's count" in the module doc.
+    merged_count: str = "members"
+    # The count of a document stored for questions asked later (`for_stored_document`); None: `merged_count`.
+    # Not the paper's. See "A merged slot's count" in the module doc.
+    stored_merged_count: str | None = "attention"
 
     def __post_init__(self) -> None:
         if self.budget is not None:
@@ -374,6 +416,15 @@ class KVMerger(PrefillOnlyMethod):
             raise KvzooError(f"KVMerger: ratio_of must be one of {RATIOS_OF}, got {self.ratio_of!r}")
         if self.value_scale not in VALUE_SCALES:
             raise KvzooError(f"KVMerger: value_scale must be one of {VALUE_SCALES}, got {self.value_scale!r}")
+        for name in ("merged_count", "stored_merged_count"):
+            value = getattr(self, name)
+            if value not in MERGED_COUNTS and not (value is None and name == "stored_merged_count"):
+                raise KvzooError(f"KVMerger: {name} must be one of {MERGED_COUNTS}"
+                                 f"{' or None' if name.startswith('stored') else ''}, got {value!r}")
+        if self.value_scale == "set_size" and "attention" in (self.merged_count, self.stored_merged_count):
+            raise KvzooError("KVMerger: value_scale='set_size' scales a merged value by its set size, which a "
+                             "later chunk undoes by the slot's count: it needs merged_count='members' and "
+                             "stored_merged_count=None or 'members' (KVMerger.paper() sets both)")
         if not _is_number(self.alpha) or not math.isfinite(self.alpha):
             raise KvzooError(f"KVMerger: alpha must be a finite number, got {self.alpha!r}")
         if self.rank not in RANKS:
@@ -393,15 +444,17 @@ class KVMerger(PrefillOnlyMethod):
         shares of the prompt, layers 0, 1 and L-1 uncompressed, heavy hitters by A_t alone."""
         paper = {"value_scale": "set_size", "alpha": 0.0, "recent_ratio": 0.17, "heavy_ratio": 0.12,
                  "ratio_of": "prompt", "skip_layers": (0, 1, -1), "rank": "accumulated", "pool_ahead": None,
-                 "stored_recent": None, "min_similarity": None}
+                 "stored_recent": None, "min_similarity": None, "stored_merged_count": None}
         return cls(**{**paper, **overrides})  # type: ignore[arg-type]
 
     def for_stored_document(self, chunked: bool = False) -> "KVMerger":
-        """This KVMerger with heavy hitters by Compactor's score and a recent window of `stored_recent` tokens;
-        itself without `stored_recent`, or for a document fed in chunks."""
+        """This KVMerger with merged slots counted by `stored_merged_count`, and heavy hitters by Compactor's
+        score and a recent window of `stored_recent` tokens (not for a document fed in chunks: Compactor's score
+        is of one chunk); itself where neither applies."""
+        stored = self if self.stored_merged_count is None else replace(self, merged_count=self.stored_merged_count)
         if self.stored_recent is None or chunked:
-            return self
-        return replace(self, rank="compactor", recent_tokens=self.stored_recent)
+            return stored
+        return replace(stored, rank="compactor", recent_tokens=self.stored_recent)
 
     @property
     def supports_chunked_prefill(self) -> bool:  # type: ignore[override]
@@ -472,11 +525,15 @@ class KVMerger(PrefillOnlyMethod):
             sets = budget_merging_sets(keys, protected, budget[:, None], valid, self.min_similarity)
             if self.min_similarity is not None:  # too few links left to merge down to the budget: evict
                 sets, valid = evict_lowest_sets(sets, protected, score, budget[:, None], valid)
-        counts = torch.where(valid, logw.exp().round(), 1.0)
+        counts = logw.exp()  # what each candidate stands for (1 for a token; a merged slot's count)
+        counts = torch.where(valid, counts.round() if self.merged_count == "members" else counts, 1.0)
         pivots = set_pivots(score, sets)
         weights = gaussian_merge_weights(keys, sets, pivots, self.sigma, counts)
         k_star, v_star = merge_sets(keys, values, sets, weights, counts, self.value_scale)
-        self._store(slots, sets, valid, k_star, v_star, counts, score, pos.gather(-1, pivots))
+        slot_counts = per_set(counts, sets)  # [B, Hkv, S] by set number: |S| (members)
+        if self.merged_count == "attention":
+            slot_counts = attention_counts(score, counts, sets, pivots, slot_counts)
+        self._store(slots, sets, valid, k_star, v_star, slot_counts, score, pos.gather(-1, pivots))
 
     def _heavy_rank(self, slots: LayerSlots, chunk: "PrefillChunk", accumulated: torch.Tensor) -> torch.Tensor:
         """[B, Hkv, S] what ranks the heavy hitters (`rank`), from the candidates' A_t [B, Hkv, S]."""
@@ -490,15 +547,16 @@ class KVMerger(PrefillOnlyMethod):
 
     @staticmethod
     def _store(slots: LayerSlots, sets: torch.Tensor, valid: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               counts: torch.Tensor, score: torch.Tensor, pivot_pos: torch.Tensor) -> None:
-        """Write the sets (in order) to the first slots; sets of empty candidates stay empty."""
+               slot_counts: torch.Tensor, score: torch.Tensor, pivot_pos: torch.Tensor) -> None:
+        """Write the sets (in order) to the first slots, each with its count (`slot_counts`, by set number);
+        sets of empty candidates stay empty."""
         filled = per_set(valid.long(), sets, "amax").bool()
         n = min(slots.capacity, sets.shape[-1])  # sets of valid candidates <= budget <= capacity
         filled = filled[..., :n]
         slots.replace_all(
             torch.where(filled[..., None], k[..., :n, :], 0.0).to(slots.k.dtype),
             torch.where(filled[..., None], v[..., :n, :], 0.0).to(slots.v.dtype),
-            torch.where(filled, per_set(counts, sets)[..., :n].log(), NEG_INF),
+            torch.where(filled, slot_counts[..., :n].log(), NEG_INF),
             torch.where(filled, per_set(score, sets)[..., :n], 0.0),
             torch.where(filled, per_set(pivot_pos, sets, "amax")[..., :n], -1),
         )
