@@ -454,8 +454,8 @@ def test_fixed_epsilon_above_one_keeps_the_full_cache_contents(run):
 @pytest.mark.parametrize("name", MODELS)
 def test_kvmerger_sizes_are_exact_and_memory_shrinks(run, name):
     lens = (41, 26)
-    for method in (KVMerger(), KVMerger(min_similarity=None),
-                   KVMerger(min_similarity=None, merged_count="attention"), KVMerger.paper(budget=0.3, skip_layers=(-1,))):
+    for method in (KVMerger(), KVMerger(min_similarity=None), KVMerger(min_similarity=None, merged_count="attention"),
+                   KVMerger.paper(budget=0.3, skip_layers=(-1,))):
         out = run(name, 1, lens, method)
         cache, skipped = out.cache, method.skipped(NUM_LAYERS)
         filled = cache.filled_slots()  # [L, B, Hkv]: the compressed prompt + NEW - 1 appended tokens
@@ -506,6 +506,27 @@ def test_kvmerger_chunked_prefill(run):
                 assert (tokens >= kept - 1e-4).all() and (tokens <= n + NEW - 1 + 1e-4).all()
                 assert (layer.logw[b][layer.filled[b]] >= -1e-6).all()
             assert torch.isfinite(layer.k[b]).all() and torch.isfinite(layer.v[b]).all()
+
+
+def test_attention_counts_of_already_merged_members():
+    """n_p * sum_t A_t / A_p, between the pivot's own count and the tokens the set holds: sets {0, 1} and {2};
+    token 0 is a merged slot standing for 3 tokens with A = 4 (the pivot), token 1 a token with A = 1: 3 * 5 / 4
+    = 3.75 (at most 3 + 1 = 4 members); the singleton {2} (a merged slot of 2, A = 0) keeps its 2 members."""
+    from kvzoo.cache.kvmerger import attention_counts, per_set, set_pivots
+
+    score, counts = torch.tensor([[4.0, 1.0, 0.0]]), torch.tensor([[3.0, 1.0, 2.0]])
+    sets = torch.tensor([[0, 0, 1]])
+    got = attention_counts(score, counts, sets, set_pivots(score, sets), per_set(counts, sets))
+    torch.testing.assert_close(got[0, :2], torch.tensor([3.75, 2.0]))
+    capped = attention_counts(torch.tensor([[4.0, 4.0]]), torch.tensor([[3.0, 1.0]]), torch.tensor([[0, 0]]),
+                              torch.tensor([[0, 0]]), torch.tensor([[4.0, 0.0]]))
+    assert float(capped[0, 0]) == 4.0  # 3 * 8 / 4 = 6 counts for no more than the 4 tokens it holds
+
+
+def test_a_set_size_scaled_kvmerger_stores_a_document_counted_by_members():
+    method = KVMerger(value_scale="set_size", alpha=0.0)
+    assert method.for_stored_document().merged_count == "members"
+    assert KVMerger().for_stored_document().merged_count == "attention"
 
 
 def test_kvmerger_fixed_epsilon_shrinks_to_the_data(run):
@@ -562,6 +583,9 @@ def test_zigzag_refuses_chunked_prefill(run):
         (lambda: KVMerger(budget=0), ">= 1 token"),
         (lambda: KVMerger(threshold="high"), "threshold"),
         (lambda: KVMerger(sigma=0.0), "sigma must be a number > 0"),
+        (lambda: KVMerger(merged_count="x"), r"merged_count must be one of \('attention', 'members'\), got 'x'"),
+        (lambda: KVMerger(stored_merged_count="x"), "stored_merged_count must be one of .* or None, got 'x'"),
+        (lambda: KVMerger.paper(merged_count="attention"), "value_scale='set_size' .* needs merged_count='members'"),
         (lambda: KVMerger(recent_ratio=1.2), "recent_ratio must be in"),
         (lambda: KVMerger(heavy_ratio=-0.1), "heavy_ratio must be in"),
         (lambda: KVMerger(skip_layers=(0.5,)), "skip_layers must be a tuple"),

@@ -65,7 +65,7 @@ Ambiguities (METHODS.md 2.2, 2.6) and how they are resolved here:
   20%), level on the other four (16 / 18 / 26 both); asked with the context (seeds 24-26, 72) 21 / 38 / 44
   against 20 / 36 / 43; but continuation NLL (seed 24, 16 windows) +0.015 +- 0.006 / +0.009 +- 0.006 / +0.008
   +- 0.004 higher (why a continuation prefers |S| is not settled; the weights' effective count, 1 / sum w^2,
-  costs as much). So a prompt keeps |S| (`merged_count="members"`) and a document stored for later questions
+  costs more). So a prompt keeps |S| (`merged_count="members"`) and a document stored for later questions
   counts by attention (`stored_merged_count="attention"`).
 - Pivot ties go to the earliest token; a merged slot's score is the sum of its members' A_t.
 - Granularity: sets, pivots and epsilon per KV head; every head keeps B entries (budget mode).
@@ -392,8 +392,9 @@ class KVMerger(PrefillOnlyMethod):
     # (`attention_counts`; between 1 and |S|): a slot whose key is nearly its pivot's then draws from the
     # prompt's queries about what its members drew. See "A merged slot's count" in the module doc.
     merged_count: str = "members"
-    # The count of a document stored for questions asked later (`for_stored_document`); None: `merged_count`.
-    # Not the paper's. See "A merged slot's count" in the module doc.
+    # The count of a document stored for questions asked later (`for_stored_document`); None: `merged_count`,
+    # as is a value_scale="set_size" KVMerger's (its values are scaled by |S|). Not the paper's. See "A merged
+    # slot's count" in the module doc.
     stored_merged_count: str | None = "attention"
 
     def __post_init__(self) -> None:
@@ -421,10 +422,9 @@ class KVMerger(PrefillOnlyMethod):
             if value not in MERGED_COUNTS and not (value is None and name == "stored_merged_count"):
                 raise KvzooError(f"KVMerger: {name} must be one of {MERGED_COUNTS}"
                                  f"{' or None' if name.startswith('stored') else ''}, got {value!r}")
-        if self.value_scale == "set_size" and "attention" in (self.merged_count, self.stored_merged_count):
+        if self.value_scale == "set_size" and self.merged_count != "members":
             raise KvzooError("KVMerger: value_scale='set_size' scales a merged value by its set size, which a "
-                             "later chunk undoes by the slot's count: it needs merged_count='members' and "
-                             "stored_merged_count=None or 'members' (KVMerger.paper() sets both)")
+                             "later chunk undoes by the slot's count: it needs merged_count='members'")
         if not _is_number(self.alpha) or not math.isfinite(self.alpha):
             raise KvzooError(f"KVMerger: alpha must be a finite number, got {self.alpha!r}")
         if self.rank not in RANKS:
@@ -451,7 +451,8 @@ class KVMerger(PrefillOnlyMethod):
         """This KVMerger with merged slots counted by `stored_merged_count`, and heavy hitters by Compactor's
         score and a recent window of `stored_recent` tokens (not for a document fed in chunks: Compactor's score
         is of one chunk); itself where neither applies."""
-        stored = self if self.stored_merged_count is None else replace(self, merged_count=self.stored_merged_count)
+        keeps_count = self.stored_merged_count is None or self.value_scale == "set_size"
+        stored = self if keeps_count else replace(self, merged_count=self.stored_merged_count)
         if self.stored_recent is None or chunked:
             return stored
         return replace(stored, rank="compactor", recent_tokens=self.stored_recent)

@@ -88,7 +88,8 @@ class SlotStack:
 class LayerSlots:
     k: torch.Tensor  # [B, Hkv, C, D] post-RoPE keys (a merged slot: the count-weighted mean of its members)
     v: torch.Tensor  # [B, Hkv, C, D] values
-    logw: torch.Tensor  # [B, Hkv, C] fp32: log(number of tokens the slot stands for); 0 = one; -inf = empty
+    # [B, Hkv, C] fp32: log(tokens the slot stands for, or KVMerger's attention count); 0 = one; -inf = empty
+    logw: torch.Tensor
     score: torch.Tensor  # [B, Hkv, C] fp32: the method's importance statistic (accumulated/decayed attention)
     pos: torch.Tensor  # [B, Hkv, C] int64: position of the slot's token (representative one if merged); -1 empty
     budget: torch.Tensor  # [B] int64: slots sequence b may fill (<= C); the rest stay empty
