@@ -319,8 +319,7 @@ def attention_counts(score: torch.Tensor, counts: torch.Tensor, sets: torch.Tens
     score = score.float()
     pivot_score, pivot_count = score.gather(-1, pivots), counts.gather(-1, pivots)  # [..., T] per token
     total = per_set(score, sets)  # by set number
-    first = torch.zeros_like(score).scatter_reduce(-1, sets, pivot_score, "amax", include_self=False)
-    own = torch.zeros_like(score).scatter_reduce(-1, sets, pivot_count, "amax", include_self=False)
+    first, own = per_set(pivot_score, sets, "amax"), per_set(pivot_count, sets, "amax")  # a set's members share p
     by_mass = own * total / first.clamp(min=torch.finfo(torch.float32).tiny)
     return torch.where(first > 0, by_mass.clamp(min=own).minimum(members), members)
 
@@ -417,11 +416,11 @@ class KVMerger(PrefillOnlyMethod):
             raise KvzooError(f"KVMerger: ratio_of must be one of {RATIOS_OF}, got {self.ratio_of!r}")
         if self.value_scale not in VALUE_SCALES:
             raise KvzooError(f"KVMerger: value_scale must be one of {VALUE_SCALES}, got {self.value_scale!r}")
-        for name in ("merged_count", "stored_merged_count"):
-            value = getattr(self, name)
-            if value not in MERGED_COUNTS and not (value is None and name == "stored_merged_count"):
-                raise KvzooError(f"KVMerger: {name} must be one of {MERGED_COUNTS}"
-                                 f"{' or None' if name.startswith('stored') else ''}, got {value!r}")
+        if self.merged_count not in MERGED_COUNTS:
+            raise KvzooError(f"KVMerger: merged_count must be one of {MERGED_COUNTS}, got {self.merged_count!r}")
+        if self.stored_merged_count not in (*MERGED_COUNTS, None):
+            raise KvzooError(f"KVMerger: stored_merged_count must be one of {MERGED_COUNTS} or None, "
+                             f"got {self.stored_merged_count!r}")
         if self.value_scale == "set_size" and self.merged_count != "members":
             raise KvzooError("KVMerger: value_scale='set_size' scales a merged value by its set size, which a "
                              "later chunk undoes by the slot's count: it needs merged_count='members'")

@@ -95,7 +95,7 @@ instances):
   reads the end of a fact's sentence): 23 / 27 / 33 of 48 against 28 / 29 / 33 on seeds 5 and 6.
 - layer_budgets "uncertainty" instead of every layer keeping the budget (session 32, the default since session
   33): the layers share it by need, as ZigZagKV allocates. Continuation NLL 0.002-0.073 lower on six sets at
-  every budget (see the field), for an eager decode step 3-18% slower (compiled: level) and the whole prompt
+  every budget (see the field), for an eager decode step 4-9% slower (compiled: level) and the whole prompt
   held during a one-shot prefill; a prompt fed in chunks and a stored document keep uniform layers.
 - Not adopted: a quarter of the budget as ring (proximity 0.25) doubles the context and retrieves more
   (58% at 20%) but costs 0.056 +- 0.026 NLL at 5%; the leverage term (`leverage`, below) retrieves far more
@@ -399,8 +399,9 @@ class ZSMerge(CompressionMethod):
     # need (`budgets.level_budgets`), each layer with its own ring, context and residual regions. Layers of one
     # size share an allocation, so an eager decode step runs about five updates, not one per layer. The
     # allocation needs every layer's need, so the whole prompt is held until the end of prefill (a one-shot
-    # prefill peaks above the full cache's memory, as ZigZagKV's does); a prompt fed in chunks (`prefill_chunk`), whose memory has
-    # to stay flat, keeps "uniform" (`for_chunked_prefill`), and so does a document stored for later questions
+    # prefill peaks above the full cache's memory, as ZigZagKV's does); a prompt fed in chunks
+    # (`prefill_chunk`), whose memory has to stay flat, keeps "uniform" (`for_chunked_prefill`), and so does a
+    # document stored for later questions
     # (`for_stored_document`): its layers' needs, read from the document's own last queries, say nothing of a
     # question to come (measured, session 33: needles asked after compression 4 / 5 / 8 of 24 at 5 / 10 / 20%
     # kept against 4 / 5 / 10 uniform, seed 25).
@@ -412,11 +413,12 @@ class ZSMerge(CompressionMethod):
     # 35.6 -> 38.8 ms/token at 2048 tokens, 34.7 -> 36.6 at 8192 (5% kept, `kvzoo bench`); prefill peak RSS
     # +95 / +440 MiB for SmolLM2-135M. Session 33 (fresh seed 24): -0.016 +- 0.006 / -0.019 +- 0.008 / -0.012 +-
     # 0.007; needles asked with the context 11 / 13 / 14 of 24 against 13 / 14 / 14 (the full cache 14);
-    # interleaved with transformers, eager 44.7 / 58.9 / 47.4 ms/token against 38.0 / 54.3 / 45.7 at 512 / 2048 /
-    # 8192 tokens, compiled 33.4 / 44.9 / 39.5 against 32.0 / 44.8 / 38.9; one-shot prefill of 8192 tokens peaks
-    # at 2076 MiB RSS against 1684 (the full cache 1950).
-    # The default since session 33 (tools/RESULTS.md, "Session 33"); copy_heads
-    # and rank="split" decide within each layer's layout as the prompt is read, so they take "uniform".
+    # one-shot prefill of 8192 tokens peaks at 2076 MiB RSS against 1684 (the full cache 1950). Decode
+    # interleaved with transformers on a quiet machine (session 34, `tools/bench_interleaved.py`): eager 37.4 /
+    # 38.0 / 40.3 ms/token against 35.8 / 34.9 / 38.0 at 512 / 2048 / 8192 tokens (five update calls a step, not
+    # one), compiled 34.3 / 34.0 / 33.7 against 30.7 / 31.9 / 32.8 (within that run's noise: one compiled graph
+    # serves both). The default since session 33 (tools/RESULTS.md, "Session 33"); copy_heads and rank="split"
+    # decide within each layer's layout as the prompt is read, so they take "uniform".
     layer_budgets: str = "uncertainty"
 
     def __post_init__(self) -> None:
