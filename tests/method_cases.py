@@ -46,6 +46,7 @@ METHOD_CASES: list[MethodCase] = [
                constant_memory=False),
     # skip_layers=(): the tiny test models have 2 layers, which the default (0, 1, -1) would leave whole.
     MethodCase("KVMerger", lambda b: KVMerger(budget=b, skip_layers=()), constant_memory=False),
+    MethodCase("KVMerger-uniform", lambda b: KVMerger(budget=b, layer_budgets="uniform"), constant_memory=False),
 ]
 CASES_BY_NAME = {c.name: c for c in METHOD_CASES}
 DECODE_TIME = [c for c in METHOD_CASES if c.constant_memory]

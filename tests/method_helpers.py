@@ -300,3 +300,28 @@ def reference_leverage(keys: torch.Tensor) -> torch.Tensor:
     gram = x.T @ x
     ridge = 1e-4 * torch.trace(gram) / x.shape[1]
     return torch.diagonal(x @ torch.linalg.inv(gram + ridge * torch.eye(x.shape[1], dtype=x.dtype)) @ x.T)
+
+
+def layer_of(qkv: QKV, layer: int, b: int) -> QKV:
+    """One layer of sequence b, as a one-layer model's q/k/v."""
+    return QKV([qkv.q[layer]], [qkv.k[layer]], [qkv.v[layer]], qkv.seed).select(b)
+
+
+def reference_uncertainty(qkv: QKV, layer: int, b: int, n: int, recent: int, window: int = 32,
+                          tau: float = 0.9) -> float:
+    """The mean over query heads of the fewest keys, the `recent` newest first (ZSMerge's ring, KVMerger's recent
+    window) and then by accumulated attention
+    (the KV head's mean over its query heads of every prompt query's), that keep the attention output of the
+    last `window` queries within 1 - tau; sequence b's n tokens (drive_synthetic feeds positions 0 .. n-1)."""
+    q, k, v = (x[layer][b, :, :n] for x in (qkv.q, qkv.k, qkv.v))  # [H, n, D]: positions 0 .. n-1
+    groups = q.shape[0] // k.shape[0]
+    counts = []
+    for kv_head in range(k.shape[0]):
+        probs = reference_probs(q[kv_head * groups:(kv_head + 1) * groups], k[kv_head], list(range(n)),
+                                list(range(n)), None)  # [G, n, n]
+        score = probs.sum(1).mean(0)  # [n]
+        rank = score.masked_fill(torch.arange(n) >= n - recent, float("inf")).float()
+        order = rank.argsort(descending=True, stable=True).tolist()
+        for head_probs in probs:
+            counts.append(reference_min_budget_output(head_probs[-window:], v[kv_head].double(), order, 1 - tau))
+    return float(torch.tensor(counts, dtype=torch.float32).mean())

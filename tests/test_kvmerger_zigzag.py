@@ -459,8 +459,14 @@ def test_kvmerger_sizes_are_exact_and_memory_shrinks(run, name):
         out = run(name, 1, lens, method)
         cache, skipped = out.cache, method.skipped(NUM_LAYERS)
         filled = cache.filled_slots()  # [L, B, Hkv]: the compressed prompt + NEW - 1 appended tokens
+        merging = [layer for layer in range(NUM_LAYERS) if layer not in skipped]
+        for b, n in enumerate(lens):  # the merging layers share their budgets by need (or keep one each: paper)
+            budgets = [int(cache.layers[layer].state["prefill_budget"][b]) for layer in merging]
+            assert sum(budgets) == len(merging) * int(method.budget * n), budgets
+            if method.layer_budgets == "uniform":
+                assert set(budgets) == {int(method.budget * n)}
         for layer, (b, n) in itertools.product(range(NUM_LAYERS), enumerate(lens)):
-            expected = n if layer in skipped else int(method.budget * n)
+            expected = n if layer in skipped else int(cache.layers[layer].state["prefill_budget"][b])
             assert (filled[layer, b] == expected + NEW - 1).all(), (layer, b)
             tokens = cache.layers[layer].logw[b].exp().sum(-1)
             if method.min_similarity is None and method.merged_count == "members":  # every token counted once
@@ -477,13 +483,14 @@ def test_kvmerger_with_a_floor_of_one_evicts_instead_of_merging(run):
     differ from the full cache's: they were computed over the compressed cache.)"""
     full = run("llama-gqa").cache
     out = run("llama-gqa", method=KVMerger(budget=0.4, skip_layers=(), min_similarity=1.0)).cache
+    assert ((out.budgets() - NEW).sum(0) == len(out.layers) * torch.tensor([int(0.4 * 37), int(0.4 * 22)])).all()
     for a, b in zip(full.layers, out.layers):
         assert (b.logw[b.filled] == 0).all()
         for bi, h in itertools.product(range(2), range(a.k.shape[1])):
             pos, k, v = _sorted_contents(b, bi, h)
             prompt = pos < int(b.state["prompt_len"][bi])
             pos, k, v = pos[prompt], k[prompt], v[prompt]
-            assert len(pos) == int(0.4 * (37, 22)[bi])
+            assert len(pos) == int(b.state["prefill_budget"][bi])  # the layer's share of L x 40% by need
             full_pos, full_k, full_v = _sorted_contents(a, bi, h)
             at = torch.searchsorted(full_pos, pos)
             assert torch.equal(full_pos[at], pos) and torch.equal(full_k[at], k) and torch.equal(full_v[at], v)

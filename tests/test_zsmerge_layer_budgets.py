@@ -17,34 +17,9 @@ from kvzoo.cache.budgets import level_budgets, zigzag_budgets
 from kvzoo.cache.zsmerge import LAYER_LEVELS
 from kvzoo.errors import KvzooError
 from kvzoo.attention import ForwardContext, apply_deferred_updates, attend, defer_decode_updates
-from tests.method_helpers import (QKV, _at, drive_synthetic, random_qkv, reference_min_budget_output,
-                                 reference_probs)
+from tests.method_helpers import _at, drive_synthetic, layer_of, random_qkv, reference_uncertainty
 
 SPEC = dict(budget=16, rank="accumulated")  # a standing that does not depend on the layout: a plain reference
-
-
-def _layer(qkv: QKV, layer: int, b: int) -> QKV:
-    """One layer of sequence b, as a one-layer model's q/k/v."""
-    return QKV([qkv.q[layer]], [qkv.k[layer]], [qkv.v[layer]], qkv.seed).select(b)
-
-
-def _reference_uncertainty(qkv: QKV, layer: int, b: int, n: int, ring: int, window: int = 32,
-                           tau: float = 0.9) -> float:
-    """The mean over query heads of the fewest keys, the `ring` newest first and then by accumulated attention
-    (the KV head's mean over its query heads of every prompt query's), that keep the attention output of the
-    last `window` queries within 1 - tau; sequence b's n tokens (drive_synthetic feeds positions 0 .. n-1)."""
-    q, k, v = (x[layer][b, :, :n] for x in (qkv.q, qkv.k, qkv.v))  # [H, n, D]: positions 0 .. n-1
-    groups = q.shape[0] // k.shape[0]
-    counts = []
-    for kv_head in range(k.shape[0]):
-        probs = reference_probs(q[kv_head * groups:(kv_head + 1) * groups], k[kv_head], list(range(n)),
-                                list(range(n)), None)  # [G, n, n]
-        score = probs.sum(1).mean(0)  # [n]
-        rank = score.masked_fill(torch.arange(n) >= n - ring, float("inf")).float()
-        order = rank.argsort(descending=True, stable=True).tolist()
-        for head_probs in probs:
-            counts.append(reference_min_budget_output(head_probs[-window:], v[kv_head].double(), order, 1 - tau))
-    return float(torch.tensor(counts, dtype=torch.float32).mean())
 
 
 def test_budgets_are_shares_of_the_layers_output_uncertainty(monkeypatch):
@@ -64,7 +39,7 @@ def test_budgets_are_shares_of_the_layers_output_uncertainty(monkeypatch):
     got = drive_synthetic(method, qkv, lens, 0).cache.budgets()  # [L, B]
     for b, n in enumerate(lens):
         layout = method.layout(n)
-        need = [_reference_uncertainty(qkv, layer, b, n, layout.proximity) for layer in range(3)]
+        need = [reference_uncertainty(qkv, layer, b, n, layout.proximity) for layer in range(3)]
         assert needs[b] == need
         smallest = 4  # the smallest layout of the defaults: ring 2, residual 1, context 1 (README)
         expected = zigzag_budgets(need, layout.budget, max(smallest, layout.budget // 5), smallest, n)
@@ -83,7 +58,7 @@ def test_each_layer_is_a_uniform_zsmerge_with_its_own_budget():
     for layer in range(3):
         for b, n in enumerate(lens):
             uniform = ZSMerge(**{**SPEC, "budget": int(budgets[layer, b]), "layer_budgets": "uniform"})
-            alone = drive_synthetic(uniform, _layer(qkv, layer, b), [n], 4)
+            alone = drive_synthetic(uniform, layer_of(qkv, layer, b), [n], 4)
             for step, (mine, theirs) in enumerate(zip(trace.snapshots, alone.snapshots)):
                 got, want = mine.layers[layer], theirs.layers[0]
                 filled = torch.isfinite(got["logw"][b])

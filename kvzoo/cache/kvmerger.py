@@ -112,11 +112,12 @@ import torch
 import torch.nn.functional as F
 
 from kvzoo.cache.base import PrefillOnlyMethod
-from kvzoo.cache.budgets import Budget, check_budget, check_counts, check_pooling, resolve_budget
+from kvzoo.cache import layer_uncertainty
+from kvzoo.cache.budgets import Budget, check_budget, check_counts, check_pooling, resolve_budget, zigzag_budgets
 from kvzoo.cache.compactor import sinks_then_compactor
 from kvzoo.cache.scoring import accumulated_scores, attention_shares, window_scores
-from kvzoo.cache.selection import keep_every_candidate, recent_mask, shrink_slots
-from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots
+from kvzoo.cache.selection import keep_every_candidate, keep_top, recent_mask, shrink_slots, slot_candidates
+from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots, allocate_stores
 from kvzoo.errors import KvzooError
 
 if TYPE_CHECKING:
@@ -127,6 +128,7 @@ VALUE_SCALES = ("set_size", "none")
 MERGED_COUNTS = ("attention", "members")  # see KVMerger.merged_count
 RATIOS_OF = ("budget", "prompt")
 RANKS = ("accumulated", "attention_shares", "compactor")  # see KVMerger.rank
+LAYER_BUDGETS = ("uniform", "uncertainty")  # see KVMerger.layer_budgets
 
 
 # --- merging sets (Algorithm 1) ----------------------------------------------------------------------
@@ -395,6 +397,20 @@ class KVMerger(PrefillOnlyMethod):
     # as is a value_scale="set_size" KVMerger's (its values are scaled by |S|). Not the paper's. See "A merged
     # slot's count" in the module doc.
     stored_merged_count: str | None = "attention"
+    # How the layers share the budget (the average over the layers stays `budget`, so the cache's memory is the
+    # same): "uniform" (paper), every layer keeps `budget`; "uncertainty", ZigZagKV's allocation as ZSMerge's
+    # `layer_budgets` makes it (`layer_uncertainty`, `budgets.zigzag_budgets`): each layer's need is the fewest
+    # keys, taken as the average layer would keep them (its recent window, then the heavy hitters' rank), that
+    # keep the attention output of the prompt's last 32 queries within a tenth of the full one; the merging
+    # layers split L x budget slots in proportion to it, none below a fifth of the budget. The allocation needs
+    # every layer's need, so the whole prompt is held until the end of prefill, where each layer merges it
+    # into its own budget (a one-shot prefill peaks above the full cache's memory, as ZigZagKV's does); a
+    # prompt fed in chunks (`for_chunked_prefill`) and a document stored for later questions
+    # (`for_stored_document`: its last queries are its own, not a question's; ZSMerge measured no gain there)
+    # keep "uniform". Not the paper's. Measured (tools/RESULTS.md, "Session 35"; SmolLM2-135M, 16 windows each, equal
+    # memory, paired against "uniform" at 5 / 10 / 20% kept): continuation NLL -0.022 +- 0.008 / -0.008 +- 0.005 /
+    # -0.013 +- 0.007 (seed 24), -0.011 +- 0.009 / -0.014 +- 0.006 / -0.012 +- 0.006 (seed 27).
+    layer_budgets: str = "uncertainty"
 
     def __post_init__(self) -> None:
         if self.budget is not None:
@@ -432,6 +448,9 @@ class KVMerger(PrefillOnlyMethod):
                                                 or not -1 <= self.min_similarity <= 1):
             raise KvzooError(f"KVMerger: min_similarity must be None or a cosine similarity in [-1, 1], "
                              f"got {self.min_similarity!r}")
+        if self.layer_budgets not in LAYER_BUDGETS:
+            raise KvzooError(f"KVMerger: layer_budgets must be one of {', '.join(map(repr, LAYER_BUDGETS))}, got "
+                             f"{self.layer_budgets!r}")
         check_counts(self, "KVMerger", ("recent_tokens", "stored_recent"), least=0, optional=True)
         check_counts(self, "KVMerger", ("window_size", "kernel_size"))
         check_pooling(self, "KVMerger")
@@ -443,7 +462,8 @@ class KVMerger(PrefillOnlyMethod):
         shares of the prompt, layers 0, 1 and L-1 uncompressed, heavy hitters by A_t alone."""
         paper = {"value_scale": "set_size", "alpha": 0.0, "recent_ratio": 0.17, "heavy_ratio": 0.12,
                  "ratio_of": "prompt", "skip_layers": (0, 1, -1), "rank": "accumulated", "pool_ahead": None,
-                 "stored_recent": None, "min_similarity": None, "stored_merged_count": None}
+                 "stored_recent": None, "min_similarity": None, "stored_merged_count": None,
+                 "layer_budgets": "uniform"}
         return cls(**{**paper, **overrides})  # type: ignore[arg-type]
 
     def for_stored_document(self, chunked: bool = False) -> "KVMerger":
@@ -452,9 +472,21 @@ class KVMerger(PrefillOnlyMethod):
         is of one chunk); itself where neither applies."""
         keeps_count = self.stored_merged_count is None or self.value_scale == "set_size"
         stored = self if keeps_count else replace(self, merged_count=self.stored_merged_count)
+        stored = stored.for_chunked_prefill()  # uniform layers (`layer_budgets`)
         if self.stored_recent is None or chunked:
             return stored
         return replace(stored, rank="compactor", recent_tokens=self.stored_recent)
+
+    def for_chunked_prefill(self) -> "KVMerger":
+        """This KVMerger with uniform layer budgets (`layer_budgets`) when it would hold the whole prompt for
+        them: a prompt fed in chunks keeps its memory flat."""
+        return replace(self, layer_budgets="uniform") if self._holds_prompt else self
+
+    @property
+    def _holds_prompt(self) -> bool:
+        """Whether every merging layer keeps the whole prompt until end_prefill merges it (`layer_budgets`;
+        without a budget the data sizes each layer)."""
+        return self.layer_budgets != "uniform" and self.budget is not None
 
     @property
     def supports_chunked_prefill(self) -> bool:  # type: ignore[override]
@@ -475,13 +507,27 @@ class KVMerger(PrefillOnlyMethod):
             )
         return {i % num_layers for i in self.skip_layers}
 
-    def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
-        skipped = self.skipped(cfg.num_layers)
+    def _average_budgets(self, prompt_lens: list[int]) -> list[int]:
+        """Each sequence's budget in a merging layer (their average with `layer_budgets="uncertainty"`); without
+        a budget, the whole prompt."""
         budget = self.budget
-        return [
-            [n if layer in skipped or budget is None else resolve_budget(budget, n, cap_at_prompt=True) for n in prompt_lens]
-            for layer in range(cfg.num_layers)
-        ]
+        return list(prompt_lens) if budget is None else [resolve_budget(budget, n, cap_at_prompt=True)
+                                                         for n in prompt_lens]
+
+    def _average_budget_tensor(self, prompt_len: torch.Tensor) -> torch.Tensor:
+        """`_average_budgets` of prompt_len [B], on its device."""
+        return torch.tensor(self._average_budgets(prompt_len.tolist()), device=prompt_len.device)
+
+    def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
+        if self._holds_prompt:  # the whole prompt, until end_prefill
+            return [list(prompt_lens)] * cfg.num_layers
+        return self.compressed_budgets(cfg, prompt_lens)
+
+    def compressed_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
+        # layer_budgets="uncertainty" shares L times the average between the merging layers (the same slots)
+        skipped = self.skipped(cfg.num_layers)
+        average = self._average_budgets(prompt_lens)
+        return [list(prompt_lens) if layer in skipped else average for layer in range(cfg.num_layers)]
 
     def make_cache(self, cfg: "ModelConfig", prompt_lens: list[int], max_new_tokens: int, dtype: torch.dtype,
                    device: torch.device | str, compressed: bool = False) -> KVCache:
@@ -492,14 +538,24 @@ class KVMerger(PrefillOnlyMethod):
         return cache
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
-        budget = slots.state["prefill_budget"]  # [B]
         prompt_len = slots.state["prompt_len"]
-        if not bool(slots.state["merges"]) or (self.budget is not None and bool((budget >= prompt_len).all())):
+        budget = slots.state["prefill_budget"]  # [B] (a held prompt's: the whole prompt, merged at end_prefill)
+        average = self._average_budget_tensor(prompt_len) if self._holds_prompt else budget
+        if not bool(slots.state["merges"]) or (self.budget is not None and bool((average >= prompt_len).all())):
             # Nothing to merge, ever: keep every candidate in position order (room: the whole store).
             keep_every_candidate(slots, chunk)
             return
         score = chunk.key_score + accumulated_scores(chunk)  # [B, Hkv, S]
-        # Shares of the budget (default) or of the prompt (paper); without a budget, of the prompt.
+        heavy_rank = self._heavy_rank(slots, chunk, score, average)
+        if self._holds_prompt:
+            self._hold(slots, chunk, score, heavy_rank, average)
+            return
+        self._merge(slots, chunk, score, heavy_rank, budget)
+
+    def _verbatim(self, budget: torch.Tensor, prompt_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(recent, heavy) [B]: how many of each sequence's tokens the recent window and the heavy hitters keep
+        verbatim in a layer of `budget` [B] slots (shares of the budget, default, or of the prompt, paper;
+        without a budget, of the prompt)."""
         base = budget if self.ratio_of == "budget" and self.budget is not None else prompt_len
         recent = (base * self.recent_ratio).long()
         heavy = (base * self.heavy_ratio).long()
@@ -509,13 +565,20 @@ class KVMerger(PrefillOnlyMethod):
             heavy = verbatim - recent
         if self.budget is not None:
             recent = recent.minimum(budget - 1)
+        return recent, heavy
+
+    def _merge(self, slots: LayerSlots, candidates: "PrefillChunk", score: torch.Tensor, heavy_rank: torch.Tensor,
+               budget: torch.Tensor) -> None:
+        """Merge the candidates (a prompt chunk's, or a held prompt's slots) into `budget` [B] entries per head
+        and store them in `slots`: `score` [B, Hkv, S] their A_t (pivots, eviction, the slots' scores),
+        `heavy_rank` [B, Hkv, S] what picks the heavy hitters."""
+        recent, heavy = self._verbatim(budget, slots.state["prompt_len"])
         heavy = heavy[:, None]
         # Candidates in position order, empty ones (padding, unused slots) last.
-        order = torch.where(torch.isfinite(chunk.key_logw), chunk.key_pos, torch.iinfo(torch.int64).max).argsort(-1)
-        keys, values = (x.gather(2, order[..., None].expand_as(x)) for x in (chunk.keys, chunk.values))
-        heavy_rank = self._heavy_rank(slots, chunk, score)
+        order = _position_order(candidates)
+        keys, values = (x.gather(2, order[..., None].expand_as(x)) for x in (candidates.keys, candidates.values))
         pos, logw, score, heavy_rank, recent_m = (x.gather(-1, order) for x in (
-            chunk.key_pos, chunk.key_logw, score, heavy_rank, recent_mask(chunk, recent)))
+            candidates.key_pos, candidates.key_logw, score, heavy_rank, recent_mask(candidates, recent)))
         valid = torch.isfinite(logw)
         if self.budget is None:
             protected = protected_tokens(heavy_rank, recent_m, heavy, valid=valid)
@@ -535,12 +598,32 @@ class KVMerger(PrefillOnlyMethod):
             slot_counts = attention_counts(score, counts, sets, pivots, slot_counts)
         self._store(slots, sets, valid, k_star, v_star, slot_counts, score, pos.gather(-1, pivots))
 
-    def _heavy_rank(self, slots: LayerSlots, chunk: "PrefillChunk", accumulated: torch.Tensor) -> torch.Tensor:
-        """[B, Hkv, S] what ranks the heavy hitters (`rank`), from the candidates' A_t [B, Hkv, S]."""
+    def _hold(self, slots: LayerSlots, chunk: "PrefillChunk", score: torch.Tensor, heavy_rank: torch.Tensor,
+              average: torch.Tensor) -> None:
+        """layer_budgets="uncertainty": keep the whole prompt in position order, each slot with its A_t (`score`
+        [B, Hkv, S]) and its heavy-hitter rank (state["held_rank"]), and record the layer's need
+        (state["uncertainty"] [B]) in a layer of the `average` budget [B] for `end_prefill`, which allocates and
+        merges."""
+        if chunk.keys.shape[2] != chunk.k.shape[2]:  # a second chunk of the same prompt (a later prompt is
+            # appended by take_prefill_chunk and never reaches here)
+            raise KvzooError("KVMerger(layer_budgets='uncertainty') allocates from every layer's attention over the "
+                             "whole prompt, so it cannot take a prompt fed in chunks; use layer_budgets='uniform'")
+        recent, _ = self._verbatim(average, slots.state["prompt_len"])
+        # The keys as the average layer would keep them: its recent window, then the heavy hitters' rank.
+        slots.state["uncertainty"] = layer_uncertainty.output_uncertainty(
+            chunk, heavy_rank, recent, layer_uncertainty.WINDOW, layer_uncertainty.TAU)
+        keep_top(slots, chunk, -chunk.key_pos.float(), slots.budget, stored_score=score)  # position order
+        held = heavy_rank.gather(-1, _position_order(chunk))[..., :slots.capacity]  # in slot order
+        slots.state["held_rank"] = F.pad(held, (0, slots.capacity - held.shape[-1]))
+
+    def _heavy_rank(self, slots: LayerSlots, chunk: "PrefillChunk", accumulated: torch.Tensor,
+                    budget: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, S] what ranks the heavy hitters (`rank`), from the candidates' A_t [B, Hkv, S], in a layer of
+        `budget` [B] slots (the average layer's for a held prompt)."""
         if self.rank == "accumulated":
             return accumulated
         if self.rank == "compactor":  # budget=None: nothing is known to be dropped, so the leverage weight is 0
-            return sinks_then_compactor(chunk, slots.state["prefill_budget"], slots.state["prompt_len"])
+            return sinks_then_compactor(chunk, budget, slots.state["prompt_len"])
         window = window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling,
                                ahead=self.pool_ahead)
         return attention_shares(accumulated, window, torch.isfinite(chunk.key_logw))
@@ -562,6 +645,9 @@ class KVMerger(PrefillOnlyMethod):
         )
 
     def end_prefill(self, cache: KVCache) -> None:
+        if any("held_rank" in slots.state for slots in cache.layers):
+            self._merge_held(cache)
+            return
         if self.budget is not None:
             return  # every layer already holds exactly its budget
         first = cache.layers[0].state
@@ -571,6 +657,38 @@ class KVMerger(PrefillOnlyMethod):
         for layer_idx, slots in enumerate(cache.layers):
             keep = slots.filled.sum(-1).max(-1).values  # [B]
             cache.layers[layer_idx] = shrink_slots(slots, -slots.pos.float(), keep)
+
+    def _merge_held(self, cache: KVCache) -> None:
+        """layer_budgets="uncertainty": allocate each merging layer's budget from the layers' needs, then merge its
+        held prompt into a store of that size (stores of equal capacity are one allocation, as at make_cache)."""
+        merging = [i for i, slots in enumerate(cache.layers) if "held_rank" in slots.state]
+        first = cache.layers[merging[0]]
+        prompt_lens = first.state["prompt_len"]
+        need = torch.stack([cache.layers[i].state.pop("uncertainty") for i in merging])  # [L', B]
+        per_sequence = [  # a sequence whose prompt fits the budget keeps it whole in every layer
+            zigzag_budgets(uncertainty, avg, int(layer_uncertainty.BOUND_RATIO * avg), 1, n) if avg < n
+            else [n] * len(merging)
+            for uncertainty, n, avg in zip(need.T.tolist(), prompt_lens.tolist(),
+                                           self._average_budgets(prompt_lens.tolist()))]
+        budgets = [torch.tensor(layer, device=prompt_lens.device) for layer in zip(*per_sequence)]  # [L'] of [B]
+        headroom = first.budget - first.state["prefill_budget"]  # [B] decode room, the same in every layer
+        _, hkv, _, d = first.k.shape
+        stacks, stores = allocate_stores([b + headroom for b in budgets],
+                                        [int((b + headroom).max()) for b in budgets], hkv, d, first.k.dtype,
+                                        first.k.device)
+        for layer_idx, new, budget in zip(merging, stores, budgets):
+            old = cache.layers[layer_idx]
+            held_rank = old.state.pop("held_rank")
+            new.state = {**old.state, "prefill_budget": budget}
+            self._merge(new, slot_candidates(old), old.score, held_rank, budget)
+            cache.layers[layer_idx] = new
+        cache.stacks = [*cache.stacks, *stacks]
+
+
+def _position_order(candidates: "PrefillChunk") -> torch.Tensor:
+    """[B, Hkv, S] candidate indices in position order, empty candidates (padding, unused slots) last."""
+    valid = torch.isfinite(candidates.key_logw)
+    return torch.where(valid, candidates.key_pos, torch.iinfo(torch.int64).max).argsort(-1)
 
 
 def _is_number(x: object) -> bool:
