@@ -96,6 +96,10 @@ Ambiguities (METHODS.md 2.2, 2.6) and how they are resolved here:
   book (seeds 1 and 2) 13 / 26 / 31 against 4 / 16 / 22 (SnapKV 8 / 9 / 11), after 8 / 8 / 8 as before;
   continuation NLL level (seed 9: +0.005 +- 0.005 / +0.001 +- 0.002 / +0.000 +- 0.004; Rust
   book seed 1: +0.002 +- 0.004 / -0.006 +- 0.005 / -0.001 +- 0.004).
+- Per-layer budgets (`layer_budgets`, not in the paper, which gives every compressed layer the same budget and
+  skips three): the default shares L x budget between the merging layers by need, with ZigZagKV's rule on each
+  layer's output uncertainty, so the whole prompt is held until the end of prefill, where each layer merges it
+  into its own budget (as a uniform KVMerger with that budget would). Measured: see the field's comment.
 - A document stored for later questions (`for_stored_document`, not in the paper): its last queries are the
   document's own, so the heavy hitters are ranked by Compactor's query-agnostic score (`rank="compactor"`,
   the first tokens first) and the recent window holds 32 tokens, at most half the budget (`stored_recent`,
