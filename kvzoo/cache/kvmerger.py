@@ -337,7 +337,8 @@ def attention_counts(score: torch.Tensor, counts: torch.Tensor, sets: torch.Tens
 class KVMerger(PrefillOnlyMethod):
     """Merge runs of similar adjacent keys into Gaussian-weighted pivots at prefill; see the module doc.
     Budget rule (`budgets.resolve_budget`): at least 1 slot, at most the prompt (a prompt no longer than the
-    budget is kept whole); skipped layers keep the whole prompt."""
+    budget is kept whole); skipped layers keep the whole prompt. With `layer_budgets="uncertainty"` it is the
+    merging layers' average: each gets between a fifth of it (at least 1) and the prompt."""
 
     budget: Budget | None = 0.5  # slots per KV head (ratio of the prompt or tokens); None: fixed epsilon
     threshold: float = 0.75  # epsilon: cosine similarity of adjacent keys that merges (budget=None only)
