@@ -91,10 +91,10 @@ def test_a_stored_document_is_compressed_by_the_stored_rule_and_a_prompt_to_cont
     if rule == "stored_ring":
         method = ZSMerge(budget=80)  # a ring of 40 by the budget, capped at 32 for a stored document
         asked = replace(method, proximity_cap=32, context_rank="compactor", rank="window", accumulated="sum",
-                        layer_budgets="uniform")
+                        layer_budgets="uniform", kernel_size=7)
     else:
         method = ZSMerge(budget=40, stored_ring=None, stored_copy_heads=0.0)  # every random head scores above 0
-        asked = replace(method, copy_heads=0.0, rank="shares", layer_budgets="uniform")
+        asked = replace(method, copy_heads=0.0, rank="shares", layer_budgets="uniform", kernel_size=7)
     stored = prefill_cache(model, [doc], method)
     assert stored.method == asked
     explicit = prepare(model, [doc], 0, asked, None)
@@ -169,7 +169,8 @@ def test_for_stored_document_changes_zsmerge_kvmerger_and_zigzag_only():
                    ZSMerge(cross_layer=True, rank="window"),
                    ZSMerge(proximity=0.1, context_rank="compactor", rank="window", layer_budgets="uniform")):
         assert method.for_stored_document() is method
-    uniform = {"layer_budgets": "uniform"}  # what a stored document keeps (`for_stored_document`)
+    # what a stored document keeps (`for_stored_document`): uniform layers, the window pooled over 7 positions
+    uniform = {"layer_budgets": "uniform", "kernel_size": 7}
     assert ZSMerge().for_stored_document() == ZSMerge(proximity_cap=32, context_rank="compactor", rank="window",
                                                       accumulated="sum", **uniform)
     assert ZSMerge(stored_ring=None).for_stored_document() == ZSMerge(stored_ring=None, copy_heads=0.3, rank="shares",
@@ -182,6 +183,8 @@ def test_for_stored_document_changes_zsmerge_kvmerger_and_zigzag_only():
     rate = ZSMerge(accumulated="rate").for_stored_document()  # Compactor ranks a stored document's context
     assert rate.context_rank == "compactor" and rate.accumulated == "sum"
     assert ZSMerge().for_stored_document(chunked=True) == ZSMerge(copy_heads=0.3, rank="shares", **uniform)
+    # stored_kernel_size=None: the prompt's pooling
+    assert ZSMerge(stored_kernel_size=None).for_stored_document().kernel_size == ZSMerge().kernel_size == 9
     # Compactor's score is of one chunk: a document fed in chunks keeps the prompt's rank and window
     assert KVMerger().for_stored_document(chunked=True) == KVMerger(**by_attention)
 
@@ -191,7 +194,7 @@ def test_a_stored_document_fed_in_chunks_gets_the_copy_heads_and_answers(models)
     doc = [(7 * i + 3) % 120 + 1 for i in range(200)]
     method = ZSMerge(budget=80)
     cache = model.prefill(doc, compression=method, prefill_chunk=64)
-    assert cache.method == ZSMerge(budget=80, copy_heads=0.3, rank="shares", layer_budgets="uniform")
+    assert cache.method == ZSMerge(budget=80, copy_heads=0.3, rank="shares", layer_budgets="uniform", kernel_size=7)
     out = model.generate_ids([9, 8, 7], max_new_tokens=2, eos_token_ids=[], cache=cache, compression=method)
     assert len(out.token_ids[0]) == 2
 

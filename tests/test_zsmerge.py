@@ -333,10 +333,13 @@ def test_score_recursion_without_eviction():
         (dict(leverage_tokens="rank"), r"leverage_tokens must be 'basis', 'all' or a token count >= 0, got 'rank'"),
         (dict(leverage_tokens=-1), r"leverage_tokens must be .*, got -1"),
         (dict(leverage_tokens=2.5), r"leverage_tokens must be .*, got 2.5"),
-        (dict(pool_ahead=7), r"pool_ahead must be None \(centred\) or an integer in 0 .. kernel_size - 1 = 6, got 7"),
+        (dict(pool_ahead=9), r"pool_ahead must be None \(centred\) or an integer in 0 .. kernel_size - 1 = 8, got 9"),
         (dict(pool_ahead=-1), r"pool_ahead must be .*, got -1"),
         (dict(pool_ahead=True), r"pool_ahead must be .*, got True"),
         (dict(pool_ahead="after"), r"pool_ahead must be .*, got 'after'"),
+        (dict(stored_kernel_size=0), r"stored_kernel_size must be .*, got 0"),
+        (dict(pool_ahead=7),
+         r"pool_ahead must be below stored_kernel_size too \(a stored document pools over 7 positions\), got pool_ahead=7"),
     ],
 )
 def test_invalid_hyperparameters(kwargs, message):
