@@ -44,8 +44,7 @@ METHOD_CASES: list[MethodCase] = [
     # Sinks and recent tokens shrink like a window at the tests' small integer budgets.
     MethodCase("Compactor", lambda b: Compactor(budget=b, sinks=_window(b, 8), recent=_window(b, 4)),
                constant_memory=False),
-    # skip_layers=(): the tiny test models have 2 layers, which the default (0, 1, -1) would leave whole.
-    MethodCase("KVMerger", lambda b: KVMerger(budget=b, skip_layers=()), constant_memory=False),
+    MethodCase("KVMerger", lambda b: KVMerger(budget=b), constant_memory=False),
     MethodCase("KVMerger-uniform", lambda b: KVMerger(budget=b, layer_budgets="uniform"), constant_memory=False),
 ]
 CASES_BY_NAME = {c.name: c for c in METHOD_CASES}

@@ -163,7 +163,7 @@ def test_kvmerger_compactor_rank_keeps_the_top_of_compactor_score_verbatim(seed,
     lets fit beside the merged runs)."""
     n, budget = 120, 60
     qkv = random_qkv(1, 1, 2, 2, n, seed=seed)
-    method = KVMerger(budget=budget, rank="compactor", recent_tokens=recent_tokens)
+    method = KVMerger(budget=budget, rank="compactor", recent_tokens=recent_tokens, layer_budgets="uniform")
     trace = drive_synthetic(method, qkv, [n], 0)
     recent = int(budget * 0.34) if recent_tokens is None else min(recent_tokens, budget // 2)
     heavy = int(budget * 0.24) + int(budget * 0.34) - recent

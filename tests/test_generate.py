@@ -109,7 +109,7 @@ def test_bad_prompts(smol, tiny_checkpoint):
                                                     layer_budgets="uniform"))
     with pytest.raises(KvzooError, match="KVMerger .* cannot compress chunk by chunk"):
         tiny.generate_ids([1, 2, 3] * 20, max_new_tokens=1, prefill_chunk=8,
-                          compression=kvzoo.KVMerger(budget=24, rank="compactor"))
+                          compression=kvzoo.KVMerger(budget=24, rank="compactor", layer_budgets="uniform"))
 
 
 def test_max_new_tokens_zero_generates_nothing(smol):

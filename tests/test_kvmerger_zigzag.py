@@ -607,6 +607,7 @@ def test_zigzag_refuses_chunked_prefill(run):
         (lambda: ZigZagKV(rank="compactor", cross_layer=True), "cross_layer compares attention shares"),
         (lambda: KVMerger(recent_tokens=-1), "recent_tokens must be None or an integer >= 0, got -1"),
         (lambda: KVMerger(stored_recent=2.5), "stored_recent must be None or an integer >= 0, got 2.5"),
+        (lambda: KVMerger(rank="compactor"), "rank='compactor' blends .* use layer_budgets='uniform' with it"),
         (lambda: ZigZagKV(stored_rank="shares"), "stored_rank must be None or one of 'window', "),
         (lambda: ZigZagKV(window_size=0), "window_size"),
         (lambda: ZigZagKV(pool_ahead=5), r"ZigZagKV: pool_ahead must be .* 0 \.\. kernel_size - 1 = 4, got 5"),

@@ -95,7 +95,7 @@ class CompressionMethod:
     def for_chunked_prefill(self) -> "CompressionMethod":
         """The method that compresses a prompt fed in chunks (`prefill_chunk`), whose memory must stay flat:
         this method itself unless it would hold the whole prompt for a choice it can also make without
-        (ZSMerge's `layer_budgets`)."""
+        (ZSMerge's and KVMerger's `layer_budgets`)."""
         return self
 
     def make_cache(

@@ -1,8 +1,9 @@
 """KVMerger (Wang, Jin, Yu, Zhang, "Model Tells You Where to Merge: Adaptive KV Cache Merging for LLMs on
 Long-Context Tasks", arXiv 2407.08454). Specification: METHODS.md section 2 (no official code exists).
 
-At the end of each layer's prefill, per (sequence, KV head), as the paper describes it (the defaults differ in
-the ratios' base, the heavy hitters' rank and the value scaling: see "Ambiguities" below):
+At the end of each layer's prefill (by default at the end of the whole prefill, once the layers have shared the
+budget by need: `layer_budgets`), per (sequence, KV head), as the paper describes it (the defaults differ in the
+ratios' base, the heavy hitters' rank, the value scaling and the layers' budgets: see "Ambiguities" below):
 1. aggregated attention A_t = column sums of the prompt's causal attention over all its queries
    (`scoring.accumulated_scores`; GQA: mean over the group's query heads);
 2. protected tokens, kept verbatim: the most recent `recent_ratio` of the prompt and the `heavy_ratio` of
@@ -77,7 +78,8 @@ Ambiguities (METHODS.md 2.2, 2.6) and how they are resolved here:
 - Chunked prefill (not in the paper) is supported: A_t accumulates over chunks (H2O-style), the recent window
   is relative to the chunk's newest token, and already merged slots re-enter merging as members standing for
   n = exp(log w) tokens (key weight proportional to n g_t; with value_scale="set_size" their values are
-  divided by n before re-merging). A single-chunk prompt is exactly the algorithm above.
+  divided by n before re-merging). A single-chunk prompt is exactly the algorithm above. A prompt fed in
+  chunks keeps uniform layers (`for_chunked_prefill`).
 - A_t uses the whole prompt's attention (O(T^2) compute in blocks, never an O(T^2) buffer); the cheaper
   observation-window proxy of METHODS.md 2.6 is not offered.
 - Heavy hitters: the default is NOT the paper's. The paper protects the largest A_t; a question at the end
@@ -412,7 +414,8 @@ class KVMerger(PrefillOnlyMethod):
     # into its own budget (a one-shot prefill peaks above the full cache's memory, as ZigZagKV's does); a
     # prompt fed in chunks (`for_chunked_prefill`) and a document stored for later questions
     # (`for_stored_document`: its last queries are its own, not a question's; ZSMerge measured no gain there)
-    # keep "uniform". Not the paper's. Measured (tools/RESULTS.md, "Session 35"; SmolLM2-135M, 16 windows each, equal
+    # keep "uniform", as does `budget=None` (the data sizes each layer) and the paper's setting; rank="compactor"
+    # (blended by the fraction a layer drops) needs "uniform". Measured (tools/RESULTS.md, "Session 35"; SmolLM2-135M, 16 windows each, equal
     # memory, paired against "uniform" at 5 / 10 / 20% kept): continuation NLL -0.022 +- 0.008 / -0.008 +- 0.005 /
     # -0.013 +- 0.007 (seed 24), -0.011 +- 0.009 / -0.014 +- 0.006 / -0.012 +- 0.006 (seed 27).
     layer_budgets: str = "uncertainty"
@@ -456,6 +459,10 @@ class KVMerger(PrefillOnlyMethod):
         if self.layer_budgets not in LAYER_BUDGETS:
             raise KvzooError(f"KVMerger: layer_budgets must be one of {', '.join(map(repr, LAYER_BUDGETS))}, got "
                              f"{self.layer_budgets!r}")
+        if self._holds_prompt and self.rank == "compactor":
+            raise KvzooError("KVMerger: rank='compactor' blends Compactor's score by the fraction of the prompt a "
+                             "layer drops, which layer_budgets='uncertainty' decides only after it; use "
+                             "layer_budgets='uniform' with it")
         check_counts(self, "KVMerger", ("recent_tokens", "stored_recent"), least=0, optional=True)
         check_counts(self, "KVMerger", ("window_size", "kernel_size"))
         check_pooling(self, "KVMerger")
@@ -551,7 +558,7 @@ class KVMerger(PrefillOnlyMethod):
             keep_every_candidate(slots, chunk)
             return
         score = chunk.key_score + accumulated_scores(chunk)  # [B, Hkv, S]
-        heavy_rank = self._heavy_rank(slots, chunk, score, average)
+        heavy_rank = self._heavy_rank(slots, chunk, score)
         if self._holds_prompt:
             self._hold(slots, chunk, score, heavy_rank, average)
             return
@@ -621,14 +628,12 @@ class KVMerger(PrefillOnlyMethod):
         held = heavy_rank.gather(-1, _position_order(chunk))[..., :slots.capacity]  # in slot order
         slots.state["held_rank"] = F.pad(held, (0, slots.capacity - held.shape[-1]))
 
-    def _heavy_rank(self, slots: LayerSlots, chunk: "PrefillChunk", accumulated: torch.Tensor,
-                    budget: torch.Tensor) -> torch.Tensor:
-        """[B, Hkv, S] what ranks the heavy hitters (`rank`), from the candidates' A_t [B, Hkv, S], in a layer of
-        `budget` [B] slots (the average layer's for a held prompt)."""
+    def _heavy_rank(self, slots: LayerSlots, chunk: "PrefillChunk", accumulated: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, S] what ranks the heavy hitters (`rank`), from the candidates' A_t [B, Hkv, S]."""
         if self.rank == "accumulated":
             return accumulated
         if self.rank == "compactor":  # budget=None: nothing is known to be dropped, so the leverage weight is 0
-            return sinks_then_compactor(chunk, budget, slots.state["prompt_len"])
+            return sinks_then_compactor(chunk, slots.state["prefill_budget"], slots.state["prompt_len"])
         window = window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling,
                                ahead=self.pool_ahead)
         return attention_shares(accumulated, window, torch.isfinite(chunk.key_logw))
@@ -665,7 +670,8 @@ class KVMerger(PrefillOnlyMethod):
 
     def _merge_held(self, cache: KVCache) -> None:
         """layer_budgets="uncertainty": allocate each merging layer's budget from the layers' needs, then merge its
-        held prompt into a store of that size (stores of equal capacity are one allocation, as at make_cache)."""
+        held prompt into a store of that size (stores of equal capacity share one allocation), and copy each skipped
+        layer into a store of its own, so that nothing is left holding the prompt's allocation."""
         merging = [i for i, slots in enumerate(cache.layers) if "held_rank" in slots.state]
         first = cache.layers[merging[0]]
         prompt_lens = first.state["prompt_len"]
@@ -678,7 +684,7 @@ class KVMerger(PrefillOnlyMethod):
         budgets = [torch.tensor(layer, device=prompt_lens.device) for layer in zip(*per_sequence)]  # [L'] of [B]
         headroom = first.budget - first.state["prefill_budget"]  # [B] decode room, the same in every layer
         _, hkv, _, d = first.k.shape
-        stacks, stores = allocate_stores([b + headroom for b in budgets],
+        _, stores = allocate_stores([b + headroom for b in budgets],
                                         [int((b + headroom).max()) for b in budgets], hkv, d, first.k.dtype,
                                         first.k.device)
         for layer_idx, new, budget in zip(merging, stores, budgets):
@@ -687,7 +693,9 @@ class KVMerger(PrefillOnlyMethod):
             new.state = {**old.state, "prefill_budget": budget}
             self._merge(new, slot_candidates(old), old.score, held_rank, budget)
             cache.layers[layer_idx] = new
-        cache.stacks = [*cache.stacks, *stacks]
+        for layer_idx, slots in enumerate(cache.layers):  # skipped: the whole prompt, out of the shared allocation
+            if layer_idx not in merging:
+                cache.layers[layer_idx] = shrink_slots(slots, -slots.pos.float(), slots.state["prefill_budget"])
 
 
 def _position_order(candidates: "PrefillChunk") -> torch.Tensor:

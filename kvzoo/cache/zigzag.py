@@ -50,7 +50,8 @@ a layer's uncertainty is the budget that keeps its window's attention *output* w
 LMBO, `uncertainty="output"`), not the one that keeps tau of its attention mass (LMBA); a layer ranks
 its tokens by the larger of their share of the accumulated and of the window's attention
 (`rank="attention_shares"`), not by the window's alone, and by a third share, of the attention of a
-question's last 8 queries, max-pooled over a token and the 6 before it, as ZSMerge and KVMerger read it
+question's last 8 queries, max-pooled over a token and the 6 before it, as KVMerger reads it (ZSMerge: the 8
+before it)
 (`question_window`; the observation window's 32 queries still set the allocation and the tokens always
 kept); and a document stored for later questions ranks them by Compactor's query-agnostic score
 (`stored_rank`). See the fields' comments for why and what each
@@ -156,7 +157,8 @@ class ZigZagKV(WindowSelection):
     stored_rank: str | None = "compactor"
     # rank="attention_shares" also keeps a token for its share of a question's attention: the attention of
     # the last `question_window` queries, max-pooled over a token and the 6 before it (`question_kernel_size`,
-    # `question_pooling`, `question_pool_ahead`), as ZSMerge's and KVMerger's share ranks read it. A token is
+    # `question_pooling`, `question_pool_ahead`), as KVMerger's share rank reads it (ZSMerge's pools over the 8
+    # before it since session 35). A token is
     # kept for the largest of three shares: what every prompt query read (a continuation reads it next), what
     # the observation window read, and what the last 8 queries read (a question at the end of the prompt:
     # the 32-query window averages it with the document's last sentences, and its average-pool spreads its

@@ -505,7 +505,8 @@ class ZSMerge(CompressionMethod):
         if self.stored_kernel_size is not None and self.pool_ahead is not None and \
                 self.pool_ahead >= self.stored_kernel_size:
             raise KvzooError(f"ZSMerge: pool_ahead must be below stored_kernel_size too (a stored document pools "
-                             f"over {self.stored_kernel_size} positions), got pool_ahead={self.pool_ahead}")
+                             f"over {self.stored_kernel_size} positions), got pool_ahead={self.pool_ahead}; raise "
+                             "stored_kernel_size or set it to None (the prompt's kernel_size)")
         for name in ("copy_heads", "stored_copy_heads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -632,7 +633,8 @@ class ZSMerge(CompressionMethod):
     def for_stored_document(self, chunked: bool = False) -> "ZSMerge":
         """This ZSMerge with a ring of at most `stored_ring` tokens and its context ranked by Compactor's score,
         or else (also for a document fed in chunks, which Compactor's rank cannot take) with copy heads at
-        `stored_copy_heads` and the leverage share (rank "shares" for "attention_shares"). Itself with copy
+        `stored_copy_heads` and the leverage share (rank "shares" for "attention_shares"); either way with its
+        window pooled over `stored_kernel_size` positions and uniform layers. Itself with copy
         heads or a cross-layer rank (which decide what every layer keeps themselves) or another context rank
         (already chosen)."""
         if self.copy_heads is not None or self.cross_layer or self.context_rank != "score":
