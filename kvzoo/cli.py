@@ -280,7 +280,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{args.compression} for a {n}-token prompt: {cache.nbytes():,} bytes "
               f"({cache.nbytes() / 2**20:.2f} MiB, {full.nbytes() / max(cache.nbytes(), 1):.1f}x smaller)")
         held = method.make_cache(cfg, [n], 0, dtype, "meta").nbytes()
-        if held > cache.nbytes():  # it allocates from the whole prompt (ZigZagKV, ZSMerge's and KVMerger's layer budgets)
+        if held > cache.nbytes():  # it allocated from the whole prompt (ZigZagKV; ZSMerge, KVMerger by need)
             chunks = " (--prefill-chunk keeps it flat)" if method.for_chunked_prefill() is not method else ""
             print(f"  a one-shot prefill holds the whole prompt first: {held:,} bytes ({held / 2**20:.2f} MiB)"
                   f"{chunks}")

@@ -325,3 +325,19 @@ def reference_uncertainty(qkv: QKV, layer: int, b: int, n: int, recent: int, win
         for head_probs in probs:
             counts.append(reference_min_budget_output(head_probs[-window:], v[kv_head].double(), order, 1 - tau))
     return float(torch.tensor(counts, dtype=torch.float32).mean())
+
+
+def record_layer_needs(monkeypatch) -> list[list[float]]:
+    """Patch the allocation of layers by need (`layer_uncertainty.shares_by_need` -> `budgets.zigzag_budgets`) to
+    record, per sequence it shares, the layers' needs it is given; returns the list it fills."""
+    from kvzoo.cache import layer_uncertainty
+
+    needs: list[list[float]] = []
+    allocate = layer_uncertainty.zigzag_budgets
+
+    def recording(need, *args):
+        needs.append(list(need))
+        return allocate(need, *args)
+
+    monkeypatch.setattr(layer_uncertainty, "zigzag_budgets", recording)
+    return needs

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from kvzoo.cache import KVMerger
-from kvzoo.cache import kvmerger as kvmerger_module
 from kvzoo.cache.budgets import zigzag_budgets
 from kvzoo.errors import KvzooError
-from tests.method_helpers import drive_synthetic, layer_of, random_qkv, reference_uncertainty
+from tests.method_helpers import drive_synthetic, layer_of, random_qkv, record_layer_needs, reference_uncertainty
 
 # rank="accumulated": the heavy hitters' rank is A_t, which the reference computes directly
 SPEC = dict(budget=16, rank="accumulated", layer_budgets="uncertainty")
@@ -25,13 +24,7 @@ def test_budgets_are_shares_of_the_layers_output_uncertainty(monkeypatch):
     qkv = random_qkv(2, 3, 2, 2, 64, seed=5)
     qkv.q[0], qkv.q[2] = qkv.q[0] * 0.2, qkv.q[2] * 3  # layer 0 reads diffusely, layer 2 sharply
     lens = [60, 45]
-    needs: list[list[float]] = []  # what the allocation was given, per sequence
-
-    def recording(need, *args):
-        needs.append(list(need))
-        return zigzag_budgets(need, *args)
-
-    monkeypatch.setattr(kvmerger_module, "zigzag_budgets", recording)
+    needs = record_layer_needs(monkeypatch)  # what the allocation was given, per sequence
     got = drive_synthetic(KVMerger(**SPEC), qkv, lens, 0).cache.budgets()  # [L, B], decode headroom 0
     for b, n in enumerate(lens):
         need = [reference_uncertainty(qkv, layer, b, n, RECENT) for layer in range(3)]

@@ -12,12 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvzoo.cache import ZSMerge
-from kvzoo.cache import zsmerge as zsmerge_module
 from kvzoo.cache.budgets import level_budgets, zigzag_budgets
 from kvzoo.cache.zsmerge import LAYER_LEVELS
 from kvzoo.errors import KvzooError
 from kvzoo.attention import ForwardContext, apply_deferred_updates, attend, defer_decode_updates
-from tests.method_helpers import _at, drive_synthetic, layer_of, random_qkv, reference_uncertainty
+from tests.method_helpers import _at, drive_synthetic, layer_of, random_qkv, record_layer_needs, reference_uncertainty
 
 SPEC = dict(budget=16, rank="accumulated")  # a standing that does not depend on the layout: a plain reference
 
@@ -29,13 +28,7 @@ def test_budgets_are_shares_of_the_layers_output_uncertainty(monkeypatch):
     qkv.q[0], qkv.q[2] = qkv.q[0] * 0.2, qkv.q[2] * 3  # layer 0 reads diffusely, layer 2 sharply
     lens = [60, 45]
     method = ZSMerge(layer_budgets="uncertainty", **SPEC)
-    needs: list[list[float]] = []  # what the allocation was given, per sequence
-
-    def recording(need, *args):
-        needs.append(list(need))
-        return zigzag_budgets(need, *args)
-
-    monkeypatch.setattr(zsmerge_module, "zigzag_budgets", recording)
+    needs = record_layer_needs(monkeypatch)  # what the allocation was given, per sequence
     got = drive_synthetic(method, qkv, lens, 0).cache.budgets()  # [L, B]
     for b, n in enumerate(lens):
         layout = method.layout(n)

@@ -119,7 +119,7 @@ import torch.nn.functional as F
 
 from kvzoo.cache.base import PrefillOnlyMethod
 from kvzoo.cache import layer_uncertainty
-from kvzoo.cache.budgets import Budget, check_budget, check_counts, check_pooling, resolve_budget, zigzag_budgets
+from kvzoo.cache.budgets import Budget, check_budget, check_counts, check_pooling, resolve_budget
 from kvzoo.cache.compactor import sinks_then_compactor
 from kvzoo.cache.scoring import accumulated_scores, attention_shares, window_scores
 from kvzoo.cache.selection import keep_every_candidate, keep_top, recent_mask, shrink_slots, slot_candidates
@@ -415,8 +415,8 @@ class KVMerger(PrefillOnlyMethod):
     # prompt fed in chunks (`for_chunked_prefill`) and a document stored for later questions
     # (`for_stored_document`: its last queries are its own, not a question's; ZSMerge measured no gain there)
     # keep "uniform", as does `budget=None` (the data sizes each layer) and the paper's setting; rank="compactor"
-    # (blended by the fraction a layer drops) needs "uniform". Measured (tools/RESULTS.md, "Session 35"; SmolLM2-135M, 16 windows each, equal
-    # memory, paired against "uniform" at 5 / 10 / 20% kept): continuation NLL -0.022 +- 0.008 / -0.008 +- 0.005 /
+    # (blended by the fraction a layer drops) needs "uniform". Measured (tools/RESULTS.md, "Session 35";
+    # SmolLM2-135M, 16 windows each, equal memory, paired against "uniform" at 5 / 10 / 20% kept): continuation NLL -0.022 +- 0.008 / -0.008 +- 0.005 /
     # -0.013 +- 0.007 (seed 24), -0.011 +- 0.009 / -0.014 +- 0.006 / -0.012 +- 0.006 (seed 27).
     layer_budgets: str = "uncertainty"
 
@@ -676,17 +676,14 @@ class KVMerger(PrefillOnlyMethod):
         first = cache.layers[merging[0]]
         prompt_lens = first.state["prompt_len"]
         need = torch.stack([cache.layers[i].state.pop("uncertainty") for i in merging])  # [L', B]
-        per_sequence = [  # a sequence whose prompt fits the budget keeps it whole in every layer
-            zigzag_budgets(uncertainty, avg, int(layer_uncertainty.BOUND_RATIO * avg), 1, n) if avg < n
-            else [n] * len(merging)
-            for uncertainty, n, avg in zip(need.T.tolist(), prompt_lens.tolist(),
-                                           self._average_budgets(prompt_lens.tolist()))]
+        # a sequence whose prompt fits the budget (average = prompt) keeps it whole in every layer
+        per_sequence = layer_uncertainty.shares_by_need(need, self._average_budgets(prompt_lens.tolist()),
+                                                        prompt_lens.tolist())
         budgets = [torch.tensor(layer, device=prompt_lens.device) for layer in zip(*per_sequence)]  # [L'] of [B]
         headroom = first.budget - first.state["prefill_budget"]  # [B] decode room, the same in every layer
         _, hkv, _, d = first.k.shape
-        _, stores = allocate_stores([b + headroom for b in budgets],
-                                        [int((b + headroom).max()) for b in budgets], hkv, d, first.k.dtype,
-                                        first.k.device)
+        _, stores = allocate_stores([b + headroom for b in budgets], [int((b + headroom).max()) for b in budgets],
+                                    hkv, d, first.k.dtype, first.k.device)
         for layer_idx, new, budget in zip(merging, stores, budgets):
             old = cache.layers[layer_idx]
             held_rank = old.state.pop("held_rank")

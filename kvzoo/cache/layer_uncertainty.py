@@ -1,6 +1,6 @@
 """A layer's uncertainty (ZigZagKV, METHODS.md 3.1): how many of its keys it needs, measured on the attention of
 the prompt's last queries, so that the layers can share one budget by need (`budgets.zigzag_budgets`).
-ZigZagKV allocates with it; ZSMerge with `layer_budgets="uncertainty"`."""
+ZigZagKV allocates with it; ZSMerge and KVMerger with `layer_budgets="uncertainty"` (`shares_by_need`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvzoo.cache.budgets import min_budget_attention, min_budget_output
+from kvzoo.cache.budgets import min_budget_attention, min_budget_output, zigzag_budgets
 from kvzoo.cache.selection import recent_mask
 from kvzoo_kernels.attention import attention_probs
 
@@ -49,3 +49,14 @@ def output_uncertainty(chunk: "PrefillChunk", rank: torch.Tensor, recent: torch.
                                                                                    float("-inf"))
     order = first.argsort(dim=-1, descending=True, stable=True)  # [B, Hkv, S]
     return min_budget_output(probs, chunk.values, order, 1.0 - tau, q_pos >= 0).float().mean(dim=1)
+
+
+def shares_by_need(need: torch.Tensor, averages: list[int], prompt_lens: list[int],
+                   smallest: int = 1) -> list[list[int]]:
+    """Per sequence, its layers' budgets: ZigZagKV's shares of L times its average budget `averages[b]` by its
+    layers' needs (`need` [L, B], e.g. `output_uncertainty` of each layer), none below a fifth of the average nor
+    below `smallest`, none above the prompt (`budgets.zigzag_budgets`); every layer the average when that covers
+    the prompt (nothing to share)."""
+    return [[avg] * len(layer_needs) if avg >= n else
+            zigzag_budgets(layer_needs, avg, max(smallest, int(BOUND_RATIO * avg)), smallest, n)
+            for layer_needs, n, avg in zip(need.T.tolist(), prompt_lens, averages)]

@@ -124,7 +124,7 @@ import torch.nn.functional as F
 
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import (Budget, budget_tokens, check_budget, check_counts, check_pooling, level_budgets,
-                                 part_tokens, zigzag_budgets)
+                                 part_tokens)
 from kvzoo.cache.compactor import sinks_then_compactor
 from kvzoo.cache.copy_heads import COPY_HEAD_THRESHOLD, induction_scores
 from kvzoo.cache import layer_uncertainty
@@ -1034,16 +1034,11 @@ class ZSMerge(CompressionMethod):
         if self.layer_budgets == "uniform":
             return [torch.tensor(average, device=device)] * len(cache.layers)
         need = torch.stack([layer.state.pop("uncertainty") for layer in cache.layers])  # [L, B]
-        smallest = self._fit(1).budget
+        shares = layer_uncertainty.shares_by_need(need, average, prompt_lens.tolist(), self._fit(1).budget)
         per_sequence = []
-        for uncertainty, n, avg in zip(need.T.tolist(), prompt_lens.tolist(), average):
-            if avg >= n:  # every layer holds the whole prompt: nothing to share
-                per_sequence.append([avg] * len(uncertainty))
-                continue
-            bound = max(smallest, int(layer_uncertainty.BOUND_RATIO * avg))
-            shares = zigzag_budgets(uncertainty, avg, bound, smallest, n)
-            neediest = sorted(range(len(uncertainty)), key=lambda i: -uncertainty[i])  # each sequence its own
-            per_sequence.append(level_budgets(shares, neediest, LAYER_LEVELS))
+        for uncertainty, sequence_shares in zip(need.T.tolist(), shares):  # levelled in each sequence's need order
+            neediest = sorted(range(len(uncertainty)), key=lambda i: -uncertainty[i])
+            per_sequence.append(level_budgets(sequence_shares, neediest, LAYER_LEVELS))
         return [torch.tensor([self._fit(b).budget for b in layer], device=device) for layer in zip(*per_sequence)]
 
     # --- decode ---------------------------------------------------------------------------------------
