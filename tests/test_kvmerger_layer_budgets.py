@@ -82,6 +82,20 @@ def test_skipped_layers_keep_the_prompt_and_the_others_share_their_budget():
     assert sorted(cache.layers[0].pos[0, 0].tolist()) == list(range(60))
 
 
+def test_merging_layers_of_one_size_stay_one_allocation_under_their_own_ids():
+    """Merging layers given the same budget are stored as one allocation (`SlotStack`), named by their layer ids
+    in the cache (a skipped layer 0 shifts them), so that a capped decode updates them in one call."""
+    qkv = random_qkv(1, 3, 2, 2, 64, seed=3)
+    qkv.q[2], qkv.k[2], qkv.v[2] = qkv.q[1], qkv.k[1], qkv.v[1]  # equal needs: equal budgets
+    cache = drive_synthetic(KVMerger(**SPEC, skip_layers=(0,), decode_cap=2), qkv, [60], 0).cache
+    assert cache.budgets()[:, 0].tolist() == [60, 16, 16]
+    [stack] = cache.stacks
+    assert stack.layer_ids == (1, 2)
+    [(layer_ids, whole), (alone, _)] = cache.stacked_groups()
+    assert layer_ids == (1, 2) and alone == (0,)
+    assert torch.equal(whole.k[1:], cache.layers[2].k)  # the second merging layer's rows
+
+
 def test_a_prompt_that_fits_keeps_every_token_beside_one_that_shares():
     """In a batch, a sequence whose prompt fits the budget keeps it whole in every layer, while the other one's
     layers share its budget by need (and a sequence's allocation is its own)."""

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kvzoo.cache import SnapKV, ZSMerge
+from kvzoo.cache import KVMerger, SnapKV, ZSMerge
 from kvzoo.cache.slots import KVCache
 from tests.method_cases import DECODE_TIME, MethodCase
 from tests.method_helpers import drive_model
@@ -20,8 +20,10 @@ TOL = 1e-5  # fp32 logits: the same arithmetic, batched over layers (observed eq
 PROMPTS = [[5, 9, 3, 7, 1, 8, 2, 6, 4, 11, 12, 13, 14], [3, 1, 4, 1, 5, 9], [2, 7, 1, 8, 2, 8, 1, 8, 2]]
 STEPS = 12
 
-# Every decode-time method, and a prefill-only one whose capped decode evicts (attend-then-fold).
-CASES = [*DECODE_TIME, MethodCase("SnapKV-capped", lambda b: SnapKV(budget=b, window_size=2, decode_cap=3), False)]
+# Every decode-time method, and prefill-only ones whose capped decode evicts (attend-then-fold): SnapKV, and
+# KVMerger, whose per-sequence state (which layers merge) must not keep its layers from being batched.
+CASES = [*DECODE_TIME, MethodCase("SnapKV-capped", lambda b: SnapKV(budget=b, window_size=2, decode_cap=3), False),
+         MethodCase("KVMerger-capped", lambda b: KVMerger(budget=b, decode_cap=3, layer_budgets="uniform"), False)]
 
 
 def _recorded_layers(method, monkeypatch) -> list[int]:

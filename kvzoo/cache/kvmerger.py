@@ -416,8 +416,9 @@ class KVMerger(PrefillOnlyMethod):
     # (`for_stored_document`: its last queries are its own, not a question's; ZSMerge measured no gain there)
     # keep "uniform", as does `budget=None` (the data sizes each layer) and the paper's setting; rank="compactor"
     # (blended by the fraction a layer drops) needs "uniform". Measured (tools/RESULTS.md, "Session 35";
-    # SmolLM2-135M, 16 windows each, equal memory, paired against "uniform" at 5 / 10 / 20% kept): continuation NLL -0.022 +- 0.008 / -0.008 +- 0.005 /
-    # -0.013 +- 0.007 (seed 24), -0.011 +- 0.009 / -0.014 +- 0.006 / -0.012 +- 0.006 (seed 27).
+    # SmolLM2-135M, 16 windows each, equal memory, paired against "uniform" at 5 / 10 / 20% kept): continuation
+    # NLL -0.022 +- 0.008 / -0.008 +- 0.005 / -0.013 +- 0.007 (seed 24), -0.011 +- 0.009 / -0.014 +- 0.006 /
+    # -0.012 +- 0.006 (seed 27).
     layer_budgets: str = "uncertainty"
 
     def __post_init__(self) -> None:
@@ -546,14 +547,16 @@ class KVMerger(PrefillOnlyMethod):
         cache = super().make_cache(cfg, prompt_lens, max_new_tokens, dtype, device, compressed)
         skipped = self.skipped(cfg.num_layers)
         for layer_idx, slots in enumerate(cache.layers):  # compress_prefill does not know L
-            slots.state["merges"] = torch.tensor(layer_idx not in skipped, device=device)
+            # [B], one per sequence like every other per-sequence state (a 0-dim entry would keep the layers'
+            # decode updates from being batched: `KVCache.stacked_groups`)
+            slots.state["merges"] = torch.full((len(prompt_lens),), layer_idx not in skipped, device=device)
         return cache
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
         prompt_len = slots.state["prompt_len"]
         budget = slots.state["prefill_budget"]  # [B] (a held prompt's: the whole prompt, merged at end_prefill)
         average = self._average_budget_tensor(prompt_len) if self._holds_prompt else budget
-        if not bool(slots.state["merges"]) or (self.budget is not None and bool((average >= prompt_len).all())):
+        if not bool(slots.state["merges"].all()) or (self.budget is not None and bool((average >= prompt_len).all())):
             # Nothing to merge, ever: keep every candidate in position order (room: the whole store).
             keep_every_candidate(slots, chunk)
             return
@@ -682,14 +685,16 @@ class KVMerger(PrefillOnlyMethod):
         budgets = [torch.tensor(layer, device=prompt_lens.device) for layer in zip(*per_sequence)]  # [L'] of [B]
         headroom = first.budget - first.state["prefill_budget"]  # [B] decode room, the same in every layer
         _, hkv, _, d = first.k.shape
-        _, stores = allocate_stores([b + headroom for b in budgets], [int((b + headroom).max()) for b in budgets],
-                                    hkv, d, first.k.dtype, first.k.device)
+        stacks, stores = allocate_stores([b + headroom for b in budgets], [int((b + headroom).max()) for b in budgets],
+                                         hkv, d, first.k.dtype, first.k.device)
         for layer_idx, new, budget in zip(merging, stores, budgets):
             old = cache.layers[layer_idx]
             held_rank = old.state.pop("held_rank")
             new.state = {**old.state, "prefill_budget": budget}
             self._merge(new, slot_candidates(old), old.score, held_rank, budget)
             cache.layers[layer_idx] = new
+        # the stacks number the merging layers from 0: give them the cache's layer ids
+        cache.stacks = [replace(stack, layer_ids=tuple(merging[i] for i in stack.layer_ids)) for stack in stacks]
         for layer_idx, slots in enumerate(cache.layers):  # skipped: the whole prompt, out of the shared allocation
             if layer_idx not in merging:
                 cache.layers[layer_idx] = shrink_slots(slots, -slots.pos.float(), slots.state["prefill_budget"])
