@@ -10,7 +10,7 @@ import torch
 
 from kvzoo.cache.base import PrefillOnlyMethod, ScoredSelection
 from kvzoo.cache.budgets import Budget, check_budget, resolve_budget
-from kvzoo.cache.scoring import COMPACTOR_BLOCK, compactor_scores
+from kvzoo.cache.scoring import COMPACTOR_BLOCK, compactor_scores, pool_by_position
 from kvzoo.cache.selection import recent_mask, sink_mask
 from kvzoo.cache.slots import LayerSlots
 from kvzoo.errors import KvzooError
@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 
 
 SINKS = 8  # the first tokens always kept (attention sinks), as the official code
+# A document's rank is max-pooled over this many positions around each token (centred; not Compactor's): a token
+# kept for its score keeps its neighbours. A question asked later copies a span (the words before a code lead the
+# copy to it, its digits follow one another), while the score picks tokens one by one, and at a few percent kept
+# it kept a code's last digits in the heads a question reads it through and dropped the first (tools/RESULTS.md,
+# "Session 36").
+SPAN = 5
 
 
 def dropped_fraction(kept: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
@@ -29,11 +35,17 @@ def dropped_fraction(kept: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tens
     return (1.0 - kept.float() / prompt_len.clamp(min=1).float()).clamp(min=0.0)[:, None, None]
 
 
-def sinks_then_compactor(chunk: "PrefillChunk", kept: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
+def sinks_then_compactor(chunk: "PrefillChunk", kept: torch.Tensor, prompt_len: torch.Tensor,
+                         span: int = SPAN) -> torch.Tensor:
     """[B, Hkv, S] a query-agnostic rank of the candidates: the first `SINKS` positions first (+inf), then
     Compactor's score blended by the fraction of each prompt not kept (`dropped_fraction` of kept [B] and
-    prompt_len [B]). What ZSMerge, KVMerger and ZigZagKV rank a document stored for later questions by."""
+    prompt_len [B]), max-pooled over the `span` positions around each of the chunk's tokens (`SPAN`; 1: none).
+    Candidates before the chunk (slots in use) keep their stored score and lend it to no neighbour. What ZSMerge,
+    KVMerger and ZigZagKV rank a document stored for later questions by."""
     rank = compactor_scores(chunk, dropped_fraction(kept, prompt_len))
+    if span > 1:
+        in_chunk = torch.arange(rank.shape[-1], device=rank.device) >= rank.shape[-1] - chunk.k.shape[2]
+        rank = pool_by_position(rank, chunk.key_pos, in_chunk & torch.isfinite(rank), span, "max")
     return rank.masked_fill(sink_mask(chunk, SINKS), float("inf"))
 
 
