@@ -97,11 +97,11 @@ instances):
 - max-pool 9 instead of 7 (session 35), over the token and the 8 before it: a read token lends its score to the 8
   after it, the whole of a 5-digit answer after the phrase's last words (with 7 the last digit was the first
   thing a tight budget dropped: " 8205." for 82052, " 20545" for 20542, where ZigZagKV, keeping no ring, had
-  room for it). Seeds 24-28 (120 needles asked with the context, the full cache 86): 73 / 86 / 86 at 5 / 10 / 20%
-  kept against 72 / 80 / 85 (ZigZagKV 63 / 83 / 86; max-pool 11: 70 / 85 / 86); continuation NLL -0.005 +- 0.006
-  / +0.002 +- 0.002 / +0.002 +- 0.001 (seed 24) and -0.005 +- 0.006 / +0.004 +- 0.002 / +0.002 +- 0.001 (seed 27),
-  still the lowest of every method; the Rustonomicon (seed 3, 24 needles, the full cache 16) 13 / 13 / 15 against
-  11 / 13 / 15. A stored document keeps 7 (`stored_kernel_size`: 9 answered fewer needles asked after compression).
+  room for it). Seeds 24-28 (120 needles asked with the context, the full cache 86, equal memory, session 36):
+  78 / 86 / 85 at 5 / 10 / 20% kept against 72 / 80 / 85 (ZigZagKV 63 / 83 / 86); continuation NLL -0.005 +-
+  0.006 / +0.002 +- 0.002 / +0.002 +- 0.001 (seed 24) and -0.005 +- 0.006 / +0.004 +- 0.002 / +0.002 +- 0.001
+  (seed 27), still the lowest of every method. A stored document keeps 7 (`stored_kernel_size`; 9 answers the
+  same needles asked after compression there).
 - layer_budgets "uncertainty" instead of every layer keeping the budget (session 32, the default since session
   33): the layers share it by need, as ZigZagKV allocates. Continuation NLL 0.002-0.073 lower on six sets at
   every budget (see the field), for an eager decode step 4-9% slower (compiled: level) and the whole prompt
@@ -389,13 +389,15 @@ class ZSMerge(CompressionMethod):
     # Measured (tools/RESULTS.md, "Session 24"; needles asked after compression, seeds 12 and 13, 48 needles,
     # the full cache 33): 9 / 11 / 15 at 5 / 10 / 20% kept, against the copy heads' 7 / 9 / 9, SnapKV's and
     # StreamingLLM's 8 / 8 / 8, KVMerger's 8 / 7 / 10, Compactor's 2 / 7 / 16 and a ring of a tenth of the
-    # budget's 4 / 10 / 17; a ring of 64 tokens 8 / 9 / 12.
+    # budget's 4 / 10 / 17; a ring of 64 tokens 8 / 9 / 12. Since session 36 the rank keeps spans (each token's
+    # score max-pooled over the 5 around it, `compactor.SPAN`): on fresh seeds 29-30 (48 needles asked after
+    # compression, the full cache 38, equal memory) 10 / 17 / 23 at 5 / 10 / 20% kept against 8 / 12 / 17.
     stored_ring: int | None = 32
     # A stored document's window scores (its own last queries', the standing its slots keep for a later question's
-    # reads to add to) are max-pooled over this many positions (None: `kernel_size`). Measured (tools/RESULTS.md,
-    # "Session 35"; seeds 24-28, 120 needles asked after compression, the full cache 86): with kernel_size 9
-    # for them too 20 / 25 / 41 at 5 / 10 / 20% kept against 21 / 26 / 44 with 7, so a stored document keeps the
-    # pooling of 7 a prompt had before session 35.
+    # reads to add to) are max-pooled over this many positions (None: `kernel_size`): the pooling of 7 a prompt had
+    # before session 35, with which the chunked path (copy heads) was measured. At equal memory 9 answers exactly
+    # the needles 7 answers (tools/RESULTS.md, "Session 36"; seeds 24-28, 120 asked after compression: 21 / 26 / 44
+    # at 5 / 10 / 20% kept for both); session 35's 20 / 25 / 41 for 9 were at a smaller memory (`--memory budget`).
     stored_kernel_size: int | None = 7
     # With `stored_ring` None or a chunked document: the copy-head threshold for a stored document (session
     # 22's rule), when `copy_heads` is None and the context is not already ranked by Compactor's score; None: as
