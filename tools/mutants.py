@@ -505,7 +505,7 @@ MUTANTS: list[Mutant] = [
            "layer_ids=tuple(merging[i] for i in stack.layer_ids)", "layer_ids=stack.layer_ids",
            ("tests/test_kvmerger_layer_budgets.py",), "merging layers of one size stay one allocation"),
     Mutant("stored-rank-keeps-no-span", "kvzoo/cache/compactor.py",
-           "    if span > 1:\n", "    if False:\n",
+           "dropped_fraction(kept, prompt_len), span=span)", "dropped_fraction(kept, prompt_len))",
            ("tests/test_compactor.py",), "a stored document's rank is pooled over SPAN positions"),
     Mutant("eval-runs-every-needle-layout", "kvzoo/eval/runner.py",
            "for layout in self.config.needle_layouts:", "for layout in NEEDLE_LAYOUTS:",

@@ -10,7 +10,7 @@ import torch
 
 from kvzoo.cache.base import PrefillOnlyMethod, ScoredSelection
 from kvzoo.cache.budgets import Budget, check_budget, resolve_budget
-from kvzoo.cache.scoring import COMPACTOR_BLOCK, compactor_scores, pool_by_position
+from kvzoo.cache.scoring import COMPACTOR_BLOCK, compactor_scores
 from kvzoo.cache.selection import recent_mask, sink_mask
 from kvzoo.cache.slots import LayerSlots
 from kvzoo.errors import KvzooError
@@ -42,10 +42,7 @@ def sinks_then_compactor(chunk: "PrefillChunk", kept: torch.Tensor, prompt_len: 
     prompt_len [B]), max-pooled over the `span` positions around each of the chunk's tokens (`SPAN`; 1: none).
     Candidates before the chunk (slots in use) keep their stored score and lend it to no neighbour. What ZSMerge,
     KVMerger and ZigZagKV rank a document stored for later questions by."""
-    rank = compactor_scores(chunk, dropped_fraction(kept, prompt_len))
-    if span > 1:
-        in_chunk = torch.arange(rank.shape[-1], device=rank.device) >= rank.shape[-1] - chunk.k.shape[2]
-        rank = pool_by_position(rank, chunk.key_pos, in_chunk & torch.isfinite(rank), span, "max")
+    rank = compactor_scores(chunk, dropped_fraction(kept, prompt_len), span=span)
     return rank.masked_fill(sink_mask(chunk, SINKS), float("inf"))
 
 
