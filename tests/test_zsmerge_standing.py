@@ -4,6 +4,7 @@ times the attention mass), kept beside it for a later prompt chunk."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -218,3 +219,30 @@ def test_the_copy_heads_ranked_by_the_sum_are_the_models_induction_heads(tiny_ch
                              headroom=0)
     marked = torch.stack([slots.state["sum_head"][0] for slots in cache.layers])
     assert torch.equal(marked, scores > threshold) and bool(marked.any()) and not bool(marked.all())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_question_to_a_stored_document_ranks_the_context_by_attention_scores(seed):
+    """A stored document's context is chosen by Compactor's query-agnostic score (`for_stored_document`), but
+    the slots keep attention scores, and Compactor's scores of a later chunk cannot rank against them. A later
+    prompt (the question) is the query the document was stored for: the tokens it pushes out of the ring and
+    the stored context compete by their attention scores plus the question's reads, exactly as with
+    context_rank="score" on the same stored slots (not by Compactor's scores of the question beside the stored
+    attention sums, which ignored what the question reads)."""
+    n, t = 48, 6
+    qkv = random_qkv(1, 1, 2, 2, n + t, seed=seed, scale=1.5)
+    stored = ZSMerge(budget=20).for_stored_document()
+    assert stored.context_rank == "compactor"
+    document = drive_synthetic(stored, qkv, [n], 0).cache.layers[0]
+    positions = torch.arange(n, n + t)[None]
+    q, k, v = (_at(x[0], positions) for x in (qkv.q, qkv.k, qkv.v))
+    asked = {}
+    for rank in ("compactor", "score"):
+        slots = copy.deepcopy(document)
+        chunk = make_prefill_chunk(q, k, v, positions, slots, slots.capacity, stored.attention_alpha, None)
+        dataclasses.replace(stored, context_rank=rank).compress_prefill(0, slots, chunk)
+        asked[rank] = slots
+    for head in range(2):
+        held = [set(asked[rank].pos[0, head].tolist()) for rank in ("compactor", "score")]
+        assert held[0] == held[1], f"head {head}: {sorted(held[0] ^ held[1])}"
+    assert bool((asked["compactor"].pos >= n).sum(-1).eq(t).all()), "the question's tokens are all kept"

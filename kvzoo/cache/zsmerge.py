@@ -36,7 +36,8 @@ share is of each token's attention per query at least the ring's size after it, 
 later prompt chunks (`decode_score`) and for the first decode steps, where it lapses with a half-life of 2 steps
 (`standing_half_life`). A document stored for later questions (`for_stored_document`, not in the paper) keeps a
 ring of at most 32 tokens and ranks the rest of its context by Compactor's query-agnostic score (`stored_ring`),
-its window max-pooled over 7 positions (`stored_kernel_size`).
+its window max-pooled over 7 positions (`stored_kernel_size`); the question, a later prompt, then gives up the
+stored tokens its reads rank lowest (`context_rank`).
 
 Measured effect of the defaults that differ from the paper (tools/RESULTS.md; SmolLM2-135M, 16 2048-token
 contexts, 128 teacher-forced tokens, equal memory, paired differences; needle: 12 development or 24 held-out
@@ -339,7 +340,11 @@ class ZSMerge(CompressionMethod):
     # keys, blended by the dropped fraction of the prompt, the first `compactor.SINKS` tokens first; as the
     # Compactor baseline). The stored scores, and so every decode-time choice, stay the attention scores.
     # Compactor's scores are standardised over one chunk and the slots keep attention scores, so the two
-    # cannot rank each other: generation with `prefill_chunk` is refused (`supports_chunked_prefill`).
+    # cannot rank each other: generation with `prefill_chunk` is refused (`supports_chunked_prefill`), and a
+    # later prompt (a question to a stored document, a conversation's next turn) ranks by the attention scores:
+    # the slots' stored scores plus what its own queries read (session 37; before, its old slots competed by
+    # their stored scores against its tokens' Compactor scores, and a code a question was about to copy lost
+    # its last digits to the question's tokens).
     context_rank: str = "score"
     # With rank="shares": how many of a prompt chunk's tokens per KV head may be kept for their leverage share
     # (those with the highest leverage; the share itself is unchanged). "basis" (default): one more than the
@@ -824,10 +829,12 @@ class ZSMerge(CompressionMethod):
                     chunk, score if rank is None else rank, slots.state["proximity"], layer_uncertainty.WINDOW,
                     layer_uncertainty.TAU)
             return
-        rank = sinks_then_compactor(chunk, slots.budget, prompt_len) if self.context_rank == "compactor" else None
+        fresh_prompt = chunk.keys.shape[2] == chunk.k.shape[2]
+        rank = None  # a later prompt (the only later chunk Compactor's rank allows) ranks by the attention scores
+        if self.context_rank == "compactor" and fresh_prompt:
+            rank = sinks_then_compactor(chunk, slots.budget, prompt_len)
         copy = slots.state.get("copy_head")  # [B, Hkv] bool or None
         copy = copy[:, :, None] if copy is not None and bool(copy.any()) else None
-        fresh_prompt = chunk.keys.shape[2] == chunk.k.shape[2]
         copy_rank = None
         if copy is not None and fresh_prompt:
             copy_rank = rank if rank is not None else sinks_then_compactor(chunk, slots.budget, prompt_len)
