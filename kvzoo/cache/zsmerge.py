@@ -807,7 +807,8 @@ class ZSMerge(CompressionMethod):
         # for a later prompt chunk (see `decode_score`).
         stored = self._stored_scores(slots, chunk, score, accumulated) if self._splits_standing else None
         prompt_len = slots.state["prompt_len"]  # Compactor's rank blends by the fraction the layout drops
-        if self._holds_prompt and chunk.keys.shape[2] == chunk.k.shape[2]:  # a prompt on a fresh cache
+        fresh_prompt = chunk.keys.shape[2] == chunk.k.shape[2]  # no slot in use before the chunk
+        if self._holds_prompt and fresh_prompt:
             # Keep every token with its standing as score (what the cross-layer rank reads); end_prefill
             # allocates, then compresses with that rank (or Compactor's, of the average layout) and stores
             # `stored`.
@@ -829,7 +830,6 @@ class ZSMerge(CompressionMethod):
                     chunk, score if rank is None else rank, slots.state["proximity"], layer_uncertainty.WINDOW,
                     layer_uncertainty.TAU)
             return
-        fresh_prompt = chunk.keys.shape[2] == chunk.k.shape[2]
         rank = None  # a later prompt (the only later chunk Compactor's rank allows) ranks by the attention scores
         if self.context_rank == "compactor" and fresh_prompt:
             rank = sinks_then_compactor(chunk, slots.budget, prompt_len)
