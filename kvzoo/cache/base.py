@@ -127,7 +127,7 @@ class CompressionMethod:
         """What the attention layer hands each prompt chunk to: `compress_prefill`, except that a method that
         `appends_later_prompts` keeps a later prompt's chunk (`PrefillChunk.continues_a_prompt`) beside every
         slot in use."""
-        later = self.appends_later_prompts and chunk.keys.shape[2] > chunk.k.shape[2] \
+        later = self.appends_later_prompts and chunk.slots_before > 0 \
             and bool(chunk.continues_a_prompt(slots).all())  # one host read per layer, prefill only
         if not later:
             self.compress_prefill(layer_idx, slots, chunk)

@@ -41,6 +41,12 @@ class PrefillChunk:
     def key_bias(self) -> torch.Tensor:
         return attention_bias(self.key_logw, self.alpha)
 
+    @property
+    def slots_before(self) -> int:
+        """How many cache slots were in use before the chunk: the first candidates, ahead of the chunk's own
+        tokens (0 for a fresh prompt)."""
+        return self.keys.shape[2] - self.k.shape[2]
+
     def first_positions(self) -> torch.Tensor:
         """[B] each sequence's first position in the chunk (padding, -1, skipped)."""
         return self.q_pos.masked_fill(self.q_pos < 0, torch.iinfo(torch.int64).max).min(dim=1).values

@@ -621,7 +621,7 @@ class KVMerger(PrefillOnlyMethod):
         [B, Hkv, S]) and its heavy-hitter rank (state["held_rank"]), and record the layer's need
         (state["uncertainty"] [B]) in a layer of the `average` budget [B] for `end_prefill`, which allocates and
         merges."""
-        if chunk.keys.shape[2] != chunk.k.shape[2]:  # a second chunk of the same prompt (a later prompt is
+        if chunk.slots_before:  # a second chunk of the same prompt (a later prompt is
             # appended by take_prefill_chunk and never reaches here)
             raise KvzooError("KVMerger(layer_budgets='uncertainty') allocates from every layer's attention over the "
                              "whole prompt, so it cannot take a prompt fed in chunks; use layer_budgets='uniform'")

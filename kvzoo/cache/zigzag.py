@@ -228,7 +228,7 @@ class ZigZagKV(WindowSelection):
         return super().prefill_budgets(cfg, prompt_lens)  # the average layer's: the layers share L times it
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
-        if chunk.keys.shape[2] != chunk.k.shape[2]:  # a second chunk of the same prompt (a later prompt is
+        if chunk.slots_before:  # a second chunk of the same prompt (a later prompt is
             # appended by take_prefill_chunk and never reaches here)
             raise KvzooError(
                 "ZigZagKV allocates from every layer's attention over the whole prompt, so it cannot "

@@ -721,7 +721,7 @@ class ZSMerge(CompressionMethod):
         document, a conversation's next turn) the slots kept before the chunk store their standing. A new
         prompt may ask about anything the earlier one kept (a fact kept for its leverage), and its answer
         reads it only when it writes it, so the decode steps that write it must not give it up first."""
-        used = chunk.keys.shape[2] - chunk.k.shape[2]
+        used = chunk.slots_before
         if used == 0:
             return accumulated
         later_prompt = chunk.continues_a_prompt(slots)[:, None, None]  # [B, 1, 1]
@@ -737,10 +737,9 @@ class ZSMerge(CompressionMethod):
         only counts in the head's mass); 0 for the chunk's own tokens. None before any slot was written."""
         if "standing_bonus" not in slots.state:
             return None
-        t = chunk.k.shape[2]
-        used = chunk.keys.shape[2] - t
+        used = chunk.slots_before
         held = self._held_bonus(slots.state, chunk.key_pos[..., :used], chunk.first_positions(), self.decay)
-        return F.pad(held, (0, t))
+        return F.pad(held, (0, chunk.k.shape[2]))
 
     @staticmethod
     def _held_bonus(state: dict[str, torch.Tensor], positions: torch.Tensor, now: torch.Tensor,
@@ -807,7 +806,7 @@ class ZSMerge(CompressionMethod):
         # for a later prompt chunk (see `decode_score`).
         stored = self._stored_scores(slots, chunk, score, accumulated) if self._splits_standing else None
         prompt_len = slots.state["prompt_len"]  # Compactor's rank blends by the fraction the layout drops
-        fresh_prompt = chunk.keys.shape[2] == chunk.k.shape[2]  # no slot in use before the chunk
+        fresh_prompt = chunk.slots_before == 0
         if self._holds_prompt and fresh_prompt:
             # Keep every token with its standing as score (what the cross-layer rank reads); end_prefill
             # allocates, then compresses with that rank (or Compactor's, of the average layout) and stores
