@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 import kvzoo
 from kvzoo.default_model import ensure_default_model
 from kvzoo.errors import KvzooError
-from kvzoo.eval import longbench, metrics, tasks
+from kvzoo.eval import longbench, metrics, report, tasks
 from kvzoo.eval.fanout import fanout_prefill
 from kvzoo.eval.runner import EvalConfig, Runner, method_cases
 from kvzoo.eval.texts import builtin_corpus, read_source
@@ -316,3 +318,30 @@ def test_a_question_asked_after_compression_is_asked_as_generate_asks_a_stored_c
         out = generate_ids(model, x.question, max_new_tokens=ANSWER_TOKENS, eos_token_ids=[], compile=False,
                            cache=cache)
         assert tok.decode(out.token_ids[0]) == record.info["output"], record.label
+
+
+def test_sigterm_interrupts_a_run_only_while_it_runs():
+    """`kvzoo eval` / `bench` turn SIGTERM into KeyboardInterrupt so a killed run writes what finished; a program
+    that calls `kvzoo.cli.main` gets its own handler back, and a call from another thread (which cannot set one)
+    runs as it is."""
+    before = signal.getsignal(signal.SIGTERM)
+    with report.sigterm_interrupts():
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler) and handler is not before
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGTERM, None)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    errors: list[BaseException] = []
+
+    def in_a_thread() -> None:
+        try:
+            with report.sigterm_interrupts():
+                pass
+        except BaseException as e:  # noqa: BLE001 - anything raised is the failure reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert errors == [] and signal.getsignal(signal.SIGTERM) is before

@@ -209,19 +209,19 @@ def run_bench_command(args: argparse.Namespace) -> None:
     hf = _load_hf(args, model) if args.against == "hf" else None
     rows: list[BenchRow] = []
     prov = report.provenance(next(model.parameters()).dtype)  # taken at the start, with the code that runs
-    report.interrupt_on_sigterm()
     interrupted = False
     try:
-        for context in contexts:
-            prompts = random_prompts(model.config.vocab_size, context, args.batch)
-            if hf is not None:
-                for kind in ("dynamic", "static"):
-                    rows.append(bench_hf(hf, kind, prompts, args.warmup, args.steps))
-                    _progress(rows[-1])
-            for spec in specs:
-                for compiled in (False, True) if args.compile else (False,):
-                    rows.append(bench_kvzoo(model, spec, prompts, args.warmup, args.steps, compiled))
-                    _progress(rows[-1])
+        with report.sigterm_interrupts():
+            for context in contexts:
+                prompts = random_prompts(model.config.vocab_size, context, args.batch)
+                if hf is not None:
+                    for kind in ("dynamic", "static"):
+                        rows.append(bench_hf(hf, kind, prompts, args.warmup, args.steps))
+                        _progress(rows[-1])
+                for spec in specs:
+                    for compiled in (False, True) if args.compile else (False,):
+                        rows.append(bench_kvzoo(model, spec, prompts, args.warmup, args.steps, compiled))
+                        _progress(rows[-1])
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: writing what finished", file=sys.stderr)

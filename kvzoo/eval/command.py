@@ -127,13 +127,13 @@ def run_eval_command(args: argparse.Namespace) -> None:
             last_save[0] = time.monotonic()
 
     runner = Runner(model, config, corpus, progress=not args.quiet, on_cell=checkpoint)
-    report.interrupt_on_sigterm()
     interrupted = False
     try:
-        if args.suite == "longbench":
-            run_longbench(runner, examples, model.config.max_position_embeddings)
-        else:
-            runner.run()
+        with report.sigterm_interrupts():
+            if args.suite == "longbench":
+                run_longbench(runner, examples, model.config.max_position_embeddings)
+            else:
+                runner.run()
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: writing what finished", file=sys.stderr)
