@@ -81,6 +81,10 @@ instances):
 - alpha 0.5 instead of 1 lowers the continuation NLL increase by 0.019 +- 0.009 at 5% kept, 0.007 +- 0.005
   at 10%, 0.001 +- 0.002 at 20% (alpha = 0 measures the same) and leaves needle retrieval unchanged; on 16
   held-out instances (seed 2) it is neutral: 0.007 +- 0.008 better at 5%, 0.004 +- 0.003 worse at 20%.
+  With today's other defaults (tools/RESULTS.md, "Session 37" and "Session 38"): the continuation NLL of
+  alpha = 1 is 0.002-0.003 lower (seed 24), it answers 3 more of 168 needles asked with the context at 20% kept
+  (seeds 24-28 and 31-32, the gain on the seeds where it was found) and on fresh seeds 33-34 one fewer at 5% and
+  at 10% (48, level at 20%); asked after compression it loses (seed 29: 5 / 5 / 11 against 6 / 11 / 13).
 - max-pool 7 instead of 5 (what PyramidKV and ZigZagKV use with the same 8-query window), over the token and the 6
   before it instead of centred (`pool_ahead=0`, session 20), so a token the window reads lends its score to the 6
   after it. A question's queries read the phrase of the document that matches them ("the passkey for the white
@@ -333,7 +337,12 @@ class ZSMerge(CompressionMethod):
     # and no chunked prefill), then each layer is compressed as usual with that rank. Not the default: 9 of
     # 12 development needles at 20% kept (default 4, full cache 8), NLL +0.025 +- 0.009 at 5% and level at
     # 20% (equal memory), but on 24 held-out needles 12 / 29 / 46% at 5 / 10 / 20% kept, as the default's
-    # 8 / 33 / 46% (tools/RESULTS.md, "Session 7").
+    # 8 / 33 / 46% (tools/RESULTS.md, "Session 7"). With today's share ranks it fails: the largest share any of
+    # the 90 heads gives a token is won by what some head reads nearly alone (the first tokens among them), so
+    # the heads keep the same tokens and lose what their own reads need (seed 33 instance 2 at 10% kept: the
+    # three heads of layer 18 hold the same context tokens, one of the code's six); 7 / 5 / 13 of 24 needles at
+    # 5 / 10 / 20% kept against the default's 19 / 19 / 19 (seed 33, the full cache 19; tools/RESULTS.md,
+    # "Session 38").
     cross_layer: bool = False
     # What picks the context tokens at prefill: "score" (the stored attention scores above) or "compactor"
     # (scoring.compactor_scores: non-causal block attention times value norm plus the leverage of the pre-RoPE
