@@ -621,8 +621,8 @@ class KVMerger(PrefillOnlyMethod):
         [B, Hkv, S]) and its heavy-hitter rank (state["held_rank"]), and record the layer's need
         (state["uncertainty"] [B]) in a layer of the `average` budget [B] for `end_prefill`, which allocates and
         merges."""
-        if chunk.slots_before:  # a second chunk of the same prompt (a later prompt is
-            # appended by take_prefill_chunk and never reaches here)
+        # A second chunk of the same prompt (a later prompt is appended by take_prefill_chunk, never here).
+        if chunk.slots_before:
             raise KvzooError("KVMerger(layer_budgets='uncertainty') allocates from every layer's attention over the "
                              "whole prompt, so it cannot take a prompt fed in chunks; use layer_budgets='uniform'")
         recent, _ = self._verbatim(average, slots.state["prompt_len"])

@@ -228,8 +228,8 @@ class ZigZagKV(WindowSelection):
         return super().prefill_budgets(cfg, prompt_lens)  # the average layer's: the layers share L times it
 
     def compress_prefill(self, layer_idx: int, slots: LayerSlots, chunk: "PrefillChunk") -> None:
-        if chunk.slots_before:  # a second chunk of the same prompt (a later prompt is
-            # appended by take_prefill_chunk and never reaches here)
+        # A second chunk of the same prompt (a later prompt is appended by take_prefill_chunk, never here).
+        if chunk.slots_before:
             raise KvzooError(
                 "ZigZagKV allocates from every layer's attention over the whole prompt, so it cannot "
                 "compress a prompt fed in chunks; generate without prefill_chunk"
