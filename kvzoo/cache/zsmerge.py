@@ -337,12 +337,11 @@ class ZSMerge(CompressionMethod):
     # and no chunked prefill), then each layer is compressed as usual with that rank. Not the default: 9 of
     # 12 development needles at 20% kept (default 4, full cache 8), NLL +0.025 +- 0.009 at 5% and level at
     # 20% (equal memory), but on 24 held-out needles 12 / 29 / 46% at 5 / 10 / 20% kept, as the default's
-    # 8 / 33 / 46% (tools/RESULTS.md, "Session 7"). With today's share ranks it fails: the largest share any of
-    # the 90 heads gives a token is won by what some head reads nearly alone (the first tokens among them), so
-    # the heads keep the same tokens and lose what their own reads need (seed 33 instance 2 at 10% kept: the
-    # three heads of layer 18 hold the same context tokens, one of the code's six); 7 / 5 / 13 of 24 needles at
-    # 5 / 10 / 20% kept against the default's 19 / 19 / 19 (seed 33, the full cache 19; tools/RESULTS.md,
-    # "Session 38").
+    # 8 / 33 / 46% (tools/RESULTS.md, "Session 7"). With today's share ranks it fails: the largest share any of the
+    # 90 heads gives a token is won by what some head reads nearly alone (the first tokens among them), so the heads
+    # keep the same tokens and lose what their own reads need (seed 33 instance 2 at 10% kept: the three heads of
+    # layer 18 hold the same 37 context tokens, none of the code's digits); 7 / 5 / 13 of 24 needles at 5 / 10 / 20%
+    # kept against the default's 19 / 19 / 19 (seed 33, the full cache 19; tools/RESULTS.md, "Session 38").
     cross_layer: bool = False
     # What picks the context tokens at prefill: "score" (the stored attention scores above) or "compactor"
     # (scoring.compactor_scores: non-causal block attention times value norm plus the leverage of the pre-RoPE
