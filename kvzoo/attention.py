@@ -71,7 +71,7 @@ def attend(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ct
     if needs_mask:
         assert chunk is not None
         out = chunk_attention(q, chunk.keys, chunk.values, chunk.q_pos, chunk.key_pos, chunk.key_bias, ctx.window,
-                              n_slots=chunk.slots_before)
+                              n_slots=used)
     else:
         out, lse = causal_attention(q, k, v)
         if chunk is not None:
