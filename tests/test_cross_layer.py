@@ -5,10 +5,15 @@ its per-layer one."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+import kvzoo
 from kvzoo.cache import ZigZagKV
+from kvzoo.cache import zsmerge as zsmerge_module
+from kvzoo.cache.copy_heads import induction_scores
 from kvzoo.cache.zsmerge import ZSMerge
 from kvzoo.errors import KvzooError
 from tests.method_helpers import QKV, drive_synthetic, random_qkv, reference_probs
@@ -125,3 +130,63 @@ def test_zsmerge_cross_layer_refuses_a_prompt_in_chunks_and_bad_settings():
                          (dict(cross_layer=True, rank="block_shares"), "got leverage=0.0, rank='block_shares'")):
         with pytest.raises(KvzooError, match=message):
             ZSMerge(**bad)
+
+
+@dataclasses.dataclass
+class _ReadingHeads(ZSMerge):
+    """ZSMerge whose KV head 0 of the layers in `reading_layers` is a copy head (what before_prefill marks from a
+    model's induction scores)."""
+
+    reading_layers: tuple[int, ...] = ()
+
+    def make_cache(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        cache = super().make_cache(*args, **kwargs)
+        for layer in self.reading_layers:
+            cache.layers[layer].state["reading_head"][:, 0] = True
+        return cache
+
+
+def test_zsmerge_cross_layer_of_the_copy_heads_takes_their_shares_alone():
+    """cross_layer_heads="copy": the widest share is over the copy heads alone. With layer 1's head a copy head,
+    layer 0 keeps the token layer 1 reads (token 20), as with every head; with layer 0's head the copy head
+    instead, the widest share is layer 0's own, so layer 0 keeps what it keeps alone and layer 1 takes layer
+    0's reads beside its own."""
+    n, w, context = 40, 8, 4
+    qkv = layer_one_reads_token_20(n, w)
+    shares = [window_shares(qkv, layer, n, w, decay=0.98) for layer in range(2)]
+
+    def kept(reading_layers: tuple[int, ...]) -> list[set[int]]:
+        method = _ReadingHeads(budget=8, proximity=3, residual=1, kernel_size=1, decay=0.98, rank="window",
+                               cross_layer=True, cross_layer_heads="copy", reading_layers=reading_layers)
+        layers = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers
+        return [set(x["pos"][0, 0, 1:1 + context].tolist()) for x in layers]
+
+    def top(rank: torch.Tensor) -> set[int]:
+        return top_positions(rank, n - 3, context)
+
+    alone = [top(shares[0]), top(shares[1])]
+    assert kept(()) == alone  # no copy head: nothing crosses layers
+    assert kept((1,)) == [top(torch.maximum(shares[0], shares[1])), alone[1]]
+    assert kept((0,)) == [alone[0], top(torch.maximum(shares[1], shares[0]))]
+    assert 20 in kept((1,))[0] and 20 not in kept((0,))[0]
+
+
+def test_zsmerge_cross_layer_copy_heads_are_the_models_induction_heads(tiny_checkpoint, monkeypatch):
+    """before_prefill marks as reading heads the KV heads whose induction score is above COPY_HEAD_THRESHOLD
+    (here the scores' median, so that some are and some are not)."""
+    model = kvzoo.load(tiny_checkpoint("llama-gqa")[1])
+    scores = induction_scores(model)  # [L, Hkv]
+    threshold = float(scores.flatten().median())
+    monkeypatch.setattr(zsmerge_module, "COPY_HEAD_THRESHOLD", threshold)
+    method = ZSMerge(budget=8, cross_layer=True, cross_layer_heads="copy")
+    cache = method.make_cache(model.config, [20], 0, torch.float32, "cpu")
+    method.before_prefill(model, cache)
+    marked = torch.stack([slots.state["reading_head"][0] for slots in cache.layers])
+    assert torch.equal(marked, scores > threshold) and bool(marked.any()) and not bool(marked.all())
+    assert "reading_head" not in ZSMerge(budget=8, cross_layer=True).make_cache(
+        model.config, [20], 0, torch.float32, "cpu").layers[0].state
+
+
+def test_zsmerge_cross_layer_heads_must_be_named():
+    with pytest.raises(KvzooError, match="cross_layer_heads must be one of 'all', 'copy', got 'reading'"):
+        ZSMerge(cross_layer=True, cross_layer_heads="reading")

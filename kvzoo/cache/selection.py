@@ -177,15 +177,19 @@ def score_shares(slots: LayerSlots) -> torch.Tensor:
     return share_of(slots.score.masked_fill(~slots.filled, 0.0), slots.filled)
 
 
-def widest_shares(layers: list[LayerSlots]) -> torch.Tensor:
-    """[B, P] for every prompt position, the largest `score_shares` any head of any layer gives its token."""
+def widest_shares(layers: list[LayerSlots], heads: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """[B, P] for every prompt position, the largest `score_shares` any head of any layer gives its token;
+    with `heads` (one [B, Hkv] bool mask per layer), any of those heads."""
     n_pos = int(layers[0].state["prompt_len"].max())  # positions are below it: one host read, not one per layer
     widest = None
-    for slots in layers:
+    for layer_idx, slots in enumerate(layers):
         b, hkv, _ = slots.pos.shape
         spill = torch.where(slots.filled, slots.pos, n_pos)  # empty slots land in a dropped column
+        shares = score_shares(slots)
+        if heads is not None:
+            shares = shares.masked_fill(~heads[layer_idx][..., None], 0.0)
         per_head = torch.zeros(b, hkv, n_pos + 1, device=slots.pos.device).scatter_reduce(
-            -1, spill, score_shares(slots), "amax")
+            -1, spill, shares, "amax")
         layer_max = per_head[..., :n_pos].amax(1)
         widest = layer_max if widest is None else torch.maximum(widest, layer_max)
     assert widest is not None

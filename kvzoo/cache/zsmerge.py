@@ -152,6 +152,7 @@ MIN_RESIDUAL = 1
 RANKS = ("window", "accumulated", "blend", "split", "attention_shares", "shares", "block_shares")  # see ZSMerge.rank
 WINDOW_RANKS = ("window", "accumulated")  # the paper's: one attention signal, no blend (context_rank, tie)
 SHARE_RANKS = ("attention_shares", "shares", "block_shares")  # rank by the largest share (see ZSMerge.decode_score)
+CROSS_LAYER_HEADS = ("all", "copy")  # see ZSMerge.cross_layer_heads
 NOT_ATTENTION_ONLY = ("split", "shares", "block_shares")  # ranks cross_layer cannot take (leverage or a split)
 DECODE_SCORES = ("accumulated", "standing")
 LAYER_BUDGETS = ("uniform", "uncertainty")  # see ZSMerge.layer_budgets
@@ -343,6 +344,15 @@ class ZSMerge(CompressionMethod):
     # layer 18 hold the same 37 context tokens, none of the code's digits); 7 / 5 / 13 of 24 needles at 5 / 10 / 20%
     # kept against the default's 19 / 19 / 19 (seed 33, the full cache 19; tools/RESULTS.md, "Session 38").
     cross_layer: bool = False
+    # Which heads' shares the cross-layer rank takes the largest of: "all" (every head of every layer) or "copy"
+    # (the copy heads alone, `copy_heads.induction_scores` above COPY_HEAD_THRESHOLD: the heads a question's
+    # answer is read through), so every layer keeps what the question reads through them and its own reads
+    # otherwise. Not the default: asked with the context (seeds 31-34, 96 needles, the full cache 67, equal
+    # memory) 64 / 63 / 63 at 5 / 10 / 20% kept against the default's 59 / 67 / 64. It answers seed 31's
+    # repeated-digit code (` 92999.`, lost by the default at 5-30%), but every layer then holds every door's code
+    # the copy heads read, and multikey needles get another door's code (seed 33: 17 / 18 / 18 against 19 / 19 /
+    # 19; seed 32 at 10% kept writes ` 22122.` for 82308). tools/RESULTS.md, "Session 39".
+    cross_layer_heads: str = "all"
     # What picks the context tokens at prefill: "score" (the stored attention scores above) or "compactor"
     # (scoring.compactor_scores: non-causal block attention times value norm plus the leverage of the pre-RoPE
     # keys, blended by the dropped fraction of the prompt, the first `compactor.SINKS` tokens first; as the
@@ -493,6 +503,9 @@ class ZSMerge(CompressionMethod):
             raise KvzooError(f"ZSMerge: cross_layer ranks by attention shares alone, so it takes neither leverage "
                              f"nor rank='split', 'shares' or 'block_shares' (got leverage={self.leverage!r}, "
                              f"rank={self.rank!r})")
+        if self.cross_layer_heads not in CROSS_LAYER_HEADS:
+            raise KvzooError(f"ZSMerge: cross_layer_heads must be one of {', '.join(map(repr, CROSS_LAYER_HEADS))}, "
+                             f"got {self.cross_layer_heads!r}")
         if self.context_rank not in ("score", "compactor"):
             raise KvzooError(f"ZSMerge: context_rank must be 'score' or 'compactor', got {self.context_rank!r}")
         if self.context_rank == "compactor" and (self.leverage or self.cross_layer or self.rank not in WINDOW_RANKS):
@@ -555,6 +568,11 @@ class ZSMerge(CompressionMethod):
     def _sum_in_copy_heads(self) -> bool:
         """Whether the copy heads' accumulated share stays the sum (`accumulated`, read by the share ranks)."""
         return self.rank in SHARE_RANKS and self.accumulated in KEEP_SUM_IN_COPY_HEADS
+
+    @property
+    def _reads_copy_heads(self) -> bool:
+        """Whether the cross-layer rank takes the copy heads' shares alone (`cross_layer_heads`)."""
+        return self.cross_layer and self.cross_layer_heads == "copy"
 
     @property
     def decode_slot_state(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -633,6 +651,9 @@ class ZSMerge(CompressionMethod):
             if self._sum_in_copy_heads:  # filled from the model (before_prefill)
                 slots.state["sum_head"] = torch.zeros(len(prompt_lens), cfg.num_kv_heads, dtype=torch.bool,
                                                       device=device)  # [B, Hkv]
+            if self._reads_copy_heads:  # filled from the model (before_prefill)
+                slots.state["reading_head"] = torch.zeros(len(prompt_lens), cfg.num_kv_heads, dtype=torch.bool,
+                                                          device=device)  # [B, Hkv]
             if self.copy_heads is not None:  # filled from the model before each prompt chunk (before_prefill)
                 slots.state["copy_head"] = torch.zeros(len(prompt_lens), cfg.num_kv_heads, dtype=torch.bool,
                                                        device=device)  # [B, Hkv]
@@ -670,6 +691,8 @@ class ZSMerge(CompressionMethod):
         marks = [] if self.copy_heads is None else [("copy_head", self.copy_heads)]
         if self._sum_in_copy_heads:
             marks.append(("sum_head", COPY_HEAD_THRESHOLD))
+        if self._reads_copy_heads:
+            marks.append(("reading_head", COPY_HEAD_THRESHOLD))
         if not marks:
             return
         scores = induction_scores(model)  # [L, Hkv], computed once per model
@@ -1021,7 +1044,8 @@ class ZSMerge(CompressionMethod):
         stacked again (one allocation, so decode steps still batch the layers)."""
         if "held_tie" not in cache.layers[0].state:
             return
-        widest = widest_shares(cache.layers) if self.cross_layer else None
+        heads = [slots.state.pop("reading_head") for slots in cache.layers] if self._reads_copy_heads else None
+        widest = widest_shares(cache.layers, heads) if self.cross_layer else None
         first = cache.layers[0]
         budgets = self._layer_budgets(cache)
         _, hkv, _, d = first.k.shape
