@@ -38,6 +38,7 @@ METHOD_CASES: list[MethodCase] = [
     MethodCase("TOVA", lambda b: TOVA(budget=b), constant_memory=True),
     MethodCase("ZSMerge", lambda b: ZSMerge(budget=b), constant_memory=True),
     MethodCase("ZSMerge-uniform", lambda b: ZSMerge(budget=b, layer_budgets="uniform"), constant_memory=True),
+    MethodCase("ZSMerge-copy-reads", lambda b: ZSMerge(budget=b, copy_reads=9), constant_memory=True),
     MethodCase("SnapKV", lambda b: SnapKV(budget=b, window_size=_window(b, 32)), constant_memory=False),
     MethodCase("PyramidKV", lambda b: PyramidKV(budget=b, window_size=_window(b, 8)), constant_memory=False),
     MethodCase("ZigZagKV", lambda b: ZigZagKV(budget=b, window_size=_window(b, 8)), constant_memory=False),

@@ -190,3 +190,36 @@ def test_zsmerge_cross_layer_copy_heads_are_the_models_induction_heads(tiny_chec
 def test_zsmerge_cross_layer_heads_must_be_named():
     with pytest.raises(KvzooError, match="cross_layer_heads must be one of 'all', 'copy', got 'reading'"):
         ZSMerge(cross_layer=True, cross_layer_heads="reading")
+
+
+def test_zsmerge_copy_reads_keeps_what_the_copy_heads_read_in_every_layer():
+    """copy_reads=1: every layer keeps the token the copy heads' window reads most (token 20, read by layer 1's
+    head) beside its own context; the rest of each layer's context is its own top. Without a copy head nothing
+    changes."""
+    n, w, context = 40, 8, 4
+    qkv = layer_one_reads_token_20(n, w)
+    shares = [window_shares(qkv, layer, n, w, decay=0.98) for layer in range(2)]
+
+    def kept(copy_reads: int, reading_layers: tuple[int, ...]) -> list[set[int]]:
+        method = _ReadingHeads(budget=8, proximity=3, residual=1, kernel_size=1, decay=0.98, rank="window",
+                               layer_budgets="uniform", copy_reads=copy_reads, reading_layers=reading_layers)
+        layers = drive_synthetic(method, qkv, [n], 0).snapshots[0].layers  # slots: [residual | 4 context | 3 ring]
+        return [set(x["pos"][0, 0, 1:1 + context].tolist()) for x in layers]
+
+    alone = [top_positions(s, n - 3, context) for s in shares]
+    assert kept(0, ()) == alone and kept(1, ()) == alone
+    assert 20 not in alone[0] and 20 in alone[1]
+    assert kept(1, (1,)) == [{20} | top_positions(shares[0], n - 3, context - 1), alone[1]]
+
+
+def test_zsmerge_copy_reads_is_off_where_there_is_no_question_or_no_whole_prompt():
+    method = ZSMerge(copy_reads=9)
+    assert method.for_chunked_prefill().copy_reads == 0 and method.for_stored_document().copy_reads == 0
+    assert ZSMerge(layer_budgets="uniform", copy_reads=9).for_chunked_prefill().layer_budgets == "uniform"
+    assert ZSMerge().for_chunked_prefill() == ZSMerge(layer_budgets="uniform")
+    for bad, message in ((dict(copy_reads=-1), "copy_reads must be an integer >= 0, got -1"),
+                         (dict(copy_reads=True), "copy_reads must be an integer >= 0, got True"),
+                         (dict(copy_reads=9, rank="accumulated"), "rank='accumulated'"),
+                         (dict(copy_reads=9, copy_heads=0.3, layer_budgets="uniform"), "copy_heads=0.3")):
+        with pytest.raises(KvzooError, match=message):
+            ZSMerge(**bad)

@@ -190,7 +190,7 @@ def test_header_says_what_the_cache_belongs_to(model, saved):
         "kernel_size": 7, "pooling": "max", "pool_ahead": 0, "metric": "dot", "score_update": "max",
         "prefill_scale": "window", "leverage": 0.0, "leverage_of": "keys", "rank": "window", "decode_score": "accumulated",
         "standing_half_life": 2.0, "accumulated": "sum",
-        "window_weight": 1.0, "window_share": 0.25, "cross_layer": False, "cross_layer_heads": "all",
+        "window_weight": 1.0, "window_share": 0.25, "cross_layer": False, "cross_layer_heads": "all", "copy_reads": 0,
         "context_rank": "compactor",
         "leverage_tokens": "basis", "copy_heads": None, "copy_recent": 16, "stored_ring": 32,
         "stored_kernel_size": 7, "stored_copy_heads": 0.3, "layer_budgets": "uniform"}}

@@ -130,7 +130,7 @@ import torch.nn.functional as F
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import (Budget, budget_tokens, check_budget, check_counts, check_pooling, level_budgets,
                                  part_tokens)
-from kvzoo.cache.compactor import sinks_then_compactor
+from kvzoo.cache.compactor import SINKS, sinks_then_compactor
 from kvzoo.cache.copy_heads import COPY_HEAD_THRESHOLD, induction_scores
 from kvzoo.cache import layer_uncertainty
 from kvzoo.cache.scoring import (accumulated_scores, attention_rate, attention_shares, block_attention,
@@ -353,6 +353,15 @@ class ZSMerge(CompressionMethod):
     # the copy heads read, and multikey needles get another door's code (seed 33: 17 / 18 / 18 against 19 / 19 /
     # 19; seed 32 at 10% kept writes ` 22122.` for 82308). tools/RESULTS.md, "Session 39".
     cross_layer_heads: str = "all"
+    # Every layer keeps, beside its own context, the `copy_reads` prompt tokens the copy heads' window reads most
+    # (`copy_heads.induction_scores` above COPY_HEAD_THRESHOLD; each read lent to the kernel_size - 1 tokens
+    # after it, as the pooled window lends it; the first `compactor.SINKS` tokens and those every layer's ring
+    # keeps anyway left out): the answer a question points the copy heads at, which the layers below them drop
+    # at small budgets although a copy of it needs them (`tools/needle_trace.py`: seed 35 instance 4 at 5% kept
+    # holds ` 46642` in the reading heads and in none of layers 1-14, and writes ` 4662.`). It needs the whole
+    # prompt at the end of prefill (as layer_budgets="uncertainty"); a prompt fed in chunks and a document stored
+    # for later questions (no question yet) keep 0. 0: off (the default). See tools/RESULTS.md, "Session 39".
+    copy_reads: int = 0
     # What picks the context tokens at prefill: "score" (the stored attention scores above) or "compactor"
     # (scoring.compactor_scores: non-causal block attention times value norm plus the leverage of the pre-RoPE
     # keys, blended by the dropped fraction of the prompt, the first `compactor.SINKS` tokens first; as the
@@ -503,6 +512,12 @@ class ZSMerge(CompressionMethod):
             raise KvzooError(f"ZSMerge: cross_layer ranks by attention shares alone, so it takes neither leverage "
                              f"nor rank='split', 'shares' or 'block_shares' (got leverage={self.leverage!r}, "
                              f"rank={self.rank!r})")
+        if isinstance(self.copy_reads, bool) or not isinstance(self.copy_reads, int) or self.copy_reads < 0:
+            raise KvzooError(f"ZSMerge: copy_reads must be an integer >= 0, got {self.copy_reads!r}")
+        if self.copy_reads and (self.rank == "accumulated" or self.copy_heads is not None):
+            raise KvzooError(f"ZSMerge: copy_reads takes the copy heads' window reads, which rank='accumulated' does "
+                             f"not keep and copy_heads decides otherwise (got rank={self.rank!r}, "
+                             f"copy_heads={self.copy_heads!r})")
         if self.cross_layer_heads not in CROSS_LAYER_HEADS:
             raise KvzooError(f"ZSMerge: cross_layer_heads must be one of {', '.join(map(repr, CROSS_LAYER_HEADS))}, "
                              f"got {self.cross_layer_heads!r}")
@@ -571,8 +586,9 @@ class ZSMerge(CompressionMethod):
 
     @property
     def _reads_copy_heads(self) -> bool:
-        """Whether the cross-layer rank takes the copy heads' shares alone (`cross_layer_heads`)."""
-        return self.cross_layer and self.cross_layer_heads == "copy"
+        """Whether end_prefill reads the copy heads: the cross-layer rank over them alone (`cross_layer_heads`),
+        or their window's reads (`copy_reads`)."""
+        return (self.cross_layer and self.cross_layer_heads == "copy") or self.copy_reads > 0
 
     @property
     def decode_slot_state(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -611,15 +627,15 @@ class ZSMerge(CompressionMethod):
     def _holds_prompt(self) -> bool:
         """Whether every layer keeps the whole prompt until end_prefill compresses it (`cross_layer`,
         `layer_budgets`)."""
-        return self.cross_layer or self.layer_budgets != "uniform"
+        return self.cross_layer or self.layer_budgets != "uniform" or self.copy_reads > 0
 
     def for_chunked_prefill(self) -> "ZSMerge":
         """This ZSMerge with uniform layer budgets (`layer_budgets`) when it would hold the whole prompt for
         them: a prompt fed in chunks keeps its memory flat. Itself otherwise (a cross-layer rank refuses
         chunks: `supports_chunked_prefill`)."""
-        if self.layer_budgets == "uniform" or self.cross_layer:
+        if self.cross_layer or (self.layer_budgets == "uniform" and not self.copy_reads):
             return self
-        return replace(self, layer_budgets="uniform")
+        return replace(self, layer_budgets="uniform", copy_reads=0)
 
     @property
     def supports_chunked_prefill(self) -> bool:  # type: ignore[override]
@@ -675,7 +691,8 @@ class ZSMerge(CompressionMethod):
         (already chosen)."""
         if self.copy_heads is not None or self.cross_layer or self.context_rank != "score":
             return self
-        pooled = replace(self, kernel_size=self.stored_kernel_size) if self.stored_kernel_size is not None else self
+        pooled = replace(self, copy_reads=0)  # no question yet
+        pooled = replace(pooled, kernel_size=self.stored_kernel_size) if self.stored_kernel_size is not None else self
         if self.stored_ring is not None and not self.leverage and not chunked:
             return replace(pooled, proximity_cap=self.stored_ring, context_rank="compactor", rank="window",
                            accumulated="sum", layer_budgets="uniform")
@@ -1044,10 +1061,11 @@ class ZSMerge(CompressionMethod):
         stacked again (one allocation, so decode steps still batch the layers)."""
         if "held_tie" not in cache.layers[0].state:
             return
-        heads = [slots.state.pop("reading_head") for slots in cache.layers] if self._reads_copy_heads else None
+        heads = [slots.state["reading_head"] for slots in cache.layers] if self._reads_copy_heads else None
         widest = widest_shares(cache.layers, heads) if self.cross_layer else None
         first = cache.layers[0]
         budgets = self._layer_budgets(cache)
+        forced = self._copy_reads(cache.layers, heads, budgets) if self.copy_reads and heads is not None else None
         _, hkv, _, d = first.k.shape
         stacks, stores = allocate_stores(budgets, [int(b.max()) for b in budgets], hkv, d, first.k.dtype,
                                         first.k.device)
@@ -1057,11 +1075,42 @@ class ZSMerge(CompressionMethod):
             new.state = {**old.state, "prefill_budget": budget, **self._regions(budget.tolist(), budget.device)}
             if widest is not None:
                 rank = cross_layer_rank(old, widest)
+            if forced is not None:  # kept in every layer: ranked above any score
+                is_forced = (old.pos[..., None] == forced[:, None, None, :]).any(-1) & old.filled
+                rank = (old.score if rank is None else rank).masked_fill(is_forced, float("inf"))
             candidates = slot_candidates(old)
             candidates.k, candidates.v = old.k, old.v  # every slot is a fresh candidate (none is a residual)
             self._compress(new, candidates, old.score, None, None, rank=rank, tie=tie, stored=stored)
             cache.layers[layer_idx] = new
         cache.stacks = stacks
+
+    def _copy_reads(self, layers: list[LayerSlots], heads: list[torch.Tensor], budgets: list[torch.Tensor]
+                    ) -> torch.Tensor:
+        """[B, copy_reads] the prompt positions the copy heads' window reads most, from each held layer's window
+        scores (state["held_tie"]) in the heads marked in `heads` (one [B, Hkv] per layer): a token's read is its
+        largest share of such a head's window, max-pooled over the kernel_size positions up to it (a read lends
+        to the tokens after it); the first SINKS tokens lend nothing, and the tokens every layer's ring keeps
+        (the smallest ring of `budgets`' layouts) are not picked. Positions -1 where a prompt has fewer."""
+        prompt_len = layers[0].state["prompt_len"]  # [B]
+        n_pos = int(prompt_len.max())
+        reads = torch.zeros(prompt_len.shape[0], n_pos, device=prompt_len.device)
+        for slots, head in zip(layers, heads):
+            window = slots.state["held_tie"].masked_fill(~slots.filled, 0.0)  # [B, Hkv, C]
+            shares = (window / window.sum(-1, keepdim=True).clamp(min=1e-30)).masked_fill(~head[..., None], 0.0)
+            spill = torch.where(slots.filled, slots.pos, n_pos)  # empty slots land in a dropped column
+            per_head = torch.zeros(*shares.shape[:2], n_pos + 1, device=shares.device).scatter_reduce(
+                -1, spill, shares, "amax")
+            reads = torch.maximum(reads, per_head[..., :n_pos].amax(1))
+        reads[:, :SINKS] = 0.0
+        k = self.kernel_size
+        reads = F.max_pool1d(F.pad(reads[:, None], (k - 1, 0)), k, 1)[:, 0]  # [B, n_pos]
+        smallest_ring = torch.stack([torch.tensor([self._split(int(b)).proximity for b in layer.tolist()])
+                                     for layer in budgets]).amin(0).to(prompt_len.device)  # [B]
+        position = torch.arange(n_pos, device=prompt_len.device)[None]
+        pickable = (position < (prompt_len - smallest_ring)[:, None]) & (reads > 0)
+        reads = reads.masked_fill(~pickable, -1.0)
+        top = reads.topk(min(self.copy_reads, n_pos), dim=-1)
+        return torch.where(top.values > 0, top.indices, -1)
 
     def _layer_budgets(self, cache: KVCache) -> list[torch.Tensor]:
         """Per layer, the [B] slots of each sequence (`layer_budgets`): the average budget's layout, or a share
