@@ -215,6 +215,9 @@ def test_zsmerge_copy_reads_keeps_what_the_copy_heads_read_in_every_layer():
 def test_zsmerge_copy_reads_is_off_where_there_is_no_question_or_no_whole_prompt():
     method = ZSMerge(copy_reads=9)
     assert method.for_chunked_prefill().copy_reads == 0 and method.for_stored_document().copy_reads == 0
+    for stored in (dict(stored_kernel_size=None), dict(stored_ring=None),
+                   dict(stored_ring=None, stored_copy_heads=None)):
+        assert ZSMerge(copy_reads=9, **stored).for_stored_document().copy_reads == 0, stored
     assert ZSMerge(layer_budgets="uniform", copy_reads=9).for_chunked_prefill().layer_budgets == "uniform"
     assert ZSMerge().for_chunked_prefill() == ZSMerge(layer_budgets="uniform")
     for bad, message in ((dict(copy_reads=-1), "copy_reads must be an integer >= 0, got -1"),

@@ -172,20 +172,24 @@ def shrink_slots(slots: LayerSlots, rank: torch.Tensor, keep: torch.Tensor,
     return new
 
 
-def score_shares(slots: LayerSlots) -> torch.Tensor:
-    """[B, Hkv, C] each filled slot's score as a share of its head's total (0 for empty slots)."""
-    return share_of(slots.score.masked_fill(~slots.filled, 0.0), slots.filled)
+def score_shares(slots: LayerSlots, score: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, Hkv, C] each filled slot's score (or `score` [B, Hkv, C] >= 0) as a share of its head's total (0 for
+    empty slots)."""
+    score = slots.score if score is None else score
+    return share_of(score.masked_fill(~slots.filled, 0.0), slots.filled)
 
 
-def widest_shares(layers: list[LayerSlots], heads: list[torch.Tensor] | None = None) -> torch.Tensor:
+def widest_shares(layers: list[LayerSlots], heads: list[torch.Tensor] | None = None,
+                  scores: list[torch.Tensor] | None = None) -> torch.Tensor:
     """[B, P] for every prompt position, the largest `score_shares` any head of any layer gives its token;
-    with `heads` (one [B, Hkv] bool mask per layer), any of those heads."""
+    with `heads` (one [B, Hkv] bool mask per layer), any of those heads; with `scores` (one [B, Hkv, C] per
+    layer), the shares of those instead of the slots' scores."""
     n_pos = int(layers[0].state["prompt_len"].max())  # positions are below it: one host read, not one per layer
     widest = None
     for layer_idx, slots in enumerate(layers):
         b, hkv, _ = slots.pos.shape
         spill = torch.where(slots.filled, slots.pos, n_pos)  # empty slots land in a dropped column
-        shares = score_shares(slots)
+        shares = score_shares(slots, None if scores is None else scores[layer_idx])
         if heads is not None:
             shares = shares.masked_fill(~heads[layer_idx][..., None], 0.0)
         per_head = torch.zeros(b, hkv, n_pos + 1, device=slots.pos.device).scatter_reduce(

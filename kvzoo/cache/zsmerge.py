@@ -694,11 +694,12 @@ class ZSMerge(CompressionMethod):
         `stored_copy_heads` and the leverage share (rank "shares" for "attention_shares"); either way with its
         window pooled over `stored_kernel_size` positions and uniform layers. Itself with copy
         heads or a cross-layer rank (which decide what every layer keeps themselves) or another context rank
-        (already chosen)."""
+        (already chosen). Never with `copy_reads`: a stored document has no question yet."""
+        if self.copy_reads:  # no question yet to read
+            return replace(self, copy_reads=0).for_stored_document(chunked)
         if self.copy_heads is not None or self.cross_layer or self.context_rank != "score":
             return self
-        pooled = replace(self, copy_reads=0)  # no question yet
-        pooled = replace(pooled, kernel_size=self.stored_kernel_size) if self.stored_kernel_size is not None else self
+        pooled = replace(self, kernel_size=self.stored_kernel_size) if self.stored_kernel_size is not None else self
         if self.stored_ring is not None and not self.leverage and not chunked:
             return replace(pooled, proximity_cap=self.stored_ring, context_rank="compactor", rank="window",
                            accumulated="sum", layer_budgets="uniform")
@@ -1099,14 +1100,7 @@ class ZSMerge(CompressionMethod):
         (the smallest ring of `budgets`' layouts) are not picked. Positions -1 where a prompt has fewer."""
         prompt_len = layers[0].state["prompt_len"]  # [B]
         n_pos = int(prompt_len.max())
-        reads = torch.zeros(prompt_len.shape[0], n_pos, device=prompt_len.device)
-        for slots, head in zip(layers, heads):
-            window = slots.state["held_tie"].masked_fill(~slots.filled, 0.0)  # [B, Hkv, C]
-            shares = (window / window.sum(-1, keepdim=True).clamp(min=1e-30)).masked_fill(~head[..., None], 0.0)
-            spill = torch.where(slots.filled, slots.pos, n_pos)  # empty slots land in a dropped column
-            per_head = torch.zeros(*shares.shape[:2], n_pos + 1, device=shares.device).scatter_reduce(
-                -1, spill, shares, "amax")
-            reads = torch.maximum(reads, per_head[..., :n_pos].amax(1))
+        reads = widest_shares(layers, heads, [slots.state["held_tie"] for slots in layers])  # [B, n_pos]
         reads[:, :SINKS] = 0.0
         k = self.kernel_size
         reads = F.max_pool1d(F.pad(reads[:, None], (k - 1, 0)), k, 1)[:, 0]  # [B, n_pos]
