@@ -223,6 +223,7 @@ def test_zsmerge_copy_reads_is_off_where_there_is_no_question_or_no_whole_prompt
     for bad, message in ((dict(copy_reads=-1), "copy_reads must be an integer >= 0, got -1"),
                          (dict(copy_reads=True), "copy_reads must be an integer >= 0, got True"),
                          (dict(copy_reads=9, rank="accumulated"), "rank='accumulated'"),
+                         (dict(copy_reads=9, rank="split", layer_budgets="uniform"), "rank='split'"),
                          (dict(copy_reads=9, copy_heads=0.3, layer_budgets="uniform"), "copy_heads=0.3")):
         with pytest.raises(KvzooError, match=message):
             ZSMerge(**bad)

@@ -520,9 +520,10 @@ class ZSMerge(CompressionMethod):
                              f"rank={self.rank!r})")
         if isinstance(self.copy_reads, bool) or not isinstance(self.copy_reads, int) or self.copy_reads < 0:
             raise KvzooError(f"ZSMerge: copy_reads must be an integer >= 0, got {self.copy_reads!r}")
-        if self.copy_reads and (self.rank == "accumulated" or self.copy_heads is not None):
+        if self.copy_reads and (self.rank in ("accumulated", "split") or self.copy_heads is not None):
             raise KvzooError(f"ZSMerge: copy_reads takes the copy heads' window reads, which rank='accumulated' does "
-                             f"not keep and copy_heads decides otherwise (got rank={self.rank!r}, "
+                             f"not keep, and ranks the rest by the standing, which rank='split' does not, and "
+                             f"copy_heads decides otherwise (got rank={self.rank!r}, "
                              f"copy_heads={self.copy_heads!r})")
         if self.cross_layer_heads not in CROSS_LAYER_HEADS:
             raise KvzooError(f"ZSMerge: cross_layer_heads must be one of {', '.join(map(repr, CROSS_LAYER_HEADS))}, "
@@ -632,12 +633,12 @@ class ZSMerge(CompressionMethod):
     @property
     def _holds_prompt(self) -> bool:
         """Whether every layer keeps the whole prompt until end_prefill compresses it (`cross_layer`,
-        `layer_budgets`)."""
+        `layer_budgets`, `copy_reads`)."""
         return self.cross_layer or self.layer_budgets != "uniform" or self.copy_reads > 0
 
     def for_chunked_prefill(self) -> "ZSMerge":
-        """This ZSMerge with uniform layer budgets (`layer_budgets`) when it would hold the whole prompt for
-        them: a prompt fed in chunks keeps its memory flat. Itself otherwise (a cross-layer rank refuses
+        """This ZSMerge with uniform layer budgets (`layer_budgets`) and no `copy_reads` when it would hold the
+        whole prompt for them: a prompt fed in chunks keeps its memory flat. Itself otherwise (a cross-layer rank refuses
         chunks: `supports_chunked_prefill`)."""
         if self.cross_layer or (self.layer_budgets == "uniform" and not self.copy_reads):
             return self
@@ -1104,8 +1105,9 @@ class ZSMerge(CompressionMethod):
         reads[:, :SINKS] = 0.0
         k = self.kernel_size
         reads = F.max_pool1d(F.pad(reads[:, None], (k - 1, 0)), k, 1)[:, 0]  # [B, n_pos]
-        smallest_ring = torch.stack([torch.tensor([self._split(int(b)).proximity for b in layer.tolist()])
-                                     for layer in budgets]).amin(0).to(prompt_len.device)  # [B]
+        # the ring grows with the budget: the smallest layer budget's ring is the smallest (one host read)
+        smallest_budget = torch.stack(budgets).amin(0).tolist()
+        smallest_ring = torch.tensor([self._split(b).proximity for b in smallest_budget], device=prompt_len.device)
         position = torch.arange(n_pos, device=prompt_len.device)[None]
         pickable = (position < (prompt_len - smallest_ring)[:, None]) & (reads > 0)
         reads = reads.masked_fill(~pickable, -1.0)
