@@ -142,7 +142,7 @@ class _ReadingHeads(ZSMerge):
     def make_cache(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         cache = super().make_cache(*args, **kwargs)
         for layer in self.reading_layers:
-            cache.layers[layer].state["reading_head"][:, 0] = True
+            cache.layers[layer].state["induction_head"][:, 0] = True
         return cache
 
 
@@ -181,9 +181,11 @@ def test_zsmerge_cross_layer_copy_heads_are_the_models_induction_heads(tiny_chec
     method = ZSMerge(budget=8, cross_layer=True, cross_layer_heads="copy")
     cache = method.make_cache(model.config, [20], 0, torch.float32, "cpu")
     method.before_prefill(model, cache)
-    marked = torch.stack([slots.state["reading_head"][0] for slots in cache.layers])
+    marked = torch.stack([slots.state["induction_head"][0] for slots in cache.layers])
     assert torch.equal(marked, scores > threshold) and bool(marked.any()) and not bool(marked.all())
-    assert "reading_head" not in ZSMerge(budget=8, cross_layer=True).make_cache(
+    # Marked only where something reads the mark: here neither the cross-layer rank (over every head) nor the
+    # accumulated sum (accumulated="sum" keeps it in every head).
+    assert "induction_head" not in ZSMerge(budget=8, cross_layer=True, accumulated="sum").make_cache(
         model.config, [20], 0, torch.float32, "cpu").layers[0].state
 
 

@@ -114,6 +114,22 @@ def test_save_load_ask_equals_asking_in_memory(model, method, tmp_path):
         assert model.generate_ids(q, max_new_tokens=NEW, eos_token_ids=[], cache=loaded).token_ids == want
 
 
+def test_a_cache_saved_with_an_earlier_state_name_loads_and_answers_alike(model, tmp_path):
+    """A ZSMerge document stored in chunks marks its induction heads ("induction_head"); a file written when the
+    mark was called "sum_head" loads under today's name and answers as the cache in memory."""
+    cache = model.prefill(CONTEXT, compression=kvzoo.ZSMerge(budget=16, proximity=4, residual=2), prefill_chunk=20)
+    assert "induction_head" in cache.layers[0].state
+    earlier = dataclasses.replace(cache, layers=[
+        dataclasses.replace(layer, state={("sum_head" if k == "induction_head" else k): v
+                                          for k, v in layer.state.items()}) for layer in cache.layers])
+    earlier.save(tmp_path / "doc.kvc")
+    loaded = kvzoo.load_cache(tmp_path / "doc.kvc", model)
+    assert "sum_head" not in loaded.layers[0].state
+    assert torch.equal(loaded.layers[0].state["induction_head"], cache.layers[0].state["induction_head"])
+    want = model.generate_ids(QUESTIONS[2], max_new_tokens=NEW, eos_token_ids=[], cache=cache).token_ids
+    assert model.generate_ids(QUESTIONS[2], max_new_tokens=NEW, eos_token_ids=[], cache=loaded).token_ids == want
+
+
 def test_decode_time_methods_keep_their_size_prefill_only_methods_get_headroom(model):
     zs = model.prefill(CONTEXT, compression=kvzoo.ZSMerge(budget=16, proximity=4, residual=2))
     out = model.generate_ids(QUESTIONS[2], max_new_tokens=NEW, eos_token_ids=[], cache=zs)

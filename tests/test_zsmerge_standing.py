@@ -169,8 +169,8 @@ class _HeadOneCopies(ZSMerge):
     def make_cache(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         cache = super().make_cache(*args, **kwargs)
         for slots in cache.layers:
-            if "sum_head" in slots.state:  # accumulated in KEEP_SUM_IN_COPY_HEADS only
-                slots.state["sum_head"][:, 1] = True
+            if "induction_head" in slots.state:  # accumulated in KEEP_SUM_IN_COPY_HEADS only
+                slots.state["induction_head"][:, 1] = True
         return cache
 
 
@@ -217,7 +217,7 @@ def test_the_copy_heads_ranked_by_the_sum_are_the_models_induction_heads(tiny_ch
     monkeypatch.setattr(zsmerge_module, "COPY_HEAD_THRESHOLD", threshold)
     cache, _ = prefill_cache(model, [list(range(3, 23))], ZSMerge(budget=8, accumulated="rate_outside_copy_heads"),
                              headroom=0)
-    marked = torch.stack([slots.state["sum_head"][0] for slots in cache.layers])
+    marked = torch.stack([slots.state["induction_head"][0] for slots in cache.layers])
     assert torch.equal(marked, scores > threshold) and bool(marked.any()) and not bool(marked.all())
 
 

@@ -32,6 +32,9 @@ FORMAT = "kvzoo-cache"
 FORMAT_VERSION = 1
 HEADER_KEY = "kvzoo"
 SLOT_TENSORS = ("k", "v", "logw", "score", "pos", "budget")
+# State written under another name by earlier kvzoo versions (same tensor, same meaning): ZSMerge's two marks of
+# the induction heads, one since session 40.
+RENAMED_STATE = {"sum_head": "induction_head", "reading_head": "induction_head"}
 
 
 class CacheFileError(KvzooError):
@@ -216,7 +219,8 @@ def load_cache(path: str | os.PathLike[str], model: "CausalLM") -> KVCache:
     for i in range(header["num_layers"]):
         try:
             parts = {name: tensors[f"layers.{i}.{name}"].to(device) for name in SLOT_TENSORS}
-            state = {name: tensors[f"layers.{i}.state.{name}"].to(device) for name in header["state"]}
+            state = {RENAMED_STATE.get(name, name): tensors[f"layers.{i}.state.{name}"].to(device)
+                     for name in header["state"]}
         except KeyError as e:
             raise CacheFileError(f"{path}: tensor {e.args[0]!r} is missing") from e
         layers.append(LayerSlots(**parts, state=state))

@@ -598,6 +598,13 @@ class ZSMerge(CompressionMethod):
         return (self.cross_layer and self.cross_layer_heads == "copy") or self.copy_reads > 0
 
     @property
+    def _marks_induction_heads(self) -> bool:
+        """Whether the cache marks each layer's induction heads (state["induction_head"] [B, Hkv]: the KV heads
+        whose `copy_heads.induction_scores` is above COPY_HEAD_THRESHOLD), for the accumulated sum
+        (`_sum_in_copy_heads`) or end_prefill's reads (`_reads_copy_heads`): one mark serves both."""
+        return self._sum_in_copy_heads or self._reads_copy_heads
+
+    @property
     def decode_slot_state(self) -> tuple[str, ...]:  # type: ignore[override]
         """The standing a decode step lets lapse (`standing_half_life`), when it does."""
         return ("standing_bonus", "standing_pos") if self.standing_half_life and self._splits_standing else ()
@@ -671,12 +678,9 @@ class ZSMerge(CompressionMethod):
                 slots.state["standing_bonus"] = torch.zeros_like(slots.score)  # [B, Hkv, C] (see `_compress`)
                 slots.state["standing_pos"] = torch.full_like(slots.pos, -1, dtype=torch.int32)  # [B, Hkv, C]
                 slots.state["standing_written"] = torch.zeros_like(residual)  # [B] position after that chunk
-            if self._sum_in_copy_heads:  # filled from the model (before_prefill)
-                slots.state["sum_head"] = torch.zeros(len(prompt_lens), cfg.num_kv_heads, dtype=torch.bool,
-                                                      device=device)  # [B, Hkv]
-            if self._reads_copy_heads:  # filled from the model (before_prefill)
-                slots.state["reading_head"] = torch.zeros(len(prompt_lens), cfg.num_kv_heads, dtype=torch.bool,
-                                                          device=device)  # [B, Hkv]
+            if self._marks_induction_heads:  # filled from the model (before_prefill)
+                slots.state["induction_head"] = torch.zeros(len(prompt_lens), cfg.num_kv_heads, dtype=torch.bool,
+                                                            device=device)  # [B, Hkv]
             if self.copy_heads is not None:  # filled from the model before each prompt chunk (before_prefill)
                 slots.state["copy_head"] = torch.zeros(len(prompt_lens), cfg.num_kv_heads, dtype=torch.bool,
                                                        device=device)  # [B, Hkv]
@@ -714,10 +718,8 @@ class ZSMerge(CompressionMethod):
         """Mark each layer's copy heads in the cache, from the model's induction scores: those whose ring lends
         its slots (`copy_heads`) and those ranked by the attention sum (`accumulated`)."""
         marks = [] if self.copy_heads is None else [("copy_head", self.copy_heads)]
-        if self._sum_in_copy_heads:
-            marks.append(("sum_head", COPY_HEAD_THRESHOLD))
-        if self._reads_copy_heads:
-            marks.append(("reading_head", COPY_HEAD_THRESHOLD))
+        if self._marks_induction_heads:
+            marks.append(("induction_head", COPY_HEAD_THRESHOLD))
         if not marks:
             return
         scores = induction_scores(model)  # [L, Hkv], computed once per model
@@ -726,6 +728,10 @@ class ZSMerge(CompressionMethod):
                 slots.state[key].copy_((layer_scores > threshold)[None].expand_as(slots.state[key]))
 
     # --- prefill --------------------------------------------------------------------------------------
+    def _sum_heads(self, slots: LayerSlots) -> torch.Tensor | None:
+        """[B, Hkv] bool the heads whose accumulated share stays the sum (`accumulated`), or None."""
+        return slots.state["induction_head"] if self._sum_in_copy_heads else None
+
     def _scores(self, chunk: "PrefillChunk", bonus: torch.Tensor | None = None, sum_head: torch.Tensor | None = None,
                 ring: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(standing, fresh, accumulated), each [B, Hkv, S]: the contribution scores that rank the context
@@ -856,7 +862,7 @@ class ZSMerge(CompressionMethod):
                              "allocates from every layer's attention over the whole prompt, so it cannot compress "
                              "a prompt fed in chunks; generate without prefill_chunk")
         score, window, accumulated = self._scores(chunk, self._standing_bonus(slots, chunk),
-                                                  slots.state.get("sum_head"), slots.state["proximity"])
+                                                  self._sum_heads(slots), slots.state["proximity"])
         # The share ranks keep a token for its largest share, but its slot's score is what decode steps add
         # each query's attention to and evict by: the accumulated attention, with the standing kept beside it
         # for a later prompt chunk (see `decode_score`).
@@ -1069,7 +1075,7 @@ class ZSMerge(CompressionMethod):
         stacked again (one allocation, so decode steps still batch the layers)."""
         if "held_tie" not in cache.layers[0].state:
             return
-        heads = [slots.state["reading_head"] for slots in cache.layers] if self._reads_copy_heads else None
+        heads = [slots.state["induction_head"] for slots in cache.layers] if self._reads_copy_heads else None
         widest = widest_shares(cache.layers, heads) if self.cross_layer else None
         first = cache.layers[0]
         budgets = self._layer_budgets(cache)
