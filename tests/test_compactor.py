@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from kvzoo import Compactor, KVMerger, ZigZagKV, ZSMerge
 from kvzoo.cache.chunk import make_prefill_chunk
-from kvzoo.cache.compactor import SPAN, dropped_fraction, sinks_then_compactor
+from kvzoo.cache.compactor import LEAD_IN, SPAN, dropped_fraction, sinks_then_compactor
 from kvzoo.cache.kvmerger import protected_tokens
 from kvzoo.cache.scoring import compactor_scores, noncausal_block_scores, pre_rope_keys
 from kvzoo.cache.slots import LayerSlots
@@ -54,18 +54,20 @@ def test_pre_rope_keys_undo_the_rotation_wherever_the_text_starts():
 
 
 def test_a_stored_documents_rank_lends_each_tokens_score_to_its_span():
-    """sinks_then_compactor: Compactor's score of the chunk's own tokens, max-pooled over the SPAN positions
-    centred on each, the first 8 positions first; slots kept from before the chunk (a question to a stored
-    document) keep their stored score and lend it to no neighbour, nor take a neighbour's."""
+    """sinks_then_compactor: Compactor's score of the chunk's own tokens, each max-pooled over the SPAN positions
+    from SPAN - 1 - LEAD_IN before it to LEAD_IN after it (a token lends its score to the LEAD_IN tokens before
+    it), the first 8 positions first; slots kept from before the chunk (a question to a stored document) keep
+    their stored score and lend it to no neighbour, nor take a neighbour's."""
     g = torch.Generator().manual_seed(1)
     q, k, v = torch.randn(1, 2, 20, 8, generator=g), torch.randn(1, 1, 20, 8, generator=g), \
         torch.randn(1, 1, 20, 8, generator=g)
     kept, prompt_len = torch.tensor([6]), torch.tensor([20])
     first = make_prefill_chunk(q, k, v, torch.arange(20)[None], None, 0, 0.0, None)
     plain = compactor_scores(first, dropped_fraction(kept, prompt_len))  # [1, 1, 20]
-    expected = pool_1d(plain, SPAN, "max").masked_fill(torch.arange(20) < 8, float("inf"))
+    expected = pool_1d(plain, SPAN, "max", LEAD_IN).masked_fill(torch.arange(20) < 8, float("inf"))
     torch.testing.assert_close(sinks_then_compactor(first, kept, prompt_len), expected)
-    assert not torch.equal(pool_1d(plain, SPAN, "max"), plain)  # the pooling changed something here
+    assert not torch.equal(pool_1d(plain, SPAN, "max", LEAD_IN), plain)  # the pooling changed something here
+    assert not torch.equal(pool_1d(plain, SPAN, "max", LEAD_IN), pool_1d(plain, SPAN, "max"))  # not centred
 
     slots = LayerSlots.empty(1, 1, 4, 8, torch.tensor([4]), torch.float32, "cpu")
     stored = torch.tensor([[[9.0, -9.0, 9.0, -9.0]]])  # extreme, so that pooling them in would show
@@ -74,7 +76,7 @@ def test_a_stored_documents_rank_lends_each_tokens_score_to_its_span():
     later = make_prefill_chunk(q, k, v, torch.arange(40, 60)[None], slots, 4, 0.0, None)
     own = compactor_scores(later, dropped_fraction(kept, prompt_len))[..., 4:]
     torch.testing.assert_close(sinks_then_compactor(later, kept, prompt_len),
-                               torch.cat([stored, pool_1d(own, SPAN, "max")], dim=-1))
+                               torch.cat([stored, pool_1d(own, SPAN, "max", LEAD_IN)], dim=-1))
 
 
 def zscore(x: torch.Tensor) -> torch.Tensor:
@@ -82,15 +84,16 @@ def zscore(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_scores(qkv, n: int, block: int, scale: float, kernel: int, blend: float, layer: int = 0,
-                     span: int = 1) -> torch.Tensor:
+                     span: int = 1, lead_in: int | None = None) -> torch.Tensor:
     """[Hkv, n] the Compactor score of one unpadded sequence, float64, from the definition; max-pooled over `span`
-    positions (centred) as the methods rank a stored document (`compactor.SPAN`; the Compactor method: 1)."""
+    positions up to `lead_in` after each (None: centred) as the methods rank a stored document (`compactor.SPAN`,
+    `compactor.LEAD_IN`; the Compactor method: span 1)."""
     q, k, v = (x[layer][0, :, :n].double() for x in (qkv.q, qkv.k, qkv.v))
     attention = dense_block_attention(q, k, list(range(n)), block, scale) * v.norm(dim=-1)
     attention = pool_1d(attention, kernel, "avg")
     leverage = torch.stack([reference_leverage(k[h]) for h in range(k.shape[0])])
     return pool_1d(torch.stack([zscore(attention[h]) + blend * zscore(leverage[h]) for h in range(k.shape[0])]),
-                   span, "max")
+                   span, "max", lead_in)
 
 
 @settings(max_examples=20, deadline=None)
@@ -142,7 +145,7 @@ def test_zsmerge_compactor_context_is_the_top_of_compactor_score(n, kv_heads, gr
     assert int(trace.cache.budgets().sum()) == layers * method.layout(n).budget
     assume(layers == 1 or len(set(trace.cache.budgets()[:, 0].tolist())) > 1)  # the layers' budgets differ
     for layer in range(layers):
-        ref = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - method.layout(n).budget / n, layer, SPAN)
+        ref = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - method.layout(n).budget / n, layer, SPAN, LEAD_IN)
         slots = trace.cache.layers[layer]
         proximity = int(slots.state["proximity"][0])
         n_context = int(slots.budget[0]) - proximity - int(slots.state["residual"][0])
@@ -174,7 +177,7 @@ def test_zigzag_compactor_rank_keeps_sinks_the_window_and_the_top_of_compactor_s
     qkv = random_qkv(1, 1, 2, 2, n, seed=seed)
     method = ZigZagKV(budget=budget, rank="compactor", bound_ratio=1.0, window_size=window)
     trace = drive_synthetic(method, qkv, [n], 0)
-    ref = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - budget / n, span=SPAN)
+    ref = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - budget / n, span=SPAN, lead_in=LEAD_IN)
     for h in range(2):
         kept = set(trace.snapshots[0].kept(0, 0, h))
         assert len(kept) == budget and set(range(8)) | set(range(n - window, n)) <= kept, sorted(kept)
@@ -196,7 +199,7 @@ def test_kvmerger_compactor_rank_keeps_the_top_of_compactor_score_verbatim(seed,
     trace = drive_synthetic(method, qkv, [n], 0)
     recent = int(budget * 0.34) if recent_tokens is None else min(recent_tokens, budget // 2)
     heavy = int(budget * 0.24) + int(budget * 0.34) - recent
-    ref = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - budget / n, span=SPAN).float()
+    ref = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - budget / n, span=SPAN, lead_in=LEAD_IN).float()
     rank = torch.cat([torch.full((2, 8), float("inf")), ref[:, 8:]], dim=1)[None]  # [1, Hkv, n] sinks first
     recent_m = torch.zeros(1, 2, n, dtype=torch.bool)
     recent_m[..., n - recent:] = True

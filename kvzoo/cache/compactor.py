@@ -21,12 +21,18 @@ if TYPE_CHECKING:
 
 
 SINKS = 8  # the first tokens always kept (attention sinks), as the official code
-# A document's rank is max-pooled over this many positions around each token (centred; not Compactor's): a token
-# kept for its score keeps its neighbours. A question asked later copies a span (the words before a code lead the
-# copy to it, its digits follow one another), while the score picks tokens one by one, and at a few percent kept
-# it kept a code's last digits in the heads a question reads it through and dropped the first (tools/RESULTS.md,
-# "Session 36").
-SPAN = 5
+# A document's rank is max-pooled over SPAN positions (not Compactor's): each token takes the largest score of the
+# LEAD_IN tokens after it and of the SPAN - 1 - LEAD_IN before it, so a token kept for its score keeps the phrase
+# that leads to it and the tokens after it. A question asked later copies a span: its digits follow one another
+# (at a few percent kept the score picked a code's last digits alone; tools/RESULTS.md, "Session 36"), and it is
+# found through the words before it: the question is read over the compressed document, and a code kept whole in
+# every layer is not answered without its lead-in (seed 35 instance 4 at 20% kept writes " a passkey that is
+# passed to"; with " The secret passkey is" kept in every layer, or the sentence in layers 15-29 alone, it writes
+# the code; "Session 40"). On seeds
+# 33-36 (96 needles asked after compression, the full cache 71, equal memory) ZSMerge 25 / 41 / 56 at 5 / 10 / 20%
+# kept against 26 / 35 / 51 with the centred 5, ZigZagKV 16 / 37 / 53 against 18 / 33 / 49, KVMerger level.
+SPAN = 9
+LEAD_IN = 6
 
 
 def dropped_fraction(kept: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
@@ -36,13 +42,14 @@ def dropped_fraction(kept: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tens
 
 
 def sinks_then_compactor(chunk: "PrefillChunk", kept: torch.Tensor, prompt_len: torch.Tensor,
-                         span: int = SPAN) -> torch.Tensor:
+                         span: int = SPAN, lead_in: int | None = LEAD_IN) -> torch.Tensor:
     """[B, Hkv, S] a query-agnostic rank of the candidates: the first `SINKS` positions first (+inf), then
     Compactor's score blended by the fraction of each prompt not kept (`dropped_fraction` of kept [B] and
-    prompt_len [B]), max-pooled over the `span` positions around each of the chunk's tokens (`SPAN`; 1: none).
+    prompt_len [B]), max-pooled over the `span` positions from span - 1 - `lead_in` before each of the chunk's
+    tokens to `lead_in` after it (`SPAN`, `LEAD_IN`; span 1: none; lead_in None: centred).
     Candidates before the chunk (slots in use) keep their stored score and lend it to no neighbour. What ZSMerge,
     KVMerger and ZigZagKV rank a document stored for later questions by."""
-    rank = compactor_scores(chunk, dropped_fraction(kept, prompt_len), span=span)
+    rank = compactor_scores(chunk, dropped_fraction(kept, prompt_len), span=span, ahead=lead_in)
     return rank.masked_fill(sink_mask(chunk, SINKS), float("inf"))
 
 

@@ -104,7 +104,8 @@ Ambiguities (METHODS.md 2.2, 2.6) and how they are resolved here:
   into its own budget (as a uniform KVMerger with that budget would). Measured: see the field's comment.
 - A document stored for later questions (`for_stored_document`, not in the paper): its last queries are the
   document's own, so the heavy hitters are ranked by Compactor's query-agnostic score (`rank="compactor"`,
-  the first tokens first, each token's score max-pooled over the 5 around it: `compactor.SPAN`) and the recent
+  the first tokens first, each token's score max-pooled from the 2 before it to the 6 after it, so a kept token
+  keeps the phrase that leads to it: `compactor.SPAN`, `compactor.LEAD_IN`) and the recent
   window holds 32 tokens, at most half the budget (`stored_recent`, as ZSMerge's `stored_ring`); the verbatim
   and merged shares of the budget are unchanged (session 25).
 """
@@ -375,7 +376,9 @@ class KVMerger(PrefillOnlyMethod):
     # (12 / 11 / 14 of 72 on seeds 12-14 with the prompt rule, against 11 / 12 / 23); Compactor's rank with
     # the usual recent window answers less at 20% (10 against 15 on seeds 12-13); `make demo`'s stored
     # document 5 / 4 of 6 facts at 50 / 20% kept against 2 / 0. The rank keeps spans since session 36
-    # (`compactor.SPAN`): on fresh seeds 29-30 (48, the full cache 38) 8 / 10 / 15 against 8 / 10 / 16.
+    # (`compactor.SPAN`): on fresh seeds 29-30 (48, the full cache 38) 8 / 10 / 15 against 8 / 10 / 16; and their
+    # lead-ins since session 40 (`compactor.LEAD_IN`): on seeds 33-36 (96, the full cache 71) 17 / 19 / 35 against
+    # the centred span's 16 / 20 / 33 (SnapKV 15 / 15 / 14).
     stored_recent: int | None = 32
     window_size: int = 8  # rank="attention_shares": the window's queries
     kernel_size: int = 7  # rank="attention_shares": pooling of the window's scores over positions

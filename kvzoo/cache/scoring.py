@@ -262,20 +262,20 @@ def block_attention(chunk: "PrefillChunk", block: int = COMPACTOR_BLOCK, scale: 
 
 
 def compactor_scores(chunk: "PrefillChunk", blend: torch.Tensor | float, block: int = COMPACTOR_BLOCK,
-                     scale: float = 1.0, kernel: int = 3, span: int = 1) -> torch.Tensor:
+                     scale: float = 1.0, kernel: int = 3, span: int = 1, ahead: int | None = None) -> torch.Tensor:
     """Compactor's query-agnostic importance (Chari & Van Durme, arXiv 2507.08143) of the chunk's tokens:
     zscore(non-causal block attention * |v|, average-pooled over `kernel` positions) + blend *
     zscore(leverage of the pre-RoPE keys), standardised per (sequence, KV head); blend [B, 1, 1] or a float;
-    then max-pooled over the `span` positions around each token (1: not, as Compactor). Candidates before the
-    chunk (slots in use) keep their stored score and lend it to no neighbour. Returns [B, Hkv, S] fp32, -inf at
-    padding."""
+    then max-pooled over the `span` positions up to `ahead` after each token (`pool_by_position`; span 1: not, as
+    Compactor; ahead None: centred). Candidates before the chunk (slots in use) keep their stored score and lend
+    it to no neighbour. Returns [B, Hkv, S] fp32, -inf at padding."""
     t = chunk.k.shape[2]
     own_pos = chunk.key_pos[..., -t:]
     valid = own_pos >= 0  # [B, Hkv, T]
     attention = block_attention(chunk, block, scale, kernel)
     leverage = own_key_leverage(chunk)
     own = (zscore(attention, valid) + blend * zscore(leverage, valid)).masked_fill(~valid, float("-inf"))
-    own = pool_by_position(own, own_pos, valid, span, "max")
+    own = pool_by_position(own, own_pos, valid, span, "max", ahead)
     return torch.cat([chunk.key_score[..., :-t], own], dim=-1)
 
 

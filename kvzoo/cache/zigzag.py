@@ -155,7 +155,9 @@ class ZigZagKV(WindowSelection):
     # against SnapKV's 16 / 16 / 16 (seeds 12-14 alone: 13 / 16 / 25 of 72 against the prompt rank's 11 / 11 /
     # 12); `make demo`'s stored document 4 / 4 of 6 facts at 50 / 20% kept against 2 / 0. Since session 36
     # Compactor's rank keeps spans (each token's score max-pooled over the 5 around it, `compactor.SPAN`): on
-    # fresh seeds 29-30 (48, the full cache 38) 9 / 15 / 25 against 8 / 11 / 17 (SnapKV 8 / 8 / 9).
+    # fresh seeds 29-30 (48, the full cache 38) 9 / 15 / 25 against 8 / 11 / 17 (SnapKV 8 / 8 / 9); and their
+    # lead-ins since session 40 (each token's score lent to the 6 before it, `compactor.LEAD_IN`): on seeds 33-36
+    # (96, the full cache 71) 16 / 37 / 53 against the centred span's 18 / 33 / 49 (SnapKV 15 / 15 / 14).
     stored_rank: str | None = "compactor"
     # rank="attention_shares" also keeps a token for its share of a question's attention: the attention of
     # the last `question_window` queries, max-pooled over a token and the 6 before it (`question_kernel_size`,

@@ -429,7 +429,10 @@ class ZSMerge(CompressionMethod):
     # StreamingLLM's 8 / 8 / 8, KVMerger's 8 / 7 / 10, Compactor's 2 / 7 / 16 and a ring of a tenth of the
     # budget's 4 / 10 / 17; a ring of 64 tokens 8 / 9 / 12. Since session 36 the rank keeps spans (each token's
     # score max-pooled over the 5 around it, `compactor.SPAN`): on fresh seeds 29-30 (48 needles asked after
-    # compression, the full cache 38, equal memory) 10 / 17 / 23 at 5 / 10 / 20% kept against 8 / 12 / 17.
+    # compression, the full cache 38, equal memory) 10 / 17 / 23 at 5 / 10 / 20% kept against 8 / 12 / 17. Since
+    # session 40 a token lends its score to the 6 before it and the 2 after it (`compactor.LEAD_IN`: the phrase a
+    # question finds it through): on seeds 33-36 (96 needles asked after compression, the full cache 71, equal
+    # memory) 25 / 41 / 56 at 5 / 10 / 20% kept against 26 / 35 / 51 with the centred 5.
     stored_ring: int | None = 32
     # A stored document's window scores (its own last queries', the standing its slots keep for a later question's
     # reads to add to) are max-pooled over this many positions (None: `kernel_size`): the pooling of 7 a prompt had
