@@ -42,3 +42,23 @@ def test_read_shares_take_the_strongest_query_head_of_each_group_at_the_token_ea
     probs[3, 1, 3] = 0.1
     shares = tool.read_shares(probs, [1, 3], num_kv_heads=2)
     assert torch.allclose(shares, torch.tensor([(0.6 + 0.4) / 2, (0.0 + 0.1) / 2]))
+
+
+def test_write_positions_replaces_the_lowest_scored_single_token_slots_outside_sinks_and_the_end():
+    tool = load_tool("needle_trace")
+    n, c, d = 60, 6, 2  # a 60-token prompt; the compressed head holds 6 slots
+    full_pos = torch.arange(n)[None, None]  # [1, 1, n]
+    full_k = torch.arange(n, dtype=torch.float32)[None, None, :, None].expand(1, 1, n, d).clone()
+    full = SimpleNamespace(layers=[SimpleNamespace(pos=full_pos, k=full_k, v=-full_k)])
+    # slots: a sink (2), a merged slot (30, log w > 0), the needle's 20 already held, two plain slots, and 57
+    # (among the last 5 positions); scores make the merged slot, the sink and the held 20 the lowest
+    pos = torch.tensor([[[2, 30, 20, 35, 40, 57]]])
+    logw = torch.tensor([[[0.0, 1.0, 0.0, 0.0, 0.0, 0.0]]])
+    score = torch.tensor([[[0.0, 0.1, 0.15, 0.3, 0.2, 0.05]]])
+    slots = SimpleNamespace(pos=pos.clone(), logw=logw, score=score, k=torch.zeros(1, 1, c, d),
+                            v=torch.zeros(1, 1, c, d))
+    cache = SimpleNamespace(layers=[slots])
+    tool.write_positions(cache, full, [20, 21, 22], range(1), protect_last=5)
+    # 21 and 22 go over the two lowest eligible slots (40, then 35); the held 20 is kept, though scored lower
+    assert slots.pos[0, 0].tolist() == [2, 30, 20, 22, 21, 57]
+    assert slots.k[0, 0, 4].tolist() == [21.0, 21.0] and slots.v[0, 0, 3].tolist() == [-22.0, -22.0]

@@ -21,6 +21,11 @@ over haystack, question and answer, where each query that writes an answer token
 token, then the answer's tokens but the last) gives the needle's copy of the token it writes a share of its
 attention (the largest of the KV head's query heads, averaged over the answer's tokens). A method can only
 answer if it keeps the answer in such heads; the map shows whether it does.
+
+`--write lead-in|code|both [--write-layers 15-29]` tests what a miss lacks: after the prefill it writes the
+asked needle's lead-in (its tokens before the code), its code (and the token after it) or both, from the full
+cache's keys and values, into those layers' compressed cache (every head; over the lowest-scored slots that hold
+one token, outside the first `compactor.SINKS` and the last 40 positions), then asks as usual.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import torch
 
 from kvzoo import load
 from kvzoo.cache.chunk import PrefillChunk
+from kvzoo.cache.compactor import SINKS
+from kvzoo.cache.full import FullCache
 from kvzoo.cache.observe import PrefillObserver, observe_prefill
 from kvzoo.cache.registry import parse_compression
 from kvzoo.cache.slots import KVCache, LayerSlots
@@ -102,6 +109,27 @@ def kept_map(cache: KVCache, positions: list[int]) -> str:
     return " ".join(rows)
 
 
+def write_positions(cache: KVCache, full: KVCache, positions: list[int], layers: range, protect_last: int) -> None:
+    """Write `positions`' keys and values from the full cache `full` into `layers` of `cache` (sequence 0, every
+    KV head), each over the lowest-scored slot that holds one token (log w = 0) at a position from SINKS to
+    prompt length - `protect_last` and not itself one of `positions` (a head keeps those it holds)."""
+    for layer in layers:
+        slots, source = cache.layers[layer], full.layers[layer]
+        prompt_len = int(source.pos[0].max()) + 1
+        for head in range(slots.pos.shape[1]):
+            pos = slots.pos[0, head]
+            missing = [p for p in positions if not bool((pos == p).any())]
+            eligible = (pos >= SINKS) & (pos < prompt_len - protect_last) & (slots.logw[0, head] == 0)
+            eligible &= ~torch.isin(pos, torch.tensor(positions, device=pos.device))  # never over a written one
+            lowest = slots.score[0, head].masked_fill(~eligible, float("inf")).argsort()[:len(missing)]
+            for slot, p in zip(lowest.tolist(), missing):
+                if not bool(eligible[slot]):
+                    raise SystemExit(f"layer {layer} head {head}: no slot left to write position {p} into")
+                at = int((source.pos[0, head] == p).nonzero()[0])
+                slots.k[0, head, slot], slots.v[0, head, slot] = source.k[0, head, at], source.v[0, head, at]
+                slots.pos[0, head, slot], slots.logw[0, head, slot] = p, 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0, help="the eval's --seed")
@@ -114,6 +142,9 @@ def main() -> None:
     parser.add_argument("--agnostic", action="store_true", help="compress the haystack, then ask the question")
     parser.add_argument("--reads", type=int, default=0,
                         help="list the N KV heads the full cache reads the answer through, and what each keeps")
+    parser.add_argument("--write", choices=("lead-in", "code", "both"), default=None,
+                        help="after the prefill, write the needle's lead-in, code or both from the full cache")
+    parser.add_argument("--write-layers", default=None, help="the layers --write writes into, e.g. 15-29 (all)")
     args = parser.parse_args()
 
     model = load(ensure_default_model(progress=True))
@@ -134,8 +165,17 @@ def main() -> None:
     method = parse_compression(args.method)
     if args.agnostic:  # stored as `m.prefill` stores it: no room yet (continue_cache gives it below)
         method = method.for_stored_document()
-    caches, logits = fanout_prefill(model, [prompt], [method], 0 if args.agnostic else args.steps)
+    methods = [method] if args.write is None else [method, FullCache()]
+    caches, logits = fanout_prefill(model, [prompt], methods, 0 if args.agnostic else args.steps)
     cache = caches[0]  # fanout_prefill has run the method's end of prefill
+    if args.write is not None:
+        run = answer_run(instance, code_tokens)
+        lead_in, code = list(range(instance.needle_start, run[0])), run + [run[-1] + 1]
+        written = {"lead-in": lead_in, "code": code, "both": lead_in + code}[args.write]
+        first, last = (int(x) for x in (args.write_layers or f"0-{len(cache.layers) - 1}").split("-"))
+        with torch.inference_mode():
+            write_positions(cache, caches[1], written, range(first, last + 1), protect_last=40)
+        print(f"wrote {tok.decode([prompt[p] for p in written])!r} into layers {first}-{last}")
     print("prefill", kept_map(cache, positions))
     if args.reads:
         run = answer_run(instance, code_tokens)
