@@ -28,9 +28,10 @@ SINKS = 8  # the first tokens always kept (attention sinks), as the official cod
 # found through the words before it: the question is read over the compressed document, and a code kept whole in
 # every layer is not answered without its lead-in (seed 35 instance 4 at 20% kept writes " a passkey that is
 # passed to"; with " The secret passkey is" kept in every layer, or the sentence in layers 15-29 alone, it writes
-# the code; "Session 40"). On seeds
-# 33-36 (96 needles asked after compression, the full cache 71, equal memory) ZSMerge 25 / 41 / 56 at 5 / 10 / 20%
-# kept against 26 / 35 / 51 with the centred 5, ZigZagKV 16 / 37 / 53 against 18 / 33 / 49, KVMerger level.
+# the code; "Session 40"). On seeds 33-36 (96 needles asked after compression, the full cache 71, equal memory)
+# ZSMerge 25 / 41 / 56 at 5 / 10 / 20% kept against 26 / 35 / 51 with the centred 5, ZigZagKV 16 / 37 / 53
+# against 18 / 33 / 49, KVMerger level; it costs a code's digits where lead-ins take their slots, and the demo's
+# first fact (RESULTS).
 SPAN = 9
 LEAD_IN = 6
 

@@ -33,7 +33,7 @@ FORMAT_VERSION = 1
 HEADER_KEY = "kvzoo"
 SLOT_TENSORS = ("k", "v", "logw", "score", "pos", "budget")
 # State written under another name by earlier kvzoo versions (same tensor, same meaning): ZSMerge's two marks of
-# the induction heads, one since session 40.
+# the induction heads, merged into one (`induction_head`).
 RENAMED_STATE = {"sum_head": "induction_head", "reading_head": "induction_head"}
 
 
