@@ -118,7 +118,8 @@ def write_positions(cache: KVCache, full: KVCache, positions: list[int], layers:
         prompt_len = int(source.pos[0].max()) + 1
         for head in range(slots.pos.shape[1]):
             pos = slots.pos[0, head]
-            missing = [p for p in positions if not bool((pos == p).any())]
+            held = set(pos.tolist())  # one host read per head
+            missing = [p for p in positions if p not in held]
             eligible = (pos >= SINKS) & (pos < prompt_len - protect_last) & (slots.logw[0, head] == 0)
             eligible &= ~torch.isin(pos, torch.tensor(positions, device=pos.device))  # never over a written one
             lowest = slots.score[0, head].masked_fill(~eligible, float("inf")).argsort()[:len(missing)]
@@ -168,8 +169,8 @@ def main() -> None:
     methods = [method] if args.write is None else [method, FullCache()]
     caches, logits = fanout_prefill(model, [prompt], methods, 0 if args.agnostic else args.steps)
     cache = caches[0]  # fanout_prefill has run the method's end of prefill
+    run = answer_run(instance, code_tokens) if args.write is not None or args.reads else []
     if args.write is not None:
-        run = answer_run(instance, code_tokens)
         lead_in, code = list(range(instance.needle_start, run[0])), run + [run[-1] + 1]
         written = {"lead-in": lead_in, "code": code, "both": lead_in + code}[args.write]
         first, last = (int(x) for x in (args.write_layers or f"0-{len(cache.layers) - 1}").split("-"))
@@ -178,7 +179,6 @@ def main() -> None:
         print(f"wrote {tok.decode([prompt[p] for p in written])!r} into layers {first}-{last}")
     print("prefill", kept_map(cache, positions))
     if args.reads:
-        run = answer_run(instance, code_tokens)
         shares = reading_heads(model, instance, code_tokens)  # [L, Hkv]
         hkv = shares.shape[1]
         for flat in shares.flatten().argsort(descending=True)[:args.reads].tolist():
