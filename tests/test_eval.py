@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -148,6 +149,7 @@ def test_eval_command_writes_results_with_provenance(model, tmp_path, monkeypatc
     assert nll["streamingllm"]["nll_vs_full"] == pytest.approx(nll["streamingllm"]["nll"] - nll["full"]["nll"])
     assert 0.2 < nll["streamingllm"]["kept"] < 0.3
     assert "| streamingllm |" in (out / "results.md").read_text()
+    assert "| streamingllm | passkey |" in (out / "results.md").read_text()  # needles by kind
     assert (out / "nll-nll_vs_full.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # `kvzoo compare` reads what eval wrote; the same run given twice pools to itself (no instance twice).
     capsys.readouterr()
@@ -318,6 +320,27 @@ def test_a_question_asked_after_compression_is_asked_as_generate_asks_a_stored_c
         out = generate_ids(model, x.question, max_new_tokens=ANSWER_TOKENS, eos_token_ids=[], compile=False,
                            cache=cache)
         assert tok.decode(out.token_ids[0]) == record.info["output"], record.label
+
+
+def test_needles_by_kind_count_each_kind_beside_the_full_cache_on_its_instances():
+    from kvzoo.eval.runner import Record
+
+    def needle(label: str, budget: float | None, instance: int, kind: str, exact: float) -> Record:
+        return Record("needle-agnostic", label, budget, instance, {"exact": exact, "partial": exact}, {"kind": kind})
+
+    # Instances 0-1 passkeys, 2-4 multikeys; the full cache answers 0, 1 and 2; the method at 0.1 answers 0 and 3
+    # (one the full cache misses), at 0.2 answers 0, 1 and 2.
+    records = [needle("full", None, i, kind, float(i < 3)) for i, kind in enumerate("ppmmm")]
+    records += [needle("m", 0.1, i, kind, float(i in (0, 3))) for i, kind in enumerate("ppmmm")]
+    records += [needle("m", 0.2, i, kind, float(i < 3)) for i, kind in enumerate("ppmmm")]
+    records = [replace(r, info={"kind": {"p": "passkey", "m": "multikey"}[r.info["kind"]]}) for r in records]
+    lines = report.needle_kinds_table(records).splitlines()
+    assert "| method | kind | full cache | 0.1 | 0.2 |" in lines
+    assert "| m | passkey | 2/2 | 1/2 | 2/2 |" in lines
+    assert "| m | multikey | 1/3 | 1/3 | 1/3 |" in lines
+    assert not any(line.startswith("| full |") for line in lines)
+    assert report.needle_kinds_table([r for r in records if r.label == "full"]) == ""  # nothing to compare
+    assert report.needle_kinds_table([Record("nll", "m", 0.1, 0, {"nll": 1.0})]) == ""
 
 
 def test_sigterm_interrupts_a_run_only_while_it_runs():

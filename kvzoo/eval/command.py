@@ -117,7 +117,8 @@ def run_eval_command(args: argparse.Namespace) -> None:
                    "seconds": time.perf_counter() - started, "interrupted": interrupted, "summary": rows,
                    "records": runner.records}
         written = [report.write_json(out, payload)]
-        table = report.markdown_tables(rows) if args.suite == "builtin" else report.longbench_table(rows)
+        table = (report.markdown_tables(rows) + "\n" + report.needle_kinds_table(runner.records)).rstrip() + "\n" \
+            if args.suite == "builtin" else report.longbench_table(rows)
         written.append(report.write_markdown(out, "kvzoo eval", prov, table))
         return written, table
 

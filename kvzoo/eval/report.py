@@ -171,6 +171,43 @@ def markdown_tables(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+_LAYOUTS = {"needle-aware": "question compressed with the context", "needle-agnostic": "question asked after compression"}
+
+
+def needle_kinds_table(records: list[Any]) -> str:
+    """Needles answered exactly, per needle kind (passkey, multikey) and budget, beside what the full cache
+    answers of the same instances: where a method's misses are (the mean over kinds hides, e.g., that a stored
+    document keeps a single passkey and loses one code among several). "" without a compressed method's needles."""
+    out = []
+    for task, layout in _LAYOUTS.items():
+        recs = [r for r in records if r.task == task and "kind" in r.info]
+        if all(r.label == "full" for r in recs):  # no records, or nothing to set beside the full cache
+            continue
+        full = {r.instance: r.values["exact"] for r in recs if r.label == "full"}
+        budgets = sorted({r.budget for r in recs if r.budget is not None})
+        kinds = list(dict.fromkeys(r.info["kind"] for r in recs))
+        out += [f"**Needles answered by kind, {layout}** (answered / instances; the full cache on the same "
+                "instances)\n", "| method | kind | full cache | " + " | ".join(f"{b:g}" for b in budgets) + " |",
+                "|---|---|---|" + "---|" * len(budgets)]
+        for method in dict.fromkeys(r.label for r in recs if r.label != "full"):
+            for kind in kinds:
+                cell = {b: [r for r in recs if r.label == method and r.info["kind"] == kind and r.budget == b]
+                        for b in budgets}
+                instances = {r.instance for cell_recs in cell.values() for r in cell_recs}
+                if not instances:
+                    continue
+                reference = _answered([full[i] for i in sorted(instances) if i in full])
+                counts = [_answered([r.values["exact"] for r in cell[b]]) for b in budgets]
+                out.append(f"| {method} | {kind} | {reference} | " + " | ".join(counts) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _answered(exact: list[float]) -> str:
+    """'answered/instances' of exact scores (1.0 or 0.0); "" for none."""
+    return f"{sum(exact):.0f}/{len(exact)}" if exact else ""
+
+
 def budget_table(budgets: list[float], rows: dict[str, list[str]]) -> list[str]:
     """The lines of a markdown table with a column per budget and a row per method (its cells' texts), and a
     blank line after it."""
