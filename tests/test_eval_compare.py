@@ -90,6 +90,33 @@ def test_needles_are_counted(tmp_path):
     assert "full cache 3/3" in table
 
 
+def test_needles_by_kind_pool_apart_with_the_full_cache_of_their_kind(tmp_path, capsys):
+    def needle(label, budget, exact, kinds="ppm"):
+        kind = {"p": "passkey", "m": "multikey"}
+        return [{"task": "needle-agnostic", "label": label, "budget": budget, "instance": i,
+                 "values": {"exact": float(e), "partial": 0.0}, "info": {"kind": kind[k]}}
+                for i, (e, k) in enumerate(zip(exact, kinds))]
+
+    # Two seeds, instances 0-1 passkeys and 2 a multikey: the full cache answers 5 of 6, zsmerge 3, snapkv 1.
+    a = write_run(tmp_path / "a", needle("full", None, [1, 1, 1]) + needle("zsmerge", 0.2, [1, 1, 0])
+                  + needle("snapkv", 0.2, [0, 1, 0]))
+    b = write_run(tmp_path / "b", needle("full", None, [1, 0, 1]) + needle("zsmerge", 0.2, [1, 0, 0])
+                  + needle("snapkv", 0.2, [0, 0, 0]), seed=6)
+    table = compare_markdown(pool_runs([a, b], by_kind=True), against="snapkv")
+    passkey = table.split("**needle-agnostic:passkey, memory matched**")[1].split("**")[0]
+    multikey = table.split("**needle-agnostic:multikey, memory matched**")[1]
+    assert "full cache 3/4" in passkey and "| zsmerge | 3/4 (+2 of 4) |" in passkey and "| snapkv | 1/4 |" in passkey
+    assert "full cache 2/2" in multikey and "| zsmerge | 0/2 (+0 of 2) |" in multikey
+    assert "| zsmerge | 3/6 (+2 of 6) |" in compare_markdown(pool_runs([a, b]), against="snapkv")  # pooled kinds
+    assert main(["compare", str(a), "--by-kind", "--tasks", "needle-agnostic"]) == 0
+    assert "**needle-agnostic:multikey, memory matched**" in capsys.readouterr().out
+    records = json.loads((a / "results.json").read_text())["records"]
+    records[0]["info"] = {}
+    c = write_run(tmp_path / "c", records)
+    with pytest.raises(KvzooError, match="a needle record without its kind"):
+        pool_runs([c], by_kind=True)
+
+
 def test_a_record_that_differs_between_runs_is_reported_and_the_first_kept(tmp_path, capsys):
     a = write_run(tmp_path / "a", nll("full", None, FULL) + nll("zsmerge", 0.05, [2.5, 3.5, 1.5]))
     b = write_run(tmp_path / "b", nll("full", None, [2.0, 3.0, 1.25]))
@@ -98,7 +125,7 @@ def test_a_record_that_differs_between_runs_is_reported_and_the_first_kept(tmp_p
     assert f"kvzoo: warning: full (nll): 1 instance differ between {a} and {b}" in err
     assert "| zsmerge | +0.500 [3] |" in out  # against a's full cache
     with pytest.warns(KvzooWarning, match="largest difference 0.25"):
-        run_compare_command(argparse.Namespace(runs=[a, b], against=None, tasks=None, rename=[]))
+        run_compare_command(argparse.Namespace(runs=[a, b], against=None, tasks=None, rename=[], by_kind=False))
 
 
 def test_a_method_recorded_under_another_label_pools_when_renamed(tmp_path, capsys):

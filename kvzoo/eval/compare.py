@@ -135,17 +135,31 @@ def _record_fields(r: Any, where: Path) -> tuple[str, str, float | None, int, fl
     return task, label, budget, instance, float(value)
 
 
+def _needle_kind(r: dict[str, Any], where: Path) -> str:
+    """The kind (passkey, multikey) a needle record's info names."""
+    kind = r.get("info", {}).get("kind") if isinstance(r.get("info"), dict) else None
+    if not isinstance(kind, str):
+        raise KvzooError(f"{where}: a needle record without its kind in info {r!r:.200}; --by-kind needs it")
+    return kind
+
+
 def _identity(payload: dict[str, Any]) -> tuple[str | None, str | None]:
     """(model, dtype) of a run, None where the file does not say (runs written before the model was)."""
     return payload.get("model"), payload.get("provenance", {}).get("dtype")
 
 
-def pool_runs(paths: list[str | Path], renames: dict[str, str] | None = None) -> Pool:
+def task_of(cell_task: str) -> str:
+    """The eval task of a pooled cell's task ("needle-agnostic" of "needle-agnostic:multikey", `by_kind`)."""
+    return cell_task.split(":", 1)[0]
+
+
+def pool_runs(paths: list[str | Path], renames: dict[str, str] | None = None, by_kind: bool = False) -> Pool:
     """Every record of every run, keyed by cell and instance. A record met twice (the full cache of two runs,
     one window drawn by two seeds) is kept once; if the two differ (different code), the first is kept and
     the conflict reported. Runs of different models or dtypes are refused. `renames` {label: as}: a method
     recorded under another label in some runs (a default written out as its spec before it became the
-    default) pools as `as`; a label no run holds is refused (a typo would silently rename nothing)."""
+    default) pools as `as`; a label no run holds is refused (a typo would silently rename nothing). `by_kind`:
+    needles pool apart per kind, as task "needle-<layout>:<kind>" (passkey, multikey)."""
     renames = renames or {}
     unused = set(renames)
     pool = Pool()
@@ -170,8 +184,10 @@ def pool_runs(paths: list[str | Path], renames: dict[str, str] | None = None) ->
                 unused.discard(label)
                 label = renames[label]
             mode = None if label == "full" or task in NO_MEMORY_MODE else memory
-            cell = (task, mode, label, budget)
             key = keys(task, instance)
+            if by_kind and task in COUNTED:
+                task = f"{task}:{_needle_kind(r, target)}"
+            cell = (task, mode, label, budget)
             kept = pool.values[cell].get(key)
             if kept is None:
                 pool.values[cell][key] = value
@@ -205,7 +221,7 @@ def _cell_text(task: str, vals: dict[InstanceKey, float], full: dict[InstanceKey
     """One method at one budget: needles as retrieved/instances, nll as its increase over the full cache on
     the instances paired with it [their count] ("no full cache" when none is), anything else as its mean
     [count]; then, given `against`, the paired difference to it on the instances both ran."""
-    if task in COUNTED:
+    if task_of(task) in COUNTED:
         text = f"{sum(vals.values()):.0f}/{len(vals)}"
     elif task == "nll":
         base = paired(vals, full)
@@ -217,7 +233,7 @@ def _cell_text(task: str, vals: dict[InstanceKey, float], full: dict[InstanceKey
     d = paired(vals, against)
     if d is None:
         return text + " (no common instances)"
-    if task in COUNTED:
+    if task_of(task) in COUNTED:
         return text + f" ({d.total:+.0f} of {d.n})"
     se = "n/a" if math.isnan(d.se) else f"{d.se:.3f}"
     return text + f" ({d.mean:+.3f} ± {se}, {d.n})"
@@ -225,10 +241,11 @@ def _cell_text(task: str, vals: dict[InstanceKey, float], full: dict[InstanceKey
 
 def _selected(task: str, tasks: list[str] | None) -> bool:
     """Whether `task` is one of `tasks` (None: all); "needle" names both needle layouts, as in `kvzoo eval`."""
-    return tasks is None or any(task == t or task.startswith(t + "-") for t in tasks)
+    return tasks is None or any(task_of(task) == t or task.startswith(t + "-") for t in tasks)
 
 
 def _legend(task: str, against: str | None, methods: list[str], full: dict[InstanceKey, float]) -> str:
+    task = task_of(task)
     if task == "nll":
         shown = "increase in NLL over the full cache [instances paired with it]"
     elif task in COUNTED:
@@ -301,6 +318,8 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
                         "method with (default: none, only the full cache)")
     p.add_argument("--tasks", default=None, type=comma_names,
                    help="only these tasks (nll, needle = both layouts, needle-aware, ...; default: every task)")
+    p.add_argument("--by-kind", action="store_true",
+                   help="count needles apart per kind (passkey, multikey): where a method's misses are")
     p.add_argument("--rename", nargs=2, action="append", default=[], metavar=("LABEL", "AS"),
                    help="pool the method labelled LABEL as AS (repeatable), e.g. a default that older runs "
                         "recorded under its spec: --rename 'zigzag:window_size=32,pooling=avg' zigzag")
@@ -308,7 +327,7 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_compare_command(args: argparse.Namespace) -> None:
-    pool = pool_runs(args.runs, dict(args.rename))
+    pool = pool_runs(args.runs, dict(args.rename), by_kind=args.by_kind)
     for conflict in pool.conflicts:
         warnings.warn(conflict, KvzooWarning, stacklevel=2)
     print(compare_markdown(pool, args.against, args.tasks))
