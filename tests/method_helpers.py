@@ -146,10 +146,12 @@ class SynthTrace:
 
 
 def drive_synthetic(method: CompressionMethod, qkv: QKV, prompt_lens: list[int], steps: int,
-                    window: int | None = None, prefill_chunk: int | None = None) -> SynthTrace:
+                    window: int | None = None, prefill_chunk: int | None = None,
+                    surprisal: torch.Tensor | None = None) -> SynthTrace:
     """Left-padded prefill (optionally chunked) and `steps` decode steps through `kvzoo.attention.attend`,
     layer by layer, with the given q/k/v instead of projections. A chunked prompt is compressed by the method
-    generate would use for it (`for_chunked_prefill`)."""
+    generate would use for it (`for_chunked_prefill`). `surprisal` [B, n_pos]: the prompt's surprisal by
+    position, as the model's prefill gives a method that reads it (`cache.prompt_surprisal`)."""
     if prefill_chunk is not None:
         method = method.for_chunked_prefill()
     layers, kv_heads, head_dim = len(qkv.k), qkv.k[0].shape[1], qkv.k[0].shape[-1]
@@ -167,6 +169,7 @@ def drive_synthetic(method: CompressionMethod, qkv: QKV, prompt_lens: list[int],
             for layer in range(layers):
                 attend(layer, _at(qkv.q[layer], pos), _at(qkv.k[layer], pos), _at(qkv.v[layer], pos), ctx)
             cache.tokens_seen += pos.shape[1]
+        cache.prompt_surprisal = surprisal
         cache.end_prefill()
         snaps = [snapshot(cache, prompt_lens)]
         for s in range(steps):

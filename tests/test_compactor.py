@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from kvzoo import Compactor, KVMerger, ZigZagKV, ZSMerge
 from kvzoo.cache.chunk import make_prefill_chunk
-from kvzoo.cache.compactor import LEAD_IN, SPAN, dropped_fraction, sinks_then_compactor
+from kvzoo.cache.compactor import LEAD_IN, SPAN, SURPRISE_LEND, dropped_fraction, sinks_then_compactor
 from kvzoo.cache.kvmerger import protected_tokens
 from kvzoo.cache.scoring import compactor_scores, noncausal_block_scores, pre_rope_keys
 from kvzoo.cache.slots import LayerSlots
@@ -128,24 +128,34 @@ def test_compactor_refuses_bad_settings_by_name(field, value):
         Compactor(**{field: value})
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(st.integers(30, 48), st.integers(1, 2), st.integers(1, 3), st.integers(0, 2**16), st.integers(20, 26),
-       st.sampled_from([(1, "uniform"), (3, "uncertainty")]))
-def test_zsmerge_compactor_context_is_the_top_of_compactor_score(n, kv_heads, groups, seed, budget, sharing):
+       st.sampled_from([(1, "uniform"), (3, "uncertainty")]), st.sampled_from([0.0, 1.0, 3.0]))
+def test_zsmerge_compactor_context_is_the_top_of_compactor_score(n, kv_heads, groups, seed, budget, sharing,
+                                                                 surprisal_weight):
     """ZSMerge(context_rank="compactor"): the ring holds the newest tokens, the first 8 tokens take context
     slots first, and the other context slots go to the top of Compactor's score (blend: the fraction of the
-    prompt the average layout drops) among the tokens before the ring; what is left merges into the residual
-    slot. With the layers sharing the budget by need, so in each layer's own layout."""
+    prompt the average layout drops) plus `stored_surprisal` times the z-scored surprisal each token is lent
+    (the largest of its own and the 8 tokens' before it), max-pooled over the span, among the tokens before the
+    ring; what is left merges into the residual slot. With the layers sharing the budget by need, so in each
+    layer's own layout."""
     layers, layer_budgets = sharing
     qkv = random_qkv(1, layers, kv_heads, groups, n, seed=seed)
     if layers > 1:  # layer 0 reads diffusely, the last one sharply: their needs differ
         qkv.q[0], qkv.q[-1] = qkv.q[0] * 0.2, qkv.q[-1] * 3
-    method = ZSMerge(budget=budget, rank="window", context_rank="compactor", layer_budgets=layer_budgets)
-    trace = drive_synthetic(method, qkv, [n], 0)
+    surprisal = torch.rand(1, n, generator=torch.Generator().manual_seed(seed)) * 8
+    surprisal[0, 0] = 0.0  # the first token has none
+    method = ZSMerge(budget=budget, rank="window", context_rank="compactor", layer_budgets=layer_budgets,
+                     stored_surprisal=surprisal_weight)
+    trace = drive_synthetic(method, qkv, [n], 0, surprisal=surprisal)
     assert int(trace.cache.budgets().sum()) == layers * method.layout(n).budget
     assume(layers == 1 or len(set(trace.cache.budgets()[:, 0].tolist())) > 1)  # the layers' budgets differ
+    s = surprisal[0].double()
+    lent = torch.stack([s[max(0, p - SURPRISE_LEND):p + 1].max() for p in range(n)])
+    lent = (lent - lent.mean()) / lent.std(unbiased=False)
     for layer in range(layers):
-        ref = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - method.layout(n).budget / n, layer, SPAN, LEAD_IN)
+        own = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - method.layout(n).budget / n, layer)
+        ref = pool_1d(own + surprisal_weight * lent, SPAN, "max", LEAD_IN)
         slots = trace.cache.layers[layer]
         proximity = int(slots.state["proximity"][0])
         n_context = int(slots.budget[0]) - proximity - int(slots.state["residual"][0])

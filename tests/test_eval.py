@@ -117,13 +117,16 @@ def test_fanout_caches_equal_separate_prefills(tiny_checkpoint):
     cases = method_cases(["streamingllm", "h2o", "tova", "snapkv", "pyramidkv", "zsmerge", "kvmerger", "zigzag",
                           "compactor"],
                          [0.5])
-    caches, logits = fanout_prefill(model, prompts, [c.method for c in cases], headroom=3)
-    for case, cache in zip(cases, caches):
-        alone, alone_logits = prefill_cache(model, prompts, case.method, headroom=3)
+    stored = kvzoo.ZSMerge(budget=0.5, stored_surprisal=1.0).for_stored_document()  # reads the prompt's surprisal
+    methods = [c.method for c in cases] + [stored]
+    caches, logits = fanout_prefill(model, prompts, methods, headroom=3)
+    assert caches[-1].prompt_surprisal is not None
+    for method, label, cache in zip(methods, [c.label for c in cases] + ["stored zsmerge"], caches):
+        alone, alone_logits = prefill_cache(model, prompts, method, headroom=3)
         torch.testing.assert_close(logits, alone_logits)
         for a, b in zip(alone.layers, cache.layers):
             for x, y in zip(a.tensors(), b.tensors()):
-                assert torch.equal(x, y), case.label
+                assert torch.equal(x, y), label
 
 
 # --- the runner and its files --------------------------------------------------------------------------------

@@ -204,3 +204,27 @@ def test_compile_takes_true_false_or_none(tiny_checkpoint):
     tiny = kvzoo.load(tiny_checkpoint("llama-gqa")[1])
     with pytest.raises(KvzooError, match="generate: compile must be True, False or None, got 'yes'"):
         tiny.generate_ids([[1, 2, 3]], max_new_tokens=1, compile="yes")
+
+
+def test_a_method_that_reads_the_prompts_surprisal_gets_each_tokens_by_position(tiny_checkpoint):
+    """`cache.prompt_surprisal` [B, n_pos]: -log p(token | the tokens before it) under the model's own forward,
+    by position, for a left-padded batch (the first token and padding 0), chunked over positions as computed."""
+    from kvzoo.cache.full import FullCache
+    from kvzoo.likelihood import prefill_cache
+
+    class ReadsSurprisal(FullCache):
+        reads_prompt_surprisal = True
+
+    model = kvzoo.load(tiny_checkpoint("llama-gqa")[1])
+    prompts = [[(7 * i) % 120 + 3 for i in range(200)], list(range(40, 100))]  # longer than one 128-row block
+    cache, _ = prefill_cache(model, prompts, ReadsSurprisal(), headroom=0)
+    assert cache.prompt_surprisal is not None and cache.prompt_surprisal.shape == (2, 200)
+    for b, ids in enumerate(prompts):
+        with torch.inference_mode():
+            logp = model(torch.tensor([ids]))[0].double().log_softmax(-1)
+        expected = torch.cat([torch.zeros(1, dtype=torch.float64),
+                              -logp[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]])
+        torch.testing.assert_close(cache.prompt_surprisal[b, :len(ids)].double(), expected, rtol=1e-5, atol=1e-5)
+        assert not cache.prompt_surprisal[b, len(ids):].any()  # past a shorter prompt: nothing
+    plain, _ = prefill_cache(model, prompts, FullCache(), headroom=0)
+    assert plain.prompt_surprisal is None  # computed only for a method that reads it

@@ -48,6 +48,9 @@ class CompressionMethod:
     # layer's store at once (`KVCache.stacked_groups`: layers become rows), after the last layer's attention.
     # The result is the same, since a layer's update is only read by that layer's next step.
     decode_step_rowwise: bool = False
+    # True for methods whose `end_prefill` reads `cache.prompt_surprisal` (each prompt token's -log p under the
+    # model, by position): the model then computes it from its output head over a fresh prompt fed in one shot.
+    reads_prompt_surprisal: bool = False
     # The per-slot state entries ([B, Hkv, C]) a row-wise decode step reads (the stacked view copies them in).
     decode_slot_state: tuple[str, ...] = ()
     # True for methods that compress only the prompt they were made for and append what follows (prefill-only

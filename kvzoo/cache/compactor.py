@@ -10,7 +10,7 @@ import torch
 
 from kvzoo.cache.base import PrefillOnlyMethod, ScoredSelection
 from kvzoo.cache.budgets import Budget, check_budget, resolve_budget
-from kvzoo.cache.scoring import COMPACTOR_BLOCK, compactor_scores
+from kvzoo.cache.scoring import COMPACTOR_BLOCK, compactor_scores, pool_by_position, zscore
 from kvzoo.cache.selection import recent_mask, sink_mask
 from kvzoo.cache.slots import LayerSlots
 from kvzoo.errors import KvzooError
@@ -52,6 +52,34 @@ def sinks_then_compactor(chunk: "PrefillChunk", kept: torch.Tensor, prompt_len: 
     KVMerger and ZigZagKV rank a document stored for later questions by."""
     rank = compactor_scores(chunk, dropped_fraction(kept, prompt_len), span=span, ahead=lead_in)
     return rank.masked_fill(sink_mask(chunk, SINKS), float("inf"))
+
+
+# A surprising token lends its surprisal to the SURPRISE_LEND tokens after it: what a document says that the model
+# could not guess (a name, a label) and the words that follow it (the fact's value).
+SURPRISE_LEND = 8
+
+
+def lent_surprisal(surprisal: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
+    """[B, n_pos] each position's largest surprisal among itself and the SURPRISE_LEND positions before it,
+    z-scored over each sequence's prompt (surprisal [B, n_pos] by position, prompt_len [B])."""
+    b, n_pos = surprisal.shape
+    pos = torch.arange(n_pos, device=surprisal.device).expand(b, n_pos)
+    valid = pos < prompt_len[:, None]
+    lent = pool_by_position(surprisal[:, None], pos[:, None], valid[:, None], SURPRISE_LEND + 1, "max", 0)
+    return zscore(lent, valid[:, None])[:, 0]
+
+
+def sinks_then_compactor_and_surprisal(own: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
+                                       surprisal: torch.Tensor, prompt_len: torch.Tensor, weight: float
+                                       ) -> torch.Tensor:
+    """[B, Hkv, S] the stored rank with the prompt's surprisal: own (Compactor's unpooled score of the candidates
+    at positions pos [B, Hkv, S], valid where a candidate is a prompt token) + weight * `lent_surprisal`, then
+    max-pooled over SPAN with LEAD_IN as `sinks_then_compactor`, the first SINKS positions first (+inf)."""
+    lent = lent_surprisal(surprisal, prompt_len)  # [B, n_pos]
+    at = lent[:, None, :].expand(-1, pos.shape[1], -1).gather(-1, pos.clamp(min=0, max=lent.shape[-1] - 1))
+    rank = pool_by_position((own + weight * at).masked_fill(~valid, float("-inf")), pos, valid, SPAN, "max",
+                            LEAD_IN)
+    return rank.masked_fill(valid & (pos < SINKS), float("inf"))
 
 
 @dataclass

@@ -20,6 +20,9 @@ class PrefillObserver(CompressionMethod):
     def slots_in_use(self, capacity: int, tokens_seen: int) -> int:
         return 0  # one-shot prefill only: nothing cached before the prompt
 
+    def after_prefill(self, driver: KVCache) -> None:
+        """Called by `observe_prefill` after the forward over `driver`, the stand-in cache the model filled."""
+
 
 class ForwardingObserver(PrefillObserver):
     """An observer that fills (method, cache) targets: what the model learns of itself before a prompt chunk
@@ -31,6 +34,14 @@ class ForwardingObserver(PrefillObserver):
     def before_prefill(self, model: "CausalLM", cache: KVCache) -> None:
         for method, target in self.targets:
             method.before_prefill(model, target)
+
+    @property
+    def reads_prompt_surprisal(self) -> bool:
+        return any(method.reads_prompt_surprisal for method, _ in self.targets)
+
+    def after_prefill(self, driver: KVCache) -> None:
+        for _, target in self.targets:  # what the model's head said of the prompt (None unless a method reads it)
+            target.prompt_surprisal = driver.prompt_surprisal
 
 
 def observe_prefill(model: "CausalLM", ids: torch.Tensor, positions: torch.Tensor,
@@ -44,4 +55,5 @@ def observe_prefill(model: "CausalLM", ids: torch.Tensor, positions: torch.Tenso
                 for _ in range(cfg.num_layers)]
     driver = KVCache(layers=no_slots, method=observer)
     logits = model(ids, positions, cache=driver, last_only=True)[:, -1]
+    observer.after_prefill(driver)
     return logits, driver.tokens_seen

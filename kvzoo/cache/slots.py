@@ -224,6 +224,9 @@ class KVCache:
     # share); layers a method replaces later (e.g. at `end_prefill`) simply stop being part of it (see
     # `stacked_groups`).
     stacks: list[SlotStack] = field(default_factory=list)
+    # [B, n_pos] each prompt token's surprisal -log p(token | the tokens before it), by position (0 at the first
+    # and at padding), when the method reads it (`reads_prompt_surprisal`); set by the model's prefill.
+    prompt_surprisal: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

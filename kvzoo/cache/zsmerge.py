@@ -35,9 +35,10 @@ share is of each token's attention per query at least the ring's size after it, 
 (`accumulated`); a kept slot stores its accumulated attention, the standing it was ranked by kept beside it for
 later prompt chunks (`decode_score`) and for the first decode steps, where it lapses with a half-life of 2 steps
 (`standing_half_life`). A document stored for later questions (`for_stored_document`, not in the paper) keeps a
-ring of at most 32 tokens and ranks the rest of its context by Compactor's query-agnostic score (`stored_ring`),
-its window max-pooled over 7 positions (`stored_kernel_size`); the question, a later prompt, then gives up the
-stored tokens its reads rank lowest (`context_rank`).
+ring of at most 32 tokens and ranks the rest of its context by Compactor's query-agnostic score (`stored_ring`)
+plus the surprisal of the text each token follows (`stored_surprisal`), its window max-pooled over 7 positions
+(`stored_kernel_size`); the question, a later prompt, then gives up the stored tokens its reads rank lowest
+(`context_rank`).
 
 Measured effect of the defaults that differ from the paper (tools/RESULTS.md; SmolLM2-135M, 16 2048-token
 contexts, 128 teacher-forced tokens, equal memory, paired differences; needle: 12 development or 24 held-out
@@ -130,12 +131,12 @@ import torch.nn.functional as F
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import (Budget, budget_tokens, check_budget, check_counts, check_pooling, level_budgets,
                                  part_tokens)
-from kvzoo.cache.compactor import SINKS, sinks_then_compactor
+from kvzoo.cache.compactor import SINKS, dropped_fraction, sinks_then_compactor, sinks_then_compactor_and_surprisal
 from kvzoo.cache.copy_heads import COPY_HEAD_THRESHOLD, induction_scores
 from kvzoo.cache import layer_uncertainty
 from kvzoo.cache.scoring import (accumulated_scores, attention_rate, attention_shares, block_attention,
-                                 distant_attention_rate, leverage_scores, on_the_scale_of, own_key_leverage,
-                                 window_scores)
+                                 compactor_scores, distant_attention_rate, leverage_scores, on_the_scale_of,
+                                 own_key_leverage, window_scores)
 from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, slot_candidates, top_mask,
                                    widest_shares)
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots, allocate_stores
@@ -440,6 +441,23 @@ class ZSMerge(CompressionMethod):
     # the needles 7 answers (tools/RESULTS.md, "Session 36"; seeds 24-28, 120 asked after compression: 21 / 26 / 44
     # at 5 / 10 / 20% kept for both); session 35's 20 / 25 / 41 for 9 were at a smaller memory (`--memory budget`).
     stored_kernel_size: int | None = 7
+    # A stored document (Compactor's rank, `stored_ring`) also keeps what the model could not predict: each
+    # token's rank adds this weight times the z-scored surprisal -log p(token | the text before it) that it is
+    # lent (the largest of its own and the 8 tokens' before it, `compactor.SURPRISE_LEND`), before the span's
+    # max-pooling (`compactor.sinks_then_compactor_and_surprisal`). A later question asks about what the
+    # document says, not what any text would: a name, a label, a number, and the words right after them. Every
+    # score of the document's own attention ranked a multi-key needle's code (one of four labelled codes, each
+    # once) between 200th and 950th of 1004 tokens in the heads the answer is read through (tools/RESULTS.md,
+    # "Session 41"): nothing in it reads the code more than other text. The surprisal of its label (" red") is
+    # among the document's highest. 1.0: as much weight as the attention term (0: off, the rank before session
+    # 41; not tuned, one setting run). Measured (needles asked after compression, seeds 33-36, 96, the full cache
+    # 71, equal memory): 42 / 57 / 65 at 5 / 10 / 20% kept against 25 / 41 / 56 (passkeys 33 / 43 / 47 of 48
+    # against 17 / 31 / 41, the full cache 43; multi-key needles 9 / 14 / 18 against 8 / 10 / 15, the full
+    # cache 28); `make demo` 5 / 5 / 5 / 4 / 1 of 6 at 80 / 50 / 30 / 20 / 10% against 4 / 4 / 4 / 4 / 1.
+    # Costs: the document is held whole until end_prefill (as a one-shot prompt with `layer_budgets` is),
+    # and the model's output head runs over every document position (+~20% prefill on SmolLM2-135M, whose head
+    # is a large part of it; a few percent for a 7B model).
+    stored_surprisal: float = 1.0
     # With `stored_ring` None or a chunked document: the copy-head threshold for a stored document (session
     # 22's rule), when `copy_heads` is None and the context is not already ranked by Compactor's score; None: as
     # `copy_heads`. Its questions read the document through the copy heads. Measured (tools/RESULTS.md,
@@ -572,6 +590,9 @@ class ZSMerge(CompressionMethod):
             raise KvzooError("ZSMerge: copy_heads and cross_layer each decide what every layer keeps; choose one")
         if self.prefill_scale not in ("window", "steady"):
             raise KvzooError(f"ZSMerge: prefill_scale must be 'window' or 'steady', got {self.prefill_scale!r}")
+        if isinstance(self.stored_surprisal, bool) or not isinstance(self.stored_surprisal, (int, float)) \
+                or not 0 <= self.stored_surprisal < float("inf"):
+            raise KvzooError(f"ZSMerge: stored_surprisal must be a number >= 0 (0: off), got {self.stored_surprisal!r}")
 
     @classmethod
     def paper(cls, **overrides: object) -> "ZSMerge":
@@ -581,7 +602,7 @@ class ZSMerge(CompressionMethod):
         paper = {"proximity": 0.5, "residual": 0.02, "alpha": 1.0, "decay": 0.98, "rank": "window",
                  "window_size": 8, "kernel_size": 5, "pooling": "max", "pool_ahead": None, "metric": "dot",
                  "score_update": "max", "stored_ring": None, "stored_copy_heads": None, "layer_budgets": "uniform",
-                 "stored_kernel_size": None}
+                 "stored_kernel_size": None, "stored_surprisal": 0.0}
         return cls(**{**paper, **overrides})  # type: ignore[arg-type]
 
     @property
@@ -644,7 +665,15 @@ class ZSMerge(CompressionMethod):
     def _holds_prompt(self) -> bool:
         """Whether every layer keeps the whole prompt until end_prefill compresses it (`cross_layer`,
         `layer_budgets`, `copy_reads`)."""
-        return self.cross_layer or self.layer_budgets != "uniform" or self.copy_reads > 0
+        return self.cross_layer or self.layer_budgets != "uniform" or self.copy_reads > 0 or self._weighs_surprisal
+
+    @property
+    def _weighs_surprisal(self) -> bool:
+        return self.stored_surprisal > 0 and self.context_rank == "compactor"
+
+    @property
+    def reads_prompt_surprisal(self) -> bool:  # type: ignore[override]
+        return self._weighs_surprisal
 
     def for_chunked_prefill(self) -> "ZSMerge":
         """This ZSMerge with uniform layer budgets (`layer_budgets`) and no `copy_reads` when it would hold the
@@ -697,8 +726,8 @@ class ZSMerge(CompressionMethod):
                 "proximity": torch.tensor([lay.proximity for lay in layouts], device=device)}
 
     def for_stored_document(self, chunked: bool = False) -> "ZSMerge":
-        """This ZSMerge with a ring of at most `stored_ring` tokens and its context ranked by Compactor's score,
-        or else (also for a document fed in chunks, which Compactor's rank cannot take) with copy heads at
+        """This ZSMerge with a ring of at most `stored_ring` tokens and its context ranked by Compactor's score
+        and the document's surprisal (`stored_surprisal`), or else (also for a document fed in chunks, which Compactor's rank cannot take) with copy heads at
         `stored_copy_heads` and the leverage share (rank "shares" for "attention_shares"); either way with its
         window pooled over `stored_kernel_size` positions and uniform layers. Itself with copy
         heads or a cross-layer rank (which decide what every layer keeps themselves) or another context rank
@@ -887,8 +916,11 @@ class ZSMerge(CompressionMethod):
             rank = None
             if self.context_rank == "compactor":
                 average = torch.tensor(self._average_budgets(prompt_len.tolist()), device=score.device)
-                rank = sinks_then_compactor(chunk, average, prompt_len)
-                slots.state["held_rank"] = F.pad(rank, empty_slots)
+                if self._weighs_surprisal:  # unpooled: end_prefill adds the surprisal, then pools
+                    rank = compactor_scores(chunk, dropped_fraction(average, prompt_len))
+                else:
+                    rank = sinks_then_compactor(chunk, average, prompt_len)
+                slots.state["held_rank"] = F.pad(rank, empty_slots, value=float("-inf"))
             if self.layer_budgets == "uncertainty":  # the ring first, as _compress keeps it, then the rank
                 slots.state["uncertainty"] = layer_uncertainty.output_uncertainty(
                     chunk, score if rank is None else rank, slots.state["proximity"], layer_uncertainty.WINDOW,
@@ -1089,6 +1121,11 @@ class ZSMerge(CompressionMethod):
         for layer_idx, (old, new, budget) in enumerate(zip(cache.layers, stores, budgets)):
             tie, stored = old.state.pop("held_tie"), old.state.pop("held_stored", None)
             rank = old.state.pop("held_rank", None)  # Compactor's (context_rank), or None: the standing
+            if rank is not None and self._weighs_surprisal:
+                assert cache.prompt_surprisal is not None  # the model computes it (reads_prompt_surprisal)
+                rank = sinks_then_compactor_and_surprisal(rank, old.pos, old.filled & (old.pos >= 0),
+                                                          cache.prompt_surprisal, old.state["prompt_len"],
+                                                          self.stored_surprisal)
             new.state = {**old.state, "prefill_budget": budget, **self._regions(budget.tolist(), budget.device)}
             if widest is not None:
                 rank = cross_layer_rank(old, widest)

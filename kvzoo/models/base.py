@@ -109,10 +109,29 @@ class CausalLM(nn.Module):
         if ctx.deferred is not None:
             apply_deferred_updates(cache, positions, ctx.deferred)
         if cache is not None and not decode:
+            if cache.tokens_seen == 0 and cache.method.reads_prompt_surprisal:  # a fresh prompt, in one shot
+                cache.prompt_surprisal = self._prompt_surprisal(x, input_ids, positions)
             cache.tokens_seen += input_ids.shape[1]
         if last_only:
             x = x[:, -1:]
         return torch.nn.functional.linear(self.final_norm(x), self.output_weight())
+
+    def _prompt_surprisal(self, x: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, rows: int = 128
+                   ) -> torch.Tensor:
+        """[B, n_pos] -log p(ids[p] | ids before it) by position, from the last hidden states x [B, T, D] of a
+        one-shot prompt (ids, positions [B, T]; -1 padding), `rows` positions of logits at a time (B x rows x V
+        floats at once). The first token and padding get 0."""
+        b, t, _ = x.shape
+        out = torch.zeros(b, t, device=x.device, dtype=torch.float32)
+        weight = self.output_weight()
+        for start in range(0, t - 1, rows):
+            end = min(start + rows, t - 1)
+            logp = torch.log_softmax(torch.nn.functional.linear(self.final_norm(x[:, start:end]), weight).float(), -1)
+            out[:, start + 1:end + 1] = -logp.gather(-1, ids[:, start + 1:end + 1, None])[..., 0]
+        out = out.masked_fill(positions <= 0, 0.0)
+        n_pos = int(positions.max()) + 1
+        by_pos = torch.zeros(b, n_pos + 1, device=x.device)
+        return by_pos.scatter(1, torch.where(positions >= 0, positions, n_pos), out)[:, :n_pos]
 
     # --- loading ----------------------------------------------------------------------------------
     @classmethod
