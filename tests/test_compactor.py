@@ -96,6 +96,23 @@ def reference_scores(qkv, n: int, block: int, scale: float, kernel: int, blend: 
                    span, "max", lead_in)
 
 
+def spiky_surprisal(n: int, seed: int) -> torch.Tensor:
+    """[1, n] a prompt's surprisal as text has it: mostly low, a few surprising tokens (0 at the first)."""
+    gen = torch.Generator().manual_seed(seed)
+    surprisal = torch.rand(1, n, generator=gen) * 2
+    surprisal[0, torch.randint(1, n, (max(2, n // 12),), generator=gen)] += 8
+    surprisal[0, 0] = 0.0
+    return surprisal
+
+
+def lent_surprisal_reference(surprisal: torch.Tensor) -> torch.Tensor:
+    """[n] float64: each position's largest surprisal among itself and the SURPRISE_LEND before it, z-scored
+    (population standard deviation), from surprisal [n]."""
+    s = surprisal.double()
+    lent = torch.stack([s[max(0, p - SURPRISE_LEND):p + 1].max() for p in range(len(s))])
+    return (lent - lent.mean()) / lent.std(unbiased=False)
+
+
 @settings(max_examples=20, deadline=None)
 @given(st.integers(6, 40), st.integers(1, 2), st.integers(1, 3), st.integers(0, 2**16), st.integers(2, 30),
        st.sampled_from([4, 16, 256]), st.sampled_from([1, 3]), st.sampled_from([None, 0.5]))
@@ -143,16 +160,13 @@ def test_zsmerge_compactor_context_is_the_top_of_compactor_score(n, kv_heads, gr
     qkv = random_qkv(1, layers, kv_heads, groups, n, seed=seed)
     if layers > 1:  # layer 0 reads diffusely, the last one sharply: their needs differ
         qkv.q[0], qkv.q[-1] = qkv.q[0] * 0.2, qkv.q[-1] * 3
-    surprisal = torch.rand(1, n, generator=torch.Generator().manual_seed(seed)) * 8
-    surprisal[0, 0] = 0.0  # the first token has none
+    surprisal = spiky_surprisal(n, seed)
     method = ZSMerge(budget=budget, rank="window", context_rank="compactor", layer_budgets=layer_budgets,
                      stored_surprisal=surprisal_weight)
     trace = drive_synthetic(method, qkv, [n], 0, surprisal=surprisal)
     assert int(trace.cache.budgets().sum()) == layers * method.layout(n).budget
     assume(layers == 1 or len(set(trace.cache.budgets()[:, 0].tolist())) > 1)  # the layers' budgets differ
-    s = surprisal[0].double()
-    lent = torch.stack([s[max(0, p - SURPRISE_LEND):p + 1].max() for p in range(n)])
-    lent = (lent - lent.mean()) / lent.std(unbiased=False)
+    lent = lent_surprisal_reference(surprisal[0])
     for layer in range(layers):
         own = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - method.layout(n).budget / n, layer)
         ref = pool_1d(own + surprisal_weight * lent, SPAN, "max", LEAD_IN)
@@ -180,14 +194,19 @@ def older_middle(n: int, recent: int) -> list[int]:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_zigzag_compactor_rank_keeps_sinks_the_window_and_the_top_of_compactor_score(seed):
+@pytest.mark.parametrize("surprisal_weight", [0.0, 1.0])
+def test_zigzag_compactor_rank_keeps_sinks_the_window_and_the_top_of_compactor_score(seed, surprisal_weight):
     """ZigZagKV(rank="compactor") with uniform layer budgets (bound_ratio=1): the observation window, the first
-    8 tokens, then the top of Compactor's score (blend: the fraction of the prompt the budget drops)."""
-    n, budget, window = 48, 20, 6
+    8 tokens, then the top of Compactor's score (blend: the fraction of the prompt the budget drops) plus
+    `stored_surprisal` times the z-scored surprisal each token is lent, max-pooled over the span."""
+    n, budget, window = 72, 32, 6
     qkv = random_qkv(1, 1, 2, 2, n, seed=seed)
-    method = ZigZagKV(budget=budget, rank="compactor", bound_ratio=1.0, window_size=window)
-    trace = drive_synthetic(method, qkv, [n], 0)
-    ref = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - budget / n, span=SPAN, lead_in=LEAD_IN)
+    surprisal = spiky_surprisal(n, seed)
+    method = ZigZagKV(budget=budget, rank="compactor", bound_ratio=1.0, window_size=window,
+                      stored_surprisal=surprisal_weight)
+    trace = drive_synthetic(method, qkv, [n], 0, surprisal=surprisal)
+    own = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - budget / n)
+    ref = pool_1d(own + surprisal_weight * lent_surprisal_reference(surprisal[0]), SPAN, "max", LEAD_IN)
     for h in range(2):
         kept = set(trace.snapshots[0].kept(0, 0, h))
         assert len(kept) == budget and set(range(8)) | set(range(n - window, n)) <= kept, sorted(kept)

@@ -69,6 +69,18 @@ def lent_surprisal(surprisal: torch.Tensor, prompt_len: torch.Tensor) -> torch.T
     return zscore(lent, valid[:, None])[:, 0]
 
 
+def unpooled_compactor(chunk: "PrefillChunk", kept: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, S] Compactor's score as `sinks_then_compactor` blends it, neither pooled nor with the sinks: what
+    `sinks_then_compactor_and_surprisal` adds the prompt's surprisal to once the whole prompt is in."""
+    return compactor_scores(chunk, dropped_fraction(kept, prompt_len))
+
+
+def check_surprisal_weight(weight: object, owner: str) -> None:
+    """Refuse a `stored_surprisal` weight that is not a finite number >= 0, naming the method."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        raise KvzooError(f"{owner}: stored_surprisal must be a number >= 0 (0: off), got {weight!r}")
+
+
 def sinks_then_compactor_and_surprisal(own: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
                                        surprisal: torch.Tensor, prompt_len: torch.Tensor, weight: float
                                        ) -> torch.Tensor:

@@ -66,7 +66,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.budgets import Budget, check_counts, check_pooling, zigzag_budgets
-from kvzoo.cache.compactor import sinks_then_compactor
+from kvzoo.cache.compactor import (check_surprisal_weight, sinks_then_compactor, sinks_then_compactor_and_surprisal,
+                                   unpooled_compactor)
 from kvzoo.cache.layer_uncertainty import BOUND_RATIO, TAU, WINDOW, attention_uncertainty, output_uncertainty
 from kvzoo.cache.scoring import accumulated_scores, attention_shares, share_of, window_scores
 from kvzoo.cache.selection import (cross_layer_rank, keep_top, recent_mask, shrink_slots, slot_candidates,
@@ -159,6 +160,11 @@ class ZigZagKV(WindowSelection):
     # lead-ins since session 40 (each token's score lent to the 6 before it, `compactor.LEAD_IN`): on seeds 33-36
     # (96, the full cache 71) 16 / 37 / 53 against the centred span's 18 / 33 / 49 (SnapKV 15 / 15 / 14).
     stored_rank: str | None = "compactor"
+    # With Compactor's rank (a stored document's), each token's rank adds this weight times the z-scored
+    # surprisal it is lent, as ZSMerge's `stored_surprisal` (see there; 0: off): at end_prefill, where the model
+    # has given the whole document's surprisal. The layers' budgets are allocated from Compactor's rank alone
+    # (their need is measured while each layer is read). Measured: see tools/RESULTS.md, "Session 41".
+    stored_surprisal: float = 1.0
     # rank="attention_shares" also keeps a token for its share of a question's attention: the attention of
     # the last `question_window` queries, max-pooled over a token and the 6 before it (`question_kernel_size`,
     # `question_pooling`, `question_pool_ahead`), as KVMerger's share rank reads it (ZSMerge's pools over the 8
@@ -198,6 +204,7 @@ class ZigZagKV(WindowSelection):
         if self.stored_rank is not None and self.stored_rank not in RANKS:
             raise KvzooError(f"ZigZagKV: stored_rank must be None or one of {', '.join(map(repr, RANKS))}, "
                              f"got {self.stored_rank!r}")
+        check_surprisal_weight(self.stored_surprisal, "ZigZagKV")
         check_counts(self, "ZigZagKV", ("question_window",), optional=True)
         check_counts(self, "ZigZagKV", ("question_kernel_size",))
         check_pooling(self, "ZigZagKV", prefix="question_")
@@ -211,7 +218,7 @@ class ZigZagKV(WindowSelection):
         ranked by the observation window's attention alone, with the window and pooling of its LongBench runs
         (KVCache-Factory: 8 queries, max-pool 7, centred)."""
         paper = {"uncertainty": "attention", "rank": "window", "window_size": 8, "kernel_size": 7, "pooling": "max",
-                 "pool_ahead": None, "stored_rank": None}
+                 "pool_ahead": None, "stored_rank": None, "stored_surprisal": 0.0}
         return cls(**{**paper, **overrides})  # type: ignore[arg-type]
 
     def for_stored_document(self, chunked: bool = False) -> "ZigZagKV":
@@ -220,6 +227,11 @@ class ZigZagKV(WindowSelection):
         if self.stored_rank is None or self.cross_layer:
             return self
         return replace(self, rank=self.stored_rank)
+
+    @property
+    def reads_prompt_surprisal(self) -> bool:  # type: ignore[override]
+        """Compactor's rank with `stored_surprisal`: end_prefill adds the prompt's surprisal."""
+        return self.rank == "compactor" and self.stored_surprisal > 0
 
     def prefill_budgets(self, cfg: "ModelConfig", prompt_lens: list[int]) -> list[list[int]]:
         for n in prompt_lens:
@@ -238,16 +250,19 @@ class ZigZagKV(WindowSelection):
             )
         scores = self.prefill_scores(slots, chunk)
         # Keeps every token, in rank order with pooled ties broken by the own score (`prefill_tiebreak`), so
-        # that the slot order is the tie-break `end_prefill` needs.
-        keep_top(slots, chunk, scores, slots.state["prefill_budget"], stored_score=scores,
+        # that the slot order is the tie-break `end_prefill` needs; with the surprisal, each slot stores
+        # Compactor's unpooled score, which end_prefill adds it to.
+        stored = scores
+        if self.reads_prompt_surprisal:
+            stored = unpooled_compactor(chunk, self._kept(slots, chunk), slots.state["prompt_len"])
+        keep_top(slots, chunk, scores, slots.state["prefill_budget"], stored_score=stored,
                  tie=self.prefill_tiebreak(slots, chunk))
         slots.state["lmba"] = self._uncertainty(chunk, scores)
 
     def prefill_scores(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
         """[B, Hkv, S] the rank of the candidates (`rank`)."""
         if self.rank == "compactor":
-            kept = [self.sequence_budget(n) for n in slots.state["prompt_len"].tolist()]
-            return sinks_then_compactor(chunk, torch.tensor(kept, device=chunk.k.device), slots.state["prompt_len"])
+            return sinks_then_compactor(chunk, self._kept(slots, chunk), slots.state["prompt_len"])
         window = super().prefill_scores(slots, chunk)
         if self.rank == "window":
             return window
@@ -258,6 +273,11 @@ class ZigZagKV(WindowSelection):
         question = window_scores(chunk, self.question_window, kernel=self.question_kernel_size,
                                  pooling=self.question_pooling, ahead=self.question_pool_ahead)
         return torch.maximum(shares, share_of(question, valid))
+
+    def _kept(self, slots: LayerSlots, chunk: "PrefillChunk") -> torch.Tensor:
+        """[B] each sequence's average layer budget (what Compactor's blend reads as kept)."""
+        kept = [self.sequence_budget(n) for n in slots.state["prompt_len"].tolist()]
+        return torch.tensor(kept, device=chunk.k.device)
 
     def _uncertainty(self, chunk: "PrefillChunk", rank: torch.Tensor) -> torch.Tensor:
         """[B] fp32: the layer's uncertainty, the mean over query heads of MBA(tau) of the observation window's
@@ -282,6 +302,11 @@ class ZigZagKV(WindowSelection):
         for layer_idx, slots in enumerate(cache.layers):
             keep = torch.tensor([b[layer_idx] for b in per_sequence], device=slots.pos.device)
             rank = slots.score if widest is None else cross_layer_rank(slots, widest)
+            if self.reads_prompt_surprisal:  # Compactor's unpooled score (compress_prefill) with the surprisal
+                assert cache.prompt_surprisal is not None  # the model computes it for a method that reads it
+                rank = sinks_then_compactor_and_surprisal(rank, slots.pos, slots.filled & (slots.pos >= 0),
+                                                          cache.prompt_surprisal, slots.state["prompt_len"],
+                                                          self.stored_surprisal)
             rank = rank.masked_fill(recent_mask(slot_candidates(slots), self.window_size), float("inf"))
             # Equal pooled scores: the earlier slot first (compress_prefill stored them peak before neighbours).
             earlier = -torch.arange(slots.capacity, device=rank.device, dtype=rank.dtype).expand_as(rank)

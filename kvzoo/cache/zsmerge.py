@@ -131,12 +131,13 @@ import torch.nn.functional as F
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import (Budget, budget_tokens, check_budget, check_counts, check_pooling, level_budgets,
                                  part_tokens)
-from kvzoo.cache.compactor import SINKS, dropped_fraction, sinks_then_compactor, sinks_then_compactor_and_surprisal
+from kvzoo.cache.compactor import (SINKS, check_surprisal_weight, sinks_then_compactor,
+                                   sinks_then_compactor_and_surprisal, unpooled_compactor)
 from kvzoo.cache.copy_heads import COPY_HEAD_THRESHOLD, induction_scores
 from kvzoo.cache import layer_uncertainty
 from kvzoo.cache.scoring import (accumulated_scores, attention_rate, attention_shares, block_attention,
-                                 compactor_scores, distant_attention_rate, leverage_scores, on_the_scale_of,
-                                 own_key_leverage, window_scores)
+                                 distant_attention_rate, leverage_scores, on_the_scale_of, own_key_leverage,
+                                 window_scores)
 from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, slot_candidates, top_mask,
                                    widest_shares)
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots, allocate_stores
@@ -590,9 +591,7 @@ class ZSMerge(CompressionMethod):
             raise KvzooError("ZSMerge: copy_heads and cross_layer each decide what every layer keeps; choose one")
         if self.prefill_scale not in ("window", "steady"):
             raise KvzooError(f"ZSMerge: prefill_scale must be 'window' or 'steady', got {self.prefill_scale!r}")
-        if isinstance(self.stored_surprisal, bool) or not isinstance(self.stored_surprisal, (int, float)) \
-                or not 0 <= self.stored_surprisal < float("inf"):
-            raise KvzooError(f"ZSMerge: stored_surprisal must be a number >= 0 (0: off), got {self.stored_surprisal!r}")
+        check_surprisal_weight(self.stored_surprisal, "ZSMerge")
 
     @classmethod
     def paper(cls, **overrides: object) -> "ZSMerge":
@@ -917,7 +916,7 @@ class ZSMerge(CompressionMethod):
             if self.context_rank == "compactor":
                 average = torch.tensor(self._average_budgets(prompt_len.tolist()), device=score.device)
                 if self._weighs_surprisal:  # unpooled: end_prefill adds the surprisal, then pools
-                    rank = compactor_scores(chunk, dropped_fraction(average, prompt_len))
+                    rank = unpooled_compactor(chunk, average, prompt_len)
                 else:
                     rank = sinks_then_compactor(chunk, average, prompt_len)
                 slots.state["held_rank"] = F.pad(rank, empty_slots, value=float("-inf"))
