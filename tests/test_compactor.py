@@ -217,18 +217,23 @@ def test_zigzag_compactor_rank_keeps_sinks_the_window_and_the_top_of_compactor_s
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("recent_tokens", [None, 2, 24, 100])
-def test_kvmerger_compactor_rank_keeps_the_top_of_compactor_score_verbatim(seed, recent_tokens):
+@pytest.mark.parametrize("surprisal_weight", [0.0, 1.0])
+def test_kvmerger_compactor_rank_keeps_the_top_of_compactor_score_verbatim(seed, recent_tokens, surprisal_weight):
     """KVMerger(rank="compactor"): the heavy hitters kept verbatim (as singletons, log w = 0) are the first 8
-    tokens, then the top of Compactor's score among the older tokens; `recent_tokens` sets the recent window (at
-    most half the budget) and the heavy hitters take the rest of the verbatim share (what `protected_tokens`
-    lets fit beside the merged runs)."""
+    tokens, then the top of Compactor's score plus `stored_surprisal` times the z-scored surprisal each token is
+    lent, max-pooled over the span, among the older tokens; `recent_tokens` sets the recent window (at most half
+    the budget) and the heavy hitters take the rest of the verbatim share (what `protected_tokens` lets fit
+    beside the merged runs)."""
     n, budget = 120, 60
     qkv = random_qkv(1, 1, 2, 2, n, seed=seed)
-    method = KVMerger(budget=budget, rank="compactor", recent_tokens=recent_tokens, layer_budgets="uniform")
-    trace = drive_synthetic(method, qkv, [n], 0)
+    surprisal = spiky_surprisal(n, seed)
+    method = KVMerger(budget=budget, rank="compactor", recent_tokens=recent_tokens, layer_budgets="uniform",
+                      stored_surprisal=surprisal_weight)
+    trace = drive_synthetic(method, qkv, [n], 0, surprisal=surprisal)
     recent = int(budget * 0.34) if recent_tokens is None else min(recent_tokens, budget // 2)
     heavy = int(budget * 0.24) + int(budget * 0.34) - recent
-    ref = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - budget / n, span=SPAN, lead_in=LEAD_IN).float()
+    own = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - budget / n)
+    ref = pool_1d(own + surprisal_weight * lent_surprisal_reference(surprisal[0]), SPAN, "max", LEAD_IN).float()
     rank = torch.cat([torch.full((2, 8), float("inf")), ref[:, 8:]], dim=1)[None]  # [1, Hkv, n] sinks first
     recent_m = torch.zeros(1, 2, n, dtype=torch.bool)
     recent_m[..., n - recent:] = True

@@ -117,11 +117,14 @@ def test_fanout_caches_equal_separate_prefills(tiny_checkpoint):
     cases = method_cases(["streamingllm", "h2o", "tova", "snapkv", "pyramidkv", "zsmerge", "kvmerger", "zigzag",
                           "compactor"],
                          [0.5])
-    stored = kvzoo.ZSMerge(budget=0.5, stored_surprisal=1.0).for_stored_document()  # reads the prompt's surprisal
-    methods = [c.method for c in cases] + [stored]
+    # documents stored for later questions: each reads the prompt's surprisal (`stored_surprisal`)
+    stored = [m(budget=0.5).for_stored_document() for m in (kvzoo.ZSMerge, kvzoo.KVMerger, kvzoo.ZigZagKV)]
+    assert all(m.reads_prompt_surprisal for m in stored)
+    methods = [c.method for c in cases] + stored
     caches, logits = fanout_prefill(model, prompts, methods, headroom=3)
-    assert caches[-1].prompt_surprisal is not None
-    for method, label, cache in zip(methods, [c.label for c in cases] + ["stored zsmerge"], caches):
+    assert all(cache.prompt_surprisal is not None for cache in caches[-3:])
+    labels = [c.label for c in cases] + ["stored zsmerge", "stored kvmerger", "stored zigzag"]
+    for method, label, cache in zip(methods, labels, caches):
         alone, alone_logits = prefill_cache(model, prompts, method, headroom=3)
         torch.testing.assert_close(logits, alone_logits)
         for a, b in zip(alone.layers, cache.layers):

@@ -122,7 +122,8 @@ import torch.nn.functional as F
 from kvzoo.cache.base import PrefillOnlyMethod
 from kvzoo.cache import layer_uncertainty
 from kvzoo.cache.budgets import Budget, check_budget, check_counts, check_pooling, resolve_budget
-from kvzoo.cache.compactor import sinks_then_compactor
+from kvzoo.cache.compactor import (check_surprisal_weight, sinks_then_compactor, sinks_then_compactor_and_surprisal,
+                                   unpooled_compactor)
 from kvzoo.cache.scoring import accumulated_scores, attention_shares, window_scores
 from kvzoo.cache.selection import keep_every_candidate, keep_top, recent_mask, shrink_slots, slot_candidates
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots, allocate_stores
@@ -409,6 +410,11 @@ class KVMerger(PrefillOnlyMethod):
     # as is a value_scale="set_size" KVMerger's (its values are scaled by |S|). Not the paper's. See "A merged
     # slot's count" in the module doc.
     stored_merged_count: str | None = "attention"
+    # With Compactor's rank (a stored document's heavy hitters), each token's rank adds this weight times the
+    # z-scored surprisal it is lent, as ZSMerge's `stored_surprisal` (see there; 0: off). The surprisal needs the
+    # whole document, so the merging layers hold it until end_prefill and merge there, each into its budget as
+    # before. Measured: tools/RESULTS.md, "Session 41".
+    stored_surprisal: float = 1.0
     # How the layers share the budget (the average over the layers stays `budget`, so the cache's memory is the
     # same): "uniform" (paper), every layer keeps `budget`; "uncertainty", ZigZagKV's allocation as ZSMerge's
     # `layer_budgets` makes it (`layer_uncertainty`, `budgets.zigzag_budgets`): each layer's need is the fewest
@@ -465,11 +471,12 @@ class KVMerger(PrefillOnlyMethod):
         if self.layer_budgets not in LAYER_BUDGETS:
             raise KvzooError(f"KVMerger: layer_budgets must be one of {', '.join(map(repr, LAYER_BUDGETS))}, got "
                              f"{self.layer_budgets!r}")
-        if self._holds_prompt and self.rank == "compactor":
+        if self.layer_budgets != "uniform" and self.budget is not None and self.rank == "compactor":
             raise KvzooError("KVMerger: rank='compactor' blends Compactor's score by the fraction of the prompt a "
                              "layer drops, which layer_budgets='uncertainty' decides only after it; use "
                              "layer_budgets='uniform' with it")
         check_counts(self, "KVMerger", ("recent_tokens", "stored_recent"), least=0, optional=True)
+        check_surprisal_weight(self.stored_surprisal, "KVMerger")
         check_counts(self, "KVMerger", ("window_size", "kernel_size"))
         check_pooling(self, "KVMerger")
         self.check_decode_cap()
@@ -481,7 +488,7 @@ class KVMerger(PrefillOnlyMethod):
         paper = {"value_scale": "set_size", "alpha": 0.0, "recent_ratio": 0.17, "heavy_ratio": 0.12,
                  "ratio_of": "prompt", "skip_layers": (0, 1, -1), "rank": "accumulated", "pool_ahead": None,
                  "stored_recent": None, "min_similarity": None, "stored_merged_count": None,
-                 "layer_budgets": "uniform"}
+                 "layer_budgets": "uniform", "stored_surprisal": 0.0}
         return cls(**{**paper, **overrides})  # type: ignore[arg-type]
 
     def for_stored_document(self, chunked: bool = False) -> "KVMerger":
@@ -502,9 +509,14 @@ class KVMerger(PrefillOnlyMethod):
 
     @property
     def _holds_prompt(self) -> bool:
-        """Whether every merging layer keeps the whole prompt until end_prefill merges it (`layer_budgets`;
-        without a budget the data sizes each layer)."""
-        return self.layer_budgets != "uniform" and self.budget is not None
+        """Whether every merging layer keeps the whole prompt until end_prefill merges it (`layer_budgets`, the
+        prompt's surprisal; without a budget the data sizes each layer)."""
+        return (self.layer_budgets != "uniform" or self.reads_prompt_surprisal) and self.budget is not None
+
+    @property
+    def reads_prompt_surprisal(self) -> bool:  # type: ignore[override]
+        """Compactor's rank with `stored_surprisal` (and a budget): end_prefill adds the prompt's surprisal."""
+        return self.rank == "compactor" and self.stored_surprisal > 0 and self.budget is not None
 
     @property
     def supports_chunked_prefill(self) -> bool:  # type: ignore[override]
@@ -566,7 +578,7 @@ class KVMerger(PrefillOnlyMethod):
             keep_every_candidate(slots, chunk)
             return
         score = chunk.key_score + accumulated_scores(chunk)  # [B, Hkv, S]
-        heavy_rank = self._heavy_rank(slots, chunk, score)
+        heavy_rank = self._heavy_rank(slots, chunk, score, average)
         if self._holds_prompt:
             self._hold(slots, chunk, score, heavy_rank, average)
             return
@@ -620,28 +632,34 @@ class KVMerger(PrefillOnlyMethod):
 
     def _hold(self, slots: LayerSlots, chunk: "PrefillChunk", score: torch.Tensor, heavy_rank: torch.Tensor,
               average: torch.Tensor) -> None:
-        """layer_budgets="uncertainty": keep the whole prompt in position order, each slot with its A_t (`score`
-        [B, Hkv, S]) and its heavy-hitter rank (state["held_rank"]), and record the layer's need
-        (state["uncertainty"] [B]) in a layer of the `average` budget [B] for `end_prefill`, which allocates and
-        merges."""
+        """layer_budgets="uncertainty" or the prompt's surprisal: keep the whole prompt in position order, each
+        slot with its A_t (`score` [B, Hkv, S]) and its heavy-hitter rank (state["held_rank"]), and (uncertainty)
+        record the layer's need (state["uncertainty"] [B]) in a layer of the `average` budget [B] for
+        `end_prefill`, which allocates and merges."""
         # A second chunk of the same prompt (a later prompt is appended by take_prefill_chunk, never here).
         if chunk.slots_before:
             raise KvzooError("KVMerger(layer_budgets='uncertainty') allocates from every layer's attention over the "
                              "whole prompt, so it cannot take a prompt fed in chunks; use layer_budgets='uniform'")
-        recent, _ = self._verbatim(average, slots.state["prompt_len"])
-        # The keys as the average layer would keep them: its recent window, then the heavy hitters' rank.
-        slots.state["uncertainty"] = layer_uncertainty.output_uncertainty(
-            chunk, heavy_rank, recent, layer_uncertainty.WINDOW, layer_uncertainty.TAU)
+        if self.layer_budgets != "uniform":  # (not with Compactor's rank, so not with the surprisal)
+            recent, _ = self._verbatim(average, slots.state["prompt_len"])
+            # The keys as the average layer would keep them: its recent window, then the heavy hitters' rank.
+            slots.state["uncertainty"] = layer_uncertainty.output_uncertainty(
+                chunk, heavy_rank, recent, layer_uncertainty.WINDOW, layer_uncertainty.TAU)
         keep_top(slots, chunk, -chunk.key_pos.float(), slots.budget, stored_score=score)  # position order
         held = heavy_rank.gather(-1, _position_order(chunk))[..., :slots.capacity]  # in slot order
         slots.state["held_rank"] = F.pad(held, (0, slots.capacity - held.shape[-1]))
 
-    def _heavy_rank(self, slots: LayerSlots, chunk: "PrefillChunk", accumulated: torch.Tensor) -> torch.Tensor:
-        """[B, Hkv, S] what ranks the heavy hitters (`rank`), from the candidates' A_t [B, Hkv, S]."""
+    def _heavy_rank(self, slots: LayerSlots, chunk: "PrefillChunk", accumulated: torch.Tensor,
+                    kept: torch.Tensor) -> torch.Tensor:
+        """[B, Hkv, S] what ranks the heavy hitters (`rank`), from the candidates' A_t [B, Hkv, S] and the slots
+        each sequence keeps, kept [B] (the average layer's; Compactor's blend reads it). With the prompt's
+        surprisal, Compactor's unpooled score (end_prefill adds the surprisal and pools)."""
         if self.rank == "accumulated":
             return accumulated
+        if self.reads_prompt_surprisal:
+            return unpooled_compactor(chunk, kept, slots.state["prompt_len"])
         if self.rank == "compactor":  # budget=None: nothing is known to be dropped, so the leverage weight is 0
-            return sinks_then_compactor(chunk, slots.state["prefill_budget"], slots.state["prompt_len"])
+            return sinks_then_compactor(chunk, kept, slots.state["prompt_len"])
         window = window_scores(chunk, self.window_size, kernel=self.kernel_size, pooling=self.pooling,
                                ahead=self.pool_ahead)
         return attention_shares(accumulated, window, torch.isfinite(chunk.key_logw))
@@ -683,10 +701,12 @@ class KVMerger(PrefillOnlyMethod):
         merging = [i for i, slots in enumerate(cache.layers) if "held_rank" in slots.state]
         first = cache.layers[merging[0]]
         prompt_lens = first.state["prompt_len"]
-        need = torch.stack([cache.layers[i].state.pop("uncertainty") for i in merging])  # [L', B]
-        # a sequence whose prompt fits the budget (average = prompt) keeps it whole in every layer
-        per_sequence = layer_uncertainty.shares_by_need(need, self._average_budgets(prompt_lens.tolist()),
-                                                        prompt_lens.tolist())
+        average = self._average_budgets(prompt_lens.tolist())
+        if self.layer_budgets == "uniform":  # held for the surprisal alone: every merging layer its budget
+            per_sequence = [[n] * len(merging) for n in average]
+        else:  # a sequence whose prompt fits the budget (average = prompt) keeps it whole in every layer
+            need = torch.stack([cache.layers[i].state.pop("uncertainty") for i in merging])  # [L', B]
+            per_sequence = layer_uncertainty.shares_by_need(need, average, prompt_lens.tolist())
         budgets = [torch.tensor(layer, device=prompt_lens.device) for layer in zip(*per_sequence)]  # [L'] of [B]
         headroom = first.budget - first.state["prefill_budget"]  # [B] decode room, the same in every layer
         _, hkv, _, d = first.k.shape
@@ -695,6 +715,11 @@ class KVMerger(PrefillOnlyMethod):
         for layer_idx, new, budget in zip(merging, stores, budgets):
             old = cache.layers[layer_idx]
             held_rank = old.state.pop("held_rank")
+            if self.reads_prompt_surprisal:  # Compactor's unpooled score, with the surprisal
+                assert cache.prompt_surprisal is not None  # the model computes it for a method that reads it
+                held_rank = sinks_then_compactor_and_surprisal(held_rank, old.pos, old.filled & (old.pos >= 0),
+                                                               cache.prompt_surprisal, prompt_lens,
+                                                               self.stored_surprisal)
             new.state = {**old.state, "prefill_budget": budget}
             self._merge(new, slot_candidates(old), old.score, held_rank, budget)
             cache.layers[layer_idx] = new
