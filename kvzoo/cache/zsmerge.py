@@ -457,7 +457,8 @@ class ZSMerge(CompressionMethod):
     # cache 28); `make demo` 5 / 5 / 5 / 4 / 1 of 6 at 80 / 50 / 30 / 20 / 10% against 4 / 4 / 4 / 4 / 1.
     # Costs: the document is held whole until end_prefill (as a one-shot prompt with `layer_budgets` is),
     # and the model's output head runs over every document position (SmolLM2-135M's head is 28M of the 135M
-    # multiply-adds a token costs, so about a fifth more prefill arithmetic; a 7B model's, a few percent).
+    # multiply-adds a token costs; a 7B model's, a few percent): an 8192-token document at 10% kept peaked at
+    # 1948 MiB RSS against 1527 and took 98 s against 81 (one run each, beside two evals).
     stored_surprisal: float = 1.0
     # With `stored_ring` None or a chunked document: the copy-head threshold for a stored document (session
     # 22's rule), when `copy_heads` is None and the context is not already ranked by Compactor's score; None: as
