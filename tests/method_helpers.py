@@ -181,6 +181,15 @@ def drive_synthetic(method: CompressionMethod, qkv: QKV, prompt_lens: list[int],
     return SynthTrace(list(prompt_lens), qkv, window, snaps, cache)
 
 
+def spiky_surprisal(n: int, seed: int) -> torch.Tensor:
+    """[1, n] a prompt's surprisal as text has it: mostly low, a few surprising tokens (0 at the first)."""
+    gen = torch.Generator().manual_seed(seed)
+    surprisal = torch.rand(1, n, generator=gen) * 2
+    surprisal[0, torch.randint(1, n, (max(2, n // 12),), generator=gen)] += 8
+    surprisal[0, 0] = 0.0
+    return surprisal
+
+
 # --- references computed from the definitions ------------------------------------------------------------
 
 def reference_probs(q: torch.Tensor, k: torch.Tensor, q_pos: list[int], key_pos: list[int],

@@ -16,7 +16,8 @@ from kvzoo.cache.scoring import compactor_scores, noncausal_block_scores, pre_ro
 from kvzoo.cache.slots import LayerSlots
 from kvzoo.errors import KvzooError
 from kvzoo.layers import apply_rope, rotary_cos_sin
-from tests.method_helpers import dense_block_attention, drive_synthetic, pool_1d, random_qkv, reference_leverage
+from tests.method_helpers import (dense_block_attention, drive_synthetic, pool_1d, random_qkv, reference_leverage,
+                                  spiky_surprisal)
 
 SLACK = 1e-5  # top-k comparisons of fp32 scores built from z-scores of sums of probabilities
 
@@ -94,15 +95,6 @@ def reference_scores(qkv, n: int, block: int, scale: float, kernel: int, blend: 
     leverage = torch.stack([reference_leverage(k[h]) for h in range(k.shape[0])])
     return pool_1d(torch.stack([zscore(attention[h]) + blend * zscore(leverage[h]) for h in range(k.shape[0])]),
                    span, "max", lead_in)
-
-
-def spiky_surprisal(n: int, seed: int) -> torch.Tensor:
-    """[1, n] a prompt's surprisal as text has it: mostly low, a few surprising tokens (0 at the first)."""
-    gen = torch.Generator().manual_seed(seed)
-    surprisal = torch.rand(1, n, generator=gen) * 2
-    surprisal[0, torch.randint(1, n, (max(2, n // 12),), generator=gen)] += 8
-    surprisal[0, 0] = 0.0
-    return surprisal
 
 
 def lent_surprisal_reference(surprisal: torch.Tensor) -> torch.Tensor:

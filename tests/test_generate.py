@@ -158,7 +158,7 @@ def test_a_paper_spec_starts_from_the_paper_settings():
     assert parse_compression("zsmerge.paper").alpha == 1.0 != kvzoo.ZSMerge().alpha
     zigzag = parse_compression("zigzag.paper:tau=0.8")
     assert zigzag == kvzoo.ZigZagKV(uncertainty="attention", rank="window", window_size=8, kernel_size=7,
-                                    pooling="max", pool_ahead=None, stored_rank=None, tau=0.8)
+                                    pooling="max", pool_ahead=None, stored_rank=None, stored_surprisal=0.0, tau=0.8)
     assert zigzag != kvzoo.ZigZagKV(tau=0.8)
     no_paper = r"'h2o.paper': H2O has no variant 'paper'; '.paper' .* kvmerger, zigzag, zsmerge"
     with pytest.raises(KvzooError, match=no_paper):

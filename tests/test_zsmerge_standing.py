@@ -18,7 +18,7 @@ from kvzoo.cache.chunk import make_prefill_chunk
 from kvzoo.cache.copy_heads import induction_scores
 from kvzoo.cache.zsmerge import ACCUMULATED, KEEP_SUM_IN_COPY_HEADS, ZSMerge
 from kvzoo.likelihood import prefill_cache
-from tests.method_helpers import _at, drive_synthetic, random_qkv, reference_probs
+from tests.method_helpers import _at, drive_synthetic, random_qkv, reference_probs, spiky_surprisal
 
 
 def _unique_key_prompt(n: int):
@@ -233,7 +233,7 @@ def test_a_question_to_a_stored_document_ranks_the_context_by_attention_scores(s
     qkv = random_qkv(1, 1, 2, 2, n + t, seed=seed, scale=1.5)
     stored = ZSMerge(budget=20).for_stored_document()
     assert stored.context_rank == "compactor"
-    document = drive_synthetic(stored, qkv, [n], 0).cache.layers[0]
+    document = drive_synthetic(stored, qkv, [n], 0, surprisal=spiky_surprisal(n, seed)).cache.layers[0]
     positions = torch.arange(n, n + t)[None]
     q, k, v = (_at(x[0], positions) for x in (qkv.q, qkv.k, qkv.v))
     asked = {}
