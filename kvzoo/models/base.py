@@ -116,8 +116,8 @@ class CausalLM(nn.Module):
             x = x[:, -1:]
         return torch.nn.functional.linear(self.final_norm(x), self.output_weight())
 
-    def _prompt_surprisal(self, x: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor, rows: int = 128
-                   ) -> torch.Tensor:
+    def _prompt_surprisal(self, x: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
+                          rows: int = 128) -> torch.Tensor:
         """[B, n_pos] -log p(ids[p] | ids before it) by position, from the last hidden states x [B, T, D] of a
         one-shot prompt (ids, positions [B, T]; -1 padding), `rows` positions of logits at a time (B x rows x V
         floats at once). The first token and padding get 0."""
