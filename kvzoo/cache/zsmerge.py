@@ -454,7 +454,9 @@ class ZSMerge(CompressionMethod):
     # 41; not tuned, one setting run). Measured (needles asked after compression, seeds 33-36, 96, the full cache
     # 71, equal memory): 42 / 57 / 65 at 5 / 10 / 20% kept against 25 / 41 / 56 (passkeys 33 / 43 / 47 of 48
     # against 17 / 31 / 41, the full cache 43; multi-key needles 9 / 14 / 18 against 8 / 10 / 15, the full
-    # cache 28); `make demo` 5 / 5 / 5 / 4 / 1 of 6 at 80 / 50 / 30 / 20 / 10% against 4 / 4 / 4 / 4 / 1.
+    # cache 28); a fresh seed (37) 10 / 12 / 15 of 24 against 5 / 8 / 11 (the full cache 19); the Rustonomicon
+    # (seeds 3-4) 19 / 25 / 26 of 48 against 13 / 20 / 22 (the full cache 29); `make demo` 5 / 5 / 5 / 4 / 1 of 6 at
+    # 80 / 50 / 30 / 20 / 10% against 4 / 4 / 4 / 4 / 1.
     # Costs: the document is held whole until end_prefill (as a one-shot prompt with `layer_budgets` is),
     # and the model's output head runs over every document position (SmolLM2-135M's head is 28M of the 135M
     # multiply-adds a token costs; a 7B model's, a few percent): an 8192-token document at 10% kept peaked at
