@@ -94,6 +94,15 @@ def sinks_then_compactor_and_surprisal(own: torch.Tensor, pos: torch.Tensor, val
     return rank.masked_fill(valid & (pos < SINKS), float("inf"))
 
 
+def held_rank_with_surprisal(own: torch.Tensor, slots: LayerSlots, surprisal: torch.Tensor | None,
+                             weight: float) -> torch.Tensor:
+    """[B, Hkv, C] `sinks_then_compactor_and_surprisal` of a layer holding the whole prompt at end_prefill: own
+    [B, Hkv, C] Compactor's unpooled score of its slots, surprisal `KVCache.prompt_surprisal`."""
+    assert surprisal is not None  # the model computes it for a method that reads it (reads_prompt_surprisal)
+    return sinks_then_compactor_and_surprisal(own, slots.pos, slots.filled & (slots.pos >= 0), surprisal,
+                                              slots.state["prompt_len"], weight)
+
+
 @dataclass
 class Compactor(ScoredSelection, PrefillOnlyMethod):
     """Prefill-only selection by a query-agnostic score: what the text around a token reads from it, plus how

@@ -122,7 +122,7 @@ import torch.nn.functional as F
 from kvzoo.cache.base import PrefillOnlyMethod
 from kvzoo.cache import layer_uncertainty
 from kvzoo.cache.budgets import Budget, check_budget, check_counts, check_pooling, resolve_budget
-from kvzoo.cache.compactor import (check_surprisal_weight, sinks_then_compactor, sinks_then_compactor_and_surprisal,
+from kvzoo.cache.compactor import (check_surprisal_weight, held_rank_with_surprisal, sinks_then_compactor,
                                    unpooled_compactor)
 from kvzoo.cache.scoring import accumulated_scores, attention_shares, window_scores
 from kvzoo.cache.selection import keep_every_candidate, keep_top, recent_mask, shrink_slots, slot_candidates
@@ -716,10 +716,7 @@ class KVMerger(PrefillOnlyMethod):
             old = cache.layers[layer_idx]
             held_rank = old.state.pop("held_rank")
             if self.reads_prompt_surprisal:  # Compactor's unpooled score, with the surprisal
-                assert cache.prompt_surprisal is not None  # the model computes it for a method that reads it
-                held_rank = sinks_then_compactor_and_surprisal(held_rank, old.pos, old.filled & (old.pos >= 0),
-                                                               cache.prompt_surprisal, prompt_lens,
-                                                               self.stored_surprisal)
+                held_rank = held_rank_with_surprisal(held_rank, old, cache.prompt_surprisal, self.stored_surprisal)
             new.state = {**old.state, "prefill_budget": budget}
             self._merge(new, slot_candidates(old), old.score, held_rank, budget)
             cache.layers[layer_idx] = new

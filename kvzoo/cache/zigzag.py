@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.budgets import Budget, check_counts, check_pooling, zigzag_budgets
-from kvzoo.cache.compactor import (check_surprisal_weight, sinks_then_compactor, sinks_then_compactor_and_surprisal,
+from kvzoo.cache.compactor import (check_surprisal_weight, held_rank_with_surprisal, sinks_then_compactor,
                                    unpooled_compactor)
 from kvzoo.cache.layer_uncertainty import BOUND_RATIO, TAU, WINDOW, attention_uncertainty, output_uncertainty
 from kvzoo.cache.scoring import accumulated_scores, attention_shares, share_of, window_scores
@@ -303,10 +303,7 @@ class ZigZagKV(WindowSelection):
             keep = torch.tensor([b[layer_idx] for b in per_sequence], device=slots.pos.device)
             rank = slots.score if widest is None else cross_layer_rank(slots, widest)
             if self.reads_prompt_surprisal:  # Compactor's unpooled score (compress_prefill) with the surprisal
-                assert cache.prompt_surprisal is not None  # the model computes it for a method that reads it
-                rank = sinks_then_compactor_and_surprisal(rank, slots.pos, slots.filled & (slots.pos >= 0),
-                                                          cache.prompt_surprisal, slots.state["prompt_len"],
-                                                          self.stored_surprisal)
+                rank = held_rank_with_surprisal(rank, slots, cache.prompt_surprisal, self.stored_surprisal)
             rank = rank.masked_fill(recent_mask(slot_candidates(slots), self.window_size), float("inf"))
             # Equal pooled scores: the earlier slot first (compress_prefill stored them peak before neighbours).
             earlier = -torch.arange(slots.capacity, device=rank.device, dtype=rank.dtype).expand_as(rank)

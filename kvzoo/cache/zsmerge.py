@@ -131,8 +131,8 @@ import torch.nn.functional as F
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import (Budget, budget_tokens, check_budget, check_counts, check_pooling, level_budgets,
                                  part_tokens)
-from kvzoo.cache.compactor import (SINKS, check_surprisal_weight, sinks_then_compactor,
-                                   sinks_then_compactor_and_surprisal, unpooled_compactor)
+from kvzoo.cache.compactor import (SINKS, check_surprisal_weight, held_rank_with_surprisal, sinks_then_compactor,
+                                   unpooled_compactor)
 from kvzoo.cache.copy_heads import COPY_HEAD_THRESHOLD, induction_scores
 from kvzoo.cache import layer_uncertainty
 from kvzoo.cache.scoring import (accumulated_scores, attention_rate, attention_shares, block_attention,
@@ -667,15 +667,12 @@ class ZSMerge(CompressionMethod):
     def _holds_prompt(self) -> bool:
         """Whether every layer keeps the whole prompt until end_prefill compresses it (`cross_layer`,
         `layer_budgets`, `copy_reads`)."""
-        return self.cross_layer or self.layer_budgets != "uniform" or self.copy_reads > 0 or self._weighs_surprisal
-
-    @property
-    def _weighs_surprisal(self) -> bool:
-        return self.stored_surprisal > 0 and self.context_rank == "compactor"
+        return self.cross_layer or self.layer_budgets != "uniform" or self.copy_reads > 0 or self.reads_prompt_surprisal
 
     @property
     def reads_prompt_surprisal(self) -> bool:  # type: ignore[override]
-        return self._weighs_surprisal
+        """Compactor's context rank with `stored_surprisal`: end_prefill adds the prompt's surprisal."""
+        return self.stored_surprisal > 0 and self.context_rank == "compactor"
 
     def for_chunked_prefill(self) -> "ZSMerge":
         """This ZSMerge with uniform layer budgets (`layer_budgets`) and no `copy_reads` when it would hold the
@@ -729,9 +726,10 @@ class ZSMerge(CompressionMethod):
 
     def for_stored_document(self, chunked: bool = False) -> "ZSMerge":
         """This ZSMerge with a ring of at most `stored_ring` tokens and its context ranked by Compactor's score
-        and the document's surprisal (`stored_surprisal`), or else (also for a document fed in chunks, which Compactor's rank cannot take) with copy heads at
-        `stored_copy_heads` and the leverage share (rank "shares" for "attention_shares"); either way with its
-        window pooled over `stored_kernel_size` positions and uniform layers. Itself with copy
+        and the document's surprisal (`stored_surprisal`), or else (also for a document fed in chunks, which
+        Compactor's rank cannot take) with copy heads at `stored_copy_heads` and the leverage share (rank
+        "shares" for "attention_shares"); either way with its window pooled over `stored_kernel_size` positions
+        and uniform layers. Itself with copy
         heads or a cross-layer rank (which decide what every layer keeps themselves) or another context rank
         (already chosen). Never with `copy_reads`: a stored document has no question yet."""
         if self.copy_reads:  # no question yet to read
@@ -918,7 +916,7 @@ class ZSMerge(CompressionMethod):
             rank = None
             if self.context_rank == "compactor":
                 average = torch.tensor(self._average_budgets(prompt_len.tolist()), device=score.device)
-                if self._weighs_surprisal:  # unpooled: end_prefill adds the surprisal, then pools
+                if self.reads_prompt_surprisal:  # unpooled: end_prefill adds the surprisal, then pools
                     rank = unpooled_compactor(chunk, average, prompt_len)
                 else:
                     rank = sinks_then_compactor(chunk, average, prompt_len)
@@ -1123,11 +1121,8 @@ class ZSMerge(CompressionMethod):
         for layer_idx, (old, new, budget) in enumerate(zip(cache.layers, stores, budgets)):
             tie, stored = old.state.pop("held_tie"), old.state.pop("held_stored", None)
             rank = old.state.pop("held_rank", None)  # Compactor's (context_rank), or None: the standing
-            if rank is not None and self._weighs_surprisal:
-                assert cache.prompt_surprisal is not None  # the model computes it (reads_prompt_surprisal)
-                rank = sinks_then_compactor_and_surprisal(rank, old.pos, old.filled & (old.pos >= 0),
-                                                          cache.prompt_surprisal, old.state["prompt_len"],
-                                                          self.stored_surprisal)
+            if rank is not None and self.reads_prompt_surprisal:
+                rank = held_rank_with_surprisal(rank, old, cache.prompt_surprisal, self.stored_surprisal)
             new.state = {**old.state, "prefill_budget": budget, **self._regions(budget.tolist(), budget.device)}
             if widest is not None:
                 rank = cross_layer_rank(old, widest)
