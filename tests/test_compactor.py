@@ -215,7 +215,7 @@ def test_kvmerger_compactor_rank_keeps_the_top_of_compactor_score_verbatim(seed,
     tokens, then the top of Compactor's score plus `stored_surprisal` times the z-scored surprisal each token is
     lent, max-pooled over the span, among the older tokens; `recent_tokens` sets the recent window (at most half
     the budget) and the heavy hitters take the rest of the verbatim share (what `protected_tokens` lets fit
-    beside the merged runs)."""
+    beside the merged runs), equal pooled ranks the newer first."""
     n, budget = 120, 60
     qkv = random_qkv(1, 1, 2, 2, n, seed=seed)
     surprisal = spiky_surprisal(n, seed)
@@ -229,7 +229,7 @@ def test_kvmerger_compactor_rank_keeps_the_top_of_compactor_score_verbatim(seed,
     rank = torch.cat([torch.full((2, 8), float("inf")), ref[:, 8:]], dim=1)[None]  # [1, Hkv, n] sinks first
     recent_m = torch.zeros(1, 2, n, dtype=torch.bool)
     recent_m[..., n - recent:] = True
-    protected = protected_tokens(rank, recent_m, heavy, budget)[0]  # [Hkv, n]
+    protected = protected_tokens(rank, recent_m, heavy, budget, newer_first=True)[0]  # [Hkv, n]
     snap = trace.snapshots[0].layers[0]
     for h in range(2):
         verbatim = set(snap["pos"][0, h][snap["logw"][0, h] == 0].tolist())

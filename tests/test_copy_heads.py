@@ -130,7 +130,8 @@ def test_kvmerger_and_zigzag_store_a_document_with_compactors_rank(models, name)
     model = models("llama-gqa")
     doc = [(7 * i + 3) % 120 + 1 for i in range(200)]
     method = KVMerger(budget=80) if name == "kvmerger" else ZigZagKV(budget=60, window_size=8)
-    asked = (KVMerger(budget=80, rank="compactor", recent_tokens=32, merged_count="attention", layer_budgets="uniform")
+    asked = (KVMerger(budget=80, rank="compactor", recent_tokens=32, heavy_ratio=0.66, merged_count="attention",
+                      layer_budgets="uniform")
              if name == "kvmerger" else ZigZagKV(budget=60, window_size=8, rank="compactor"))
     stored = prefill_cache(model, [doc], method)
     assert stored.method == asked
@@ -156,12 +157,16 @@ def test_for_stored_document_changes_zsmerge_kvmerger_and_zigzag_only():
     assert ZigZagKV(stored_rank="window").for_stored_document() == ZigZagKV(stored_rank="window", rank="window")
     # a stored document's merged slots (`stored_merged_count`), in uniform layers (`layer_budgets`)
     by_attention = {"merged_count": "attention", "layer_budgets": "uniform"}
-    assert KVMerger().for_stored_document() == KVMerger(rank="compactor", recent_tokens=32, **by_attention)
-    assert KVMerger(stored_recent=8).for_stored_document() == KVMerger(stored_recent=8, rank="compactor",
-                                                                       recent_tokens=8, **by_attention)
+    # Compactor's rank, a window of `stored_recent`, `stored_verbatim` of the budget verbatim (0.34 + 0.66)
+    stored = {"rank": "compactor", "heavy_ratio": 0.66}
+    assert KVMerger().for_stored_document() == KVMerger(recent_tokens=32, **stored, **by_attention)
+    assert KVMerger(stored_recent=8).for_stored_document() == KVMerger(stored_recent=8, recent_tokens=8, **stored,
+                                                                       **by_attention)
+    assert KVMerger(stored_verbatim=0.8).for_stored_document() == KVMerger(
+        stored_verbatim=0.8, recent_tokens=32, rank="compactor", heavy_ratio=0.46, **by_attention)
     assert KVMerger(stored_recent=None).for_stored_document() == KVMerger(stored_recent=None, **by_attention)
     assert KVMerger(stored_merged_count=None).for_stored_document() == KVMerger(
-        stored_merged_count=None, rank="compactor", recent_tokens=32, layer_budgets="uniform")
+        stored_merged_count=None, recent_tokens=32, layer_budgets="uniform", **stored)
     for method in (H2O(), SnapKV(), ZigZagKV.paper(), ZigZagKV(stored_rank=None), ZigZagKV(cross_layer=True),
                    KVMerger.paper(), KVMerger(stored_recent=None, stored_merged_count=None, layer_budgets="uniform"),
                    ZSMerge.paper(),

@@ -184,6 +184,16 @@ def test_eviction_drops_the_lowest_scored_unprotected_set():
     assert kept.tolist() == [False, False, True, False, False]
 
 
+def test_protected_heavy_hitters_of_equal_score_go_to_the_earlier_or_newer_token():
+    """A max-pooled span ties a peak with its neighbours: of equal scores the earlier tokens are protected first,
+    or the newer with `newer_first` (a stored document's Compactor rank lends a score to the tokens before it)."""
+    score = torch.tensor([0.1, 0.7, 0.7, 0.7, 0.7, 0.2])
+    no_recent = torch.zeros(6, dtype=torch.bool)
+    assert protected_tokens(score, no_recent, 2).nonzero().flatten().tolist() == [1, 2]
+    assert protected_tokens(score, no_recent, 2, newer_first=True).nonzero().flatten().tolist() == [3, 4]
+    assert protected_tokens(score, no_recent, 5, newer_first=True).nonzero().flatten().tolist() == [1, 2, 3, 4, 5]
+
+
 def test_protected_heavy_hitters_are_dropped_only_as_needed():
     """6 older tokens, heavy hitters by score: 2, 4, 5. The fewest entries: 1 run = 1; protecting 2 splits
     the run (+2: 3 entries); then 4 splits [3..5] (+2: 5); then 5, now a run of one, costs nothing (5)."""
@@ -600,6 +610,9 @@ def test_zigzag_refuses_chunked_prefill(run):
         (lambda: KVMerger(decode_cap=0), "decode_cap"),
         (lambda: KVMerger(min_similarity=1.5), "min_similarity must be None or a cosine similarity in"),
         (lambda: KVMerger(min_similarity="0.5"), "min_similarity must be None or a cosine similarity in"),
+        (lambda: KVMerger(stored_verbatim=1.5), r"stored_verbatim must be a share of the budget in \[recent_ratio "
+                                                 r"\(0.34\), 1\], got 1.5"),
+        (lambda: KVMerger(stored_verbatim=0.2), r"stored_verbatim must be .*, got 0.2"),
         (lambda: ZigZagKV(tau=0.0), "tau must be in"),
         (lambda: ZigZagKV(tau=1.5), "tau must be in"),
         (lambda: ZigZagKV(bound_ratio=2.0), "bound_ratio must be in"),

@@ -106,8 +106,12 @@ Ambiguities (METHODS.md 2.2, 2.6) and how they are resolved here:
   document's own, so the heavy hitters are ranked by Compactor's query-agnostic score (`rank="compactor"`,
   the first tokens first, each token's score max-pooled from the 2 before it to the 6 after it, so a kept token
   keeps the phrase that leads to it: `compactor.SPAN`, `compactor.LEAD_IN`) and the recent
-  window holds 32 tokens, at most half the budget (`stored_recent`, as ZSMerge's `stored_ring`); the verbatim
-  and merged shares of the budget are unchanged (session 25).
+  window holds 32 tokens, at most half the budget (`stored_recent`, as ZSMerge's `stored_ring`; session 25). The
+  heavy hitters take every slot the window leaves but one per run of tokens between them, each run merged into
+  that slot (`stored_verbatim`, session 42; a prompt's verbatim share left 4 heavy hitters at 5% kept), and of
+  equal pooled ranks the newer tokens are protected first (the span lends a token's score to the 6 before it, so
+  the newer of a tied span are its peak and the lead-in nearest it; a prompt's window score lends forward, and
+  keeps the earlier first).
 """
 
 from __future__ import annotations
@@ -241,11 +245,13 @@ def protected_tokens(
     heavy: torch.Tensor | int,
     budget: torch.Tensor | int | None = None,
     valid: torch.Tensor | None = None,
+    newer_first: bool = False,
 ) -> torch.Tensor:
-    """[..., T] bool: the recent tokens plus up to `heavy` older tokens with the largest score.
+    """[..., T] bool: the recent tokens plus up to `heavy` older tokens with the largest score (equal scores: the
+    earlier token first, or the newer with `newer_first`).
 
     recent: [..., T] bool (the recent window); heavy, budget: int or [...]. With a budget, heavy hitters are
-    only taken (in score order, ties: earlier first) while #protected + #runs of unprotected tokens <= budget,
+    only taken (in score order) while #protected + #runs of unprotected tokens <= budget,
     the fewest entries merging can reach, so `budget_merging_sets` can hit the budget exactly (needs
     #recent < budget whenever there are older tokens). Protecting one more token adds 2 to that count if
     both its neighbours are still unprotected, 1 if one is, 0 if neither (a run of one disappears).
@@ -253,7 +259,8 @@ def protected_tokens(
     valid = torch.ones_like(recent) if valid is None else valid
     recent = recent & valid
     older = valid & ~recent
-    rank = _ranks(score.float().masked_fill(~older, NEG_INF), descending=True)  # older tokens first
+    score = score.float().masked_fill(~older, NEG_INF)  # older tokens first
+    rank = _ranks(score.flip(-1), descending=True).flip(-1) if newer_first else _ranks(score, descending=True)
     n_older = older.sum(-1)
     heavy = torch.as_tensor(heavy, device=score.device).expand(n_older.shape).minimum(n_older)
     if budget is not None:
@@ -381,6 +388,17 @@ class KVMerger(PrefillOnlyMethod):
     # lead-ins since session 40 (`compactor.LEAD_IN`): on seeds 33-36 (96, the full cache 71) 17 / 19 / 35 against
     # the centred span's 16 / 20 / 33 (SnapKV 15 / 15 / 14).
     stored_recent: int | None = 32
+    # The share of a stored document's budget kept verbatim (`stored_recent`'s window and the heavy hitters, in
+    # place of recent_ratio + heavy_ratio; with `stored_recent` set). 1.0: the heavy hitters take every slot the
+    # window leaves but one per run of tokens between them (`protected_tokens` stops there), so each such run is
+    # merged into one slot, or evicted where its keys are less similar than `min_similarity`: what a later
+    # question copies (a code, a name) is kept exactly, and the text between is merged rather than dropped.
+    # A prompt's 0.58 (the paper's 0.17 + 0.12 at 50%) left a stored document 4 heavy hitters at 5% of 1004
+    # tokens (its 32-token window takes half the budget) and 22 merged slots, which no later question could
+    # read a code from. Not the paper's. Measured (tools/RESULTS.md, "Session 42"; needles asked after
+    # compression, seeds 33-34, 48, the full cache 36, equal memory): 15 / 25 / 31 at 5 / 10 / 20% kept against
+    # 8 / 15 / 28 (0.84: 13 / 21 / 32; SnapKV 8 / 8 / 7).
+    stored_verbatim: float = 1.0
     window_size: int = 8  # rank="attention_shares": the window's queries
     kernel_size: int = 7  # rank="attention_shares": pooling of the window's scores over positions
     pooling: str = "max"  # rank="attention_shares": "max" or "avg" (SnapKV's) over `kernel_size` positions
@@ -477,6 +495,9 @@ class KVMerger(PrefillOnlyMethod):
                              "layer_budgets='uniform' with it")
         check_counts(self, "KVMerger", ("recent_tokens", "stored_recent"), least=0, optional=True)
         check_surprisal_weight(self.stored_surprisal, "KVMerger")
+        if not _is_number(self.stored_verbatim) or not self.recent_ratio <= self.stored_verbatim <= 1:
+            raise KvzooError(f"KVMerger: stored_verbatim must be a share of the budget in [recent_ratio "
+                             f"({self.recent_ratio!r}), 1], got {self.stored_verbatim!r}")
         check_counts(self, "KVMerger", ("window_size", "kernel_size"))
         check_pooling(self, "KVMerger")
         self.check_decode_cap()
@@ -493,14 +514,15 @@ class KVMerger(PrefillOnlyMethod):
 
     def for_stored_document(self, chunked: bool = False) -> "KVMerger":
         """This KVMerger with merged slots counted by `stored_merged_count`, and heavy hitters by Compactor's
-        score and a recent window of `stored_recent` tokens (not for a document fed in chunks: Compactor's score
-        is of one chunk); itself where neither applies."""
+        score, a recent window of `stored_recent` tokens and `stored_verbatim` of the budget kept verbatim (not for
+        a document fed in chunks: Compactor's score is of one chunk); itself where neither applies."""
         keeps_count = self.stored_merged_count is None or self.value_scale == "set_size"
         stored = self if keeps_count else replace(self, merged_count=self.stored_merged_count)
         stored = stored.for_chunked_prefill()  # uniform layers (`layer_budgets`)
         if self.stored_recent is None or chunked:
             return stored
-        return replace(stored, rank="compactor", recent_tokens=self.stored_recent)
+        return replace(stored, rank="compactor", recent_tokens=self.stored_recent,
+                       heavy_ratio=round(self.stored_verbatim - self.recent_ratio, 9))  # 1.0 - 0.34 is 0.6599..
 
     def for_chunked_prefill(self) -> "KVMerger":
         """This KVMerger with uniform layer budgets (`layer_budgets`) when it would hold the whole prompt for
@@ -612,11 +634,14 @@ class KVMerger(PrefillOnlyMethod):
         pos, logw, score, heavy_rank, recent_m = (x.gather(-1, order) for x in (
             candidates.key_pos, candidates.key_logw, score, heavy_rank, recent_mask(candidates, recent)))
         valid = torch.isfinite(logw)
+        # Compactor's rank is max-pooled over a span that lends a token's score to the LEAD_IN tokens before it: of
+        # a span's equal ranks the newer are the peak and the lead-in nearest it (the window's rank lends forward)
+        newer_first = self.rank == "compactor"
         if self.budget is None:
-            protected = protected_tokens(heavy_rank, recent_m, heavy, valid=valid)
+            protected = protected_tokens(heavy_rank, recent_m, heavy, valid=valid, newer_first=newer_first)
             sets = merging_sets(keys, protected, self.threshold, valid)
         else:
-            protected = protected_tokens(heavy_rank, recent_m, heavy, budget[:, None], valid)
+            protected = protected_tokens(heavy_rank, recent_m, heavy, budget[:, None], valid, newer_first)
             sets = budget_merging_sets(keys, protected, budget[:, None], valid, self.min_similarity)
             if self.min_similarity is not None:  # too few links left to merge down to the budget: evict
                 sets, valid = evict_lowest_sets(sets, protected, score, budget[:, None], valid)
