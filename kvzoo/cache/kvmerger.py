@@ -397,7 +397,8 @@ class KVMerger(PrefillOnlyMethod):
     # tokens (its 32-token window takes half the budget) and 22 merged slots, which no later question could
     # read a code from. Not the paper's. Measured (tools/RESULTS.md, "Session 42"; needles asked after
     # compression, seeds 33-34, 48, the full cache 36, equal memory): 15 / 25 / 31 at 5 / 10 / 20% kept against
-    # 8 / 15 / 28 (0.84: 13 / 21 / 32; SnapKV 8 / 8 / 7).
+    # 8 / 15 / 28 (0.84: 13 / 21 / 32; the window outside the shares, 0.58 of the rest verbatim: 11 / 20 / 27;
+    # SnapKV 8 / 8 / 7). The newer-first tie alone answers the same 8 / 15 / 28 (with 1.0: one gained, one lost).
     stored_verbatim: float = 1.0
     window_size: int = 8  # rank="attention_shares": the window's queries
     kernel_size: int = 7  # rank="attention_shares": pooling of the window's scores over positions
