@@ -399,6 +399,8 @@ class KVMerger(PrefillOnlyMethod):
     # compression, seeds 33-34, 48, the full cache 36, equal memory): 15 / 25 / 31 at 5 / 10 / 20% kept against
     # 8 / 15 / 28 (0.84: 13 / 21 / 32; the window outside the shares, 0.58 of the rest verbatim: 11 / 20 / 27;
     # SnapKV 8 / 8 / 7). The newer-first tie alone answers the same 8 / 15 / 28 (with 1.0: one gained, one lost).
+    # Seeds 35-36 (48, the full cache 35): 15 / 25 / 30; a fresh seed (38, 24, the full cache 17): 4 / 11 / 15
+    # (SnapKV 4 / 4 / 4).
     stored_verbatim: float = 1.0
     window_size: int = 8  # rank="attention_shares": the window's queries
     kernel_size: int = 7  # rank="attention_shares": pooling of the window's scores over positions
