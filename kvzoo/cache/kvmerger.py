@@ -388,14 +388,15 @@ class KVMerger(PrefillOnlyMethod):
     # lead-ins since session 40 (`compactor.LEAD_IN`): on seeds 33-36 (96, the full cache 71) 17 / 19 / 35 against
     # the centred span's 16 / 20 / 33 (SnapKV 15 / 15 / 14).
     stored_recent: int | None = 32
-    # The share of a stored document's budget kept verbatim (`stored_recent`'s window and the heavy hitters, in
-    # place of recent_ratio + heavy_ratio; with `stored_recent` set). 1.0: the heavy hitters take every slot the
-    # window leaves but one per run of tokens between them (`protected_tokens` stops there), so each such run is
-    # merged into one slot, or evicted where its keys are less similar than `min_similarity`: what a later
-    # question copies (a code, a name) is kept exactly, and the text between is merged rather than dropped.
-    # A prompt's 0.58 (the paper's 0.17 + 0.12 at 50%) left a stored document 4 heavy hitters at 5% of 1004
-    # tokens (its 32-token window takes half the budget) and 22 merged slots, which no later question could
-    # read a code from. Not the paper's. Measured (tools/RESULTS.md, "Session 42"; needles asked after
+    # The share of a stored document's budget (of `ratio_of`, as the shares it replaces) kept verbatim:
+    # `stored_recent`'s window and the heavy hitters, in place of recent_ratio + heavy_ratio (with `stored_recent`
+    # set). 1.0: the heavy hitters take every slot the window leaves but one per run of tokens between them
+    # (`protected_tokens` stops there), so each such run is merged into one slot, or evicted where its keys are
+    # less similar than `min_similarity`: what a later question copies (a code, a name) is kept exactly, and the
+    # text between is merged rather than dropped. A prompt's 0.58 (the paper's 0.17 + 0.12 at 50%) left a stored
+    # document 4 heavy hitters at 5% of 1005 tokens (50 slots; its window takes 25) and 17 merged slots per head,
+    # which no later question could read a code from (counted over one stored prefill's layers; 1.0: 2.6 merged).
+    # Not the paper's. Measured (tools/RESULTS.md, "Session 42"; needles asked after
     # compression, seeds 33-34, 48, the full cache 36, equal memory): 15 / 25 / 31 at 5 / 10 / 20% kept against
     # 8 / 15 / 28 (0.84: 13 / 21 / 32; the window outside the shares, 0.58 of the rest verbatim: 11 / 20 / 27;
     # SnapKV 8 / 8 / 7). The newer-first tie alone answers the same 8 / 15 / 28 (with 1.0: one gained, one lost).
