@@ -103,6 +103,32 @@ def test_needles_have_the_stated_length_and_depth(model, corpus, kind):
             assert f"the {door} door" in asked  # the question asks for the needle at `depth`
 
 
+@pytest.mark.parametrize("kind", tasks.NEEDLE_KINDS)
+def test_sentence_placement_starts_each_needle_a_sentence(model, corpus, kind):
+    tok = model.require_tokenizer()
+    depths = [0.0, 0.3, 0.55, 0.8]
+    by_token = tasks.needle_instances(tok, corpus, [400], depths, (kind,), seed=5)
+    by_sentence = tasks.needle_instances(tok, corpus, [400], depths, (kind,), seed=5, placement="sentence")
+    starts = [" The secret passkey is"] if kind == "passkey" else [" The passkey for the"]
+    moved = 0
+    for t, x in zip(by_token, by_sentence):
+        # the same filler, needles, code and question: only the cuts move
+        assert (x.answer, x.question, sorted(x.haystack)) == (t.answer, t.question, sorted(t.haystack))
+        assert tok.decode(x.haystack[x.needle_start:x.needle_start + 20]).startswith(starts[0] + (
+            f" {x.answer}" if kind == "passkey" else ""))
+        text = tok.decode(x.haystack)
+        for needle_at in [i for i in range(len(text)) if text.startswith(starts[0], i)]:
+            assert needle_at == 0 or text[:needle_at].rstrip(" ").endswith((".", "!", "?", "\n")), text[:needle_at]
+        moved += x.needle_start != t.needle_start
+    assert moved >= len(depths) // 2  # token placement cuts mid-sentence, which these seeds' depths do
+
+
+def test_unknown_needle_placement_is_named(model, corpus):
+    with pytest.raises(KvzooError, match="needle placement 'word' is not known: give one of token, sentence"):
+        tasks.needle_instances(model.require_tokenizer(), corpus, [400], [0.5], ("passkey",), seed=5,
+                               placement="word")
+
+
 def test_needle_codes_differ_between_seeds(model, corpus):
     tok = model.require_tokenizer()
     a = tasks.needle_instances(tok, corpus, [300], [0.5], ("passkey",), seed=1)[0]
@@ -194,6 +220,7 @@ def test_matched_memory_ends_every_method_with_the_same_cache(model, corpus):
     (dict(n=0), "n must be an integer >= 1"),
     (dict(needle_layouts=["aware", "after"]), "needle layout 'after' is not known: give any of aware, agnostic"),
     (dict(needle_layouts=[]), "needle layout 'none' is not known"),
+    (dict(needle_placement="mid"), "needle placement 'mid' is not known: give one of token, sentence"),
 ])
 def test_bad_eval_config_is_named(kwargs, message):
     with pytest.raises(KvzooError, match=message):

@@ -161,6 +161,19 @@ def test_bad_runs_and_arguments_are_named(tmp_path, capsys):
     assert "no compressed-method records to compare for tasks agreement; the runs have nll" in capsys.readouterr().err
 
 
+def test_needles_placed_by_sentence_are_other_instances(tmp_path):
+    def needle(label, budget, exact):
+        return [{"task": "needle-agnostic", "label": label, "budget": budget, "instance": i,
+                 "values": {"exact": float(e)}, "info": {}} for i, e in enumerate(exact)]
+
+    # the same seed's instance numbers: by token (a run from before the choice, no key) and by sentence
+    token = write_run(tmp_path / "token", needle("full", None, [1, 1]) + needle("zsmerge", 0.1, [1, 0]))
+    sentence = write_run(tmp_path / "sentence", needle("full", None, [1, 0]) + needle("zsmerge", 0.1, [0, 0]),
+                         needle_placement="sentence")
+    table = compare_markdown(pool_runs([token, sentence]), tasks=["needle"])
+    assert "| zsmerge | 1/4 |" in table and "full cache 3/4" in table
+
+
 def test_needles_pool_across_repeat_counts_and_malformed_records_are_named(tmp_path):
     def needle(label, budget, exact):
         return [{"task": "needle-aware", "label": label, "budget": budget, "instance": i,

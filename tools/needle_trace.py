@@ -44,7 +44,7 @@ from kvzoo.cache.slots import KVCache, LayerSlots
 from kvzoo.default_model import ensure_default_model
 from kvzoo.eval.fanout import fanout_prefill
 from kvzoo.eval.runner import EvalConfig, Runner
-from kvzoo.eval.tasks import NeedleInstance
+from kvzoo.eval.tasks import NEEDLE_PLACEMENTS, NeedleInstance
 from kvzoo.eval.texts import read_source
 from kvzoo.generate import make_decode_step, prefill, prepare
 from kvzoo.models.base import CausalLM
@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--method", required=True, help="a compression spec, e.g. 'zsmerge:budget=0.05'")
     parser.add_argument("--lengths", default="1024,2048", help="the eval's --needle-lengths")
     parser.add_argument("--source", default=None, help="the eval's --source (default: its built-in text)")
+    parser.add_argument("--placement", choices=NEEDLE_PLACEMENTS, default="token",
+                        help="the eval's --needle-placement")
     parser.add_argument("--layers", default="", help="layers whose context positions are listed")
     parser.add_argument("--steps", type=int, default=6, help="greedy answer tokens")
     parser.add_argument("--agnostic", action="store_true", help="compress the haystack, then ask the question")
@@ -152,7 +154,7 @@ def main() -> None:
     tok = model.require_tokenizer()
     corpus = tok.encode(read_source(args.source), add_special_tokens=False)
     config = EvalConfig(methods=["full"], budgets=[0.05], tasks=["needle"], seed=args.seed, needle_repeats=1,
-                        needle_lengths=[int(x) for x in args.lengths.split(",")])
+                        needle_lengths=[int(x) for x in args.lengths.split(",")], needle_placement=args.placement)
     needles = Runner(model, config, corpus, progress=False).needles()
     if not 0 <= args.instance < len(needles):
         raise SystemExit(f"--instance {args.instance}: the eval has needles 0 .. {len(needles) - 1} for these lengths")

@@ -63,6 +63,9 @@ def add_eval_parser(sub: argparse._SubParsersAction, add_model_args) -> None:  #
     p.add_argument("--needle-layouts", type=comma_names, default=["aware", "agnostic"],
                    help="aware: the question is compressed with the haystack; agnostic: it is asked after "
                         "compression, as generate(question, cache=model.prefill(haystack)) asks it")
+    p.add_argument("--needle-placement", choices=tasks.NEEDLE_PLACEMENTS, default="token",
+                   help="token: a needle goes in at its depth's token, mid-sentence (as passkey benchmarks plant it); "
+                        "sentence: at the end of the sentence that token is in, so the needle starts a sentence")
     p.add_argument("--batch-size", type=int, default=4, help="instances prefilled together")
     p.add_argument("--memory", choices=("budget", "matched"), default="budget",
                    help="budget: every method keeps --budgets of the prompt, prefill-only methods then append "
@@ -85,7 +88,8 @@ def run_eval_command(args: argparse.Namespace) -> None:
         methods=args.methods + args.method, budgets=args.budgets, tasks=args.tasks, n=args.n, seed=args.seed,
         context_len=args.context_len, continuation_len=args.continuation_len, agreement_tokens=args.agreement_tokens,
         needle_lengths=args.needle_lengths, needle_depths=args.needle_depths,
-        needle_repeats=args.needle_repeats, needle_layouts=args.needle_layouts, batch_size=args.batch_size,
+        needle_repeats=args.needle_repeats, needle_layouts=args.needle_layouts,
+        needle_placement=args.needle_placement, batch_size=args.batch_size,
         memory=args.memory,
     )
     from kvzoo.eval.runner import method_cases

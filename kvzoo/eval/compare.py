@@ -85,7 +85,8 @@ def read_run(target: Path) -> dict[str, Any]:
 class InstanceKeys:
     """Which instance each record of one run is: the run's source text, then for a text task the window's
     offset in the corpus (so two seeds that drew the same window share it), for a needle its seed, lengths,
-    depths and number (the repeats only append instances), for a LongBench task its example number."""
+    depths, placement (runs from before it was a choice placed by token) and number (the repeats only append
+    instances), for a LongBench task its example number."""
 
     def __init__(self, payload: dict[str, Any], where: Path) -> None:
         self.config, self.where = payload["config"], where
@@ -100,7 +101,7 @@ class InstanceKeys:
             return (*self.base, task, *span, *extra, self._offset(instance))
         if task in COUNTED:
             grid = tuple(tuple(c.get(k) or ()) for k in ("needle_lengths", "needle_depths"))
-            return (*self.base, task, c.get("seed"), *grid, instance)
+            return (*self.base, task, c.get("seed"), *grid, c.get("needle_placement", "token"), instance)
         return (*self.base, task, instance)
 
     def _offset(self, instance: int) -> int:

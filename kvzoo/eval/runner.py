@@ -54,6 +54,7 @@ class EvalConfig:
     needle_repeats: int = 2  # instances per (kind, length, depth): 2 kinds x 2 x 6 x 2 = 48 by default
     # "aware": the question is compressed with the haystack; "agnostic": it is asked after compression
     needle_layouts: list[str] = field(default_factory=lambda: list(NEEDLE_LAYOUTS))
+    needle_placement: str = "token"  # "sentence": each needle starts a sentence of the text (T.NEEDLE_PLACEMENTS)
     batch_size: int = 4
     memory_cap_gib: float = 3.0  # cache tensors held at once during a fan-out prefill
     # "budget": every method keeps `budget` of the prompt (prefill-only methods then append every generated
@@ -71,6 +72,9 @@ class EvalConfig:
         for layout in self.needle_layouts or ["none"]:  # an empty list names no layout
             if layout not in NEEDLE_LAYOUTS:
                 raise KvzooError(f"needle layout {layout!r} is not known: give any of {', '.join(NEEDLE_LAYOUTS)}")
+        if self.needle_placement not in T.NEEDLE_PLACEMENTS:
+            raise KvzooError(f"needle placement {self.needle_placement!r} is not known: give one of "
+                             f"{', '.join(T.NEEDLE_PLACEMENTS)}")
         if self.memory not in MEMORY_MODES:
             raise KvzooError(f"memory must be one of {', '.join(MEMORY_MODES)}, got {self.memory!r}")
         for name in ("n", "context_len", "continuation_len", "agreement_tokens", "needle_repeats", "batch_size"):
@@ -289,7 +293,7 @@ class Runner:
         out = []
         for r in range(cfg.needle_repeats):
             out += T.needle_instances(tok, self.corpus, cfg.needle_lengths, cfg.needle_depths, T.NEEDLE_KINDS,
-                                      seed=cfg.seed * 1000 + r)
+                                      seed=cfg.seed * 1000 + r, placement=cfg.needle_placement)
         return out
 
     def _needle_batches(self, needles: list[T.NeedleInstance]) -> list[list[int]]:

@@ -17,6 +17,11 @@ if TYPE_CHECKING:
 
 TASKS = ("nll", "needle", "agreement", "attn_error")
 NEEDLE_KINDS = ("passkey", "multikey")
+# "token": a needle goes in at its depth's exact token, mid-sentence or mid-word, as passkey benchmarks plant it;
+# "sentence": the cut moves back to the end of the sentence it falls in, so the needle reads as a sentence of
+# the text (no seam: its first token is not made surprising by the text it interrupts).
+NEEDLE_PLACEMENTS = ("token", "sentence")
+SENTENCE_LOOKBACK = 256  # tokens searched before a cut for a sentence end (then after it; else the cut stays)
 CODE_DIGITS = 5
 _LABELS = ("red", "blue", "green", "yellow", "silver", "golden", "black", "white", "orange", "purple")
 
@@ -75,11 +80,15 @@ def text_instances(corpus: list[int], n: int, context_len: int, continuation_len
 
 def needle_instances(
     tok: "Tokenizer", corpus: list[int], lengths: list[int], depths: list[float], kinds: tuple[str, ...],
-    seed: int, keys: int = 4,
+    seed: int, keys: int = 4, placement: str = "token",
 ) -> list[NeedleInstance]:
     """One instance per (kind, length, depth): filler from the corpus at a seeded offset, the needle at
-    `depth` of the haystack, a fresh random code per instance. multikey plants `keys` labelled codes (the
-    asked one at `depth`, the others at seeded depths) and asks for one label."""
+    `depth` of the haystack (moved to a sentence end with `placement` "sentence", `NEEDLE_PLACEMENTS`), a fresh
+    random code per instance. multikey plants `keys` labelled codes (the asked one at `depth`, the others at
+    seeded depths) and asks for one label. The placement changes only the cuts: the same seed draws the same
+    filler, codes and labels."""
+    if placement not in NEEDLE_PLACEMENTS:
+        raise KvzooError(f"needle placement {placement!r} is not known: give one of {', '.join(NEEDLE_PLACEMENTS)}")
     rng = random.Random(seed)
     out = []
     for kind in kinds:
@@ -89,7 +98,7 @@ def needle_instances(
             for depth in depths:
                 if not 0 <= depth <= 1:
                     raise KvzooError(f"needle depth {depth!r} is not in [0, 1]")
-                out.append(_needle(tok, corpus, kind, length, depth, rng, keys))
+                out.append(_needle(tok, corpus, kind, length, depth, rng, keys, placement))
     return out
 
 
@@ -97,8 +106,27 @@ def _code(rng: random.Random) -> str:
     return str(rng.randrange(10 ** (CODE_DIGITS - 1), 10**CODE_DIGITS))
 
 
+def _ends_sentence(piece: str) -> bool:
+    """Whether a decoded token ends a sentence or a line (what a needle can follow without a seam)."""
+    return "\n" in piece or piece.rstrip().endswith((".", "!", "?"))
+
+
+def sentence_cut(tok: "Tokenizer", filler: list[int], cut: int) -> int:
+    """The filler index nearest before `cut` (else after it, within SENTENCE_LOOKBACK tokens each way) that
+    follows a sentence end, so an insertion there starts a sentence; `cut` itself when none is near."""
+    if cut == 0 or _ends_sentence(tok.decode([filler[cut - 1]])):
+        return cut
+    for c in range(cut - 1, max(0, cut - SENTENCE_LOOKBACK) - 1, -1):
+        if c == 0 or _ends_sentence(tok.decode([filler[c - 1]])):
+            return c
+    for c in range(cut + 1, min(len(filler), cut + SENTENCE_LOOKBACK) + 1):
+        if _ends_sentence(tok.decode([filler[c - 1]])):
+            return c
+    return cut
+
+
 def _needle(tok: "Tokenizer", corpus: list[int], kind: str, length: int, depth: float, rng: random.Random,
-            keys: int) -> NeedleInstance:
+            keys: int, placement: str) -> NeedleInstance:
     encode = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
     if kind == "passkey":
         answer = _code(rng)
@@ -123,12 +151,13 @@ def _needle(tok: "Tokenizer", corpus: list[int], kind: str, length: int, depth: 
     filler = corpus[start:start + filler_len]
     # Insert from the deepest needle up, so each cut point refers to the filler before the insertions.
     haystack, asked_start = list(filler), 0
-    cuts = sorted(((round(d * filler_len), i, ids) for i, (d, ids) in enumerate(planted)), reverse=True)
+    at = (lambda c: sentence_cut(tok, filler, c)) if placement == "sentence" else (lambda c: c)  # noqa: E731
+    cuts = sorted(((at(round(d * filler_len)), i, ids) for i, (d, ids) in enumerate(planted)), reverse=True)
     for cut, i, ids in cuts:
         haystack[cut:cut] = ids
     for cut, i, ids in sorted(cuts):  # the asked needle's final index: shifted by the needles before it
         if i == 0:
+            asked_start += cut
             break
         asked_start += len(ids)
-    asked_start += round(depth * filler_len)
     return NeedleInstance(kind, length, depth, haystack, question, answer, asked_start)
