@@ -97,12 +97,15 @@ def reference_scores(qkv, n: int, block: int, scale: float, kernel: int, blend: 
                    span, "max", lead_in)
 
 
-def lent_surprisal_reference(surprisal: torch.Tensor) -> torch.Tensor:
+def lent_surprisal_reference(surprisal: torch.Tensor, lend: str = "max") -> torch.Tensor:
     """[n] float64: each position's largest surprisal among itself and the SURPRISE_LEND before it, z-scored
-    (population standard deviation), from surprisal [n]."""
+    (population standard deviation), from surprisal [n]; lend "max+mean" adds the z-scored mean of the same
+    positions."""
     s = surprisal.double()
-    lent = torch.stack([s[max(0, p - SURPRISE_LEND):p + 1].max() for p in range(len(s))])
-    return (lent - lent.mean()) / lent.std(unbiased=False)
+    windows = [s[max(0, p - SURPRISE_LEND):p + 1] for p in range(len(s))]
+    z = lambda x: (x - x.mean()) / x.std(unbiased=False)  # noqa: E731
+    peak = z(torch.stack([w.max() for w in windows]))
+    return peak + z(torch.stack([w.mean() for w in windows])) if lend == "max+mean" else peak
 
 
 @settings(max_examples=20, deadline=None)
@@ -139,14 +142,15 @@ def test_compactor_refuses_bad_settings_by_name(field, value):
 
 @settings(max_examples=16, deadline=None)
 @given(st.integers(30, 48), st.integers(1, 2), st.integers(1, 3), st.integers(0, 2**16), st.integers(20, 26),
-       st.sampled_from([(1, "uniform"), (3, "uncertainty")]), st.sampled_from([0.0, 1.0, 3.0]))
+       st.sampled_from([(1, "uniform"), (3, "uncertainty")]), st.sampled_from([0.0, 1.0, 3.0]),
+       st.sampled_from(["max", "max+mean"]))
 def test_zsmerge_compactor_context_is_the_top_of_compactor_score(n, kv_heads, groups, seed, budget, sharing,
-                                                                 surprisal_weight):
+                                                                 surprisal_weight, lend):
     """ZSMerge(context_rank="compactor"): the ring holds the newest tokens, the first 8 tokens take context
     slots first, and the other context slots go to the top of Compactor's score (blend: the fraction of the
     prompt the average layout drops) plus `stored_surprisal` times the z-scored surprisal each token is lent
-    (the largest of its own and the 8 tokens' before it), max-pooled over the span, among the tokens before the
-    ring; what is left merges into the residual slot. With the layers sharing the budget by need, so in each
+    (the largest of its own and the 8 tokens' before it, plus their mean with lend "max+mean"), max-pooled over
+    the span, among the tokens before the ring; what is left merges into the residual slot. With the layers sharing the budget by need, so in each
     layer's own layout."""
     layers, layer_budgets = sharing
     qkv = random_qkv(1, layers, kv_heads, groups, n, seed=seed)
@@ -154,11 +158,11 @@ def test_zsmerge_compactor_context_is_the_top_of_compactor_score(n, kv_heads, gr
         qkv.q[0], qkv.q[-1] = qkv.q[0] * 0.2, qkv.q[-1] * 3
     surprisal = spiky_surprisal(n, seed)
     method = ZSMerge(budget=budget, rank="window", context_rank="compactor", layer_budgets=layer_budgets,
-                     stored_surprisal=surprisal_weight)
+                     stored_surprisal=surprisal_weight, stored_surprisal_lend=lend)
     trace = drive_synthetic(method, qkv, [n], 0, surprisal=surprisal)
     assert int(trace.cache.budgets().sum()) == layers * method.layout(n).budget
     assume(layers == 1 or len(set(trace.cache.budgets()[:, 0].tolist())) > 1)  # the layers' budgets differ
-    lent = lent_surprisal_reference(surprisal[0])
+    lent = lent_surprisal_reference(surprisal[0], lend)
     for layer in range(layers):
         own = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - method.layout(n).budget / n, layer)
         ref = pool_1d(own + surprisal_weight * lent, SPAN, "max", LEAD_IN)

@@ -57,16 +57,27 @@ def sinks_then_compactor(chunk: "PrefillChunk", kept: torch.Tensor, prompt_len: 
 # A surprising token lends its surprisal to the SURPRISE_LEND tokens after it: what a document says that the model
 # could not guess (a name, a label) and the words that follow it (the fact's value).
 SURPRISE_LEND = 8
+# How the lent surprisal is pooled over a token and the SURPRISE_LEND before it (`lent_surprisal`): "max", the
+# largest (a surprising word lends itself to what follows); "max+mean", that plus their mean, each z-scored, so a
+# phrase surprising throughout (a fact stated for the first time: "The secret passkey is 78311", each word 2-12
+# nats) outranks a lone odd word in ordinary prose (" descriptor", 15 nats, after 1-nat words). A code's digits
+# are not themselves surprising (2-3 nats each, a prose token's mean); they are kept by the words before them.
+SURPRISAL_LENDS = ("max", "max+mean")
 
 
-def lent_surprisal(surprisal: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
-    """[B, n_pos] each position's largest surprisal among itself and the SURPRISE_LEND positions before it,
-    z-scored over each sequence's prompt (surprisal [B, n_pos] by position, prompt_len [B])."""
+def lent_surprisal(surprisal: torch.Tensor, prompt_len: torch.Tensor, lend: str = "max") -> torch.Tensor:
+    """[B, n_pos] what each position is lent (`SURPRISAL_LENDS`): "max", the largest surprisal among itself and
+    the SURPRISE_LEND positions before it, z-scored over each sequence's prompt; "max+mean" adds the z-scored
+    mean of the same positions (surprisal [B, n_pos] by position, prompt_len [B])."""
     b, n_pos = surprisal.shape
     pos = torch.arange(n_pos, device=surprisal.device).expand(b, n_pos)
     valid = pos < prompt_len[:, None]
-    lent = pool_by_position(surprisal[:, None], pos[:, None], valid[:, None], SURPRISE_LEND + 1, "max", 0)
-    return zscore(lent, valid[:, None])[:, 0]
+
+    def pooled(mode: str) -> torch.Tensor:
+        lent = pool_by_position(surprisal[:, None], pos[:, None], valid[:, None], SURPRISE_LEND + 1, mode, 0)
+        return zscore(lent, valid[:, None])[:, 0]
+
+    return pooled("max") + pooled("avg") if lend == "max+mean" else pooled("max")
 
 
 def unpooled_compactor(chunk: "PrefillChunk", kept: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:
@@ -75,19 +86,24 @@ def unpooled_compactor(chunk: "PrefillChunk", kept: torch.Tensor, prompt_len: to
     return compactor_scores(chunk, dropped_fraction(kept, prompt_len))
 
 
-def check_surprisal_weight(weight: object, owner: str) -> None:
-    """Refuse a `stored_surprisal` weight that is not a finite number >= 0, naming the method."""
+def check_surprisal_settings(weight: object, lend: object, owner: str) -> None:
+    """Refuse a `stored_surprisal` weight that is not a finite number >= 0, or a `stored_surprisal_lend` not in
+    SURPRISAL_LENDS, naming the method."""
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
         raise KvzooError(f"{owner}: stored_surprisal must be a number >= 0 (0: off), got {weight!r}")
+    if lend not in SURPRISAL_LENDS:
+        raise KvzooError(f"{owner}: stored_surprisal_lend must be one of {', '.join(map(repr, SURPRISAL_LENDS))}, "
+                         f"got {lend!r}")
 
 
 def sinks_then_compactor_and_surprisal(own: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,
-                                       surprisal: torch.Tensor, prompt_len: torch.Tensor, weight: float
-                                       ) -> torch.Tensor:
+                                       surprisal: torch.Tensor, prompt_len: torch.Tensor, weight: float,
+                                       lend: str = "max") -> torch.Tensor:
     """[B, Hkv, S] the stored rank with the prompt's surprisal: own (Compactor's unpooled score of the candidates
-    at positions pos [B, Hkv, S], valid where a candidate is a prompt token) + weight * `lent_surprisal`, then
+    at positions pos [B, Hkv, S], valid where a candidate is a prompt token) + weight * `lent_surprisal` (pooled
+    by `lend`), then
     max-pooled over SPAN with LEAD_IN as `sinks_then_compactor`, the first SINKS positions first (+inf)."""
-    lent = lent_surprisal(surprisal, prompt_len)  # [B, n_pos]
+    lent = lent_surprisal(surprisal, prompt_len, lend)  # [B, n_pos]
     at = lent[:, None, :].expand(-1, pos.shape[1], -1).gather(-1, pos.clamp(min=0, max=lent.shape[-1] - 1))
     rank = pool_by_position((own + weight * at).masked_fill(~valid, float("-inf")), pos, valid, SPAN, "max",
                             LEAD_IN)
@@ -95,12 +111,12 @@ def sinks_then_compactor_and_surprisal(own: torch.Tensor, pos: torch.Tensor, val
 
 
 def held_rank_with_surprisal(own: torch.Tensor, slots: LayerSlots, surprisal: torch.Tensor | None,
-                             weight: float) -> torch.Tensor:
+                             weight: float, lend: str = "max") -> torch.Tensor:
     """[B, Hkv, C] `sinks_then_compactor_and_surprisal` of a layer holding the whole prompt at end_prefill: own
     [B, Hkv, C] Compactor's unpooled score of its slots, surprisal `KVCache.prompt_surprisal`."""
     assert surprisal is not None  # the model computes it for a method that reads it (reads_prompt_surprisal)
     return sinks_then_compactor_and_surprisal(own, slots.pos, slots.filled & (slots.pos >= 0), surprisal,
-                                              slots.state["prompt_len"], weight)
+                                              slots.state["prompt_len"], weight, lend)
 
 
 @dataclass

@@ -126,7 +126,7 @@ import torch.nn.functional as F
 from kvzoo.cache.base import PrefillOnlyMethod
 from kvzoo.cache import layer_uncertainty
 from kvzoo.cache.budgets import Budget, check_budget, check_counts, check_pooling, resolve_budget
-from kvzoo.cache.compactor import (check_surprisal_weight, held_rank_with_surprisal, sinks_then_compactor,
+from kvzoo.cache.compactor import (check_surprisal_settings, held_rank_with_surprisal, sinks_then_compactor,
                                    unpooled_compactor)
 from kvzoo.cache.scoring import accumulated_scores, attention_shares, window_scores
 from kvzoo.cache.selection import keep_every_candidate, keep_top, recent_mask, shrink_slots, slot_candidates
@@ -437,6 +437,9 @@ class KVMerger(PrefillOnlyMethod):
     # whole document, so the merging layers hold it until end_prefill and merge there, each into its budget as
     # before. Measured: tools/RESULTS.md, "Session 41".
     stored_surprisal: float = 1.0
+    # How the surprisal is lent (`compactor.SURPRISAL_LENDS`): "max" (session 41's, measured for KVMerger);
+    # ZSMerge's default "max+mean" was not run for KVMerger (tools/RESULTS.md, "Session 43").
+    stored_surprisal_lend: str = "max"
     # How the layers share the budget (the average over the layers stays `budget`, so the cache's memory is the
     # same): "uniform" (paper), every layer keeps `budget`; "uncertainty", ZigZagKV's allocation as ZSMerge's
     # `layer_budgets` makes it (`layer_uncertainty`, `budgets.zigzag_budgets`): each layer's need is the fewest
@@ -498,7 +501,7 @@ class KVMerger(PrefillOnlyMethod):
                              "layer drops, which layer_budgets='uncertainty' decides only after it; use "
                              "layer_budgets='uniform' with it")
         check_counts(self, "KVMerger", ("recent_tokens", "stored_recent"), least=0, optional=True)
-        check_surprisal_weight(self.stored_surprisal, "KVMerger")
+        check_surprisal_settings(self.stored_surprisal, self.stored_surprisal_lend, "KVMerger")
         if not _is_number(self.stored_verbatim) or not self.recent_ratio <= self.stored_verbatim <= 1:
             raise KvzooError(f"KVMerger: stored_verbatim must be a share of the budget in [recent_ratio "
                              f"({self.recent_ratio!r}), 1], got {self.stored_verbatim!r}")
@@ -745,7 +748,8 @@ class KVMerger(PrefillOnlyMethod):
             old = cache.layers[layer_idx]
             held_rank = old.state.pop("held_rank")
             if self.reads_prompt_surprisal:  # Compactor's unpooled score, with the surprisal
-                held_rank = held_rank_with_surprisal(held_rank, old, cache.prompt_surprisal, self.stored_surprisal)
+                held_rank = held_rank_with_surprisal(held_rank, old, cache.prompt_surprisal, self.stored_surprisal,
+                                                     self.stored_surprisal_lend)
             new.state = {**old.state, "prefill_budget": budget}
             self._merge(new, slot_candidates(old), old.score, held_rank, budget)
             cache.layers[layer_idx] = new

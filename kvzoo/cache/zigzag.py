@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.budgets import Budget, check_counts, check_pooling, zigzag_budgets
-from kvzoo.cache.compactor import (check_surprisal_weight, held_rank_with_surprisal, sinks_then_compactor,
+from kvzoo.cache.compactor import (check_surprisal_settings, held_rank_with_surprisal, sinks_then_compactor,
                                    unpooled_compactor)
 from kvzoo.cache.layer_uncertainty import BOUND_RATIO, TAU, WINDOW, attention_uncertainty, output_uncertainty
 from kvzoo.cache.scoring import accumulated_scores, attention_shares, share_of, window_scores
@@ -165,6 +165,9 @@ class ZigZagKV(WindowSelection):
     # has given the whole document's surprisal. The layers' budgets are allocated from Compactor's rank alone
     # (their need is measured while each layer is read). Measured: see tools/RESULTS.md, "Session 41".
     stored_surprisal: float = 1.0
+    # How the surprisal is lent (`compactor.SURPRISAL_LENDS`): "max" (session 41's, measured for ZigZagKV);
+    # ZSMerge's default "max+mean" was not run for ZigZagKV (tools/RESULTS.md, "Session 43").
+    stored_surprisal_lend: str = "max"
     # rank="attention_shares" also keeps a token for its share of a question's attention: the attention of
     # the last `question_window` queries, max-pooled over a token and the 6 before it (`question_kernel_size`,
     # `question_pooling`, `question_pool_ahead`), as KVMerger's share rank reads it (ZSMerge's pools over the 8
@@ -204,7 +207,7 @@ class ZigZagKV(WindowSelection):
         if self.stored_rank is not None and self.stored_rank not in RANKS:
             raise KvzooError(f"ZigZagKV: stored_rank must be None or one of {', '.join(map(repr, RANKS))}, "
                              f"got {self.stored_rank!r}")
-        check_surprisal_weight(self.stored_surprisal, "ZigZagKV")
+        check_surprisal_settings(self.stored_surprisal, self.stored_surprisal_lend, "ZigZagKV")
         check_counts(self, "ZigZagKV", ("question_window",), optional=True)
         check_counts(self, "ZigZagKV", ("question_kernel_size",))
         check_pooling(self, "ZigZagKV", prefix="question_")
@@ -303,7 +306,8 @@ class ZigZagKV(WindowSelection):
             keep = torch.tensor([b[layer_idx] for b in per_sequence], device=slots.pos.device)
             rank = slots.score if widest is None else cross_layer_rank(slots, widest)
             if self.reads_prompt_surprisal:  # Compactor's unpooled score (compress_prefill) with the surprisal
-                rank = held_rank_with_surprisal(rank, slots, cache.prompt_surprisal, self.stored_surprisal)
+                rank = held_rank_with_surprisal(rank, slots, cache.prompt_surprisal, self.stored_surprisal,
+                                                self.stored_surprisal_lend)
             rank = rank.masked_fill(recent_mask(slot_candidates(slots), self.window_size), float("inf"))
             # Equal pooled scores: the earlier slot first (compress_prefill stored them peak before neighbours).
             earlier = -torch.arange(slots.capacity, device=rank.device, dtype=rank.dtype).expand_as(rank)

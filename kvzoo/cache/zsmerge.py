@@ -131,7 +131,7 @@ import torch.nn.functional as F
 from kvzoo.cache.base import CompressionMethod
 from kvzoo.cache.budgets import (Budget, budget_tokens, check_budget, check_counts, check_pooling, level_budgets,
                                  part_tokens)
-from kvzoo.cache.compactor import (SINKS, check_surprisal_weight, held_rank_with_surprisal, sinks_then_compactor,
+from kvzoo.cache.compactor import (SINKS, check_surprisal_settings, held_rank_with_surprisal, sinks_then_compactor,
                                    unpooled_compactor)
 from kvzoo.cache.copy_heads import COPY_HEAD_THRESHOLD, induction_scores
 from kvzoo.cache import layer_uncertainty
@@ -462,6 +462,12 @@ class ZSMerge(CompressionMethod):
     # multiply-adds a token costs; a 7B model's, a few percent): an 8192-token document at 10% kept peaked at
     # 1948 MiB RSS against 1527 and took 98 s against 81 (one run each, beside two evals).
     stored_surprisal: float = 1.0
+    # How a token is lent the surprisal before it (`compactor.SURPRISAL_LENDS`): "max+mean", the largest
+    # surprisal among itself and the 8 tokens before it plus their mean, each z-scored; "max", the largest alone
+    # (session 41's). The max lends a surprising word (a label) to what follows it; the mean also ranks a phrase
+    # surprising throughout (a fact stated for the first time) above a lone odd word of ordinary prose. Measured
+    # (tools/RESULTS.md, "Session 43"; needles asked after compression, equal memory): see there.
+    stored_surprisal_lend: str = "max+mean"
     # With `stored_ring` None or a chunked document: the copy-head threshold for a stored document (session
     # 22's rule), when `copy_heads` is None and the context is not already ranked by Compactor's score; None: as
     # `copy_heads`. Its questions read the document through the copy heads. Measured (tools/RESULTS.md,
@@ -594,7 +600,7 @@ class ZSMerge(CompressionMethod):
             raise KvzooError("ZSMerge: copy_heads and cross_layer each decide what every layer keeps; choose one")
         if self.prefill_scale not in ("window", "steady"):
             raise KvzooError(f"ZSMerge: prefill_scale must be 'window' or 'steady', got {self.prefill_scale!r}")
-        check_surprisal_weight(self.stored_surprisal, "ZSMerge")
+        check_surprisal_settings(self.stored_surprisal, self.stored_surprisal_lend, "ZSMerge")
 
     @classmethod
     def paper(cls, **overrides: object) -> "ZSMerge":
@@ -1122,7 +1128,8 @@ class ZSMerge(CompressionMethod):
             tie, stored = old.state.pop("held_tie"), old.state.pop("held_stored", None)
             rank = old.state.pop("held_rank", None)  # Compactor's (context_rank), or None: the standing
             if rank is not None and self.reads_prompt_surprisal:
-                rank = held_rank_with_surprisal(rank, old, cache.prompt_surprisal, self.stored_surprisal)
+                rank = held_rank_with_surprisal(rank, old, cache.prompt_surprisal, self.stored_surprisal,
+                                                self.stored_surprisal_lend)
             new.state = {**old.state, "prefill_budget": budget, **self._regions(budget.tolist(), budget.device)}
             if widest is not None:
                 rank = cross_layer_rank(old, widest)
