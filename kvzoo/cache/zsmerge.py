@@ -465,8 +465,13 @@ class ZSMerge(CompressionMethod):
     # How a token is lent the surprisal before it (`compactor.SURPRISAL_LENDS`): "max+mean", the largest
     # surprisal among itself and the 8 tokens before it plus their mean, each z-scored; "max", the largest alone
     # (session 41's). The max lends a surprising word (a label) to what follows it; the mean also ranks a phrase
-    # surprising throughout (a fact stated for the first time) above a lone odd word of ordinary prose. Measured
-    # (tools/RESULTS.md, "Session 43"; needles asked after compression, equal memory): see there.
+    # surprising throughout (a fact stated for the first time) above a lone odd word of ordinary prose. The two
+    # z-scores are added, not z-scored again: where both are high the surprisal weighs up to twice the attention
+    # term, which is part of the gain. Measured (tools/RESULTS.md, "Session 43"; needles asked after compression,
+    # equal memory): seeds 33, 35 and a fresh 39 (72, the full cache 53) 44 / 49 / 54 at 5 / 10 / 20% kept
+    # against 33 / 45 / 49 with "max"; placed at sentence ends (seed 33, no seam) 15 / 17 / 17 against 15 / 13 /
+    # 17; `make demo` at 20% kept 2 of 6 against 4 (its repetitive filler makes every fact the most surprising
+    # text, and the heavier weight overrules more of Compactor's per-head choice).
     stored_surprisal_lend: str = "max+mean"
     # With `stored_ring` None or a chunked document: the copy-head threshold for a stored document (session
     # 22's rule), when `copy_heads` is None and the context is not already ranked by Compactor's score; None: as
