@@ -469,8 +469,8 @@ class ZSMerge(CompressionMethod):
     # z-scores are added, not z-scored again: where both are high the surprisal weighs up to twice the attention
     # term, which is part of the gain. Measured (tools/RESULTS.md, "Session 43"; needles asked after compression,
     # equal memory): seeds 33, 35 and a fresh 39 (72, the full cache 53) 44 / 49 / 54 at 5 / 10 / 20% kept
-    # against 33 / 45 / 49 with "max"; placed at sentence ends (seed 33, no seam) 15 / 17 / 17 against 15 / 13 /
-    # 17; `make demo` at 20% kept 2 of 6 against 4 (its repetitive filler makes every fact the most surprising
+    # against 33 / 45 / 49 with "max"; placed at sentence ends (no seam; seeds 33, 35, 39, the full cache 52)
+    # 46 / 49 / 50 against 34 / 41 / 47; `make demo` at 20% kept 2 of 6 against 4 (its repetitive filler makes every fact the most surprising
     # text, and the heavier weight overrules more of Compactor's per-head choice).
     stored_surprisal_lend: str = "max+mean"
     # With `stored_ring` None or a chunked document: the copy-head threshold for a stored document (session
