@@ -150,8 +150,8 @@ def test_zsmerge_compactor_context_is_the_top_of_compactor_score(n, kv_heads, gr
     slots first, and the other context slots go to the top of Compactor's score (blend: the fraction of the
     prompt the average layout drops) plus `stored_surprisal` times the z-scored surprisal each token is lent
     (the largest of its own and the 8 tokens' before it, plus their mean with lend "max+mean"), max-pooled over
-    the span, among the tokens before the ring; what is left merges into the residual slot. With the layers sharing the budget by need, so in each
-    layer's own layout."""
+    the span, among the tokens before the ring; what is left merges into the residual slot. With the layers
+    sharing the budget by need, so in each layer's own layout."""
     layers, layer_budgets = sharing
     qkv = random_qkv(1, layers, kv_heads, groups, n, seed=seed)
     if layers > 1:  # layer 0 reads diffusely, the last one sharply: their needs differ

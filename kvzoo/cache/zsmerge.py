@@ -468,10 +468,11 @@ class ZSMerge(CompressionMethod):
     # surprising throughout (a fact stated for the first time) above a lone odd word of ordinary prose. The two
     # z-scores are added, not z-scored again: where both are high the surprisal weighs up to twice the attention
     # term, which is part of the gain. Measured (tools/RESULTS.md, "Session 43"; needles asked after compression,
-    # equal memory): seeds 33, 35 and a fresh 39 (72, the full cache 53) 44 / 49 / 54 at 5 / 10 / 20% kept
-    # against 33 / 45 / 49 with "max"; placed at sentence ends (no seam; seeds 33, 35, 39, the full cache 52)
-    # 46 / 49 / 50 against 34 / 41 / 47; `make demo` at 20% kept 2 of 6 against 4 (its repetitive filler makes every fact the most surprising
-    # text, and the heavier weight overrules more of Compactor's per-head choice).
+    # equal memory): seeds 33-36 (96, the full cache 71) 55 / 63 / 72 at 5 / 10 / 20% kept against 42 / 57 / 65
+    # with "max"; a fresh seed (39, 24, the full cache 16) 15 / 16 / 19 against 11 / 15 / 17; placed at sentence
+    # ends (no seam; seeds 33, 35, 39, the full cache 52) 46 / 49 / 50 against 34 / 41 / 47. `make demo` at 20%
+    # kept: 2 of 6 against 4 (its repetitive filler makes every fact the most surprising text, and the heavier
+    # weight overrules more of Compactor's per-head choice).
     stored_surprisal_lend: str = "max+mean"
     # With `stored_ring` None or a chunked document: the copy-head threshold for a stored document (session
     # 22's rule), when `copy_heads` is None and the context is not already ranked by Compactor's score; None: as
