@@ -101,8 +101,8 @@ def sinks_then_compactor_and_surprisal(own: torch.Tensor, pos: torch.Tensor, val
                                        lend: str = "max") -> torch.Tensor:
     """[B, Hkv, S] the stored rank with the prompt's surprisal: own (Compactor's unpooled score of the candidates
     at positions pos [B, Hkv, S], valid where a candidate is a prompt token) + weight * `lent_surprisal` (pooled
-    by `lend`), then
-    max-pooled over SPAN with LEAD_IN as `sinks_then_compactor`, the first SINKS positions first (+inf)."""
+    by `lend`), then max-pooled over SPAN with LEAD_IN as `sinks_then_compactor`, the first SINKS positions
+    first (+inf)."""
     lent = lent_surprisal(surprisal, prompt_len, lend)  # [B, n_pos]
     at = lent[:, None, :].expand(-1, pos.shape[1], -1).gather(-1, pos.clamp(min=0, max=lent.shape[-1] - 1))
     rank = pool_by_position((own + weight * at).masked_fill(~valid, float("-inf")), pos, valid, SPAN, "max",
