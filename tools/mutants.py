@@ -215,7 +215,7 @@ MUTANTS: list[Mutant] = [
            "in_ring = exact & recent_mask(chunk, slots.state[\"proximity\"])",
            "in_ring = exact & recent_mask(chunk, slots.state[\"proximity\"] - 1)",
            (ZSMERGE,), "the ring holds the B_p newest tokens"),
-    Mutant("zsmerge-prefill-merge-unweighted", "kvzoo/cache/zsmerge.py",
+    Mutant("zsmerge-prefill-merge-unweighted", "kvzoo/cache/residual_merge.py",
            "(sum_k / safe_w).to(k.dtype)", "(sum_k / safe_w.clamp(max=1)).to(k.dtype)",
            (ZSMERGE, EQUATIONS), "a residual slot is the mean of its members"),
     # The decode step's reference implementation (the CPU path; the Triton kernel is checked against it).

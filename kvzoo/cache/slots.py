@@ -70,9 +70,9 @@ def _repeat_rows(x: torch.Tensor, repeats: int) -> torch.Tensor:
 @dataclass
 class SlotStack:
     """The stores of layers of one capacity as one allocation of L' * B rows: the i-th layer's k is
-    k[i*B:(i+1)*B] (likewise v, logw, score, pos). A decode update that treats rows alike then runs once per step for all layers instead of
-    once per layer (`KVCache.stacked_groups`, `CompressionMethod.decode_step_rowwise`): the same arithmetic in
-    ~30x fewer, larger tensor ops, which is what eager decode on a CPU pays for."""
+    k[i*B:(i+1)*B] (likewise v, logw, score, pos). A decode update that treats rows alike then runs once per step
+    for all layers instead of once per layer (`KVCache.stacked_groups`, `CompressionMethod.decode_step_rowwise`):
+    the same arithmetic in ~30x fewer, larger tensor ops, which is what eager decode on a CPU pays for."""
 
     k: torch.Tensor  # [L * B, Hkv, C, D]
     v: torch.Tensor

@@ -135,6 +135,7 @@ from kvzoo.cache.compactor import (SINKS, check_surprisal_settings, held_rank_wi
                                    unpooled_compactor)
 from kvzoo.cache.copy_heads import COPY_HEAD_THRESHOLD, induction_scores
 from kvzoo.cache import layer_uncertainty
+from kvzoo.cache.residual_merge import SCORE_UPDATES, merge_groups, merge_scores, residual_groups, scatter_slots
 from kvzoo.cache.scoring import (accumulated_scores, attention_rate, attention_shares, block_attention,
                                  distant_attention_rate, leverage_scores, on_the_scale_of, own_key_leverage,
                                  window_scores)
@@ -142,7 +143,7 @@ from kvzoo.cache.selection import (cross_layer_rank, rank_order, recent_mask, sl
                                    widest_shares)
 from kvzoo.cache.slots import NEG_INF, KVCache, LayerSlots, allocate_stores
 from kvzoo.errors import KvzooError
-from kvzoo_kernels.zsmerge_update import most_similar, zsmerge_update
+from kvzoo_kernels.zsmerge_update import zsmerge_update
 
 if TYPE_CHECKING:
     from kvzoo.cache.chunk import PrefillChunk
@@ -176,18 +177,6 @@ class ZSMergeLayout:
     @property
     def context(self) -> int:
         return self.budget - self.proximity - self.residual
-
-
-@dataclass(frozen=True)
-class ResidualMerge:
-    """Where a prefill's leftover tokens went (`ZSMerge._merge_groups`): leftover [B, Hkv, S] bool, target
-    [B, Hkv, S] residual slot (C, the dummy, for the rest), merged / was_filled [B, Hkv, C+1] the slots that
-    took members / held tokens before."""
-
-    leftover: torch.Tensor
-    target: torch.Tensor
-    merged: torch.Tensor
-    was_filled: torch.Tensor
 
 
 @dataclass
@@ -390,7 +379,8 @@ class ZSMerge(CompressionMethod):
     # without the + 1 the cut would drop one near-arbitrary token per head (it changed a chat's answer).
     # "all" (sessions 9-18): every token, which at 5 / 10 / 20% kept let the leverage share win 27 / 35 / 48% of
     # the 113 / 163 / 264 context slots (two texts; 27 / 33 / 44% are not what attention alone keeps), most of
-    # them keys only slightly above the average leverage, displacing tokens the continuation reads. An integer: that many. Measured
+    # them keys only slightly above the average leverage, displacing tokens the continuation reads. An integer:
+    # that many. Measured
     # (tools/RESULTS.md, "Session 19"; seeds 5 and 6, 23 windows at equal memory, 48 needles):
     # "basis" against "all": NLL -0.000 +- 0.000 / -0.004 +- 0.002 / -0.009 +- 0.003 at 5 / 10 / 20% kept
     # (31 windows of a second genre, the Rust book, without the + 1: -0.001 +- 0.001 / -0.002 +- 0.002 /
@@ -531,7 +521,7 @@ class ZSMerge(CompressionMethod):
         check_pooling(self, "ZSMerge")
         if self.metric not in ("dot", "l2"):
             raise KvzooError(f"ZSMerge: metric must be 'dot' or 'l2', got {self.metric!r}")
-        if self.score_update not in ("max", "sum"):
+        if self.score_update not in SCORE_UPDATES:
             raise KvzooError(f"ZSMerge: score_update must be 'max' or 'sum', got {self.score_update!r}")
         for name in ("leverage", "window_weight", "standing_half_life"):
             value = getattr(self, name)
@@ -688,8 +678,8 @@ class ZSMerge(CompressionMethod):
 
     def for_chunked_prefill(self) -> "ZSMerge":
         """This ZSMerge with uniform layer budgets (`layer_budgets`) and no `copy_reads` when it would hold the
-        whole prompt for them: a prompt fed in chunks keeps its memory flat. Itself otherwise (a cross-layer rank refuses
-        chunks: `supports_chunked_prefill`)."""
+        whole prompt for them: a prompt fed in chunks keeps its memory flat. Itself otherwise (a cross-layer rank
+        refuses chunks: `supports_chunked_prefill`)."""
         if self.cross_layer or (self.layer_budgets == "uniform" and not self.copy_reads):
             return self
         return replace(self, layer_budgets="uniform", copy_reads=0)
@@ -1024,96 +1014,20 @@ class ZSMerge(CompressionMethod):
         target = target.scatter(-1, top, torch.where(ctx_kept, ctx_slot, dummy))
         target = torch.where(in_ring, ring_start + chunk.key_pos % proximity, target)
         target = torch.where(is_residual & valid, cand, target)
-        group = self._residual_groups(chunk, leftover, is_residual, residual)
+        group = residual_groups(chunk, leftover, is_residual, residual, self.metric)
 
         kept_score = score if stored is None else stored
-        k_new, v_new, logw_new, score_new, pos_new = self._scatter_slots(chunk, kept_score, target, dummy)
-        merge = self._merge_groups(chunk, leftover, group, k_new, v_new, logw_new, pos_new)
-        self._merge_scores(score_new, kept_score, merge)
+        k_new, v_new, logw_new, score_new, pos_new = scatter_slots(chunk, kept_score, target, dummy)
+        merge = merge_groups(chunk, leftover, group, k_new, v_new, logw_new, pos_new)
+        merge_scores(score_new, kept_score, merge, self.score_update)
         slots.replace_all(k_new[:, :, :dummy], v_new[:, :, :dummy], logw_new[..., :dummy],
                           score_new[..., :dummy], pos_new[..., :dummy])
         if stored is not None:  # the standing of every slot, a residual slot's from its members' (as its score)
             standing = torch.zeros_like(score_new).scatter(-1, target, score)
-            self._merge_scores(standing, score, merge)
+            merge_scores(standing, score, merge, self.score_update)
             slots.state["standing_bonus"] = (standing - score_new)[..., :dummy]  # [B, Hkv, C]
             slots.state["standing_pos"] = slots.pos.to(torch.int32)  # [B, Hkv, C]
             slots.state["standing_written"] = chunk.q_pos.max(dim=1).values + 1  # [B]
-
-    def _scatter_slots(self, chunk: "PrefillChunk", score: torch.Tensor, target: torch.Tensor, dummy: int):  # noqa: ANN202
-        """Fresh [B, Hkv, C+1(, D)] slot tensors with every verbatim candidate written at its target."""
-        b, hkv, s, d = chunk.keys.shape
-        shape = (b, hkv, dummy + 1)
-        tgt_d = target[..., None].expand(b, hkv, s, d)
-        k = torch.zeros(*shape, d, dtype=chunk.keys.dtype, device=chunk.keys.device).scatter(2, tgt_d, chunk.keys)
-        v = torch.zeros(*shape, d, dtype=chunk.values.dtype, device=chunk.keys.device).scatter(2, tgt_d, chunk.values)
-        logw = torch.full(shape, NEG_INF, device=chunk.keys.device).scatter(-1, target, chunk.key_logw)
-        sc = torch.zeros(shape, device=chunk.keys.device).scatter(-1, target, score)
-        pos = torch.full(shape, -1, dtype=torch.int64, device=chunk.keys.device).scatter(-1, target, chunk.key_pos)
-        logw[..., dummy] = NEG_INF
-        return k, v, logw, sc, pos
-
-    def _residual_groups(self, chunk: "PrefillChunk", leftover: torch.Tensor, residual_slot: torch.Tensor,
-                         residual: torch.Tensor) -> torch.Tensor:
-        """Residual slot [B, Hkv, S] each leftover token merges into.
-
-        Empty residual slots (the usual first prefill): leftovers, in position order, are cut into `residual`
-        contiguous groups of near-equal size (the reference code's "group-based merging by spatial
-        arrangement"). Residual slots already holding tokens (later prompt chunks): the first leftovers take
-        the remaining empty residual slots, one each, as in decode; the rest go to the most similar residual
-        key (Eq. 6). `residual_slot` marks the candidates that are residual slots."""
-        order = chunk.key_pos.masked_fill(~leftover, torch.iinfo(torch.int64).max).argsort(dim=-1)
-        n = leftover.sum(-1, keepdim=True)  # [B, Hkv, 1]
-        ranks = torch.arange(order.shape[-1], device=order.device).expand_as(order).contiguous()
-        rho = torch.empty_like(order).scatter_(-1, order, ranks)  # rank of each leftover by position
-        m, r = torch.div(n, residual, rounding_mode="floor"), n % residual
-        big = r * (m + 1)  # leftovers in the first r groups of size m + 1
-        contiguous = torch.where(rho < big, rho // (m + 1).clamp(min=1), r + (rho - big) // m.clamp(min=1))
-        contiguous = contiguous.clamp(min=0)
-        held = residual_slot & torch.isfinite(chunk.key_logw)
-        if not bool(held.any()):
-            return contiguous
-        n_residual = int(residual.max())  # residual slots are the first candidates
-        similar = self._most_similar(chunk.keys, chunk.keys[:, :, :n_residual], held[..., :n_residual])
-        empty = residual_slot & ~held
-        nth_empty = (~empty).to(torch.int8).argsort(dim=-1, stable=True)  # empty residual slots first
-        into_empty = nth_empty.gather(-1, rho.clamp(max=order.shape[-1] - 1))
-        partial = torch.where(rho < empty.sum(-1, keepdim=True), into_empty, similar)
-        return torch.where(held.any(-1, keepdim=True), partial, contiguous)
-
-    def _most_similar(self, queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """For each query key [B, Hkv, N, D], the index of the closest allowed key (by `metric`)."""
-        return most_similar(queries, keys, allowed, self.metric)
-
-    def _merge_groups(self, chunk: "PrefillChunk", leftover: torch.Tensor, group: torch.Tensor, k: torch.Tensor,
-                      v: torch.Tensor, logw: torch.Tensor, pos: torch.Tensor) -> "ResidualMerge":
-        """Count-weighted merge of leftover tokens into their residual slots, in place on the fresh tensors;
-        returns where each went, for `_merge_scores`."""
-        b, hkv, s, d = chunk.keys.shape
-        dummy = k.shape[2] - 1
-        tgt = torch.where(leftover, group, dummy)
-        w_old = logw.exp()  # 0 for empty slots
-        sum_k = (k.float() * w_old[..., None]).scatter_add(2, tgt[..., None].expand(b, hkv, s, d), chunk.keys.float())
-        sum_v = (v.float() * w_old[..., None]).scatter_add(2, tgt[..., None].expand(b, hkv, s, d), chunk.values.float())
-        w = w_old.scatter_add(-1, tgt, leftover.float())
-        merged = (w > 0) & (w != w_old)
-        safe_w = w.clamp(min=1e-30)[..., None]
-        k.copy_(torch.where(merged[..., None], (sum_k / safe_w).to(k.dtype), k))
-        v.copy_(torch.where(merged[..., None], (sum_v / safe_w).to(v.dtype), v))
-        logw.copy_(torch.where(merged, w.log(), logw))
-        newest = pos.scatter_reduce(-1, tgt, chunk.key_pos.masked_fill(~leftover, -1), "amax")
-        pos.copy_(torch.where(merged, newest, pos))
-        return ResidualMerge(leftover, tgt, merged, w_old > 0)
-
-    def _merge_scores(self, sc: torch.Tensor, score: torch.Tensor, merge: "ResidualMerge") -> None:
-        """A merged residual slot's score [B, Hkv, C+1] from its members' `score` [B, Hkv, S]
-        (`score_update`: the max of the old and the members', or their sum), in place."""
-        member_score = score.masked_fill(~merge.leftover, NEG_INF)
-        if self.score_update == "max":
-            best = torch.full_like(sc, NEG_INF).scatter_reduce(-1, merge.target, member_score, "amax")
-            old = torch.where(merge.was_filled, sc, NEG_INF)
-            sc.copy_(torch.where(merge.merged, torch.maximum(best, old), sc))
-        else:
-            sc.copy_(torch.where(merge.merged, sc.scatter_add(-1, merge.target, score * merge.leftover), sc))
 
     def end_prefill(self, cache: KVCache) -> None:
         """With a held prompt (`cross_layer`, `layer_budgets`): allocate each layer's budget, then compress its
