@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from kvzoo import Compactor, KVMerger, ZigZagKV, ZSMerge
 from kvzoo.cache.chunk import make_prefill_chunk
 from kvzoo.cache.compactor import LEAD_IN, SPAN, SURPRISE_LEND, dropped_fraction, sinks_then_compactor
-from kvzoo.cache.kvmerger import protected_tokens
+from kvzoo.cache.merging_sets import protected_tokens
 from kvzoo.cache.scoring import compactor_scores, noncausal_block_scores, pre_rope_keys
 from kvzoo.cache.slots import LayerSlots
 from kvzoo.errors import KvzooError

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import kvzoo
 from kvzoo.cache import KVMerger, SnapKV, ZigZagKV
 from kvzoo.cache.budgets import min_budget_attention, min_budget_output, zigzag_budgets
-from kvzoo.cache.kvmerger import (
+from kvzoo.cache.merging_sets import (
     adjacent_cosine,
     budget_merging_sets,
     evict_lowest_sets,
@@ -529,7 +529,7 @@ def test_attention_counts_of_already_merged_members():
     """n_p * sum_t A_t / A_p, between the pivot's own count and the tokens the set holds: sets {0, 1} and {2};
     token 0 is a merged slot standing for 3 tokens with A = 4 (the pivot), token 1 a token with A = 1: 3 * 5 / 4
     = 3.75 (at most 3 + 1 = 4 members); the singleton {2} (a merged slot of 2, A = 0) keeps its 2 members."""
-    from kvzoo.cache.kvmerger import attention_counts, per_set, set_pivots
+    from kvzoo.cache.merging_sets import attention_counts, per_set, set_pivots
 
     score, counts = torch.tensor([[4.0, 1.0, 0.0]]), torch.tensor([[3.0, 1.0, 2.0]])
     sets = torch.tensor([[0, 0, 1]])
