@@ -189,20 +189,24 @@ def older_middle(n: int, recent: int) -> list[int]:
     return list(range(8, n - recent))
 
 
+# (stored_surprisal, stored_surprisal_lend): without the surprisal the lend changes nothing
+SURPRISAL_SETTINGS = [(0.0, "max+mean"), (1.0, "max"), (1.0, "max+mean")]
+
+
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("surprisal_weight", [0.0, 1.0])
-def test_zigzag_compactor_rank_keeps_sinks_the_window_and_the_top_of_compactor_score(seed, surprisal_weight):
+@pytest.mark.parametrize("surprisal_weight, lend", SURPRISAL_SETTINGS)
+def test_zigzag_compactor_rank_keeps_sinks_the_window_and_the_top_of_compactor_score(seed, surprisal_weight, lend):
     """ZigZagKV(rank="compactor") with uniform layer budgets (bound_ratio=1): the observation window, the first
     8 tokens, then the top of Compactor's score (blend: the fraction of the prompt the budget drops) plus
-    `stored_surprisal` times the z-scored surprisal each token is lent, max-pooled over the span."""
+    `stored_surprisal` times the z-scored surprisal each token is lent (`lend`), max-pooled over the span."""
     n, budget, window = 72, 32, 6
     qkv = random_qkv(1, 1, 2, 2, n, seed=seed)
     surprisal = spiky_surprisal(n, seed)
     method = ZigZagKV(budget=budget, rank="compactor", bound_ratio=1.0, window_size=window,
-                      stored_surprisal=surprisal_weight)
+                      stored_surprisal=surprisal_weight, stored_surprisal_lend=lend)
     trace = drive_synthetic(method, qkv, [n], 0, surprisal=surprisal)
     own = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - budget / n)
-    ref = pool_1d(own + surprisal_weight * lent_surprisal_reference(surprisal[0]), SPAN, "max", LEAD_IN)
+    ref = pool_1d(own + surprisal_weight * lent_surprisal_reference(surprisal[0], lend), SPAN, "max", LEAD_IN)
     for h in range(2):
         kept = set(trace.snapshots[0].kept(0, 0, h))
         assert len(kept) == budget and set(range(8)) | set(range(n - window, n)) <= kept, sorted(kept)
@@ -213,23 +217,25 @@ def test_zigzag_compactor_rank_keeps_sinks_the_window_and_the_top_of_compactor_s
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("recent_tokens", [None, 2, 24, 100])
-@pytest.mark.parametrize("surprisal_weight", [0.0, 1.0])
-def test_kvmerger_compactor_rank_keeps_the_top_of_compactor_score_verbatim(seed, recent_tokens, surprisal_weight):
+@pytest.mark.parametrize("surprisal_weight, lend", SURPRISAL_SETTINGS)
+def test_kvmerger_compactor_rank_keeps_the_top_of_compactor_score_verbatim(seed, recent_tokens, surprisal_weight,
+                                                                           lend):
     """KVMerger(rank="compactor"): the heavy hitters kept verbatim (as singletons, log w = 0) are the first 8
     tokens, then the top of Compactor's score plus `stored_surprisal` times the z-scored surprisal each token is
-    lent, max-pooled over the span, among the older tokens; `recent_tokens` sets the recent window (at most half
-    the budget) and the heavy hitters take the rest of the verbatim share (what `protected_tokens` lets fit
-    beside the merged runs), equal pooled ranks the newer first."""
+    lent (`lend`), max-pooled over the span, among the older tokens; `recent_tokens` sets the recent window (at
+    most half the budget) and the heavy hitters take the rest of the verbatim share (what `protected_tokens` lets
+    fit beside the merged runs), equal pooled ranks the newer first."""
     n, budget = 120, 60
     qkv = random_qkv(1, 1, 2, 2, n, seed=seed)
     surprisal = spiky_surprisal(n, seed)
     method = KVMerger(budget=budget, rank="compactor", recent_tokens=recent_tokens, layer_budgets="uniform",
-                      stored_surprisal=surprisal_weight)
+                      stored_surprisal=surprisal_weight, stored_surprisal_lend=lend)
     trace = drive_synthetic(method, qkv, [n], 0, surprisal=surprisal)
     recent = int(budget * 0.34) if recent_tokens is None else min(recent_tokens, budget // 2)
     heavy = int(budget * 0.24) + int(budget * 0.34) - recent
     own = reference_scores(qkv, n, 256, 1.0, 3, 1.0 - budget / n)
-    ref = pool_1d(own + surprisal_weight * lent_surprisal_reference(surprisal[0]), SPAN, "max", LEAD_IN).float()
+    ref = pool_1d(own + surprisal_weight * lent_surprisal_reference(surprisal[0], lend), SPAN, "max",
+                  LEAD_IN).float()
     rank = torch.cat([torch.full((2, 8), float("inf")), ref[:, 8:]], dim=1)[None]  # [1, Hkv, n] sinks first
     recent_m = torch.zeros(1, 2, n, dtype=torch.bool)
     recent_m[..., n - recent:] = True

@@ -241,9 +241,11 @@ class KVMerger(PrefillOnlyMethod):
     # whole document, so the merging layers hold it until end_prefill and merge there, each into its budget as
     # before. Measured: tools/RESULTS.md, "Session 41".
     stored_surprisal: float = 1.0
-    # How the surprisal is lent (`compactor.SURPRISAL_LENDS`): "max" (session 41's, measured for KVMerger);
-    # ZSMerge's default "max+mean" was not run for KVMerger (tools/RESULTS.md, "Session 43").
-    stored_surprisal_lend: str = "max"
+    # How the surprisal is lent (`compactor.SURPRISAL_LENDS`), as ZSMerge's `stored_surprisal_lend` (see there):
+    # "max+mean" since session 44, "max" (the largest surprisal alone) before. Measured (tools/RESULTS.md,
+    # "Session 44"; needles asked after compression, equal memory): seeds 35-36
+    # (48, the full cache 35) 21 / 25 / 31 at 5 / 10 / 20% kept against 15 / 25 / 30 with "max".
+    stored_surprisal_lend: str = "max+mean"
     # How the layers share the budget (the average over the layers stays `budget`, so the cache's memory is the
     # same): "uniform" (paper), every layer keeps `budget`; "uncertainty", ZigZagKV's allocation as ZSMerge's
     # `layer_budgets` makes it (`layer_uncertainty`, `budgets.zigzag_budgets`): each layer's need is the fewest

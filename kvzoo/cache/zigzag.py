@@ -165,9 +165,11 @@ class ZigZagKV(WindowSelection):
     # has given the whole document's surprisal. The layers' budgets are allocated from Compactor's rank alone
     # (their need is measured while each layer is read). Measured: see tools/RESULTS.md, "Session 41".
     stored_surprisal: float = 1.0
-    # How the surprisal is lent (`compactor.SURPRISAL_LENDS`): "max" (session 41's, measured for ZigZagKV);
-    # ZSMerge's default "max+mean" was not run for ZigZagKV (tools/RESULTS.md, "Session 43").
-    stored_surprisal_lend: str = "max"
+    # How the surprisal is lent (`compactor.SURPRISAL_LENDS`), as ZSMerge's `stored_surprisal_lend` (see there):
+    # "max+mean" since session 44, "max" (the largest surprisal alone) before. Measured (tools/RESULTS.md,
+    # "Session 44"; needles asked after compression, equal memory): seeds 33-36
+    # (96, the full cache 71) 40 / 62 / 71 at 5 / 10 / 20% kept against 29 / 52 / 65 with "max".
+    stored_surprisal_lend: str = "max+mean"
     # rank="attention_shares" also keeps a token for its share of a question's attention: the attention of
     # the last `question_window` queries, max-pooled over a token and the 6 before it (`question_kernel_size`,
     # `question_pooling`, `question_pool_ahead`), as KVMerger's share rank reads it (ZSMerge's pools over the 8
