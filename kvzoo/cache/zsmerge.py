@@ -380,8 +380,7 @@ class ZSMerge(CompressionMethod):
     # "all" (sessions 9-18): every token, which at 5 / 10 / 20% kept let the leverage share win 27 / 35 / 48% of
     # the 113 / 163 / 264 context slots (two texts; 27 / 33 / 44% are not what attention alone keeps), most of
     # them keys only slightly above the average leverage, displacing tokens the continuation reads. An integer:
-    # that many. Measured
-    # (tools/RESULTS.md, "Session 19"; seeds 5 and 6, 23 windows at equal memory, 48 needles):
+    # that many. Measured (tools/RESULTS.md, "Session 19"; seeds 5 and 6, 23 windows at equal memory, 48 needles):
     # "basis" against "all": NLL -0.000 +- 0.000 / -0.004 +- 0.002 / -0.009 +- 0.003 at 5 / 10 / 20% kept
     # (31 windows of a second genre, the Rust book, without the + 1: -0.001 +- 0.001 / -0.002 +- 0.002 /
     # -0.008 +- 0.003), query-aware needles 11 / 20 / 25 against 11 / 20 / 28, asked-after 5 / 8 / 7 against
