@@ -521,7 +521,8 @@ class ZSMerge(CompressionMethod):
         if self.metric not in ("dot", "l2"):
             raise KvzooError(f"ZSMerge: metric must be 'dot' or 'l2', got {self.metric!r}")
         if self.score_update not in SCORE_UPDATES:
-            raise KvzooError(f"ZSMerge: score_update must be 'max' or 'sum', got {self.score_update!r}")
+            raise KvzooError(f"ZSMerge: score_update must be one of {', '.join(map(repr, SCORE_UPDATES))}, "
+                             f"got {self.score_update!r}")
         for name in ("leverage", "window_weight", "standing_half_life"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
