@@ -6,12 +6,12 @@ transformers 4.x / 5.x spellings of RoPE settings (`rope_theta` / `rope_paramete
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from kvzoo.errors import ConfigError
+from kvzoo.json_file import read_json_object
 
 # model_type (or an `architectures` entry) -> family name
 FAMILY_BY_MODEL_TYPE = {
@@ -77,13 +77,7 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise ConfigError(f"{path}: config.json not found")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-        return cls.from_hf_dict(raw, source=str(path))
+        return cls.from_hf_dict(read_json_object(path, ConfigError), source=str(path))
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config") -> "ModelConfig":

@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from kvzoo.config import ModelConfig
 from kvzoo.errors import CheckpointError, ConfigError
+from kvzoo.json_file import read_json_object
 
 if TYPE_CHECKING:
     from kvzoo.models.base import CausalLM
@@ -111,7 +112,7 @@ def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def resolve_dtype(dtype: torch.dtype | str | None, ckpt_dir: Path) -> torch.dtype:
     """An explicit dtype (aliases as in `parse_dtype`), else the checkpoint's `torch_dtype`/`dtype`, else float32."""
     if dtype is None:
-        raw = json.loads((ckpt_dir / "config.json").read_text())
+        raw = read_json_object(ckpt_dir / "config.json", ConfigError)
         dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
     return parse_dtype(dtype)
 

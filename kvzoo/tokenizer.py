@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from kvzoo.errors import CheckpointError, KvzooError
+from kvzoo.json_file import read_json_object
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
@@ -408,15 +409,7 @@ class _SentencePieceBackend:
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in `path`, or {} when the file does not exist."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+    return read_json_object(path, CheckpointError) if path.is_file() else {}
 
 
 def _token_text(value: Any, path: Path, key: str) -> str | None:

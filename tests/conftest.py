@@ -84,3 +84,13 @@ def models(tiny_checkpoint) -> Callable[[str], object]:
         return loaded[name]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The models are tiny: with several threads on a busy 2-core machine each matmul waits on the others. A
+    module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`; its threads come back after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

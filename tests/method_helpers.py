@@ -43,6 +43,11 @@ class Snapshot:
         return torch.isfinite(self.layers[layer]["logw"]).sum(-1)
 
 
+def random_prompt(n: int, seed: int) -> list[int]:
+    """n token ids of the tiny models' vocabulary, the same for the same seed."""
+    return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(1000 + seed)).tolist()
+
+
 def snapshot(cache: KVCache, seen: list[int]) -> Snapshot:
     layers = [
         {n: getattr(ls, n).clone() for n in ("k", "v", "logw", "score", "pos", "budget")} for ls in cache.layers

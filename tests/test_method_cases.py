@@ -15,23 +15,12 @@ import torch
 
 from kvzoo.cache import FullCache
 from tests.method_cases import METHOD_CASES
-from tests.method_helpers import drive_model
+from tests.method_helpers import drive_model, random_prompt
 
 LAYOUTS = ["llama-gqa", "mistral-window", "falcon-7b-style", "falcon-40b-style", "falcon-mha"]
 TOL = 1e-5  # fp32 logits: the same math, different summation order (observed ~1e-7)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models are tiny: with several threads on a busy 2-core machine each matmul waits on the others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def prompt(n: int, seed: int) -> list[int]:
-    return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(1000 + seed)).tolist()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 PARITY_LENS = (13, 6, 9)
@@ -46,7 +35,7 @@ def test_budget_covering_everything_equals_full_cache(models, case, layout):
     (<= 1e-5), the greedy tokens are identical (manual drive and `generate_ids`), and every slot stands for
     one token (nothing merged)."""
     model = models(layout)
-    prompts = [prompt(n, i) for i, n in enumerate(PARITY_LENS)]
+    prompts = [random_prompt(n, i) for i, n in enumerate(PARITY_LENS)]
     budget = max(PARITY_LENS) + PARITY_STEPS
     full = drive_model(model, prompts, FullCache(), PARITY_STEPS)
     got = drive_model(model, prompts, case.make(budget), PARITY_STEPS)
@@ -71,7 +60,7 @@ def test_batch_equals_each_prompt_alone(models, case, layout):
     """Section 5 with a compressing budget (0.5 of each prompt): a left-padded batch keeps the same positions
     as each prompt alone at every step, with the same logits (<= 1e-5) and greedy tokens."""
     model = models(layout)
-    prompts = [prompt(n, 50 + i) for i, n in enumerate(BATCH_LENS)]
+    prompts = [random_prompt(n, 50 + i) for i, n in enumerate(BATCH_LENS)]
     steps = 8
     batch = drive_model(model, prompts, case.make(0.5), steps)
     for b, p in enumerate(prompts):
@@ -91,7 +80,7 @@ def test_memory_is_fixed_before_decoding(models, case):
     """Bytes held by the cache never change while decoding; for the constant-memory methods they do not even
     depend on how many tokens will be generated, for the prefill-only ones they grow with max_new_tokens."""
     model = models("mistral-window")
-    prompts = [prompt(70, 80), prompt(66, 81)]
+    prompts = [random_prompt(70, 80), random_prompt(66, 81)]
     trace = drive_model(model, prompts, case.make(0.5), 10)
     assert len({s.nbytes for s in trace.snapshots}) == 1
     assert trace.snapshots[0].nbytes == trace.cache.nbytes()
@@ -112,7 +101,7 @@ def test_the_compressed_cache_is_known_before_the_prompt(models, case):
     cache holds once prefill is over, also for the methods that allocate from the whole prompt."""
     model = models("mistral-window")
     for n, new_tokens in ((70, 10), (97, 1)):
-        out = model.generate_ids([prompt(n, 82)], max_new_tokens=new_tokens, eos_token_ids=[],
+        out = model.generate_ids([random_prompt(n, 82)], max_new_tokens=new_tokens, eos_token_ids=[],
                                  compression=case.make(0.5))
         known = case.make(0.5).make_cache(model.config, [n], new_tokens, torch.float32, "meta", compressed=True)
         assert known.nbytes() == out.cache.nbytes(), (n, new_tokens)

@@ -27,6 +27,7 @@ from tests.method_helpers import (
     drive_model,
     drive_synthetic,
     pool_1d,
+    random_prompt,
     random_qkv,
     ratio_or_tokens,
     reference_probs,
@@ -39,18 +40,7 @@ PREFILL_ONLY = ("SnapKV", "PyramidKV")
 TOL = 1e-5  # fp32 logits and scores: same math, different summation order (observed ~1e-7)
 SLACK = 1e-6  # score comparisons of a top-k selection (ties in fp32 round differently)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models are tiny: with several threads on a busy 2-core machine each matmul waits on the others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def prompt(n: int, seed: int) -> list[int]:
-    return torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(1000 + seed)).tolist()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def kept_set(snap, layer: int, b: int, h: int) -> set[int]:
@@ -135,7 +125,7 @@ def test_model_slot_invariants(models, model_name, case, steps, chunk, seed):
     exactly the sinks and the most recent positions; TOVA's heads agree."""
     name, method, lens = case
     model = models(model_name)
-    prompts = [prompt(n, seed + i) for i, n in enumerate(lens)]
+    prompts = [random_prompt(n, seed + i) for i, n in enumerate(lens)]
     trace = drive_model(model, prompts, method, steps, prefill_chunk=chunk)
     layers = model.config.num_layers
     prefill = expected_prefill_budgets(name, method, lens, layers)
@@ -574,7 +564,7 @@ def test_decode_cap_bounds_prefill_only_methods(models, method_name, model_name)
     the generated tokens are a sliding window of the last N; memory is constant over decode steps."""
     model = models(model_name)
     cap, steps = 3, 9
-    prompts = [prompt(n, 70 + i) for i, n in enumerate((24, 15))]
+    prompts = [random_prompt(n, 70 + i) for i, n in enumerate((24, 15))]
     method = METHODS[method_name](budget=0.5, window_size=4, decode_cap=cap)
     trace = drive_model(model, prompts, method, steps)
     lens = [24, 15]

@@ -37,8 +37,8 @@ def bench_ttft(doc_tokens: int, specs: list[str], repeats: int, dtype: str) -> N
     import kvzoo
     from kvzoo.cache.registry import parse_compression
     from kvzoo.conversation import DocumentPrompt
-    from kvzoo.demo import build_document
-    from kvzoo.generate import generate_ids, prefill_cache
+    from kvzoo.demo import build_document, store_document
+    from kvzoo.generate import generate_ids
 
     model = _model(dtype)
     tok = model.require_tokenizer()
@@ -54,13 +54,8 @@ def bench_ttft(doc_tokens: int, specs: list[str], repeats: int, dtype: str) -> N
     with tempfile.TemporaryDirectory(prefix="kvzoo-bench-") as tmp:
         for i, spec in enumerate(specs):
             method = parse_compression(spec)
-            started = time.perf_counter()
-            cache = prefill_cache(model, [doc_ids], method)
-            prefill_s = time.perf_counter() - started
             path = Path(tmp) / f"{i}.kvc"
-            cache.save(path)
-            nbytes = cache.nbytes()
-            del cache
+            prefill_s, nbytes = store_document(model, doc_ids, method, path)
             stored_s, again_s = [], []
             for _ in range(repeats):
                 started = time.perf_counter()

@@ -26,6 +26,15 @@ def check_counts(config: object, method: str, names: Sequence[str], least: int =
             raise KvzooError(f"{method}: {name} must be {expected}, got {value!r}")
 
 
+def check_choice(config: object, method: str, name: str, choices: Sequence[object], optional: bool = False) -> None:
+    """`config`'s field `name` is one of `choices`, or None when `optional`; the error lists them."""
+    value = getattr(config, name)
+    if (optional and value is None) or value in choices:
+        return
+    expected = ("None or one of " if optional else "one of ") + ", ".join(map(repr, choices))
+    raise KvzooError(f"{method}: {name} must be {expected}, got {value!r}")
+
+
 def check_pooling(config: object, method: str, prefix: str = "") -> None:
     """`config.pooling` is one of the window scores' poolings over positions (`scoring.pool_by_position`) and
     `config.pool_ahead` None (centred) or how many of the `config.kernel_size` pooled positions follow a token

@@ -125,7 +125,7 @@ import torch.nn.functional as F
 
 from kvzoo.cache.base import PrefillOnlyMethod
 from kvzoo.cache import layer_uncertainty
-from kvzoo.cache.budgets import Budget, check_budget, check_counts, check_pooling, resolve_budget
+from kvzoo.cache.budgets import Budget, check_budget, check_choice, check_counts, check_pooling, resolve_budget
 from kvzoo.cache.compactor import (check_surprisal_settings, held_rank_with_surprisal, sinks_then_compactor,
                                    unpooled_compactor)
 from kvzoo.cache.merging_sets import (attention_counts, budget_merging_sets, evict_lowest_sets, gaussian_merge_weights,
@@ -280,29 +280,20 @@ class KVMerger(PrefillOnlyMethod):
         ):
             raise KvzooError(f"KVMerger: skip_layers must be a tuple of layer indices, got {self.skip_layers!r}")
         self.skip_layers = tuple(self.skip_layers)
-        if self.ratio_of not in RATIOS_OF:
-            raise KvzooError(f"KVMerger: ratio_of must be one of {RATIOS_OF}, got {self.ratio_of!r}")
-        if self.value_scale not in VALUE_SCALES:
-            raise KvzooError(f"KVMerger: value_scale must be one of {VALUE_SCALES}, got {self.value_scale!r}")
-        if self.merged_count not in MERGED_COUNTS:
-            raise KvzooError(f"KVMerger: merged_count must be one of {MERGED_COUNTS}, got {self.merged_count!r}")
-        if self.stored_merged_count not in (*MERGED_COUNTS, None):
-            raise KvzooError(f"KVMerger: stored_merged_count must be one of {MERGED_COUNTS} or None, "
-                             f"got {self.stored_merged_count!r}")
+        for name, choices in (("ratio_of", RATIOS_OF), ("value_scale", VALUE_SCALES), ("merged_count", MERGED_COUNTS)):
+            check_choice(self, "KVMerger", name, choices)
+        check_choice(self, "KVMerger", "stored_merged_count", MERGED_COUNTS, optional=True)
         if self.value_scale == "set_size" and self.merged_count != "members":
             raise KvzooError("KVMerger: value_scale='set_size' scales a merged value by its set size, which a "
                              "later chunk undoes by the slot's count: it needs merged_count='members'")
         if not _is_number(self.alpha) or not math.isfinite(self.alpha):
             raise KvzooError(f"KVMerger: alpha must be a finite number, got {self.alpha!r}")
-        if self.rank not in RANKS:
-            raise KvzooError(f"KVMerger: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
+        check_choice(self, "KVMerger", "rank", RANKS)
         if self.min_similarity is not None and (not _is_number(self.min_similarity)
                                                 or not -1 <= self.min_similarity <= 1):
             raise KvzooError(f"KVMerger: min_similarity must be None or a cosine similarity in [-1, 1], "
                              f"got {self.min_similarity!r}")
-        if self.layer_budgets not in LAYER_BUDGETS:
-            raise KvzooError(f"KVMerger: layer_budgets must be one of {', '.join(map(repr, LAYER_BUDGETS))}, got "
-                             f"{self.layer_budgets!r}")
+        check_choice(self, "KVMerger", "layer_budgets", LAYER_BUDGETS)
         if self.layer_budgets != "uniform" and self.budget is not None and self.rank == "compactor":
             raise KvzooError("KVMerger: rank='compactor' blends Compactor's score by the fraction of the prompt a "
                              "layer drops, which layer_budgets='uncertainty' decides only after it; use "

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvzoo.cache.budgets import Budget, check_counts, check_pooling, zigzag_budgets
+from kvzoo.cache.budgets import Budget, check_choice, check_counts, check_pooling, zigzag_budgets
 from kvzoo.cache.compactor import (check_surprisal_settings, held_rank_with_surprisal, sinks_then_compactor,
                                    unpooled_compactor)
 from kvzoo.cache.layer_uncertainty import BOUND_RATIO, TAU, WINDOW, attention_uncertainty, output_uncertainty
@@ -202,14 +202,9 @@ class ZigZagKV(WindowSelection):
             raise KvzooError(f"ZigZagKV: bound_ratio must be in [0, 1], got {ratio!r}")
         if not isinstance(self.cross_layer, bool):
             raise KvzooError(f"ZigZagKV: cross_layer must be True or False, got {self.cross_layer!r}")
-        if self.uncertainty not in UNCERTAINTIES:
-            raise KvzooError(f"ZigZagKV: uncertainty must be one of {', '.join(map(repr, UNCERTAINTIES))}, "
-                             f"got {self.uncertainty!r}")
-        if self.rank not in RANKS:
-            raise KvzooError(f"ZigZagKV: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
-        if self.stored_rank is not None and self.stored_rank not in RANKS:
-            raise KvzooError(f"ZigZagKV: stored_rank must be None or one of {', '.join(map(repr, RANKS))}, "
-                             f"got {self.stored_rank!r}")
+        check_choice(self, "ZigZagKV", "uncertainty", UNCERTAINTIES)
+        check_choice(self, "ZigZagKV", "rank", RANKS)
+        check_choice(self, "ZigZagKV", "stored_rank", RANKS, optional=True)
         check_surprisal_settings(self.stored_surprisal, self.stored_surprisal_lend, "ZigZagKV")
         check_counts(self, "ZigZagKV", ("question_window",), optional=True)
         check_counts(self, "ZigZagKV", ("question_kernel_size",))

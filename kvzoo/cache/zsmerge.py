@@ -129,8 +129,8 @@ import torch
 import torch.nn.functional as F
 
 from kvzoo.cache.base import CompressionMethod
-from kvzoo.cache.budgets import (Budget, budget_tokens, check_budget, check_counts, check_pooling, level_budgets,
-                                 part_tokens)
+from kvzoo.cache.budgets import (Budget, budget_tokens, check_budget, check_choice, check_counts, check_pooling,
+                                 level_budgets, part_tokens)
 from kvzoo.cache.compactor import (SINKS, check_surprisal_settings, held_rank_with_surprisal, sinks_then_compactor,
                                    unpooled_compactor)
 from kvzoo.cache.copy_heads import COPY_HEAD_THRESHOLD, induction_scores
@@ -520,9 +520,7 @@ class ZSMerge(CompressionMethod):
         check_pooling(self, "ZSMerge")
         if self.metric not in ("dot", "l2"):
             raise KvzooError(f"ZSMerge: metric must be 'dot' or 'l2', got {self.metric!r}")
-        if self.score_update not in SCORE_UPDATES:
-            raise KvzooError(f"ZSMerge: score_update must be one of {', '.join(map(repr, SCORE_UPDATES))}, "
-                             f"got {self.score_update!r}")
+        check_choice(self, "ZSMerge", "score_update", SCORE_UPDATES)
         for name in ("leverage", "window_weight", "standing_half_life"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
@@ -533,8 +531,7 @@ class ZSMerge(CompressionMethod):
         ):
             raise KvzooError(f"ZSMerge: leverage_tokens must be 'basis', 'all' or a token count >= 0, got "
                              f"{self.leverage_tokens!r}")
-        if self.rank not in RANKS:
-            raise KvzooError(f"ZSMerge: rank must be one of {', '.join(map(repr, RANKS))}, got {self.rank!r}")
+        check_choice(self, "ZSMerge", "rank", RANKS)
         if isinstance(self.window_share, bool) or not isinstance(self.window_share, (int, float)) or not (
             0 <= self.window_share <= 1
         ):
@@ -552,31 +549,22 @@ class ZSMerge(CompressionMethod):
                              f"not keep, and ranks the rest by the standing, which rank='split' does not, and "
                              f"copy_heads decides otherwise (got rank={self.rank!r}, "
                              f"copy_heads={self.copy_heads!r})")
-        if self.cross_layer_heads not in CROSS_LAYER_HEADS:
-            raise KvzooError(f"ZSMerge: cross_layer_heads must be one of {', '.join(map(repr, CROSS_LAYER_HEADS))}, "
-                             f"got {self.cross_layer_heads!r}")
-        if self.context_rank not in ("score", "compactor"):
-            raise KvzooError(f"ZSMerge: context_rank must be 'score' or 'compactor', got {self.context_rank!r}")
+        check_choice(self, "ZSMerge", "cross_layer_heads", CROSS_LAYER_HEADS)
+        check_choice(self, "ZSMerge", "context_rank", ("score", "compactor"))
         if self.context_rank == "compactor" and (self.leverage or self.cross_layer or self.rank not in WINDOW_RANKS):
             raise KvzooError(f"ZSMerge: context_rank='compactor' ranks the context by Compactor's score alone, so it "
                              f"takes neither leverage nor cross_layer, and its stored scores are rank='window' or "
                              f"'accumulated' (got rank={self.rank!r})")
         if self.leverage_of not in ("keys", "values"):
             raise KvzooError(f"ZSMerge: leverage_of must be 'keys' or 'values', got {self.leverage_of!r}")
-        if self.accumulated not in ACCUMULATED:
-            raise KvzooError(f"ZSMerge: accumulated must be one of {', '.join(map(repr, ACCUMULATED))}, got "
-                             f"{self.accumulated!r}")
-        if self.layer_budgets not in LAYER_BUDGETS:
-            raise KvzooError(f"ZSMerge: layer_budgets must be one of {', '.join(map(repr, LAYER_BUDGETS))}, got "
-                             f"{self.layer_budgets!r}")
+        check_choice(self, "ZSMerge", "accumulated", ACCUMULATED)
+        check_choice(self, "ZSMerge", "layer_budgets", LAYER_BUDGETS)
         if self.layer_budgets != "uniform" and (self.copy_heads is not None or self.rank == "split"):
             raise KvzooError(f"ZSMerge: layer_budgets={self.layer_budgets!r} compresses each layer after the whole "
                              f"prompt is read, which copy_heads and rank='split' do not (got "
                              f"copy_heads={self.copy_heads!r}, rank={self.rank!r}); use layer_budgets='uniform' "
                              f"with them")
-        if self.decode_score not in DECODE_SCORES:
-            raise KvzooError(f"ZSMerge: decode_score must be one of {', '.join(map(repr, DECODE_SCORES))}, got "
-                             f"{self.decode_score!r}")
+        check_choice(self, "ZSMerge", "decode_score", DECODE_SCORES)
         check_counts(self, "ZSMerge", ("proximity_cap", "stored_ring"), least=MIN_PROXIMITY, optional=True)
         check_counts(self, "ZSMerge", ("stored_kernel_size",), optional=True)
         if self.stored_kernel_size is not None and self.pool_ahead is not None and \

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -31,6 +30,7 @@ from kvzoo.convert.common import (
     write_json,
 )
 from kvzoo.errors import CheckpointError
+from kvzoo.json_file import read_json_object
 
 # Meta name -> (HF name, how shards combine: concat dim, or None for replicated)
 _LAYER_KEYS = {
@@ -77,12 +77,7 @@ def _read_params(ckpt_dir: Path) -> dict[str, Any]:
     path = ckpt_dir / "params.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: params.json not found (expected a Meta-format checkpoint directory)")
-    try:
-        params = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(params, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    params = read_json_object(path, CheckpointError)
     for key in ("dim", "n_layers", "n_heads"):
         value = params.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
