@@ -199,7 +199,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     from kvzoo.cache.full import FullCache
     from kvzoo.conversation import DocumentPrompt
     from kvzoo.convert.common import ProgressBar
-    from kvzoo.generate import prefill_cache
+    from kvzoo.generate import store_document
 
     method = parse_spec(args.compression) or FullCache()
     text = read_text(args.document, "document")
@@ -214,15 +214,13 @@ def cmd_compress(args: argparse.Namespace) -> None:
     else:
         ids = tok.encode(text)
     bar = ProgressBar(len(ids), f"prefill {len(ids)} tokens")
-    started = time.perf_counter()
-    cache = prefill_cache(model, [ids], method, args.prefill_chunk,
-                          on_chunk=lambda done, _: bar.update(done - bar.count))
-    seconds = time.perf_counter() - started
+    seconds, nbytes = store_document(model, ids, args.output, method, args.prefill_chunk,
+                                     on_chunk=lambda done, _: bar.update(done - bar.count), notes=notes)
     bar.close()
-    cache.save(args.output, notes)
-    full = FullCache().make_cache(model.config, [len(ids)], 0, cache.dtype, "meta").nbytes()
+    dtype = next(model.parameters()).dtype
+    full = FullCache().make_cache(model.config, [len(ids)], 0, dtype, "meta").nbytes()
     print(f"{args.output}: {len(ids)} tokens compressed with {args.compression or 'full'} in {seconds:.1f} s; "
-          f"KV cache {mib(cache.nbytes())} vs {mib(full)} full ({full / max(cache.nbytes(), 1):.1f}x smaller)")
+          f"KV cache {mib(nbytes)} vs {mib(full)} full ({full / max(nbytes, 1):.1f}x smaller)")
 
 
 def cmd_ask(args: argparse.Namespace) -> None:

@@ -8,14 +8,8 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from kvzoo.cache.base import CompressionMethod
-    from kvzoo.models.base import CausalLM
 
 # (what is asked about, the planted value). Invented, so the model cannot know them beforehand.
 FACTS = [
@@ -69,26 +63,13 @@ class MethodResult:
     ttft_re_prefill: float  # the first question, prefilling document + question in one prompt
 
 
-def store_document(model: "CausalLM", doc_ids: list[int], method: "CompressionMethod", path: Path
-                   ) -> tuple[float, int]:
-    """Prefill `doc_ids` once into a cache compressed by `method` and save it to `path`: (prefill seconds, the
-    cache's bytes in memory). What the demo and tools/bench_reuse.py time before asking the stored cache."""
-    from kvzoo.generate import prefill_cache
-
-    started = time.perf_counter()
-    cache = prefill_cache(model, [doc_ids], method)
-    prefill_seconds = time.perf_counter() - started
-    cache.save(path)
-    return prefill_seconds, cache.nbytes()
-
-
 def run_demo(model: str | None = None, dtype: str | None = None, methods: tuple[str, ...] = DEFAULT_METHODS,
              questions: int = len(FACTS), doc_tokens: int = 1000, max_new_tokens: int = 16) -> list[MethodResult]:
     import kvzoo
     from kvzoo.cache.registry import parse_compression
     from kvzoo.conversation import DocumentPrompt
     from kvzoo.default_model import ensure_default_model
-    from kvzoo.generate import generate_ids
+    from kvzoo.generate import generate_ids, store_document
 
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     log("loading the model ...")
@@ -108,7 +89,7 @@ def run_demo(model: str | None = None, dtype: str | None = None, methods: tuple[
             method = parse_compression(spec)
             log(f"{spec}: prefilling the document once ...")
             path = Path(tmp) / f"method{i}.kvc"
-            prefill_s, nbytes = store_document(m, doc_ids, method, path)
+            prefill_s, nbytes = store_document(m, doc_ids, path, method)
             stored = kvzoo.load_cache(path, m)
             answers, ttfts = [], []
             for ids in asks:

@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from os import PathLike
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -440,6 +441,20 @@ def prefill_cache(
     request = prepare(model, ids, 0, compression, prefill_chunk, stored=True)
     prefill(model, request.ids, request.positions, request.cache, prefill_chunk, on_chunk)
     return request.cache
+
+
+def store_document(model: "CausalLM", ids: list[int], path: "str | PathLike[str]",
+                   compression: Compression = None, prefill_chunk: int | None = None,
+                   on_chunk: Callable[[int, int], None] | None = None, notes: dict[str, Any] | None = None
+                   ) -> tuple[float, int]:
+    """`prefill_cache` of one document's `ids`, saved to `path` (with `notes`, see `KVCache.save`): (the prefill's
+    seconds, the cache's bytes in memory). What `kvzoo compress`, the demo and tools/bench_reuse.py do before
+    questions are asked of the stored cache."""
+    started = time.perf_counter()
+    cache = prefill_cache(model, [ids], compression, prefill_chunk, on_chunk=on_chunk)
+    seconds = time.perf_counter() - started
+    cache.save(path, notes)
+    return seconds, cache.nbytes()
 
 
 def normalise_stop(stop: str | list[str] | None) -> list[str]:

@@ -13,8 +13,12 @@ def read_json_object(path: Path, error: type[KvzooError] = KvzooError) -> dict[s
     """The JSON object in `path`; `error` naming the file when it cannot be read, is not JSON or holds
     something other than an object."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot be read as UTF-8 text ({e})") from e
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
         raise error(f"{path}: not valid JSON ({e})") from e
     if not isinstance(value, dict):
         raise error(f"{path}: expected a JSON object, got {type(value).__name__}")

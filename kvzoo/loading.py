@@ -4,7 +4,6 @@ the meta device and fill it from (possibly sharded) safetensors with strict key 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -71,10 +70,10 @@ def checkpoint_files(ckpt_dir: Path) -> dict[str, Path]:
     index = ckpt_dir / INDEX_FILE
     single = ckpt_dir / SINGLE_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index (expected a 'weight_map' object): {e}")
+        weight_map = read_json_object(index, CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: not a valid safetensors index (expected a 'weight_map' object, got "
+                                  f"{type(weight_map).__name__})")
         files = {name: ckpt_dir / fname for name, fname in weight_map.items()}
         for f in sorted(set(files.values())):
             if not f.is_file():

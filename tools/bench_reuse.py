@@ -37,8 +37,8 @@ def bench_ttft(doc_tokens: int, specs: list[str], repeats: int, dtype: str) -> N
     import kvzoo
     from kvzoo.cache.registry import parse_compression
     from kvzoo.conversation import DocumentPrompt
-    from kvzoo.demo import build_document, store_document
-    from kvzoo.generate import generate_ids
+    from kvzoo.demo import build_document
+    from kvzoo.generate import generate_ids, store_document
 
     model = _model(dtype)
     tok = model.require_tokenizer()
@@ -55,7 +55,7 @@ def bench_ttft(doc_tokens: int, specs: list[str], repeats: int, dtype: str) -> N
         for i, spec in enumerate(specs):
             method = parse_compression(spec)
             path = Path(tmp) / f"{i}.kvc"
-            prefill_s, nbytes = store_document(model, doc_ids, method, path)
+            prefill_s, nbytes = store_document(model, doc_ids, path, method)
             stored_s, again_s = [], []
             for _ in range(repeats):
                 started = time.perf_counter()

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kvzoo.cache.base import PrefillOnlyMethod, ScoredSelection
-from kvzoo.cache.budgets import Budget, check_budget, resolve_budget
+from kvzoo.cache.budgets import Budget, check_budget, check_choice, resolve_budget
 from kvzoo.cache.scoring import COMPACTOR_BLOCK, compactor_scores, pool_by_position, zscore
 from kvzoo.cache.selection import recent_mask, sink_mask
 from kvzoo.cache.slots import LayerSlots
@@ -86,14 +86,13 @@ def unpooled_compactor(chunk: "PrefillChunk", kept: torch.Tensor, prompt_len: to
     return compactor_scores(chunk, dropped_fraction(kept, prompt_len))
 
 
-def check_surprisal_settings(weight: object, lend: object, owner: str) -> None:
-    """Refuse a `stored_surprisal` weight that is not a finite number >= 0, or a `stored_surprisal_lend` not in
-    SURPRISAL_LENDS, naming the method."""
+def check_surprisal_settings(config: object, owner: str) -> None:
+    """Refuse a `config.stored_surprisal` weight that is not a finite number >= 0, or a
+    `config.stored_surprisal_lend` not in SURPRISAL_LENDS, naming the method `owner`."""
+    weight = getattr(config, "stored_surprisal")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
         raise KvzooError(f"{owner}: stored_surprisal must be a number >= 0 (0: off), got {weight!r}")
-    if lend not in SURPRISAL_LENDS:
-        raise KvzooError(f"{owner}: stored_surprisal_lend must be one of {', '.join(map(repr, SURPRISAL_LENDS))}, "
-                         f"got {lend!r}")
+    check_choice(config, owner, "stored_surprisal_lend", SURPRISAL_LENDS)
 
 
 def sinks_then_compactor_and_surprisal(own: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor,

@@ -299,7 +299,7 @@ class KVMerger(PrefillOnlyMethod):
                              "layer drops, which layer_budgets='uncertainty' decides only after it; use "
                              "layer_budgets='uniform' with it")
         check_counts(self, "KVMerger", ("recent_tokens", "stored_recent"), least=0, optional=True)
-        check_surprisal_settings(self.stored_surprisal, self.stored_surprisal_lend, "KVMerger")
+        check_surprisal_settings(self, "KVMerger")
         if not _is_number(self.stored_verbatim) or not self.recent_ratio <= self.stored_verbatim <= 1:
             raise KvzooError(f"KVMerger: stored_verbatim must be a share of the budget in [recent_ratio "
                              f"({self.recent_ratio!r}), 1], got {self.stored_verbatim!r}")

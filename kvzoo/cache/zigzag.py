@@ -205,7 +205,7 @@ class ZigZagKV(WindowSelection):
         check_choice(self, "ZigZagKV", "uncertainty", UNCERTAINTIES)
         check_choice(self, "ZigZagKV", "rank", RANKS)
         check_choice(self, "ZigZagKV", "stored_rank", RANKS, optional=True)
-        check_surprisal_settings(self.stored_surprisal, self.stored_surprisal_lend, "ZigZagKV")
+        check_surprisal_settings(self, "ZigZagKV")
         check_counts(self, "ZigZagKV", ("question_window",), optional=True)
         check_counts(self, "ZigZagKV", ("question_kernel_size",))
         check_pooling(self, "ZigZagKV", prefix="question_")

@@ -584,7 +584,7 @@ class ZSMerge(CompressionMethod):
             raise KvzooError("ZSMerge: copy_heads and cross_layer each decide what every layer keeps; choose one")
         if self.prefill_scale not in ("window", "steady"):
             raise KvzooError(f"ZSMerge: prefill_scale must be 'window' or 'steady', got {self.prefill_scale!r}")
-        check_surprisal_settings(self.stored_surprisal, self.stored_surprisal_lend, "ZSMerge")
+        check_surprisal_settings(self, "ZSMerge")
 
     @classmethod
     def paper(cls, **overrides: object) -> "ZSMerge":
