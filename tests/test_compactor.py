@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from kvzoo import Compactor, KVMerger, ZigZagKV, ZSMerge
 from kvzoo.cache.chunk import make_prefill_chunk
-from kvzoo.cache.compactor import LEAD_IN, SPAN, SURPRISE_LEND, dropped_fraction, sinks_then_compactor
+from kvzoo.cache.compactor import (LEAD_IN, RUN, SPAN, SURPRISAL_LENDS, SURPRISE_LEND, dropped_fraction,
+                                   lent_surprisal, sinks_then_compactor)
 from kvzoo.cache.merging_sets import protected_tokens
 from kvzoo.cache.scoring import compactor_scores, noncausal_block_scores, pre_rope_keys
 from kvzoo.cache.slots import LayerSlots
@@ -99,13 +100,47 @@ def reference_scores(qkv, n: int, block: int, scale: float, kernel: int, blend: 
 
 def lent_surprisal_reference(surprisal: torch.Tensor, lend: str = "max") -> torch.Tensor:
     """[n] float64: each position's largest surprisal among itself and the SURPRISE_LEND before it, z-scored
-    (population standard deviation), from surprisal [n]; lend "max+mean" adds the z-scored mean of the same
-    positions."""
+    (population standard deviation), from surprisal [n]; a lend with "mean" adds the z-scored mean of the same
+    positions, one with "run" the z-scored largest, over the runs of RUN positions that hold the position
+    (runs starting before the text hold fewer), of the run's least surprisal."""
     s = surprisal.double()
-    windows = [s[max(0, p - SURPRISE_LEND):p + 1] for p in range(len(s))]
+    n = len(s)
+    windows = [s[max(0, p - SURPRISE_LEND):p + 1] for p in range(n)]
     z = lambda x: (x - x.mean()) / x.std(unbiased=False)  # noqa: E731
-    peak = z(torch.stack([w.max() for w in windows]))
-    return peak + z(torch.stack([w.mean() for w in windows])) if lend == "max+mean" else peak
+    total = z(torch.stack([w.max() for w in windows]))
+    if "mean" in lend.split("+"):
+        total = total + z(torch.stack([w.mean() for w in windows]))
+    if "run" in lend.split("+"):
+        least = [s[max(0, end - RUN + 1):end + 1].min() for end in range(n)]  # the run ending at `end`
+        total = total + z(torch.stack([max(least[p:min(n, p + RUN)]) for p in range(n)]))
+    return total
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(12, 40), st.integers(12, 40), st.integers(0, 2**16), st.sampled_from(SURPRISAL_LENDS))
+def test_lent_surprisal_matches_the_windows_it_describes(len_a, len_b, seed, lend):
+    """Each sequence of a batch is lent from its own prompt alone (positions past prompt_len are padding)."""
+    n_pos = max(len_a, len_b)
+    surprisal = torch.rand(2, n_pos, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 8
+    lent = lent_surprisal(surprisal.float(), torch.tensor([len_a, len_b]), lend)
+    for row, length in enumerate((len_a, len_b)):
+        ref = lent_surprisal_reference(surprisal[row, :length], lend)
+        assume(bool(ref.isfinite().all()))  # a pooled term constant over a short prompt has no z-score
+        torch.testing.assert_close(lent[row, :length].double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_run_lend_ranks_a_span_no_token_of_which_could_be_guessed_first():
+    """A code (RUN + 1 tokens of 2.3 nats each, log 10) amid prose that alternates guessable and very surprising
+    words (0.1 and 6 nats: a higher mean, a higher peak) is lent the most by the run term: every token of the code
+    and nothing more than RUN - 1 tokens away from it."""
+    prose = torch.tensor([0.1, 6.0] * 20)
+    surprisal = torch.cat([prose, torch.full((RUN + 1,), 2.3), prose])[None]
+    lengths = torch.tensor([surprisal.shape[1]])
+    run_term = (lent_surprisal(surprisal, lengths, "max+mean+run") - lent_surprisal(surprisal, lengths, "max+mean"))[0]
+    code, top = range(40, 40 + RUN + 1), run_term.max()
+    assert all(run_term[p] > top - 1e-4 for p in code), run_term.tolist()
+    far = [p for p in range(len(run_term)) if not 40 - RUN < p < 40 + 2 * RUN]
+    assert all(run_term[p] < top - 1.0 for p in far), run_term.tolist()
 
 
 @settings(max_examples=20, deadline=None)
@@ -143,7 +178,7 @@ def test_compactor_refuses_bad_settings_by_name(field, value):
 @settings(max_examples=16, deadline=None)
 @given(st.integers(30, 48), st.integers(1, 2), st.integers(1, 3), st.integers(0, 2**16), st.integers(20, 26),
        st.sampled_from([(1, "uniform"), (3, "uncertainty")]), st.sampled_from([0.0, 1.0, 3.0]),
-       st.sampled_from(["max", "max+mean"]))
+       st.sampled_from(SURPRISAL_LENDS))
 def test_zsmerge_compactor_context_is_the_top_of_compactor_score(n, kv_heads, groups, seed, budget, sharing,
                                                                  surprisal_weight, lend):
     """ZSMerge(context_rank="compactor"): the ring holds the newest tokens, the first 8 tokens take context
@@ -190,7 +225,7 @@ def older_middle(n: int, recent: int) -> list[int]:
 
 
 # (stored_surprisal, stored_surprisal_lend): without the surprisal the lend changes nothing
-SURPRISAL_SETTINGS = [(0.0, "max+mean"), (1.0, "max"), (1.0, "max+mean")]
+SURPRISAL_SETTINGS = [(0.0, "max+mean"), (1.0, "max"), (1.0, "max+mean"), (1.0, "max+mean+run")]
 
 
 @pytest.mark.parametrize("seed", range(6))

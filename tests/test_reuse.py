@@ -209,7 +209,7 @@ def test_header_says_what_the_cache_belongs_to(model, saved):
         "window_weight": 1.0, "window_share": 0.25, "cross_layer": False, "cross_layer_heads": "all", "copy_reads": 0,
         "context_rank": "compactor",
         "leverage_tokens": "basis", "copy_heads": None, "copy_recent": 16, "stored_ring": 32,
-        "stored_kernel_size": 7, "stored_surprisal": 1.0, "stored_surprisal_lend": "max+mean",
+        "stored_kernel_size": 7, "stored_surprisal": 1.0, "stored_surprisal_lend": "max+mean+run",
         "stored_copy_heads": 0.3, "layer_budgets": "uniform"}}
     assert header["lengths"] == [len(CONTEXT)] and header["dtype"] == "float32"
     assert header["kvzoo_version"] == kvzoo.__version__ and header["format_version"] == 1

@@ -341,7 +341,7 @@ def test_score_recursion_without_eviction():
         (dict(stored_surprisal=-0.5), r"stored_surprisal must be a number >= 0 \(0: off\), got -0.5"),
         (dict(stored_surprisal=float("inf")), r"stored_surprisal must be .*, got inf"),
         (dict(stored_surprisal="1"), r"stored_surprisal must be .*, got '1'"),
-        (dict(stored_surprisal_lend="sum"), r"stored_surprisal_lend must be one of 'max', 'max\+mean', got 'sum'"),
+        (dict(stored_surprisal_lend="sum"), r"stored_surprisal_lend must be one of 'max', 'max\+mean', 'max\+mean\+run', got 'sum'"),
         (dict(pool_ahead=7),
          r"pool_ahead must be below stored_kernel_size too \(a stored document pools over 7 positions\), got pool_ahead=7"),
     ],

@@ -60,24 +60,44 @@ SURPRISE_LEND = 8
 # How the lent surprisal is pooled over a token and the SURPRISE_LEND before it (`lent_surprisal`): "max", the
 # largest (a surprising word lends itself to what follows); "max+mean", that plus their mean, each z-scored, so a
 # phrase surprising throughout (a fact stated for the first time: "The secret passkey is 78311", each word 2-12
-# nats) outranks a lone odd word in ordinary prose (" descriptor", 15 nats, after 1-nat words). A code's digits
-# are not themselves surprising (2-3 nats each, a prose token's mean); they are kept by the words before them.
-SURPRISAL_LENDS = ("max", "max+mean")
+# nats) outranks a lone odd word in ordinary prose (" descriptor", 15 nats, after 1-nat words); "max+mean+run"
+# adds the z-scored run lend: the least surprisal of the most surprising run of RUN tokens through a position (a
+# min-pool, then a max-pool). A code's digits are not surprising one by one (2-3 nats each, a prose token's mean),
+# but none of them can be guessed, while a run of prose holds a guessable word ("the", "key" after " pass"): the
+# run ranks a fact's value (a code, a number, an identifier) by itself, and so a fact stated in the form of an
+# earlier one (a table, a list of settings), whose repeated words lend it little, still keeps its value
+# (tools/RESULTS.md, "Session 46"). RUN 4: shorter than the eval's 5-digit codes; with 3 a probe of four
+# multi-key haystacks ranked the codes lower (prose has more unguessable 3-token runs). Not tuned further.
+SURPRISAL_LENDS = ("max", "max+mean", "max+mean+run")
+RUN = 4
 
 
 def lent_surprisal(surprisal: torch.Tensor, prompt_len: torch.Tensor, lend: str = "max") -> torch.Tensor:
     """[B, n_pos] what each position is lent (`SURPRISAL_LENDS`): "max", the largest surprisal among itself and
     the SURPRISE_LEND positions before it, z-scored over each sequence's prompt; "max+mean" adds the z-scored
-    mean of the same positions (surprisal [B, n_pos] by position, prompt_len [B])."""
+    mean of the same positions; "max+mean+run" also the z-scored largest, over the runs of RUN positions that
+    hold it, of a run's least surprisal (surprisal [B, n_pos] by position, prompt_len [B])."""
     b, n_pos = surprisal.shape
     pos = torch.arange(n_pos, device=surprisal.device).expand(b, n_pos)
     valid = pos < prompt_len[:, None]
 
-    def pooled(mode: str) -> torch.Tensor:
-        lent = pool_by_position(surprisal[:, None], pos[:, None], valid[:, None], SURPRISE_LEND + 1, mode, 0)
-        return zscore(lent, valid[:, None])[:, 0]
+    def pooled(values: torch.Tensor, kernel: int, mode: str, ahead: int) -> torch.Tensor:  # [B, n_pos]
+        return pool_by_position(values[:, None], pos[:, None], valid[:, None], kernel, mode, ahead)[:, 0]
 
-    return pooled("max") + pooled("avg") if lend == "max+mean" else pooled("max")
+    def z(values: torch.Tensor) -> torch.Tensor:
+        return zscore(values[:, None], valid[:, None])[:, 0]
+
+    def window(mode: str) -> torch.Tensor:  # over a position and the SURPRISE_LEND before it
+        return z(pooled(surprisal, SURPRISE_LEND + 1, mode, 0))
+
+    terms = lend.split("+")
+    total = window("max")
+    if "mean" in terms:
+        total = total + window("avg")
+    if "run" in terms:
+        least_of_run = -pooled(-surprisal, RUN, "max", 0)  # the least of the run ending at each position
+        total = total + z(pooled(least_of_run, RUN, "max", RUN - 1))  # the best run through it
+    return total
 
 
 def unpooled_compactor(chunk: "PrefillChunk", kept: torch.Tensor, prompt_len: torch.Tensor) -> torch.Tensor:

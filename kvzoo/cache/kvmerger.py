@@ -241,11 +241,11 @@ class KVMerger(PrefillOnlyMethod):
     # whole document, so the merging layers hold it until end_prefill and merge there, each into its budget as
     # before. Measured: tools/RESULTS.md, "Session 41".
     stored_surprisal: float = 1.0
-    # How the surprisal is lent (`compactor.SURPRISAL_LENDS`), as ZSMerge's `stored_surprisal_lend` (see there):
-    # "max+mean" since session 44, "max" (the largest surprisal alone) before. Measured (tools/RESULTS.md,
-    # "Session 44"; needles asked after compression, equal memory): seeds 33-36
-    # (96, the full cache 71) 40 / 55 / 63 at 5 / 10 / 20% kept against 30 / 50 / 61 with "max"; a fresh seed
-    # (40, 24, the full cache 15) 9 / 15 / 17 against 7 / 9 / 13.
+    # How the surprisal is lent (`compactor.SURPRISAL_LENDS`; see ZSMerge's `stored_surprisal_lend`, which adds
+    # the run lend since session 46, not measured here): "max+mean" since session 44, "max" (the largest surprisal
+    # alone) before. Measured (tools/RESULTS.md, "Session 44"; needles asked after compression, equal memory):
+    # seeds 33-36 (96, the full cache 71) 40 / 55 / 63 at 5 / 10 / 20% kept against 30 / 50 / 61 with "max"; a
+    # fresh seed (40, 24, the full cache 15) 9 / 15 / 17 against 7 / 9 / 13.
     stored_surprisal_lend: str = "max+mean"
     # How the layers share the budget (the average over the layers stays `budget`, so the cache's memory is the
     # same): "uniform" (paper), every layer keeps `budget`; "uncertainty", ZigZagKV's allocation as ZSMerge's

@@ -451,18 +451,22 @@ class ZSMerge(CompressionMethod):
     # multiply-adds a token costs; a 7B model's, a few percent): an 8192-token document at 10% kept peaked at
     # 1948 MiB RSS against 1527 and took 98 s against 81 (one run each, beside two evals).
     stored_surprisal: float = 1.0
-    # How a token is lent the surprisal before it (`compactor.SURPRISAL_LENDS`): "max+mean", the largest
-    # surprisal among itself and the 8 tokens before it plus their mean, each z-scored; "max", the largest alone
-    # (session 41's). The max lends a surprising word (a label) to what follows it; the mean also ranks a phrase
-    # surprising throughout (a fact stated for the first time) above a lone odd word of ordinary prose. The two
-    # z-scores are added, not z-scored again: where both are high the surprisal weighs up to twice the attention
-    # term, which is part of the gain. Measured (tools/RESULTS.md, "Session 43"; needles asked after compression,
-    # equal memory): seeds 33-36 (96, the full cache 71) 55 / 63 / 72 at 5 / 10 / 20% kept against 42 / 57 / 65
-    # with "max"; a fresh seed (39, 24, the full cache 16) 15 / 16 / 19 against 11 / 15 / 17; placed at sentence
-    # ends (no seam; seeds 33, 35, 39, the full cache 52) 46 / 49 / 50 against 34 / 41 / 47. `make demo` at 20%
-    # kept: 2 of 6 against 4 (its repetitive filler makes every fact the most surprising text, and the heavier
-    # weight overrules more of Compactor's per-head choice).
-    stored_surprisal_lend: str = "max+mean"
+    # How a token is lent the surprisal before it (`compactor.SURPRISAL_LENDS`): "max+mean+run", the largest
+    # surprisal among itself and the 8 tokens before it, their mean, and the least surprisal of the most surprising
+    # run of 4 tokens through it, each z-scored and added; "max+mean" without the run (sessions 43-45), "max" the
+    # largest alone (session 41's). The max lends a surprising word (a label) to what follows it; the mean ranks a
+    # phrase surprising throughout (a fact stated for the first time) above a lone odd word of ordinary prose; the
+    # run ranks a fact's value (a code, a number: no token of it can be guessed, though each is only as surprising
+    # as a prose word) by itself, so a fact stated in the same form as an earlier one (a second "The passkey for
+    # the red door is ...", whose repeated words lend little) keeps its value too. The z-scores are added, not
+    # z-scored again: where all are high the surprisal weighs up to three times the attention term. Measured
+    # (tools/RESULTS.md, "Session 46"; needles asked after compression, equal memory, 5 / 10 / 20% kept): seeds
+    # 33-36 and 39-42 (192, the full cache 136) 111 / 129 / 142 against "max+mean"'s 112 / 125 / 138; the
+    # Rustonomicon (seeds 3-4, 48, the full cache 29) 25 / 28 / 28 against 23 / 27 / 27. `make demo`'s document
+    # (six facts in repetitive filler): 5 / 5 / 5 / 1 / 0 of 6 at 80 / 50 / 30 / 20 / 10% kept against 5 / 5 / 5 /
+    # 2 / 1 (the heavier lend overrules more of Compactor's per-head choice where every fact is the most
+    # surprising text).
+    stored_surprisal_lend: str = "max+mean+run"
     # With `stored_ring` None or a chunked document: the copy-head threshold for a stored document (session
     # 22's rule), when `copy_heads` is None and the context is not already ranked by Compactor's score; None: as
     # `copy_heads`. Its questions read the document through the copy heads. Measured (tools/RESULTS.md,
