@@ -461,8 +461,9 @@ class ZSMerge(CompressionMethod):
     # the red door is ...", whose repeated words lend little) keeps its value too. The z-scores are added, not
     # z-scored again: where all are high the surprisal weighs up to three times the attention term. Measured
     # (tools/RESULTS.md, "Session 46"; needles asked after compression, equal memory, 5 / 10 / 20% kept): seeds
-    # 33-36 and 39-42 (192, the full cache 136) 111 / 129 / 142 against "max+mean"'s 112 / 125 / 138; the
-    # Rustonomicon (seeds 3-4, 48, the full cache 29) 25 / 28 / 28 against 23 / 27 / 27. `make demo`'s document
+    # 33-36 and 39-44 (240, the full cache 174) 140 / 160 / 177 against "max+mean"'s 141 / 157 / 170; the
+    # Rustonomicon (seeds 3-4, 48, the full cache 29) 25 / 28 / 28 against 23 / 27 / 27; the Rust embedded book
+    # (seeds 1-2, 48, the full cache 31) 25 / 28 / 32 against 27 / 28 / 32. `make demo`'s document
     # (six facts in repetitive filler): 5 / 5 / 5 / 1 / 0 of 6 at 80 / 50 / 30 / 20 / 10% kept against 5 / 5 / 5 /
     # 2 / 1 (the heavier lend overrules more of Compactor's per-head choice where every fact is the most
     # surprising text).
