@@ -166,10 +166,11 @@ class ZigZagKV(WindowSelection):
     # (their need is measured while each layer is read). Measured: see tools/RESULTS.md, "Session 41".
     stored_surprisal: float = 1.0
     # How the surprisal is lent (`compactor.SURPRISAL_LENDS`; see ZSMerge's `stored_surprisal_lend`, which adds
-    # the run lend since session 46, not measured here): "max+mean" since session 44, "max" (the largest surprisal
-    # alone) before. Measured (tools/RESULTS.md, "Session 44"; needles asked after compression, equal memory):
-    # seeds 33-36 (96, the full cache 71) 40 / 62 / 71 at 5 / 10 / 20% kept against 29 / 52 / 65 with "max"; a
-    # fresh seed (40, 24, the full cache 15) 10 / 15 / 15 against 7 / 12 / 14.
+    # the run lend since session 46: here on the fresh seeds 43-44, 16 / 30 / 34 of the full cache's 38 against
+    # 21 / 31 / 34, not adopted): "max+mean" since session 44, "max" (the largest surprisal alone) before.
+    # Measured (tools/RESULTS.md, "Session 44"; needles asked after compression, equal memory): seeds 33-36 (96,
+    # the full cache 71) 40 / 62 / 71 at 5 / 10 / 20% kept against 29 / 52 / 65 with "max"; a fresh seed (40, 24,
+    # the full cache 15) 10 / 15 / 15 against 7 / 12 / 14.
     stored_surprisal_lend: str = "max+mean"
     # rank="attention_shares" also keeps a token for its share of a question's attention: the attention of
     # the last `question_window` queries, max-pooled over a token and the 6 before it (`question_kernel_size`,
