@@ -66,8 +66,8 @@ SURPRISE_LEND = 8
 # but none of them can be guessed, while a run of prose holds a guessable word ("the", "key" after " pass"): the
 # run ranks a fact's value (a code, a number, an identifier) by itself, and so a fact stated in the form of an
 # earlier one (a table, a list of settings), whose repeated words lend it little, still keeps its value
-# (tools/RESULTS.md, "Session 46"). RUN 4: shorter than the eval's 5-digit codes; with 3 a probe of four
-# multi-key haystacks ranked the codes lower (prose has more unguessable 3-token runs). Not tuned further.
+# (tools/RESULTS.md, "Session 46"). RUN 4: shorter than the eval's 5-digit codes; with 3 a probe of one
+# multi-key haystack ranked its later codes lower (prose has more unguessable 3-token runs). Not tuned further.
 SURPRISAL_LENDS = ("max", "max+mean", "max+mean+run")
 RUN = 4
 
